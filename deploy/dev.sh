@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Developer and CI entry points. Every step is idempotent and installs what it needs,
+# so a fresh clone on a fresh machine works; builds are reused between runs through
+# a cargo target directory under the home directory.
+#
+#   deploy/dev.sh setup        virtualenv, release build of the native core, default model
+#   deploy/dev.sh quickstart   setup, then the main job on the sample documents
+#   deploy/dev.sh test         setup, Rust tests (same profile and target dir as the wheel), ruff, pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/embedstream/target}"
+VENV="${EMBEDSTREAM_VENV:-.venv}"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+setup() {
+    command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+    command -v python3 >/dev/null || { echo "python3 not found" >&2; exit 1; }
+    if [ ! -x "$PY" ]; then
+        step "creating virtualenv $VENV"
+        python3 -m venv "$VENV"
+    fi
+    step "building and installing embedstream (release build of native/)"
+    "${PIP[@]}" install -e ".[test,dev]"
+    step "default model"
+    "$VENV/bin/embedstream" models pull
+}
+
+quickstart() {
+    setup
+    step "extract → chunk → embed on deploy/samples"
+    "$VENV/bin/embedstream" demo
+}
+
+test_all() {
+    setup
+    step "Rust tests"
+    cargo test --release --manifest-path native/Cargo.toml --quiet
+    step "ruff"
+    "$VENV/bin/ruff" check operators flows tests bench
+    step "pytest"
+    "$PY" -m pytest -q "$@"
+}
+
+case "${1:-}" in
+    setup) setup ;;
+    quickstart) quickstart ;;
+    test) shift; test_all "$@" ;;
+    *) echo "usage: $0 setup|quickstart|test [pytest args]" >&2; exit 2 ;;
+esac

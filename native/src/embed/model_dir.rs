@@ -1,0 +1,168 @@
+//! Finding a model's files and reading the sentence-transformers settings that
+//! decide pooling, normalisation and sequence length.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::EmbedError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+/// What sentence-transformers would do with this model directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub pooling: Pooling,
+    pub normalize: bool,
+    /// Longest input in tokens, special tokens included.
+    pub max_tokens: usize,
+}
+
+/// Resolves `model` to a directory holding `config.json`, `model.safetensors` and
+/// `tokenizer.json`: a path, or a hub id found in an offline Hugging Face cache.
+pub fn locate(model: &str, hub_caches: &[PathBuf]) -> Result<PathBuf, EmbedError> {
+    let path = PathBuf::from(model);
+    if path.is_dir() {
+        return check_files(path);
+    }
+    if let Some((org, name)) = model.split_once('/').filter(|_| !model.starts_with(['.', '/'])) {
+        for cache in hub_caches {
+            let repo = cache.join(format!("models--{org}--{name}"));
+            if let Some(snapshot) = hub_snapshot(&repo) {
+                return check_files(snapshot);
+            }
+        }
+    }
+    Err(EmbedError::ModelNotFound(format!(
+        "model {model:?} not found: not a directory, and not in a Hugging Face hub cache \
+         (looked in {}). Give a local directory with config.json, model.safetensors and \
+         tokenizer.json, or run `embedstream models pull` for the default model.",
+        hub_caches.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+/// The snapshot that `refs/main` names, else the only or newest one.
+fn hub_snapshot(repo: &Path) -> Option<PathBuf> {
+    let snapshots = repo.join("snapshots");
+    if let Ok(rev) = fs::read_to_string(repo.join("refs").join("main")) {
+        let dir = snapshots.join(rev.trim());
+        if dir.is_dir() {
+            return Some(dir);
+        }
+    }
+    fs::read_dir(&snapshots)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+fn check_files(dir: PathBuf) -> Result<PathBuf, EmbedError> {
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        if !dir.join(file).is_file() {
+            return Err(EmbedError::ModelNotFound(format!(
+                "{} has no {file}: a model directory needs config.json, model.safetensors and tokenizer.json",
+                dir.display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
+/// A stable name: the id written by `embedstream models pull`, the hub id of a
+/// cache snapshot, else the directory name.
+pub fn model_id(dir: &Path) -> String {
+    if let Some(id) = read_json(&dir.join("embedstream.json"))
+        .ok()
+        .flatten()
+        .and_then(|v| v.get("model_id").and_then(Value::as_str).map(str::to_owned))
+    {
+        return id;
+    }
+    let parts: Vec<_> = dir.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    if let Some(pos) = parts.iter().rposition(|p| p == "snapshots") {
+        if let Some(repo) = pos.checked_sub(1).and_then(|i| parts[i].strip_prefix("models--")) {
+            return repo.replacen("--", "/", 1);
+        }
+    }
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+pub fn read_json(path: &Path) -> Result<Option<Value>, EmbedError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| EmbedError::InvalidModel(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads pooling, normalisation and the sequence limit from both layouts that
+/// sentence-transformers writes, never from the tokenizer's baked-in truncation.
+pub fn settings(dir: &Path, max_position_embeddings: usize) -> Result<Settings, EmbedError> {
+    let modules = read_json(&dir.join("modules.json"))?;
+    let modules = modules.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
+    let module_type = |m: &Value| m.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+    let normalize = modules.iter().any(|m| module_type(m).ends_with("Normalize"));
+    let pooling_dir = modules
+        .iter()
+        .find(|m| module_type(m).ends_with("Pooling"))
+        .and_then(|m| m.get("path").and_then(Value::as_str))
+        .unwrap_or("1_Pooling");
+    let pooling = match read_json(&dir.join(pooling_dir).join("config.json"))? {
+        Some(config) => pooling_mode(&config)?,
+        None => Pooling::Mean,
+    };
+
+    let sbert = read_json(&dir.join("sentence_bert_config.json"))?;
+    let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
+    let from_sbert = sbert.as_ref().and_then(|c| c.get("max_seq_length")).and_then(Value::as_u64);
+    let from_tokenizer = tokenizer_config
+        .as_ref()
+        .and_then(|c| c.get("model_max_length"))
+        .and_then(Value::as_f64)
+        // Tokenizers without a limit store a huge sentinel (int(1e30)).
+        .filter(|n| *n < 1e6)
+        .map(|n| n as u64);
+    let max_tokens = from_sbert
+        .or(from_tokenizer)
+        .map(|n| n as usize)
+        .unwrap_or(max_position_embeddings)
+        .min(max_position_embeddings);
+    Ok(Settings { pooling, normalize, max_tokens })
+}
+
+fn pooling_mode(config: &Value) -> Result<Pooling, EmbedError> {
+    if let Some(mode) = config.get("pooling_mode").and_then(Value::as_str) {
+        return match mode {
+            "mean" => Ok(Pooling::Mean),
+            "cls" => Ok(Pooling::Cls),
+            other => Err(EmbedError::InvalidModel(format!("pooling mode {other:?} is not supported (mean, cls)"))),
+        };
+    }
+    let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
+    let modes = [
+        ("pooling_mode_cls_token", Some(Pooling::Cls)),
+        ("pooling_mode_mean_tokens", Some(Pooling::Mean)),
+        ("pooling_mode_max_tokens", None),
+        ("pooling_mode_mean_sqrt_len_tokens", None),
+        ("pooling_mode_weightedmean_tokens", None),
+        ("pooling_mode_lasttoken", None),
+    ];
+    let on: Vec<_> = modes.iter().filter(|(key, _)| flag(key)).collect();
+    match on.as_slice() {
+        [(_, Some(pooling))] => Ok(*pooling),
+        [] => Ok(Pooling::Mean),
+        _ => Err(EmbedError::InvalidModel(format!(
+            "pooling {:?} is not supported (one of mean, cls)",
+            on.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+        ))),
+    }
+}

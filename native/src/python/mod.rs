@@ -1,0 +1,180 @@
+//! PyO3 bindings: conversions only. The typed API users see is in `operators/`.
+
+mod errors;
+
+use std::path::PathBuf;
+
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray2};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::chunk;
+use crate::embed::{self, LoadOptions, Pooling};
+use crate::extract as core_extract;
+use crate::limits::Limits;
+use errors::{run_extraction, run_model};
+
+/// `(max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms)`.
+type LimitsTuple = (usize, usize, u64, u64, u64);
+
+#[pyfunction]
+#[pyo3(signature = (data, mime_type, filename, limits))]
+fn extract<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    mime_type: Option<&str>,
+    filename: Option<&str>,
+    limits: LimitsTuple,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms) = limits;
+    let limits = Limits { max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms };
+    let mime_type = mime_type.map(str::to_owned);
+    let filename = filename.map(str::to_owned);
+    let doc = run_extraction(py, || {
+        core_extract::extract(data, mime_type.as_deref(), filename.as_deref(), &limits)
+    })?;
+    let out = PyDict::new(py);
+    out.set_item("text", doc.text)?;
+    out.set_item("mime_type", doc.mime_type)?;
+    out.set_item("pages", doc.pages)?;
+    out.set_item("title", doc.title)?;
+    out.set_item("metadata", doc.metadata)?;
+    let image = doc.image.map(|i| (i.width, i.height, PyBytes::new(py, &i.data)));
+    out.set_item("image", image)?;
+    Ok(out)
+}
+
+#[pyfunction]
+#[pyo3(signature = (data, filename=None))]
+fn sniff(data: &[u8], filename: Option<&str>) -> &'static str {
+    crate::sniff::sniff(data, filename)
+}
+
+#[pyclass(frozen, name = "Embedder", module = "operators._native")]
+struct PyEmbedder {
+    inner: embed::Embedder,
+}
+
+#[pymethods]
+impl PyEmbedder {
+    #[new]
+    #[pyo3(signature = (model, device, dtype, max_batch_tokens, hub_caches))]
+    fn new(
+        py: Python<'_>,
+        model: String,
+        device: String,
+        dtype: String,
+        max_batch_tokens: usize,
+        hub_caches: Vec<PathBuf>,
+    ) -> PyResult<Self> {
+        let options = LoadOptions { device, dtype, max_batch_tokens, hub_caches };
+        let inner = run_model(py, || embed::Embedder::load(&model, &options))?;
+        Ok(Self { inner })
+    }
+
+    fn embed<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let dim = self.inner.dim;
+        let rows = texts.len();
+        let flat = run_model(py, || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            self.inner.embed(&refs)
+        })?;
+        let array = Array2::from_shape_vec((rows, dim), flat).expect("embed returns rows * dim floats");
+        Ok(array.into_pyarray(py))
+    }
+
+    fn count_tokens(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<usize>> {
+        run_model(py, || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            self.inner.count_tokens(&refs)
+        })
+    }
+
+    fn chunker(&self, py: Python<'_>, max_tokens: usize, overlap_tokens: usize) -> PyResult<PyChunker> {
+        let tokenizer = self.inner.counting_tokenizer();
+        let inner = run_model(py, || chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens))?;
+        Ok(PyChunker { inner })
+    }
+
+    #[getter]
+    fn model_id(&self) -> &str {
+        &self.inner.model_id
+    }
+    #[getter]
+    fn model_revision(&self) -> &str {
+        &self.inner.model_revision
+    }
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim
+    }
+    #[getter]
+    fn max_tokens(&self) -> usize {
+        self.inner.settings.max_tokens
+    }
+    #[getter]
+    fn device(&self) -> &str {
+        &self.inner.device_name
+    }
+    #[getter]
+    fn dtype(&self) -> &str {
+        &self.inner.dtype
+    }
+    #[getter]
+    fn max_batch_tokens(&self) -> usize {
+        self.inner.max_batch_tokens
+    }
+    #[getter]
+    fn pooling(&self) -> &'static str {
+        match self.inner.settings.pooling {
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+        }
+    }
+    #[getter]
+    fn normalize(&self) -> bool {
+        self.inner.settings.normalize
+    }
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.dir.clone()
+    }
+}
+
+#[pyclass(frozen, name = "Chunker", module = "operators._native")]
+struct PyChunker {
+    inner: chunk::Chunker,
+}
+
+type ChunkTuple = (usize, usize, usize, Option<usize>, usize);
+
+#[pymethods]
+impl PyChunker {
+    /// Chunks as `(index, char_start, char_end, page, n_tokens)` tuples.
+    #[pyo3(signature = (text, pages=None))]
+    fn chunk(&self, py: Python<'_>, text: String, pages: Option<Vec<(usize, usize)>>) -> PyResult<Vec<ChunkTuple>> {
+        let chunks = run_model(py, || self.inner.chunk(&text, pages.as_deref()))?;
+        Ok(chunks.into_iter().map(|c| (c.index, c.char_start, c.char_end, c.page, c.n_tokens)).collect())
+    }
+    #[getter]
+    fn max_tokens(&self) -> usize {
+        self.inner.max_tokens
+    }
+    #[getter]
+    fn overlap_tokens(&self) -> usize {
+        self.inner.overlap_tokens
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(extract, m)?)?;
+    m.add_function(wrap_pyfunction!(sniff, m)?)?;
+    m.add_class::<PyEmbedder>()?;
+    m.add_class::<PyChunker>()?;
+    m.add("REASONS", crate::error::Reason::ALL.map(|r| r.as_str()).to_vec())?;
+    m.add("SUPPORTED_TYPES", crate::sniff::SUPPORTED.to_vec())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

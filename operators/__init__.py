@@ -1,0 +1,40 @@
+"""embedstream operators: extraction, chunking and embedding on a Rust core.
+
+>>> import operators
+>>> doc = operators.extract(b"# Hello\\n\\nWorld", filename="a.md")
+>>> embedder = operators.Embedder.load()          # after `embedstream models pull`
+>>> vectors = embedder.embed([c.text for c in embedder.chunker().chunk(doc)])
+"""
+
+from .document import Document, Image, Limits
+from .embed import Chunk, Chunker, Embedder
+from .errors import (
+    EXTRACTION_REASONS,
+    EmbeddingError,
+    EmbedstreamError,
+    ExtractionError,
+    ModelError,
+    ModelNotFoundError,
+    UnsupportedError,
+)
+from .extract import SUPPORTED_TYPES, extract
+from .isolation import ExtractorPool
+
+__all__ = [
+    "EXTRACTION_REASONS",
+    "SUPPORTED_TYPES",
+    "Chunk",
+    "Chunker",
+    "Document",
+    "Embedder",
+    "EmbeddingError",
+    "EmbedstreamError",
+    "ExtractionError",
+    "ExtractorPool",
+    "Image",
+    "Limits",
+    "ModelError",
+    "ModelNotFoundError",
+    "UnsupportedError",
+    "extract",
+]

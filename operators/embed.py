@@ -1,0 +1,148 @@
+"""Embedding and chunking with the native candle models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+from . import _native, models
+from .document import Document
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a document: ``document.text[char_start:char_end] == text``."""
+
+    text: str
+    index: int
+    char_start: int
+    char_end: int
+    #: 1-based page of paged documents (PDF), else None.
+    page: Optional[int]
+    #: Tokens the model sees, special tokens included; never above the chunker's max_tokens.
+    n_tokens: int
+
+
+class Chunker:
+    """Cuts text into chunks of at most ``max_tokens`` model tokens, at the strongest
+    boundary that fits: heading, paragraph, line, sentence, word. Deterministic."""
+
+    def __init__(self, native: _native.Chunker) -> None:
+        self._native = native
+
+    @property
+    def max_tokens(self) -> int:
+        return self._native.max_tokens
+
+    @property
+    def overlap_tokens(self) -> int:
+        return self._native.overlap_tokens
+
+    def chunk(self, doc: Union[Document, str]) -> list[Chunk]:
+        if isinstance(doc, Document):
+            text, pages = doc.text, (doc.pages if doc.paged else None)
+        else:
+            text, pages = doc, None
+        return [
+            Chunk(text[start:end], index, start, end, page, n_tokens)
+            for index, start, end, page, n_tokens in self._native.chunk(text, pages)
+        ]
+
+    def settings(self) -> dict[str, int]:
+        return {"max_tokens": self.max_tokens, "overlap_tokens": self.overlap_tokens}
+
+
+class Embedder:
+    """A sentence-embedding model (BERT family) on candle.
+
+    Pooling, normalisation and the sequence limit come from the model's
+    sentence-transformers files, so vectors match what sentence-transformers computes.
+    """
+
+    def __init__(self, native: _native.Embedder) -> None:
+        self._native = native
+
+    @classmethod
+    def load(
+        cls,
+        model: Union[str, os.PathLike] = "default",
+        *,
+        device: str = "cpu",
+        dtype: str = "f32",
+        max_batch_tokens: int = 16384,
+    ) -> Embedder:
+        """Loads ``"default"`` (all-MiniLM-L6-v2, after ``embedstream models pull``), a
+        local Hugging Face-format directory, or a hub id found in an offline HF cache."""
+        native = _native.Embedder(
+            models.resolve(model), device, dtype, max_batch_tokens, [str(p) for p in models.hub_caches()]
+        )
+        return cls(native)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeds ``texts`` into a float32 array of shape ``[len(texts), dim]``, rows in
+        input order. Runs without the GIL. Texts past ``max_tokens`` are truncated, as
+        sentence-transformers does; an empty or blank text gets the embedding of the
+        empty sequence (special tokens only)."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of strings, not a single string")
+        return self._native.embed(list(texts))
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text before truncation, special tokens included."""
+        if isinstance(texts, str):
+            raise TypeError("count_tokens() takes a sequence of strings, not a single string")
+        return self._native.count_tokens(list(texts))
+
+    def chunker(self, max_tokens: Optional[int] = None, overlap_tokens: int = 0) -> Chunker:
+        """A chunker counting this model's tokens; ``max_tokens`` defaults to the model's limit."""
+        limit = self.max_tokens if max_tokens is None else max_tokens
+        if limit > self.max_tokens:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(f"max_tokens {limit} is over the model's limit of {self.max_tokens}")
+        return Chunker(self._native.chunker(limit, overlap_tokens))
+
+    @property
+    def model_id(self) -> str:
+        return self._native.model_id
+
+    @property
+    def model_revision(self) -> str:
+        """First 16 hex digits of the weights' SHA-256."""
+        return self._native.model_revision
+
+    @property
+    def dim(self) -> int:
+        return self._native.dim
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input in tokens, special tokens included."""
+        return self._native.max_tokens
+
+    @property
+    def device(self) -> str:
+        return self._native.device
+
+    @property
+    def dtype(self) -> str:
+        return self._native.dtype
+
+    @property
+    def pooling(self) -> str:
+        return self._native.pooling
+
+    @property
+    def normalize(self) -> bool:
+        return self._native.normalize
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder(model_id={self.model_id!r}, revision={self.model_revision!r}, dim={self.dim}, "
+            f"max_tokens={self.max_tokens}, pooling={self.pooling!r}, device={self.device!r}, "
+            f"dtype={self.dtype!r})"
+        )

