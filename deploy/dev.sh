@@ -40,7 +40,7 @@ test_all() {
     step "Rust tests"
     cargo test --release --manifest-path native/Cargo.toml --quiet
     step "ruff"
-    "$VENV/bin/ruff" check operators flows tests bench
+    "$VENV/bin/ruff" check operators tests bench
     step "pytest"
     "$PY" -m pytest -q "$@"
 }

@@ -1,0 +1,123 @@
+"""Embedding throughput: embedstream's Embedder against sentence-transformers and
+embed-anything on the same model files and texts, in the same run when importable.
+
+    python bench/embed.py [--texts 1000] [--repeat 3] [--model default]
+
+Prints one JSON object. Peers are benchmark-only extras, never dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import paragraphs
+
+import operators
+from operators import models
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    fn(warmup=True)
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--dtype", default="f32")
+    args = parser.parse_args()
+
+    texts = paragraphs(args.texts)
+    embedder = operators.Embedder.load(args.model, dtype=args.dtype)
+    model_dir = models.resolve(args.model)
+    counts = embedder.count_tokens(texts)
+    tokens = sum(min(n, embedder.max_tokens) for n in counts)
+    result: dict[str, object] = {
+        "benchmark": "embed",
+        "model": embedder.model_id,
+        "texts": len(texts),
+        "tokens": tokens,
+        "avg_tokens": round(tokens / len(texts), 1),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+    }
+
+    def ours(warmup: bool = False):
+        return embedder.embed(texts[:32] if warmup else texts)
+
+    seconds, ours_vectors = timed(ours, args.repeat)
+    result["embedstream"] = {
+        "dtype": args.dtype,
+        "seconds": round(seconds, 3),
+        "texts_per_s": round(len(texts) / seconds, 1),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
+
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        st_model = SentenceTransformer(model_dir, device="cpu")
+
+        def st(warmup: bool = False):
+            return st_model.encode(texts[:32] if warmup else texts, batch_size=32, normalize_embeddings=True)
+
+        st_seconds, st_vectors = timed(st, args.repeat)
+        result["sentence_transformers"] = {
+            "seconds": round(st_seconds, 3),
+            "tokens_per_s": round(tokens / st_seconds, 1),
+            "cosine_min_vs_embedstream": round(cosine_min(np.asarray(st_vectors), ours_vectors), 6),
+        }
+        result["ratio_vs_sentence_transformers"] = round(st_seconds / seconds, 2)
+    except ImportError as e:
+        result["sentence_transformers"] = f"not installed ({e.name})"
+
+    try:
+        import embed_anything
+
+        ea_model = embed_anything.EmbeddingModel.from_pretrained_local(
+            embed_anything.WhichModel.Bert, model_id=model_dir
+        )
+
+        def ea(warmup: bool = False):
+            batch = texts[:32] if warmup else texts
+            return [e.embedding for e in embed_anything.embed_query(batch, embedder=ea_model)]
+
+        ea_seconds, ea_vectors = timed(ea, args.repeat)
+        result["embed_anything"] = {
+            "seconds": round(ea_seconds, 3),
+            "tokens_per_s": round(tokens / ea_seconds, 1),
+            "cosine_min_vs_embedstream": round(cosine_min(np.asarray(ea_vectors), ours_vectors), 6),
+        }
+        result["ratio_vs_embed_anything"] = round(ea_seconds / seconds, 2)
+    except ImportError as e:
+        result["embed_anything"] = f"not installed ({e.name})"
+    except Exception as e:  # a peer's failure is a finding, not a crash of the benchmark
+        result["embed_anything"] = f"failed: {type(e).__name__}: {e}"
+
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
