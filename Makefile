@@ -12,4 +12,4 @@ setup:
 
 lint:
 	cargo clippy --release --all-targets --features python -- -D warnings
-	.venv/bin/ruff check operators tests bench
+	.venv/bin/ruff check operators flows tests bench

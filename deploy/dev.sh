@@ -31,8 +31,23 @@ setup() {
 
 quickstart() {
     setup
-    step "extract → chunk → embed on deploy/samples"
-    "$VENV/bin/embedstream" demo
+    local es="$VENV/bin/embedstream"
+    local in=quickstart.documents out=quickstart.vectors dlq=quickstart.dlq
+    step "local Kafka (KRaft, jars from Maven Central)"
+    "$es" kafka start
+    step "fresh topics: $in → $out (dead letters: $dlq)"
+    "$es" topics delete "$in" "$out" "$dlq" >/dev/null
+    "$es" topics create "$in" "$out" "$dlq" --partitions 2
+    step "publishing the sample documents (deploy/samples)"
+    "$es" publish deploy/samples --topic "$in"
+    step "running the flow until the input is drained"
+    "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end --epoch-s 1
+    step "vector records on $out"
+    "$es" tail --topic "$out" -n 50 --timeout 3
+    step "dead letters on $dlq"
+    "$es" tail --topic "$dlq" -n 50 --timeout 3
+    echo
+    echo "The broker keeps running: '$es kafka stop' stops it."
 }
 
 test_all() {
@@ -40,7 +55,7 @@ test_all() {
     step "Rust tests"
     cargo test --release --manifest-path native/Cargo.toml --quiet
     step "ruff"
-    "$VENV/bin/ruff" check operators tests bench
+    "$VENV/bin/ruff" check operators flows tests bench
     step "pytest"
     "$PY" -m pytest -q "$@"
 }

@@ -87,6 +87,99 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kafka(args: argparse.Namespace) -> int:
+    from .kafka_local import LocalKafka
+
+    broker = LocalKafka()
+    if args.action == "start":
+        print(f"Kafka ready on {broker.start()}")
+    elif args.action == "stop":
+        print("stopped" if broker.stop() else "not running")
+    else:
+        print(broker.status())
+    return 0
+
+
+def _settings(args: argparse.Namespace, **overrides):
+    from .config import Settings
+
+    kafka = dict(kv.split("=", 1) for kv in getattr(args, "kafka", None) or [])
+    return Settings.from_env(brokers=getattr(args, "brokers", None), kafka=kafka, **overrides)
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from . import topics
+
+    settings = _settings(args)
+    if args.action == "delete":
+        for name in topics.delete(settings, args.names):
+            print(f"{name}: deleted")
+        return 0
+    for name in args.names:
+        created = topics.create(settings, name, args.partitions)
+        print(f"{name}: {'created' if created else 'exists'} ({args.partitions} partitions requested)")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from . import topics
+
+    settings = _settings(args)
+    topic = args.topic or settings.input_topic
+    files = _files(args.paths)
+    sent = topics.publish_files(settings, topic, files, json_format=args.json, progress=not args.quiet)
+    print(f"published {sent} document events to {topic}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    from datetime import timedelta
+
+    from bytewax.run import cli_main
+
+    from flows.embed import build
+
+    settings = _settings(
+        args,
+        input_topic=args.input_topic,
+        output_topic=args.output_topic,
+        dlq_topic=args.dlq_topic,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        overlap_tokens=args.overlap_tokens,
+        output_format=args.format,
+        start_from=args.start_from,
+        batch_size=args.batch_size,
+        tail=False if args.until_end else None,
+        allowed_roots=tuple(args.allow_root) or None,
+    )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("embedstream").info("settings: %s", settings.redacted())
+    cli_main(
+        build(settings), workers_per_process=args.workers, epoch_interval=timedelta(seconds=args.epoch_s)
+    )
+    from .runtime import _pipeline
+
+    if _pipeline is not None:
+        print(_pipeline.counters.line(), file=sys.stderr)
+        _pipeline.close()
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from . import topics
+
+    settings = _settings(args)
+    for kind, record, where in topics.tail(
+        settings, args.topic or settings.output_topic, args.n, args.timeout
+    ):
+        print(f"{where} {topics.describe(kind, record)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedstream", description="Streaming embeddings: extract, chunk and embed documents."
@@ -102,6 +195,64 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("paths", nargs="+", help="files or directories")
     extract.add_argument("--strict", action="store_true", help="exit 1 if any file fails")
     extract.set_defaults(func=cmd_extract)
+
+    kafka = sub.add_parser("kafka", help="the local single-node Kafka broker (development and tests)")
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.set_defaults(func=cmd_kafka)
+
+    def kafka_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--brokers", help="bootstrap servers (default: $EMBEDSTREAM_BROKERS or the local broker)"
+        )
+        p.add_argument(
+            "--kafka",
+            action="append",
+            metavar="KEY=VALUE",
+            help="any librdkafka setting, e.g. security.protocol=SASL_SSL (repeatable)",
+        )
+
+    topics_p = sub.add_parser("topics", help="create or delete topics")
+    topics_p.add_argument("action", choices=["create", "delete"])
+    topics_p.add_argument("names", nargs="+")
+    topics_p.add_argument("--partitions", type=int, default=1)
+    kafka_flags(topics_p)
+    topics_p.set_defaults(func=cmd_topics)
+
+    publish = sub.add_parser("publish", help="send files as DocumentEvents")
+    publish.add_argument("paths", nargs="+", help="files or directories")
+    publish.add_argument("--topic", help="default: the input topic")
+    publish.add_argument("--json", action="store_true", help="JSON instead of Avro single-object encoding")
+    publish.add_argument("--quiet", action="store_true", help="no progress bar")
+    kafka_flags(publish)
+    publish.set_defaults(func=cmd_publish)
+
+    run = sub.add_parser("run", help="run the flow: document events in, vector records out")
+    run.add_argument("--input-topic")
+    run.add_argument("--output-topic")
+    run.add_argument("--dlq-topic")
+    run.add_argument("--model", help="model directory or hub id (default: MiniLM)")
+    run.add_argument("--max-tokens", type=int, help="chunk size in model tokens (default: the model's limit)")
+    run.add_argument("--overlap-tokens", type=int)
+    run.add_argument(
+        "--format", choices=["avro", "json", "confluent"], help="output encoding (default: avro)"
+    )
+    run.add_argument(
+        "--from", dest="start_from", help="beginning | latest | epoch ms, without recovery state"
+    )
+    run.add_argument("--batch-size", type=int, help="events per micro-batch (default 64)")
+    run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
+    run.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
+    run.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
+    run.add_argument("--epoch-s", type=float, default=10.0, help="seconds between epochs (snapshots)")
+    kafka_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    tail = sub.add_parser("tail", help="print output records compactly")
+    tail.add_argument("--topic", help="default: the output topic")
+    tail.add_argument("-n", type=int, default=20, help="most records to print")
+    tail.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for more")
+    kafka_flags(tail)
+    tail.set_defaults(func=cmd_tail)
 
     demo = sub.add_parser("demo", help="run extract → chunk → embed on files (default: the samples)")
     demo.add_argument("paths", nargs="*", help=f"files or directories (default: {SAMPLES})")

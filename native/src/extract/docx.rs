@@ -64,7 +64,12 @@ impl Inflated {
         entry
             .take(self.left + 1)
             .read_to_end(&mut buf)
-            .map_err(|e| ExtractError::corrupt(format!("{name}: {e}")))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::OutOfMemory => {
+                    ExtractError::too_large(format!("{name}: out of memory while inflating"))
+                }
+                _ => ExtractError::corrupt(format!("{name}: {e}")),
+            })?;
         if buf.len() as u64 > self.left {
             return Err(ExtractError::too_large(format!(
                 "DOCX inflates past the limit of {} bytes",

@@ -1,0 +1,44 @@
+"""The main job: document events in, vector records out, bad input to the dead-letter topic.
+
+    Kafka source → [decode → fetch → extract → chunk → embed → encode] → Kafka sink
+
+The bracketed part is one stateless step over each micro-batch the source hands
+over, so nothing waits in a buffer outside the recovery snapshot. Configured by
+``EMBEDSTREAM_*`` variables (see ``operators.config.Settings``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+
+from operators import runtime
+from operators.config import Settings
+from operators.kafka_io import KafkaInput, KafkaOutput
+
+
+def build(settings: Optional[Settings] = None) -> Dataflow:
+    settings = settings or Settings.from_env()
+    kafka = settings.kafka_common()
+    flow = Dataflow("embedstream")
+    events = op.input(
+        "documents",
+        flow,
+        KafkaInput(
+            {**kafka, "group.id": settings.group_id},
+            settings.input_topic,
+            start_from=settings.start_from,
+            tail=settings.tail,
+            batch_size=settings.batch_size,
+            batch_bytes=settings.batch_bytes,
+            poll_ms=settings.poll_ms,
+        ),
+    )
+    records = op.flat_map_batch("embed", events, runtime.processor(settings))
+    op.output("kafka", records, KafkaOutput(kafka))
+    return flow
+
+
+flow = build()

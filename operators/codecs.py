@@ -1,0 +1,254 @@
+"""Wire formats of the records in ``schemas/``.
+
+- Avro single-object encoding (default): ``C3 01``, the 8-byte little-endian
+  CRC-64-AVRO fingerprint of the writer schema, then the Avro binary datum.
+- Confluent framing: byte ``0``, a 4-byte big-endian schema id, then the datum; the
+  id is resolved through a schema registry (confluent-kafka's client).
+- JSON, for input from tools that cannot write Avro, and as an output option.
+
+The decoder tells them apart by their first bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import struct
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any, Optional
+
+import fastavro
+from fastavro.schema import parse_schema, to_parsing_canonical_form
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = 0
+RECORD_TYPES = ("DocumentEvent", "VectorRecord", "DeleteMarker", "DeadLetter")
+#: Kafka header naming the schema of an output message.
+TYPE_HEADER = "embedstream.type"
+
+
+class DecodeError(ValueError):
+    """A payload that is not a valid DocumentEvent; ``reason`` goes into the dead letter."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_EMPTY = 0xC15D213AA4D7A795
+
+
+@cache
+def _crc64_table() -> list[int]:
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (_EMPTY & -(fp & 1))
+        table.append(fp)
+    return table
+
+
+def crc64_avro(data: bytes) -> int:
+    """The Rabin fingerprint of the Avro specification ("CRC-64-AVRO")."""
+    table, fp = _crc64_table(), _EMPTY
+    for byte in data:
+        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
+    return fp
+
+
+class Schema:
+    """One parsed schema with its fingerprint."""
+
+    def __init__(self, name: str, raw: dict[str, Any]) -> None:
+        self.name = name
+        self.raw = raw
+        self.parsed = parse_schema(raw)
+        self.canonical = to_parsing_canonical_form(self.parsed)
+        self.fingerprint = crc64_avro(self.canonical.encode()).to_bytes(8, "little")
+
+    def write(self, record: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, self.parsed, record)
+        return buf.getvalue()
+
+    def read(self, data: bytes) -> dict[str, Any]:
+        return fastavro.schemaless_reader(io.BytesIO(data), self.parsed, self.parsed)
+
+
+@cache
+def schema(name: str) -> Schema:
+    return Schema(name, json.loads((SCHEMA_DIR / f"{name}.avsc").read_text()))
+
+
+@cache
+def _by_fingerprint() -> dict[bytes, Schema]:
+    return {schema(n).fingerprint: schema(n) for n in RECORD_TYPES}
+
+
+def encode_single_object(name: str, record: dict[str, Any]) -> bytes:
+    s = schema(name)
+    return SINGLE_OBJECT_MAGIC + s.fingerprint + s.write(record)
+
+
+def decode_single_object(data: bytes) -> tuple[str, dict[str, Any]]:
+    found = _by_fingerprint().get(data[2:10])
+    if found is None:
+        raise DecodeError("unknown_schema", f"no schema with fingerprint {data[2:10].hex()}")
+    return found.name, found.read(data[10:])
+
+
+def encode_json(record: dict[str, Any]) -> bytes:
+    def default(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return base64.b64encode(value).decode()
+        raise TypeError(type(value).__name__)
+
+    return json.dumps(record, default=default, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _document_from_json(data: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DecodeError("bad_payload", f"invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("bad_payload", "JSON payload is not an object")
+    content = obj.get("content")
+    if isinstance(content, str):
+        if obj.get("content_encoding") == "base64":
+            try:
+                content = base64.b64decode(content, validate=True)
+            except binascii.Error as e:
+                raise DecodeError("bad_payload", f"content is not valid base64: {e}") from None
+        else:
+            content = content.encode()
+    elif content is not None:
+        raise DecodeError("bad_payload", "content must be a string")
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise DecodeError("bad_payload", "metadata must be an object")
+    return {
+        "doc_id": obj.get("doc_id"),
+        "op": obj.get("op", "UPSERT"),
+        "content": content,
+        "uri": obj.get("uri"),
+        "mime_type": obj.get("mime_type"),
+        "filename": obj.get("filename"),
+        "metadata": {str(k): str(v) for k, v in metadata.items()},
+        "event_time": obj.get("event_time"),
+    }
+
+
+def decode_document_event(
+    data: Optional[bytes],
+    key: Optional[bytes] = None,
+    *,
+    timestamp_ms: Optional[int] = None,
+    registry: Any = None,
+) -> dict[str, Any]:
+    """Decodes an input message into a validated DocumentEvent dictionary.
+
+    A missing ``doc_id`` falls back to the Kafka key; a missing ``event_time`` (JSON
+    only) to the message timestamp. Raises :class:`DecodeError`.
+    """
+    if not data:
+        raise DecodeError("bad_payload", "empty message")
+    if data[:2] == SINGLE_OBJECT_MAGIC:
+        try:
+            name, event = decode_single_object(data)
+        except DecodeError:
+            raise
+        except Exception as e:  # truncated or mangled datum
+            raise DecodeError("bad_payload", f"invalid Avro: {e}") from None
+        if name != "DocumentEvent":
+            raise DecodeError("bad_payload", f"expected a DocumentEvent, got a {name}")
+    elif data[0] == CONFLUENT_MAGIC and len(data) >= 5:
+        if registry is None:
+            raise DecodeError(
+                "no_schema_registry", "Confluent-framed message, but no schema registry is configured"
+            )
+        try:
+            event = registry.decode(data)
+        except Exception as e:
+            raise DecodeError("bad_payload", f"invalid Confluent-framed Avro: {e}") from None
+    elif data.lstrip()[:1] == b"{":
+        event = _document_from_json(data)
+    else:
+        raise DecodeError("bad_payload", "not Avro single-object, Confluent-framed Avro or JSON")
+    return _validate(event, key, timestamp_ms)
+
+
+def _validate(event: dict[str, Any], key: Optional[bytes], timestamp_ms: Optional[int]) -> dict[str, Any]:
+    if not event.get("doc_id"):
+        if key:
+            event["doc_id"] = key.decode("utf-8", "replace")
+        else:
+            raise DecodeError("bad_payload", "no doc_id in the payload and no message key")
+    if not isinstance(event["doc_id"], str):
+        raise DecodeError("bad_payload", "doc_id must be a string")
+    if event.get("op") not in ("UPSERT", "DELETE"):
+        raise DecodeError("bad_payload", f"op must be UPSERT or DELETE, not {event.get('op')!r}")
+    if event["op"] == "UPSERT" and event.get("content") is None and not event.get("uri"):
+        raise DecodeError("bad_payload", "an UPSERT needs content or uri")
+    event_time = event.get("event_time")
+    if event_time is None:
+        event["event_time"] = timestamp_ms if timestamp_ms is not None else now_ms()
+    elif hasattr(event_time, "timestamp"):  # fastavro decodes timestamp-millis to datetime
+        event["event_time"] = int(event_time.timestamp() * 1000)
+    elif not isinstance(event_time, int):
+        raise DecodeError("bad_payload", "event_time must be epoch milliseconds")
+    event.setdefault("metadata", {})
+    return event
+
+
+class OutputEncoder:
+    """Encodes output records in the configured format; ``avro`` by default."""
+
+    def __init__(self, fmt: str = "avro", registry: Any = None) -> None:
+        if fmt not in ("avro", "json", "confluent"):
+            raise ValueError(f"unknown output format {fmt!r} (avro, json, confluent)")
+        if fmt == "confluent" and registry is None:
+            raise ValueError("output format 'confluent' needs a schema registry URL")
+        self.format = fmt
+        self.registry = registry
+
+    def encode(self, name: str, record: dict[str, Any]) -> bytes:
+        if self.format == "json":
+            return encode_json(record)
+        if self.format == "confluent":
+            return self.registry.encode(name, record)
+        return encode_single_object(name, record)
+
+
+def decode_output(data: bytes, registry: Any = None) -> tuple[str, dict[str, Any]]:
+    """Decodes any output message (for ``embedstream tail`` and tests)."""
+    if data[:2] == SINGLE_OBJECT_MAGIC:
+        return decode_single_object(data)
+    if data[:1] == b"\x00" and registry is not None:
+        return registry.decode_any(data)
+    obj = json.loads(data)
+    if "chunk_id" in obj:
+        return "VectorRecord", obj
+    if "stage" in obj:
+        return "DeadLetter", obj
+    return "DeleteMarker", obj
+
+
+def confluent_frame(schema_id: int, datum: bytes) -> bytes:
+    return bytes([CONFLUENT_MAGIC]) + struct.pack(">I", schema_id) + datum
+
+
+def confluent_unframe(data: bytes) -> tuple[int, bytes]:
+    if len(data) < 5 or data[0] != CONFLUENT_MAGIC:
+        raise DecodeError("bad_payload", "not Confluent-framed")
+    return struct.unpack(">I", data[1:5])[0], data[5:]

@@ -1,0 +1,136 @@
+"""All settings of a worker in one typed place: defaults, ``EMBEDSTREAM_*`` environment
+variables, then command-line flags. Any librdkafka setting passes through
+(``EMBEDSTREAM_KAFKA_SECURITY_PROTOCOL=SASL_SSL`` or ``--kafka security.protocol=SASL_SSL``);
+secrets are masked whenever settings are shown."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_SECRET_WORDS = ("password", "secret", "token", "key")
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Kafka bootstrap servers (comma-separated).
+    brokers: str = "127.0.0.1:39092"
+    input_topic: str = "documents"
+    output_topic: str = "vectors"
+    dlq_topic: str = "documents.dlq"
+    #: Consumer group under which processed offsets are committed (for lag tooling).
+    group_id: str = "embedstream"
+    #: Where to start without recovery state: "beginning" or "latest".
+    start_from: str = "beginning"
+    #: Keep reading for new events (True) or stop at the end offsets seen at start.
+    tail: bool = True
+    model: str = "default"
+    device: str = "cpu"
+    dtype: str = "f32"
+    #: Chunk size in model tokens (None: the model's limit).
+    max_tokens: Optional[int] = None
+    overlap_tokens: int = 0
+    #: Most events the source hands over as one micro-batch, per partition.
+    batch_size: int = 64
+    #: Most payload bytes in one micro-batch (the rest waits for the next).
+    batch_bytes: int = 16 * 1024 * 1024
+    #: Longest wait for a batch to fill, in milliseconds.
+    poll_ms: int = 100
+    #: Largest document accepted (inline or fetched).
+    max_document_bytes: int = 64 * 1024 * 1024
+    #: Most chunks of one document; more becomes a dead letter.
+    max_chunks: int = 10_000
+    #: Dead letters carry the original payload up to this size, else only its coordinates.
+    dlq_payload_max_bytes: int = 1024 * 1024
+    #: Output encoding: "avro" (single-object), "json", or "confluent" (needs a registry).
+    output_format: str = "avro"
+    schema_registry_url: Optional[str] = None
+    #: Directories that file:// URIs may point into; empty means no URIs allowed.
+    allowed_roots: tuple[str, ...] = ()
+    #: Extraction child processes per worker process.
+    extract_workers: int = 2
+    #: Seconds between throughput lines in the log.
+    report_every_s: float = 10.0
+    #: Extra librdkafka settings for consumer and producer.
+    kafka: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict[str, str]] = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"EMBEDSTREAM_{f.name.upper()}"
+            if f.name == "kafka" or name not in env:
+                continue
+            values[f.name] = _parse(f, env[name])
+        kafka = {
+            k[len("EMBEDSTREAM_KAFKA_") :].lower().replace("_", "."): v
+            for k, v in env.items()
+            if k.startswith("EMBEDSTREAM_KAFKA_")
+            and k not in ("EMBEDSTREAM_KAFKA_HOME",)
+            and not k.startswith(("EMBEDSTREAM_KAFKA_PORT", "EMBEDSTREAM_KAFKA_CONTROLLER_PORT"))
+        }
+        kafka.update(overrides.pop("kafka", None) or {})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values, kafka=kafka)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.start_from not in ("beginning", "latest") and not self.start_from.isdigit():
+            raise ValueError("start_from must be 'beginning', 'latest' or epoch milliseconds")
+        if self.output_format not in ("avro", "json", "confluent"):
+            raise ValueError("output_format must be avro, json or confluent")
+        if self.output_format == "confluent" and not self.schema_registry_url:
+            raise ValueError("output_format 'confluent' needs schema_registry_url")
+        for name in (
+            "batch_size",
+            "batch_bytes",
+            "poll_ms",
+            "max_document_bytes",
+            "max_chunks",
+            "extract_workers",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def kafka_common(self) -> dict[str, str]:
+        return {"bootstrap.servers": self.brokers, **self.kafka}
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with secrets masked, for logs and ``--help``-style output."""
+        shown = dataclasses.asdict(self)
+        shown["kafka"] = {
+            k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka.items()
+        }
+        if self.schema_registry_url and "@" in self.schema_registry_url:
+            scheme, _, rest = self.schema_registry_url.partition("://")
+            shown["schema_registry_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return shown
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = str(f.type)
+    if "tuple" in kind:
+        return tuple(p for p in raw.split(os.pathsep) if p)
+    if "bool" in kind:
+        return _bool(raw)
+    if "Optional[int]" in kind:
+        return int(raw) if raw else None
+    if "int" in kind:
+        return int(raw)
+    if "float" in kind:
+        return float(raw)
+    if "Optional" in kind:
+        return raw or None
+    return raw

@@ -1,0 +1,244 @@
+"""Kafka source and sink for Bytewax, written for the guarantees we promise.
+
+Source: one consumer per partition (``assign``, no group rebalancing: Bytewax owns
+the partition-to-worker mapping), batches bounded in count and bytes with a maximum
+poll wait, and a snapshot that is the next offset to hand over.
+
+Sink: an idempotent producer that checks every delivery report and flushes each batch
+before returning, so a snapshot never covers a record that is not in Kafka. A full
+producer queue blocks (backpressure) instead of raising; a failed delivery raises, and
+the worker stops rather than lose a record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+log = logging.getLogger("embedstream.kafka")
+
+
+@dataclass(frozen=True)
+class InputMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: Optional[bytes]
+    value: Optional[bytes]
+    timestamp_ms: Optional[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.value or b"") + len(self.key or b"")
+
+
+@dataclass(frozen=True)
+class OutputMessage:
+    topic: str
+    key: Optional[bytes]
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class DeliveryError(RuntimeError):
+    """Kafka did not confirm a record; the worker stops so that nothing is lost."""
+
+
+class _Partition(StatefulSourcePartition[InputMessage, int]):
+    def __init__(
+        self,
+        config: dict,
+        topic: str,
+        partition: int,
+        start: int,
+        *,
+        batch_size: int,
+        batch_bytes: int,
+        poll_ms: int,
+        tail: bool,
+    ) -> None:
+        self.topic, self.partition = topic, partition
+        self.batch_size, self.batch_bytes, self.poll_s = batch_size, batch_bytes, poll_ms / 1000
+        self.consumer = Consumer({**config, "enable.auto.commit": "false", "enable.partition.eof": "true"})
+        self.end: Optional[int] = None
+        if not tail:
+            _low, high = self.consumer.get_watermark_offsets(
+                KafkaTopicPartition(topic, partition), timeout=30, cached=False
+            )
+            self.end = high
+        self.consumer.assign([KafkaTopicPartition(topic, partition, start)])
+        self.next_offset: Optional[int] = start if start >= 0 else None
+        self.pending: list[InputMessage] = []
+
+    def next_batch(self) -> list[InputMessage]:
+        if self.end is not None and self.next_offset is not None and self.next_offset >= self.end:
+            raise StopIteration
+        if len(self.pending) < self.batch_size:
+            for msg in self.consumer.consume(self.batch_size - len(self.pending), self.poll_s):
+                err = msg.error()
+                if err is None:
+                    self.pending.append(
+                        InputMessage(
+                            msg.topic(),
+                            msg.partition(),
+                            msg.offset(),
+                            msg.key(),
+                            msg.value(),
+                            msg.timestamp()[1],
+                        )
+                    )
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    if self.next_offset is None:
+                        self.next_offset = msg.offset()
+                elif err.fatal():
+                    raise KafkaException(err)
+                else:  # transient (broker down, rebalance of leaders): librdkafka retries
+                    log.warning("consumer %s[%d]: %s", self.topic, self.partition, err)
+        if self.end is not None:
+            self.pending = [m for m in self.pending if m.offset < self.end]
+        batch, size = [], 0
+        while self.pending and len(batch) < self.batch_size:
+            if batch and size + self.pending[0].size > self.batch_bytes:
+                break
+            msg = self.pending.pop(0)
+            batch.append(msg)
+            size += msg.size
+        if batch:
+            self.next_offset = batch[-1].offset + 1
+        elif self.end is not None and self.end == 0:
+            raise StopIteration
+        return batch
+
+    def snapshot(self) -> int:
+        # Messages still pending were not handed over: resume at the first of them.
+        if self.pending:
+            return self.pending[0].offset
+        return self.next_offset if self.next_offset is not None else OFFSET_END
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class KafkaInput(FixedPartitionedSource[InputMessage, int]):
+    """All partitions of one topic; Bytewax spreads them over the workers."""
+
+    def __init__(
+        self,
+        config: dict,
+        topic: str,
+        *,
+        start_from: str = "beginning",
+        tail: bool = True,
+        batch_size: int = 64,
+        batch_bytes: int = 16 << 20,
+        poll_ms: int = 100,
+    ) -> None:
+        self.config = {"group.id": "embedstream", **config}
+        self.topic = topic
+        self.start_from, self.tail = start_from, tail
+        self.batch_size, self.batch_bytes, self.poll_ms = batch_size, batch_bytes, poll_ms
+
+    def list_parts(self) -> list[str]:
+        consumer = Consumer(self.config)
+        try:
+            meta = consumer.list_topics(self.topic, timeout=30)
+        finally:
+            consumer.close()
+        topic = meta.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            raise RuntimeError(f"input topic {self.topic!r} is not available: {topic.error if topic else ''}")
+        return [str(p) for p in sorted(topic.partitions)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _Partition:
+        start = resume_state if resume_state is not None else self._start_offset(int(for_part))
+        return _Partition(
+            self.config,
+            self.topic,
+            int(for_part),
+            start,
+            batch_size=self.batch_size,
+            batch_bytes=self.batch_bytes,
+            poll_ms=self.poll_ms,
+            tail=self.tail,
+        )
+
+    def _start_offset(self, partition: int) -> int:
+        if self.start_from == "beginning":
+            return OFFSET_BEGINNING
+        if self.start_from == "latest":
+            return OFFSET_END
+        consumer = Consumer(self.config)  # a timestamp in epoch milliseconds
+        try:
+            found = consumer.offsets_for_times(
+                [KafkaTopicPartition(self.topic, partition, int(self.start_from))], timeout=30
+            )
+        finally:
+            consumer.close()
+        return found[0].offset if found[0].offset >= 0 else OFFSET_END
+
+
+class _SinkPartition(StatelessSinkPartition[OutputMessage]):
+    def __init__(self, config: dict, flush_timeout_s: float) -> None:
+        self.producer = Producer(
+            {
+                "enable.idempotence": "true",
+                "acks": "all",
+                "linger.ms": "5",
+                "compression.type": "lz4",
+                **config,
+            }
+        )
+        self.flush_timeout_s = flush_timeout_s
+        self.failures: list[str] = []
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self.failures.append(f"{msg.topic()}: {err}")
+
+    def write_batch(self, items: list[OutputMessage]) -> None:
+        for item in items:
+            while True:
+                try:
+                    self.producer.produce(
+                        item.topic,
+                        item.value,
+                        item.key,
+                        headers=list(item.headers),
+                        on_delivery=self._on_delivery,
+                    )
+                    break
+                except BufferError:
+                    # The local queue is full: wait for the broker instead of growing memory.
+                    self.producer.poll(0.1)
+        deadline = time.monotonic() + self.flush_timeout_s
+        while self.producer.flush(1.0) > 0:
+            if time.monotonic() > deadline:
+                raise DeliveryError(
+                    f"{len(self.producer)} records not confirmed by Kafka in "
+                    f"{self.flush_timeout_s:.0f} s; stopping so that nothing is lost"
+                )
+            log.warning("waiting for Kafka to confirm %d records", len(self.producer))
+        if self.failures:
+            failures, self.failures = self.failures, []
+            raise DeliveryError(f"{len(failures)} records were not delivered: {failures[:3]}")
+
+    def close(self) -> None:
+        self.producer.flush(self.flush_timeout_s)
+
+
+class KafkaOutput(DynamicSink[OutputMessage]):
+    """Writes each message to the topic it names."""
+
+    def __init__(self, config: dict, flush_timeout_s: float = 300.0) -> None:
+        self.config = config
+        self.flush_timeout_s = flush_timeout_s
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
+        return _SinkPartition(self.config, self.flush_timeout_s)

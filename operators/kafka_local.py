@@ -1,0 +1,222 @@
+"""A single-node Apache Kafka 4.x broker (KRaft) on loopback, for development and tests.
+
+The broker's jars come from Maven Central (``deploy/local/pom.xml``, resolved once into
+the cache with ``mvn dependency:copy-dependencies``); storage is formatted with
+``kafka.tools.StorageTool`` and the broker runs as ``java kafka.Kafka``. Needs only a
+JDK 17+ and Maven. Every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+POM = ROOT / "deploy" / "local" / "pom.xml"
+
+
+@dataclass(frozen=True)
+class LocalKafka:
+    home: Path = Path(os.environ.get("EMBEDSTREAM_KAFKA_HOME", Path.home() / ".cache/embedstream/kafka"))
+    port: int = int(os.environ.get("EMBEDSTREAM_KAFKA_PORT", "39092"))
+    controller_port: int = int(os.environ.get("EMBEDSTREAM_KAFKA_CONTROLLER_PORT", "39093"))
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def lib(self) -> Path:
+        return self.home / "lib"
+
+    @property
+    def data(self) -> Path:
+        return self.home / f"data-{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / f"broker-{self.port}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / f"broker-{self.port}.log"
+
+    # --- jars ------------------------------------------------------------------------------
+
+    def ensure_jars(self) -> None:
+        stamp = self.lib / ".pom-mtime"
+        pom_mtime = str(POM.stat().st_mtime_ns)
+        if stamp.is_file() and stamp.read_text() == pom_mtime and any(self.lib.glob("kafka_2.13-*.jar")):
+            return
+        if shutil.which("mvn") is None:
+            raise RuntimeError("Maven (mvn) is needed once to fetch the Kafka jars from Maven Central")
+        if self.lib.exists():
+            shutil.rmtree(self.lib)
+        self.lib.mkdir(parents=True)
+        subprocess.run(
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(POM),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={self.lib}",
+                "-DincludeScope=runtime",
+            ],
+            check=True,
+        )
+        stamp.write_text(pom_mtime)
+
+    def _java(self, *args: str, **kwargs) -> subprocess.Popen:
+        java = shutil.which("java")
+        if java is None:
+            raise RuntimeError("a Java 17+ runtime (java) is needed to run the local broker")
+        log4j = self.home / "log4j2.properties"
+        if not log4j.exists():
+            log4j.write_text(
+                "rootLogger.level = WARN\nrootLogger.appenderRef.out.ref = out\n"
+                "appender.out.type = Console\nappender.out.name = out\n"
+                "appender.out.layout.type = PatternLayout\nappender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+                "logger.kafka.name = kafka.server.KafkaRaftServer\nlogger.kafka.level = INFO\n"
+            )
+        cmd = [
+            java,
+            "-Xms256m",
+            "-Xmx1g",
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-cp",
+            str(self.lib / "*"),
+            *args,
+        ]
+        return subprocess.Popen(cmd, **kwargs)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _write_config(self) -> Path:
+        config = self.home / f"server-{self.port}.properties"
+        config.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={self.data}",
+                    "num.partitions=1",
+                    "offsets.topic.replication.factor=1",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "share.coordinator.state.topic.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=false",
+                    "message.max.bytes=10485760",
+                    "",
+                ]
+            )
+        )
+        return config
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                pass
+        except OSError:
+            return False
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        try:
+            admin.list_topics(timeout=2)
+            return True
+        except Exception:
+            return False
+
+    def start(self, timeout: float = 90) -> str:
+        """Starts the broker unless it runs already; returns its bootstrap address."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.pid() and self.ready():
+            return self.bootstrap
+        self.ensure_jars()
+        config = self._write_config()
+        if not (self.data / "meta.properties").exists():
+            cluster_id = base64_uuid()
+            fmt = self._java(
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+                "--standalone",
+                "--ignore-formatted",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            out, _ = fmt.communicate(timeout=120)
+            if fmt.returncode != 0:
+                raise RuntimeError(f"formatting Kafka storage failed: {out.decode(errors='replace')}")
+        with open(self.log_file, "ab") as log:
+            proc = self._java(
+                "kafka.Kafka", str(config), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Kafka exited with {proc.returncode}; see {self.log_file}")
+            if self.ready():
+                return self.bootstrap
+            time.sleep(0.5)
+        raise RuntimeError(f"Kafka did not become ready in {timeout:.0f} s; see {self.log_file}")
+
+    def stop(self, timeout: float = 30) -> bool:
+        """Stops the broker; returns whether one was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def status(self) -> str:
+        pid = self.pid()
+        if pid is None:
+            return f"stopped (would listen on {self.bootstrap})"
+        return f"running, pid {pid}, {self.bootstrap}, {'ready' if self.ready() else 'not ready'}"
+
+
+def base64_uuid() -> str:
+    """A Kafka cluster id: a random UUID in URL-safe base64 without padding."""
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")

@@ -1,0 +1,323 @@
+"""One micro-batch of input messages in, output messages out: decode → fetch →
+extract → chunk → embed → encode. The Bytewax flow calls :meth:`Pipeline.process` as a
+stateless step, so no chunk ever waits in a buffer that a snapshot cannot see.
+
+Every input message ends as vector records, a delete marker or exactly one dead
+letter; outputs keep the input order, so within a partition a DELETE is published
+after the records of an earlier UPSERT of the same document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from . import codecs
+from .config import Settings
+from .document import Document, Limits
+from .embed import Chunk, Chunker, Embedder
+from .errors import EmbedstreamError, ExtractionError
+from .extract import extract
+from .isolation import ExtractorPool
+from .kafka_io import InputMessage, OutputMessage
+
+log = logging.getLogger("embedstream.pipeline")
+
+
+class Failure(Exception):
+    """A stage failed for one event; becomes its dead letter."""
+
+    def __init__(self, stage: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.stage, self.reason, self.message = stage, reason, message
+
+
+def chunk_id(doc_id: str, model_id: str, model_revision: str, index: int) -> str:
+    """Deterministic across hosts and runs: a replay rewrites the same ids."""
+    return hashlib.sha256(f"{doc_id}\x00{model_id}\x00{model_revision}\x00{index}".encode()).hexdigest()
+
+
+@dataclass
+class _Work:
+    """What one input message became so far."""
+
+    message: InputMessage
+    event: Optional[dict[str, Any]] = None
+    document: Optional[Document] = None
+    chunks: list[Chunk] = field(default_factory=list)
+    vectors: Optional[np.ndarray] = None
+    failure: Optional[Failure] = None
+
+
+@dataclass
+class Counters:
+    events: int = 0
+    documents: int = 0
+    deletes: int = 0
+    dead_letters: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        s = max(time.monotonic() - self.started, 1e-9)
+        return (
+            f"{self.events} events ({self.documents} embedded, {self.deletes} deleted, "
+            f"{self.dead_letters} dead letters), {self.chunks} chunks; "
+            f"{self.documents / s:.1f} docs/s, {self.chunks / s:.1f} chunks/s, "
+            f"{self.tokens / s:,.0f} tokens/s"
+        )
+
+
+class Pipeline:
+    """Holds the model, the chunker and the extraction pool of one worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        pool: Optional[ExtractorPool] = None,
+        registry: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.chunker: Chunker = embedder.chunker(settings.max_tokens, settings.overlap_tokens)
+        self.pool = pool or ExtractorPool(settings.extract_workers)
+        self.threads = ThreadPoolExecutor(max(self.pool.size, 1), thread_name_prefix="extract")
+        self.registry = registry
+        self.encoder = codecs.OutputEncoder(settings.output_format, registry)
+        self.limits = Limits(max_input_bytes=settings.max_document_bytes)
+        self.roots = [Path(r).resolve() for r in settings.allowed_roots]
+        self.counters = Counters()
+        self._last_report = time.monotonic()
+
+    # --- the batch ---------------------------------------------------------------------------
+
+    def process(self, batch: list[InputMessage]) -> list[OutputMessage]:
+        work = [_Work(m) for m in batch]
+        for w in work:
+            self._guard(w, self._decode)
+        upserts = [w for w in work if w.failure is None and w.event["op"] == "UPSERT"]
+        list(self.threads.map(lambda w: self._guard(w, self._fetch_and_extract), upserts))
+        for w in upserts:
+            self._guard(w, self._chunk)
+        self._embed([w for w in upserts if w.failure is None])
+        out: list[OutputMessage] = []
+        for w in work:
+            out.extend(self._outputs(w))
+        self._count(work)
+        return out
+
+    def _guard(self, w: _Work, step) -> None:
+        if w.failure is not None:
+            return
+        try:
+            step(w)
+        except Failure as f:
+            w.failure = f
+        except Exception as e:  # a bug must cost one event, not the worker
+            log.exception(
+                "unexpected error on %s[%d]@%d", w.message.topic, w.message.partition, w.message.offset
+            )
+            w.failure = Failure(
+                "extract" if w.event else "decode", "internal_error", f"{type(e).__name__}: {e}"
+            )
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def _decode(self, w: _Work) -> None:
+        m = w.message
+        try:
+            w.event = codecs.decode_document_event(
+                m.value, m.key, timestamp_ms=m.timestamp_ms, registry=self.registry
+            )
+        except codecs.DecodeError as e:
+            raise Failure("decode", e.reason, str(e)) from None
+
+    def _fetch_and_extract(self, w: _Work) -> None:
+        event = w.event
+        data = event.get("content")
+        if data is None:
+            data = self._fetch(event["uri"])
+        if len(data) > self.settings.max_document_bytes:
+            raise Failure(
+                "fetch",
+                "too_large",
+                f"document is {len(data)} bytes, over the limit of {self.settings.max_document_bytes}",
+            )
+        try:
+            w.document = extract(
+                data,
+                mime_type=event.get("mime_type"),
+                filename=event.get("filename"),
+                limits=self.limits,
+                pool=self.pool,
+            )
+        except ExtractionError as e:
+            raise Failure("extract", e.reason, e.message) from None
+
+    def _fetch(self, uri: str) -> bytes:
+        parsed = urlparse(uri)
+        if parsed.scheme != "file":
+            raise Failure(
+                "fetch", "uri_not_allowed", f"only file:// URIs are fetched, not {parsed.scheme}://"
+            )
+        path = Path(unquote(parsed.path)).resolve()
+        if not any(path.is_relative_to(root) for root in self.roots):
+            raise Failure("fetch", "uri_not_allowed", f"{path} is outside the allowed roots")
+        try:
+            size = path.stat().st_size
+            if size > self.settings.max_document_bytes:
+                raise Failure("fetch", "too_large", f"{path} is {size} bytes")
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise Failure("fetch", "not_found", f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise Failure("fetch", "not_found", f"{path} is a directory") from None
+        except PermissionError as e:
+            raise Failure("fetch", "forbidden", str(e)) from None
+
+    def _chunk(self, w: _Work) -> None:
+        doc = w.document
+        if doc.image is not None:
+            raise Failure("embed", "no_model_for_type", f"no image model configured for {doc.mime_type}")
+        try:
+            w.chunks = self.chunker.chunk(doc)
+        except EmbedstreamError as e:
+            raise Failure("chunk", "internal_error", str(e)) from None
+        if not w.chunks:
+            raise Failure("chunk", "empty", "the document has no text to chunk")
+        if len(w.chunks) > self.settings.max_chunks:
+            raise Failure(
+                "chunk", "too_large", f"{len(w.chunks)} chunks, over the limit of {self.settings.max_chunks}"
+            )
+
+    def _embed(self, ready: list[_Work]) -> None:
+        """All chunks of the batch in one call: the embedder packs them into token-budget batches."""
+        texts = [c.text for w in ready for c in w.chunks]
+        if not texts:
+            return
+        try:
+            vectors = self.embedder.embed(texts)
+        except EmbedstreamError:
+            # Find the document that fails; the others still get their vectors.
+            for w in ready:
+                try:
+                    w.vectors = self.embedder.embed([c.text for c in w.chunks])
+                except EmbedstreamError as e:
+                    w.failure = Failure("embed", "model_error", str(e))
+            return
+        at = 0
+        for w in ready:
+            w.vectors = vectors[at : at + len(w.chunks)]
+            at += len(w.chunks)
+
+    # --- outputs -----------------------------------------------------------------------------
+
+    def _key(self, w: _Work) -> Optional[bytes]:
+        if w.message.key:
+            return w.message.key
+        return w.event["doc_id"].encode() if w.event else None
+
+    def _position(self, w: _Work) -> dict[str, Any]:
+        m = w.message
+        return {"topic": m.topic, "partition": m.partition, "offset": m.offset}
+
+    def _message(self, topic: str, key: Optional[bytes], name: str, record: dict[str, Any]) -> OutputMessage:
+        return OutputMessage(
+            topic, key, self.encoder.encode(name, record), ((codecs.TYPE_HEADER, name.encode()),)
+        )
+
+    def _outputs(self, w: _Work) -> list[OutputMessage]:
+        s = self.settings
+        if w.failure is not None:
+            return [self._message(s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
+        event = w.event
+        if event["op"] == "DELETE":
+            marker = {
+                "doc_id": event["doc_id"],
+                "doc_version": self._position(w),
+                "metadata": event["metadata"],
+                "event_time": event["event_time"],
+                "emitted_at": codecs.now_ms(),
+            }
+            return [self._message(s.output_topic, self._key(w), "DeleteMarker", marker)]
+        doc, e = w.document, self.embedder
+        metadata = dict(event["metadata"])
+        metadata["doc.mime_type"] = doc.mime_type
+        if doc.title:
+            metadata["doc.title"] = doc.title
+        for k, v in doc.metadata.items():
+            metadata[f"doc.{k}"] = v
+        embedded_at = codecs.now_ms()
+        chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
+        out = []
+        for chunk, vector in zip(w.chunks, w.vectors):
+            record = {
+                "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, chunk.index),
+                "doc_id": event["doc_id"],
+                "doc_version": self._position(w),
+                "chunk_index": chunk.index,
+                "chunk_count": len(w.chunks),
+                "text": chunk.text,
+                "char_start": chunk.char_start,
+                "char_end": chunk.char_end,
+                "page": chunk.page,
+                "embedding": vector.tolist(),
+                "model_id": e.model_id,
+                "model_revision": e.model_revision,
+                "dtype": e.dtype,
+                "chunker": chunker,
+                "metadata": metadata,
+                "event_time": event["event_time"],
+                "embedded_at": embedded_at,
+            }
+            out.append(self._message(s.output_topic, self._key(w), "VectorRecord", record))
+        return out
+
+    def dead_letter(self, w: _Work) -> dict[str, Any]:
+        m, f = w.message, w.failure
+        payload = m.value or b""
+        return {
+            "stage": f.stage,
+            "reason": f.reason,
+            "message": f.message[:4000],
+            "topic": m.topic,
+            "partition": m.partition,
+            "offset": m.offset,
+            "key": m.key,
+            "payload": payload if len(payload) <= self.settings.dlq_payload_max_bytes else None,
+            "payload_size": len(payload),
+            "doc_id": w.event["doc_id"] if w.event else None,
+            "failed_at": codecs.now_ms(),
+        }
+
+    def _count(self, work: list[_Work]) -> None:
+        c = self.counters
+        for w in work:
+            c.events += 1
+            if w.failure is not None:
+                c.dead_letters += 1
+            elif w.event["op"] == "DELETE":
+                c.deletes += 1
+            else:
+                c.documents += 1
+                c.chunks += len(w.chunks)
+                c.tokens += sum(ch.n_tokens for ch in w.chunks)
+        now = time.monotonic()
+        if now - self._last_report >= self.settings.report_every_s:
+            self._last_report = now
+            log.info("pid %d: %s", os.getpid(), c.line())
+
+    def close(self) -> None:
+        self.threads.shutdown()
+        self.pool.close()

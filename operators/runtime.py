@@ -1,0 +1,38 @@
+"""Per-process state of a running flow: one model, one extraction pool, one pipeline,
+shared by the worker threads of the process and created on first use (never pickled
+into the dataflow)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from .config import Settings
+from .kafka_io import InputMessage, OutputMessage
+from .pipeline import Pipeline
+
+_lock = threading.Lock()
+_pipeline: Optional[Pipeline] = None
+
+
+def pipeline(settings: Settings) -> Pipeline:
+    global _pipeline
+    with _lock:
+        if _pipeline is None:
+            from .embed import Embedder
+
+            registry = None
+            if settings.schema_registry_url:
+                from .registry import SchemaRegistry
+
+                registry = SchemaRegistry.from_url(settings.schema_registry_url)
+            embedder = Embedder.load(settings.model, device=settings.device, dtype=settings.dtype)
+            _pipeline = Pipeline(settings, embedder, registry=registry)
+        return _pipeline
+
+
+def processor(settings: Settings) -> Callable[[list[InputMessage]], list[OutputMessage]]:
+    def process(batch: list[InputMessage]) -> list[OutputMessage]:
+        return pipeline(settings).process(batch)
+
+    return process

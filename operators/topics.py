@@ -1,0 +1,143 @@
+"""Topic administration, publishing files as events, and reading records back:
+the plumbing behind ``embedstream topics|publish|tail``."""
+
+from __future__ import annotations
+
+import mimetypes
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from . import codecs
+from .config import Settings
+
+
+def create(settings: Settings, name: str, partitions: int = 1, replication: int = 1) -> bool:
+    """Creates a topic; False if it exists already."""
+    admin = AdminClient(settings.kafka_common())
+    future = admin.create_topics([NewTopic(name, partitions, replication)])[name]
+    try:
+        future.result(timeout=30)
+        return True
+    except Exception as e:
+        if getattr(e.args[0], "code", lambda: None)() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return False
+        raise
+
+
+def delete(settings: Settings, names: Sequence[str]) -> list[str]:
+    """Deletes topics that exist; returns the names deleted."""
+    admin = AdminClient(settings.kafka_common())
+    existing = set(admin.list_topics(timeout=30).topics)
+    doomed = [n for n in names if n in existing]
+    if doomed:
+        for future in admin.delete_topics(doomed, operation_timeout=30).values():
+            future.result(timeout=60)
+    return doomed
+
+
+def document_event(path: Path, doc_id: str | None = None) -> dict[str, Any]:
+    return {
+        "doc_id": doc_id or path.name,
+        "op": "UPSERT",
+        "content": path.read_bytes(),
+        "uri": None,
+        "mime_type": mimetypes.guess_type(path.name)[0],
+        "filename": path.name,
+        "metadata": {"source": str(path)},
+        "event_time": codecs.now_ms(),
+    }
+
+
+def encode_event(event: dict[str, Any], json_format: bool = False) -> bytes:
+    if json_format:
+        import base64
+
+        payload = dict(event)
+        if payload.get("content") is not None:
+            payload["content"] = base64.b64encode(payload["content"]).decode()
+            payload["content_encoding"] = "base64"
+        return codecs.encode_json(payload)
+    return codecs.encode_single_object("DocumentEvent", event)
+
+
+def publish_files(
+    settings: Settings, topic: str, files: Sequence[Path], *, json_format: bool = False, progress: bool = True
+) -> int:
+    producer = Producer({**settings.kafka_common(), "enable.idempotence": "true"})
+    failures: list[str] = []
+
+    def on_delivery(err, msg) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    for i, path in enumerate(files, 1):
+        event = document_event(path)
+        producer.produce(
+            topic, encode_event(event, json_format), event["doc_id"].encode(), on_delivery=on_delivery
+        )
+        producer.poll(0)
+        if progress and sys.stderr.isatty():
+            bar = "#" * (30 * i // len(files))
+            print(f"\r[{bar:<30}] {i}/{len(files)} {path.name[:40]:<40}", end="", file=sys.stderr)
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
+    producer.flush(60)
+    if failures:
+        raise RuntimeError(f"{len(failures)} events were not delivered: {failures[:3]}")
+    return len(files)
+
+
+def read_all(
+    settings: Settings, topic: str, *, timeout: float = 5.0, limit: int | None = None
+) -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """Every message of ``topic`` from the beginning, decoded; stops after ``timeout``
+    seconds without a new message (or at ``limit``)."""
+    consumer = Consumer(
+        {
+            **settings.kafka_common(),
+            "group.id": f"embedstream-tail-{codecs.now_ms()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": "false",
+        }
+    )
+    consumer.subscribe([topic])
+    seen = 0
+    try:
+        while limit is None or seen < limit:
+            msg = consumer.poll(timeout)
+            if msg is None:
+                return
+            if msg.error():
+                continue
+            kind, record = codecs.decode_output(msg.value())
+            seen += 1
+            yield kind, record, msg
+    finally:
+        consumer.close()
+
+
+def tail(settings: Settings, topic: str, n: int, timeout: float) -> Iterator[tuple[str, dict[str, Any], str]]:
+    for kind, record, msg in read_all(settings, topic, timeout=timeout, limit=n):
+        yield kind, record, f"{msg.partition()}@{msg.offset()}"
+
+
+def describe(kind: str, r: dict[str, Any]) -> str:
+    if kind == "VectorRecord":
+        head = ", ".join(f"{x:+.4f}" for x in r["embedding"][:4])
+        page = f" p{r['page']}" if r.get("page") else ""
+        text = " ".join(r["text"].split())
+        return (
+            f"{r['doc_id']} #{r['chunk_index']}/{r['chunk_count']}{page} [{head}, …] "
+            f"dim={len(r['embedding'])} {text[:50]!r}"
+        )
+    if kind == "DeleteMarker":
+        return f"{r['doc_id']} DELETE"
+    if kind == "DeadLetter":
+        source = f"{r['topic']}[{r['partition']}]@{r['offset']}"
+        return f"DEAD LETTER {r['stage']}/{r['reason']}: {r['message'][:80]} ({source})"
+    return f"{kind} {r}"
