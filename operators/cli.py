@@ -158,6 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("embedstream").info("settings: %s", settings.redacted())
+    from .topics import check_exist
+
+    check_exist(settings, [settings.input_topic, settings.output_topic, settings.dlq_topic])
     cli_main(
         build(settings), workers_per_process=args.workers, epoch_interval=timedelta(seconds=args.epoch_s)
     )

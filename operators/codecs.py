@@ -71,14 +71,17 @@ class Schema:
         self.parsed = parse_schema(raw)
         self.canonical = to_parsing_canonical_form(self.parsed)
         self.fingerprint = crc64_avro(self.canonical.encode()).to_bytes(8, "little")
+        # The canonical form has the same binary layout without logical types, so
+        # timestamps stay epoch milliseconds instead of becoming datetimes.
+        self.plain = parse_schema(json.loads(self.canonical))
 
     def write(self, record: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, self.parsed, record)
+        fastavro.schemaless_writer(buf, self.plain, record)
         return buf.getvalue()
 
     def read(self, data: bytes) -> dict[str, Any]:
-        return fastavro.schemaless_reader(io.BytesIO(data), self.parsed, self.parsed)
+        return fastavro.schemaless_reader(io.BytesIO(data), self.plain, self.plain)
 
 
 @cache

@@ -29,6 +29,21 @@ def create(settings: Settings, name: str, partitions: int = 1, replication: int 
         raise
 
 
+def check_exist(settings: Settings, names: Sequence[str]) -> None:
+    """Fails with a clear message if a topic the flow writes or reads is missing
+    (brokers here do not create topics on first write)."""
+    admin = AdminClient(settings.kafka_common())
+    existing = set(admin.list_topics(timeout=30).topics)
+    missing = [n for n in names if n not in existing]
+    if missing:
+        from .errors import EmbedstreamError
+
+        raise EmbedstreamError(
+            f"topic(s) {', '.join(missing)} do not exist on {settings.brokers}: "
+            f"create them with `embedstream topics create {' '.join(missing)} --partitions N`"
+        )
+
+
 def delete(settings: Settings, names: Sequence[str]) -> list[str]:
     """Deletes topics that exist; returns the names deleted."""
     admin = AdminClient(settings.kafka_common())

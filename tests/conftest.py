@@ -22,3 +22,21 @@ def tiny_bert():
     import operators
 
     return operators.Embedder.load(DATA / "tiny-bert-cls")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap():
+    """A real Kafka broker: $KAFKA_BOOTSTRAP_SERVERS, else the project's local KRaft broker,
+    started here (and stopped afterwards if this session started it)."""
+    import os
+
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    from operators.kafka_local import LocalKafka
+
+    broker = LocalKafka()
+    was_running = broker.pid() is not None and broker.ready()
+    yield broker.start()
+    if not was_running:
+        broker.stop()

@@ -1,0 +1,169 @@
+"""Wire formats: Avro single-object encoding, Confluent framing, JSON input."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from fastavro.schema import fingerprint
+
+from operators import codecs
+from operators.codecs import DecodeError, decode_document_event
+from operators.registry import SchemaRegistry
+
+EVENT = {
+    "doc_id": "doc-1",
+    "op": "UPSERT",
+    "content": b"hello",
+    "uri": None,
+    "mime_type": "text/plain",
+    "filename": "a.txt",
+    "metadata": {"team": "search"},
+    "event_time": 1_700_000_000_000,
+}
+
+
+@pytest.mark.parametrize("name", codecs.RECORD_TYPES)
+def test_fingerprints_are_crc64_avro_of_the_canonical_form(name):
+    s = codecs.schema(name)
+    # fastavro prints the fingerprint's little-endian bytes in hex.
+    assert s.fingerprint == bytes.fromhex(fingerprint(s.canonical, "CRC-64-AVRO"))
+
+
+def test_crc64_avro_known_value():
+    # From the Avro specification's reference implementation: fingerprint64 of '"int"'.
+    assert codecs.crc64_avro(b'"int"').to_bytes(8, "little") == bytes.fromhex(
+        fingerprint('"int"', "CRC-64-AVRO")
+    )
+    assert codecs.crc64_avro(b'"int"') == 0x7275D51A3F395C8F
+
+
+def test_single_object_round_trip():
+    data = codecs.encode_single_object("DocumentEvent", EVENT)
+    assert data[:2] == b"\xc3\x01"
+    assert data[2:10] == codecs.schema("DocumentEvent").fingerprint
+    event = decode_document_event(data)
+    assert event == EVENT
+
+
+def test_json_input_text_and_base64():
+    text = decode_document_event(
+        json.dumps({"doc_id": "a", "content": "plain text"}).encode(), timestamp_ms=5
+    )
+    assert (text["content"], text["op"], text["event_time"], text["metadata"]) == (
+        b"plain text",
+        "UPSERT",
+        5,
+        {},
+    )
+    raw = base64.b64encode(b"\x89PNG bytes").decode()
+    b64 = decode_document_event(
+        json.dumps({"doc_id": "b", "content": raw, "content_encoding": "base64", "event_time": 7}).encode()
+    )
+    assert b64["content"] == b"\x89PNG bytes"
+    assert b64["event_time"] == 7
+
+
+def test_key_is_the_fallback_doc_id():
+    event = decode_document_event(b'{"content": "x"}', key=b"from-key")
+    assert event["doc_id"] == "from-key"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "bad_payload"),
+        (b"\x07\x08garbage", "bad_payload"),
+        (b"{not json", "bad_payload"),
+        (b"[1, 2]", "bad_payload"),
+        (b'{"doc_id": "a", "op": "MERGE", "content": "x"}', "bad_payload"),
+        (b'{"doc_id": "a"}', "bad_payload"),
+        (b'{"content": "x"}', "bad_payload"),
+        (b'{"doc_id": "a", "content": "!!", "content_encoding": "base64"}', "bad_payload"),
+        (b"\xc3\x01" + b"\xff" * 8 + b"datum", "unknown_schema"),
+        (b"\xc3\x01" + codecs.schema("DocumentEvent").fingerprint + b"\x02", "bad_payload"),
+        (b"\x00\x00\x00\x00\x01datum", "no_schema_registry"),
+    ],
+)
+def test_undecodable_payloads(payload, reason):
+    with pytest.raises(DecodeError) as info:
+        decode_document_event(payload)
+    assert info.value.reason == reason
+
+
+def test_delete_needs_no_content():
+    event = decode_document_event(b'{"doc_id": "a", "op": "DELETE"}')
+    assert event["op"] == "DELETE" and event["content"] is None
+
+
+class InMemoryRegistry:
+    """Stands in for a Confluent Schema Registry server, which cannot run here: it
+    assigns ids and returns schemas as the real client does. What is tested is our
+    framing codec and schema resolution, not the registry."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[int, object] = {}
+
+    def register_schema(self, subject, schema) -> int:
+        for schema_id, known in self.schemas.items():
+            if known.schema_str == schema.schema_str:
+                return schema_id
+        self.schemas[len(self.schemas) + 1] = schema
+        return len(self.schemas)
+
+    def get_schema(self, schema_id):
+        return self.schemas[schema_id]
+
+
+def test_confluent_framing_round_trip():
+    registry = SchemaRegistry(InMemoryRegistry())
+    data = registry.encode("DocumentEvent", EVENT)
+    assert data[0] == 0 and int.from_bytes(data[1:5], "big") == 1
+    assert decode_document_event(data, registry=registry) == EVENT
+    name, record = registry.decode_any(
+        registry.encode(
+            "DeleteMarker",
+            {
+                "doc_id": "x",
+                "doc_version": {"topic": "t", "partition": 0, "offset": 3},
+                "metadata": {},
+                "event_time": 1,
+                "emitted_at": 2,
+            },
+        )
+    )
+    assert name == "DeleteMarker" and record["doc_version"]["offset"] == 3
+
+
+def test_confluent_reader_resolves_an_older_writer_schema():
+    from confluent_kafka.schema_registry import Schema
+
+    old = dict(codecs.schema("DocumentEvent").raw)
+    old["fields"] = [f for f in old["fields"] if f["name"] != "filename"]  # a producer on an older schema
+    client = InMemoryRegistry()
+    schema_id = client.register_schema("x", Schema(json.dumps(old), "AVRO"))
+    from fastavro.schema import parse_schema
+
+    datum = codecs.Schema("old", old)
+    record = {k: v for k, v in EVENT.items() if k != "filename"}
+    framed = codecs.confluent_frame(schema_id, datum.write(record))
+    assert parse_schema(old)
+    event = decode_document_event(framed, registry=SchemaRegistry(client))
+    assert event["filename"] is None and event["doc_id"] == "doc-1"
+
+
+def test_output_encoder_formats():
+    record = {
+        "doc_id": "x",
+        "doc_version": {"topic": "t", "partition": 0, "offset": 1},
+        "metadata": {},
+        "event_time": 1,
+        "emitted_at": 2,
+    }
+    avro = codecs.OutputEncoder("avro").encode("DeleteMarker", record)
+    assert codecs.decode_output(avro) == ("DeleteMarker", record)
+    as_json = codecs.OutputEncoder("json").encode("DeleteMarker", record)
+    assert json.loads(as_json) == record
+    with pytest.raises(ValueError):
+        codecs.OutputEncoder("confluent")

@@ -1,0 +1,233 @@
+"""The flow end to end on a real Kafka broker: events in, records, markers and dead
+letters out, run as `embedstream run` in its own process."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import docgen
+import numpy as np
+import pytest
+from kafka_helpers import FlowTopics, avro_event
+
+import operators
+
+SAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "samples"
+TEXT_SAMPLES = ["faq.html", "guide.md", "notes.txt", "onboarding.docx", "report.pdf"]
+
+
+def by_doc(records):
+    grouped = defaultdict(list)
+    for kind, record, _ in records:
+        assert kind == "VectorRecord"
+        grouped[record["doc_id"]].append(record)
+    return grouped
+
+
+def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    files = {name: (SAMPLES / name).read_bytes() for name in TEXT_SAMPLES}
+    topics.produce(
+        [
+            (name.encode(), avro_event(name, content=data, filename=name, metadata={"team": "docs"}))
+            for name, data in files.items()
+        ]
+    )
+    topics.run("--max-tokens", "48")
+    first = topics.read(topics.output)
+    assert all(msg.value()[:2] == b"\xc3\x01" for _, _, msg in first)  # Avro single-object on the wire
+    got = by_doc(first)
+    assert sorted(got) == sorted(files)
+
+    chunker = minilm.chunker(48)
+    for name, data in files.items():
+        records = sorted(got[name], key=lambda r: r["chunk_index"])
+        doc = operators.extract(data, filename=name)
+        expected = chunker.chunk(doc)
+        assert [r["text"] for r in records] == [c.text for c in expected]
+        assert [(r["char_start"], r["char_end"], r["page"]) for r in records] == [
+            (c.char_start, c.char_end, c.page) for c in expected
+        ]
+        assert {r["chunk_count"] for r in records} == {len(expected)}
+        direct = minilm.embed([c.text for c in expected])
+        streamed = np.array([r["embedding"] for r in records], dtype=np.float32)
+        cos = (direct * streamed).sum(1) / np.linalg.norm(direct, axis=1) / np.linalg.norm(streamed, axis=1)
+        assert cos.min() >= 0.9999
+        for r in records:
+            key = f"{name}\x00{minilm.model_id}\x00{minilm.model_revision}\x00{r['chunk_index']}"
+            assert r["chunk_id"] == hashlib.sha256(key.encode()).hexdigest()
+            assert r["metadata"]["team"] == "docs"
+            assert r["metadata"]["doc.mime_type"] == doc.mime_type
+            assert (r["model_id"], r["dtype"], r["chunker"]) == (
+                minilm.model_id,
+                "f32",
+                {"max_tokens": 48, "overlap_tokens": 0},
+            )
+    assert any(r["page"] == 2 for r in got["report.pdf"])
+
+    # A second run (a replay) gives the same chunk ids, texts and offsets.
+    from operators.config import Settings
+    from operators.topics import create
+
+    create(Settings(brokers=kafka_bootstrap), f"{topics.prefix}.replay", 2)
+    topics.run("--max-tokens", "48", output=f"{topics.prefix}.replay")
+    again = by_doc(topics.read(f"{topics.prefix}.replay"))
+    for name in files:
+        a = sorted((r["chunk_id"], r["text"], r["char_start"]) for r in got[name])
+        b = sorted((r["chunk_id"], r["text"], r["char_start"]) for r in again[name])
+        assert a == b
+
+
+def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
+    topics = FlowTopics(kafka_bootstrap)
+    allowed = tmp_path / "docs"
+    allowed.mkdir()
+    (allowed / "ok.md").write_text("# Fetched\n\nRead from an allowed root.")
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("x.txt", "not a docx")
+    events = {
+        "good-1": avro_event("good-1", content=b"A perfectly fine document.", filename="a.txt"),
+        "good-uri": avro_event("good-uri", uri=(allowed / "ok.md").as_uri()),
+        "delete-me": avro_event("delete-me", op="DELETE"),
+        "corrupt": avro_event("corrupt", content=b"%PDF-1.7\nthis is no pdf", filename="c.pdf"),
+        "unsupported": avro_event("unsupported", content=zipped.getvalue(), filename="x.zip"),
+        "oversize": avro_event("oversize", content=b"x " * 3000, filename="big.txt"),
+        "garbage": b"\x07\x08 neither avro nor json",
+        "bad-op": json.dumps({"doc_id": "bad-op", "op": "MERGE", "content": "x"}).encode(),
+        "outside": avro_event("outside", uri="file:///etc/hostname"),
+        "missing": avro_event("missing", uri=(allowed / "nope.txt").as_uri()),
+        "http": avro_event("http", uri="http://example.com/doc.pdf"),
+        "image": avro_event("image", content=docgen.make_png(4, 4), filename="i.png"),
+        "encrypted": avro_event("encrypted", content=docgen.make_pdf(["x"], user_password="pw")),
+    }
+    topics.produce([(k.encode(), v) for k, v in events.items()])
+    topics.run("--allow-root", str(allowed), env={"EMBEDSTREAM_MAX_DOCUMENT_BYTES": "4000"})
+
+    out = topics.read(topics.output)
+    dead = {r["key"].decode(): r for kind, r, _ in topics.read(topics.dlq) if kind == "DeadLetter"}
+    embedded = {r["doc_id"] for kind, r, _ in out if kind == "VectorRecord"}
+    deleted = {r["doc_id"] for kind, r, _ in out if kind == "DeleteMarker"}
+    assert embedded == {"good-1", "good-uri"}
+    assert deleted == {"delete-me"}
+    expected = {
+        "corrupt": ("extract", "corrupt"),
+        "unsupported": ("extract", "unsupported_type"),
+        "oversize": ("fetch", "too_large"),
+        "garbage": ("decode", "bad_payload"),
+        "bad-op": ("decode", "bad_payload"),
+        "outside": ("fetch", "uri_not_allowed"),
+        "missing": ("fetch", "not_found"),
+        "http": ("fetch", "uri_not_allowed"),
+        "image": ("embed", "no_model_for_type"),
+        "encrypted": ("extract", "encrypted"),
+    }
+    assert {k: (d["stage"], d["reason"]) for k, d in dead.items()} == expected
+    # Nothing vanishes: every event is accounted for exactly once.
+    assert len(events) == len(embedded) + len(deleted) + len(dead)
+    for key, letter in dead.items():
+        assert letter["payload"] == events[key]  # small payloads travel with the dead letter
+        assert letter["payload_size"] == len(events[key])
+        assert letter["topic"] == topics.input and letter["offset"] >= 0
+
+
+def test_upsert_then_delete_keeps_order(kafka_bootstrap):
+    topics = FlowTopics(kafka_bootstrap)
+    body = ("Paragraph about ordering guarantees in streams. " * 30).encode()
+    topics.produce(
+        [
+            (b"doc", avro_event("doc", content=body, filename="v1.txt")),
+            (b"doc", avro_event("doc", op="DELETE")),
+            (b"doc", avro_event("doc", content=b"version three", filename="v3.txt")),
+        ]
+    )
+    topics.run("--max-tokens", "32")
+    out = topics.read(topics.output)
+    kinds = [kind for kind, _, _ in out]
+    n_first = kinds.index("DeleteMarker")
+    assert n_first > 1 and kinds[:n_first] == ["VectorRecord"] * n_first
+    assert kinds[n_first + 1 :] == ["VectorRecord"]
+    versions = [r["doc_version"]["offset"] for _, r, _ in out]
+    assert versions == sorted(versions) and versions[0] == 0 and versions[-1] == 2
+
+
+def test_missing_output_topic_is_a_clear_error(kafka_bootstrap):
+    import subprocess
+    import sys
+
+    topics = FlowTopics(kafka_bootstrap)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "operators.cli",
+            "run",
+            "--until-end",
+            "--brokers",
+            kafka_bootstrap,
+            "--input-topic",
+            topics.input,
+            "--output-topic",
+            f"{topics.prefix}.absent",
+            "--dlq-topic",
+            topics.dlq,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"{topics.prefix}.absent" in result.stderr and "topics create" in result.stderr
+
+
+def test_json_input_and_json_output(kafka_bootstrap):
+    import base64
+
+    topics = FlowTopics(kafka_bootstrap)
+    html = b"<html><body><h1>JSON</h1><p>Sent as base64.</p></body></html>"
+    topics.produce(
+        [
+            (b"j1", json.dumps({"doc_id": "j1", "content": "Plain text sent as a JSON string."}).encode()),
+            (
+                None,
+                json.dumps(
+                    {
+                        "doc_id": "j2",
+                        "content": base64.b64encode(html).decode(),
+                        "content_encoding": "base64",
+                        "filename": "p.html",
+                    }
+                ).encode(),
+            ),
+        ]
+    )
+    topics.run("--format", "json")
+    out = topics.read(topics.output)
+    assert all(msg.value()[:1] == b"{" for _, _, msg in out)
+    texts = {r["doc_id"]: r["text"] for _, r, _ in out}
+    assert texts == {"j1": "Plain text sent as a JSON string.", "j2": "JSON\n\nSent as base64."}
+    keys = {r["doc_id"]: msg.key() for _, r, msg in out}
+    assert keys == {"j1": b"j1", "j2": b"j2"}  # a missing key falls back to the doc_id
+
+
+def test_testcontainers_kafka_variant():
+    """The same flow against a KafkaContainer, where a Docker engine exists."""
+    testcontainers = pytest.importorskip("testcontainers.kafka", reason="testcontainers is not installed")
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception as e:
+        pytest.skip(
+            f"no Docker engine available ({type(e).__name__}); the local KRaft broker covers these tests"
+        )
+    with testcontainers.KafkaContainer() as kafka:
+        topics = FlowTopics(kafka.get_bootstrap_server())
+        topics.produce([(b"d", avro_event("d", content=b"Hello from a container.", filename="d.txt"))])
+        topics.run()
+        assert [r["doc_id"] for _, r, _ in topics.read(topics.output)] == ["d"]
