@@ -17,11 +17,14 @@ from bytewax.dataflow import Dataflow
 from operators import runtime
 from operators.config import Settings
 from operators.kafka_io import KafkaInput, KafkaOutput
+from operators.topics import max_message_bytes
 
 
 def build(settings: Optional[Settings] = None) -> Dataflow:
     settings = settings or Settings.from_env()
     kafka = settings.kafka_common()
+    # Records must fit the output topics; the producer must not refuse what they accept.
+    limit = min(max_message_bytes(settings, t) for t in (settings.output_topic, settings.dlq_topic))
     flow = Dataflow("embedstream")
     events = op.input(
         "documents",
@@ -36,9 +39,14 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
             poll_ms=settings.poll_ms,
         ),
     )
-    records = op.flat_map_batch("embed", events, runtime.processor(settings))
-    op.output("kafka", records, KafkaOutput(kafka))
+    records = op.flat_map_batch("embed", events, runtime.processor(settings, limit))
+    op.output("kafka", records, KafkaOutput({"message.max.bytes": str(max(limit, 1_000_000)), **kafka}))
     return flow
 
 
-flow = build()
+def __getattr__(name: str) -> Dataflow:
+    # `python -m bytewax.run flows.embed:flow` builds from the environment; importing
+    # `build` alone (as `embedstream run` does) touches no broker.
+    if name == "flow":
+        return build()
+    raise AttributeError(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class Pipeline:
         embedder: Embedder,
         pool: Optional[ExtractorPool] = None,
         registry: Any = None,
+        max_message_bytes: int = 1_000_000,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
@@ -97,7 +99,12 @@ class Pipeline:
         self.encoder = codecs.OutputEncoder(settings.output_format, registry)
         self.limits = Limits(max_input_bytes=settings.max_document_bytes)
         self.roots = [Path(r).resolve() for r in settings.allowed_roots]
+        #: Largest message the output topics accept; a record over it becomes a dead letter.
+        self.max_message_bytes = max_message_bytes
+        #: Payloads travel with dead letters only while the letter still fits a message.
+        self.dlq_payload_cap = min(settings.dlq_payload_max_bytes, max_message_bytes - 64 * 1024)
         self.counters = Counters()
+        self._count_lock = threading.Lock()
         self._last_report = time.monotonic()
 
     # --- the batch ---------------------------------------------------------------------------
@@ -113,7 +120,17 @@ class Pipeline:
         self._embed([w for w in upserts if w.failure is None])
         out: list[OutputMessage] = []
         for w in work:
-            out.extend(self._outputs(w))
+            messages = self._outputs(w)
+            if w.failure is None and any(len(m.value) > self.max_message_bytes for m in messages):
+                biggest = max(len(m.value) for m in messages)
+                w.failure = Failure(
+                    "produce",
+                    "too_large",
+                    f"a record of {biggest} bytes is over the output "
+                    f"topic's limit of {self.max_message_bytes} bytes",
+                )
+                messages = self._outputs(w)
+            out.extend(messages)
         self._count(work)
         return out
 
@@ -295,13 +312,17 @@ class Pipeline:
             "partition": m.partition,
             "offset": m.offset,
             "key": m.key,
-            "payload": payload if len(payload) <= self.settings.dlq_payload_max_bytes else None,
+            "payload": payload if len(payload) <= self.dlq_payload_cap else None,
             "payload_size": len(payload),
             "doc_id": w.event["doc_id"] if w.event else None,
             "failed_at": codecs.now_ms(),
         }
 
     def _count(self, work: list[_Work]) -> None:
+        with self._count_lock:
+            self._count_locked(work)
+
+    def _count_locked(self, work: list[_Work]) -> None:
         c = self.counters
         for w in work:
             c.events += 1

@@ -15,7 +15,7 @@ _lock = threading.Lock()
 _pipeline: Optional[Pipeline] = None
 
 
-def pipeline(settings: Settings) -> Pipeline:
+def pipeline(settings: Settings, max_message_bytes: int = 1_000_000) -> Pipeline:
     global _pipeline
     with _lock:
         if _pipeline is None:
@@ -27,12 +27,14 @@ def pipeline(settings: Settings) -> Pipeline:
 
                 registry = SchemaRegistry.from_url(settings.schema_registry_url)
             embedder = Embedder.load(settings.model, device=settings.device, dtype=settings.dtype)
-            _pipeline = Pipeline(settings, embedder, registry=registry)
+            _pipeline = Pipeline(settings, embedder, registry=registry, max_message_bytes=max_message_bytes)
         return _pipeline
 
 
-def processor(settings: Settings) -> Callable[[list[InputMessage]], list[OutputMessage]]:
+def processor(
+    settings: Settings, max_message_bytes: int
+) -> Callable[[list[InputMessage]], list[OutputMessage]]:
     def process(batch: list[InputMessage]) -> list[OutputMessage]:
-        return pipeline(settings).process(batch)
+        return pipeline(settings, max_message_bytes).process(batch)
 
     return process

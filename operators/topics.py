@@ -29,6 +29,16 @@ def create(settings: Settings, name: str, partitions: int = 1, replication: int 
         raise
 
 
+def max_message_bytes(settings: Settings, topic: str) -> int:
+    """The largest message ``topic`` accepts (its ``max.message.bytes``)."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    admin = AdminClient(settings.kafka_common())  # must outlive the future
+    config = admin.describe_configs([resource])[resource].result(timeout=30)
+    return int(config["max.message.bytes"].value)
+
+
 def check_exist(settings: Settings, names: Sequence[str]) -> None:
     """Fails with a clear message if a topic the flow writes or reads is missing
     (brokers here do not create topics on first write)."""
@@ -83,8 +93,24 @@ def encode_event(event: dict[str, Any], json_format: bool = False) -> bytes:
 def publish_files(
     settings: Settings, topic: str, files: Sequence[Path], *, json_format: bool = False, progress: bool = True
 ) -> int:
-    producer = Producer({**settings.kafka_common(), "enable.idempotence": "true"})
+    limit = max_message_bytes(settings, topic)
+    producer = Producer(
+        {
+            **settings.kafka_common(),
+            "enable.idempotence": "true",
+            "message.max.bytes": str(max(limit, 1_000_000)),
+        }
+    )
     failures: list[str] = []
+    for path in files:
+        # Envelope and headers take a few hundred bytes; leave room for them.
+        if path.stat().st_size > limit - 1024:
+            from .errors import EmbedstreamError
+
+            raise EmbedstreamError(
+                f"{path} is {path.stat().st_size} bytes; topic {topic} accepts messages up to {limit} bytes. "
+                "Raise the topic's max.message.bytes, or publish a file:// uri instead of the content."
+            )
 
     def on_delivery(err, msg) -> None:
         if err is not None:

@@ -231,3 +231,33 @@ def test_testcontainers_kafka_variant():
         topics.produce([(b"d", avro_event("d", content=b"Hello from a container.", filename="d.txt"))])
         topics.run()
         assert [r["doc_id"] for _, r, _ in topics.read(topics.output)] == ["d"]
+
+
+def test_records_over_the_topic_limit_become_dead_letters(kafka_bootstrap):
+    from confluent_kafka.admin import (
+        AdminClient,
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    topics = FlowTopics(kafka_bootstrap)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for name, limit in ((topics.output, 3000), (topics.dlq, 80_000)):
+        entry = ConfigEntry("max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET)
+        res = ConfigResource(ResourceType.TOPIC, name, incremental_configs=[entry])
+        admin.incremental_alter_configs([res])[res].result(timeout=30)
+    long_text = ("word " * 5000).encode()  # ~25 KB: its dead letter drops the payload past the cap
+    topics.produce(
+        [
+            (b"fits", avro_event("fits", content=b"short", filename="a.txt")),
+            # One chunk of 256 tokens with its vector and metadata is over 3000 bytes.
+            (b"big", avro_event("big", content=long_text, filename="b.txt", metadata={"pad": "x" * 2000})),
+        ]
+    )
+    topics.run()
+    assert [r["doc_id"] for _, r, _ in topics.read(topics.output)] == ["fits"]
+    [(_, letter, _)] = topics.read(topics.dlq)
+    assert (letter["doc_id"], letter["stage"], letter["reason"]) == ("big", "produce", "too_large")
+    assert letter["payload"] is None and letter["payload_size"] > 25_000  # over the cap: coordinates only
