@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return float((a * b).sum(1).min())
+
+
+def _hub_cache_for(model_dir: Path, repo_id: str) -> str:
+    home = Path(tempfile.mkdtemp(prefix="embedstream-hf-"))
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "local"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("local")
+    for item in model_dir.iterdir():
+        (snapshot / item.name).symlink_to(item.resolve())
+    return str(home)
 
 
 def main() -> None:
@@ -96,9 +109,11 @@ def main() -> None:
     try:
         import embed_anything
 
-        ea_model = embed_anything.EmbeddingModel.from_pretrained_local(
-            embed_anything.WhichModel.Bert, model_id=model_dir
-        )
+        # embed-anything loads only through the Hugging Face hub API; a hub-cache layout
+        # whose snapshot links to the same files keeps it offline and on identical weights.
+        os.environ["HF_HOME"] = _hub_cache_for(Path(model_dir), "embedstream-bench/model")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        ea_model = embed_anything.EmbeddingModel.from_pretrained_hf(model_id="embedstream-bench/model")
 
         def ea(warmup: bool = False):
             batch = texts[:32] if warmup else texts
