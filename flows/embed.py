@@ -24,7 +24,8 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     settings = settings or Settings.from_env()
     kafka = settings.kafka_common()
     # Records must fit the output topics; the producer must not refuse what they accept.
-    limit = min(max_message_bytes(settings, t) for t in (settings.output_topic, settings.dlq_topic))
+    outputs = [settings.output_topic, settings.dlq_topic, settings.image_output_topic]
+    limit = min(max_message_bytes(settings, t) for t in outputs if t)
     flow = Dataflow("embedstream")
     events = op.input(
         "documents",

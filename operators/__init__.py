@@ -18,6 +18,7 @@ from .errors import (
     UnsupportedError,
 )
 from .extract import SUPPORTED_TYPES, extract
+from .image_embed import ImageEmbedder
 from .isolation import ExtractorPool
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ExtractionError",
     "ExtractorPool",
     "Image",
+    "ImageEmbedder",
     "Limits",
     "ModelError",
     "ModelNotFoundError",

@@ -146,6 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         output_topic=args.output_topic,
         dlq_topic=args.dlq_topic,
         model=args.model,
+        image_model=args.image_model,
+        image_output_topic=args.image_output_topic,
+        text_with_image_model=args.text_with_image_model,
         max_tokens=args.max_tokens,
         overlap_tokens=args.overlap_tokens,
         output_format=args.format,
@@ -160,7 +163,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("embedstream").info("settings: %s", settings.redacted())
     from .topics import check_exist
 
-    check_exist(settings, [settings.input_topic, settings.output_topic, settings.dlq_topic])
+    topics_used = [settings.input_topic, settings.output_topic, settings.dlq_topic]
+    check_exist(
+        settings, topics_used + ([settings.image_output_topic] if settings.image_output_topic else [])
+    )
     cli_main(
         build(settings), workers_per_process=args.workers, epoch_interval=timedelta(seconds=args.epoch_s)
     )
@@ -234,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-topic")
     run.add_argument("--dlq-topic")
     run.add_argument("--model", help="model directory or hub id (default: MiniLM)")
+    run.add_argument(
+        "--image-model", help="CLIP directory: embed image documents instead of dead-lettering them"
+    )
+    run.add_argument("--image-output-topic", help="topic for image vectors (default: the output topic)")
+    run.add_argument(
+        "--text-with-image-model",
+        action="store_true",
+        default=None,
+        help="embed text with the image model's text tower too (one space for both)",
+    )
     run.add_argument("--max-tokens", type=int, help="chunk size in model tokens (default: the model's limit)")
     run.add_argument("--overlap-tokens", type=int)
     run.add_argument(

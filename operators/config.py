@@ -37,6 +37,12 @@ class Settings:
     model: str = "default"
     device: str = "cpu"
     dtype: str = "f32"
+    #: A CLIP directory: image documents become vectors (modality "image") instead of dead letters.
+    image_model: Optional[str] = None
+    #: Where image vectors go (None: the output topic).
+    image_output_topic: Optional[str] = None
+    #: Embed text documents with the image model's text tower too, so one space holds both.
+    text_with_image_model: bool = False
     #: Chunk size in model tokens (None: the model's limit).
     max_tokens: Optional[int] = None
     overlap_tokens: int = 0
@@ -91,6 +97,8 @@ class Settings:
             raise ValueError("start_from must be 'beginning', 'latest' or epoch milliseconds")
         if self.output_format not in ("avro", "json", "confluent"):
             raise ValueError("output_format must be avro, json or confluent")
+        if self.text_with_image_model and not self.image_model:
+            raise ValueError("text_with_image_model needs image_model")
         if self.output_format == "confluent" and not self.schema_registry_url:
             raise ValueError("output_format 'confluent' needs schema_registry_url")
         for name in (

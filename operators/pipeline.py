@@ -28,6 +28,7 @@ from .document import Document, Limits
 from .embed import Chunk, Chunker, Embedder
 from .errors import EmbedstreamError, ExtractionError
 from .extract import extract
+from .image_embed import ImageEmbedder
 from .isolation import ExtractorPool
 from .kafka_io import InputMessage, OutputMessage
 
@@ -55,6 +56,7 @@ class _Work:
     event: Optional[dict[str, Any]] = None
     document: Optional[Document] = None
     chunks: list[Chunk] = field(default_factory=list)
+    is_image: bool = False
     vectors: Optional[np.ndarray] = None
     failure: Optional[Failure] = None
 
@@ -89,8 +91,12 @@ class Pipeline:
         pool: Optional[ExtractorPool] = None,
         registry: Any = None,
         max_message_bytes: int = 1_000_000,
+        image_embedder: Optional[ImageEmbedder] = None,
     ) -> None:
         self.settings = settings
+        self.image_embedder = image_embedder
+        if settings.text_with_image_model and image_embedder is not None:
+            embedder = image_embedder.text_embedder()  # one space for text and images
         self.embedder = embedder
         self.chunker: Chunker = embedder.chunker(settings.max_tokens, settings.overlap_tokens)
         self.pool = pool or ExtractorPool(settings.extract_workers)
@@ -117,7 +123,8 @@ class Pipeline:
         list(self.threads.map(lambda w: self._guard(w, self._fetch_and_extract), upserts))
         for w in upserts:
             self._guard(w, self._chunk)
-        self._embed([w for w in upserts if w.failure is None])
+        self._embed([w for w in upserts if w.failure is None and not w.is_image])
+        self._embed_images([w for w in upserts if w.failure is None and w.is_image])
         out: list[OutputMessage] = []
         for w in work:
             messages = self._outputs(w)
@@ -206,7 +213,10 @@ class Pipeline:
     def _chunk(self, w: _Work) -> None:
         doc = w.document
         if doc.image is not None:
-            raise Failure("embed", "no_model_for_type", f"no image model configured for {doc.mime_type}")
+            if self.image_embedder is None:
+                raise Failure("embed", "no_model_for_type", f"no image model configured for {doc.mime_type}")
+            w.is_image = True
+            return
         try:
             w.chunks = self.chunker.chunk(doc)
         except EmbedstreamError as e:
@@ -238,6 +248,21 @@ class Pipeline:
             w.vectors = vectors[at : at + len(w.chunks)]
             at += len(w.chunks)
 
+    def _embed_images(self, ready: list[_Work]) -> None:
+        if not ready:
+            return
+        try:
+            vectors = self.image_embedder.embed_images([w.document.image for w in ready], normalize=True)
+        except (EmbedstreamError, ValueError):
+            for w in ready:
+                try:
+                    w.vectors = self.image_embedder.embed_images([w.document.image], normalize=True)
+                except (EmbedstreamError, ValueError) as e:
+                    w.failure = Failure("embed", "model_error", str(e))
+            return
+        for i, w in enumerate(ready):
+            w.vectors = vectors[i : i + 1]
+
     # --- outputs -----------------------------------------------------------------------------
 
     def _key(self, w: _Work) -> Optional[bytes]:
@@ -268,13 +293,10 @@ class Pipeline:
                 "emitted_at": codecs.now_ms(),
             }
             return [self._message(s.output_topic, self._key(w), "DeleteMarker", marker)]
-        doc, e = w.document, self.embedder
-        metadata = dict(event["metadata"])
-        metadata["doc.mime_type"] = doc.mime_type
-        if doc.title:
-            metadata["doc.title"] = doc.title
-        for k, v in doc.metadata.items():
-            metadata[f"doc.{k}"] = v
+        if w.is_image:
+            return [self._image_record(w)]
+        e = self.embedder
+        metadata = self._metadata(w)
         embedded_at = codecs.now_ms()
         chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
         out = []
@@ -297,9 +319,45 @@ class Pipeline:
                 "metadata": metadata,
                 "event_time": event["event_time"],
                 "embedded_at": embedded_at,
+                "modality": "text",
             }
             out.append(self._message(s.output_topic, self._key(w), "VectorRecord", record))
         return out
+
+    def _metadata(self, w: _Work) -> dict[str, str]:
+        doc = w.document
+        metadata = dict(w.event["metadata"])
+        metadata["doc.mime_type"] = doc.mime_type
+        if doc.title:
+            metadata["doc.title"] = doc.title
+        for k, v in doc.metadata.items():
+            metadata[f"doc.{k}"] = v
+        return metadata
+
+    def _image_record(self, w: _Work) -> OutputMessage:
+        event, e = w.event, self.image_embedder
+        record = {
+            "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, 0),
+            "doc_id": event["doc_id"],
+            "doc_version": self._position(w),
+            "chunk_index": 0,
+            "chunk_count": 1,
+            "text": "",
+            "char_start": 0,
+            "char_end": 0,
+            "page": None,
+            "embedding": w.vectors[0].tolist(),
+            "model_id": e.model_id,
+            "model_revision": e.model_revision,
+            "dtype": "f32",
+            "chunker": {"max_tokens": 0, "overlap_tokens": 0},
+            "metadata": self._metadata(w),
+            "event_time": event["event_time"],
+            "embedded_at": codecs.now_ms(),
+            "modality": "image",
+        }
+        topic = self.settings.image_output_topic or self.settings.output_topic
+        return self._message(topic, self._key(w), "VectorRecord", record)
 
     def dead_letter(self, w: _Work) -> dict[str, Any]:
         m, f = w.message, w.failure
@@ -332,7 +390,7 @@ class Pipeline:
                 c.deletes += 1
             else:
                 c.documents += 1
-                c.chunks += len(w.chunks)
+                c.chunks += len(w.chunks) or int(w.is_image)
                 c.tokens += sum(ch.n_tokens for ch in w.chunks)
         now = time.monotonic()
         if now - self._last_report >= self.settings.report_every_s:

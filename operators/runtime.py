@@ -26,8 +26,19 @@ def pipeline(settings: Settings, max_message_bytes: int = 1_000_000) -> Pipeline
                 from .registry import SchemaRegistry
 
                 registry = SchemaRegistry.from_url(settings.schema_registry_url)
+            image_embedder = None
+            if settings.image_model:
+                from .image_embed import ImageEmbedder
+
+                image_embedder = ImageEmbedder.load(settings.image_model, device=settings.device)
             embedder = Embedder.load(settings.model, device=settings.device, dtype=settings.dtype)
-            _pipeline = Pipeline(settings, embedder, registry=registry, max_message_bytes=max_message_bytes)
+            _pipeline = Pipeline(
+                settings,
+                embedder,
+                registry=registry,
+                max_message_bytes=max_message_bytes,
+                image_embedder=image_embedder,
+            )
         return _pipeline
 
 

@@ -261,3 +261,48 @@ def test_records_over_the_topic_limit_become_dead_letters(kafka_bootstrap):
     [(_, letter, _)] = topics.read(topics.dlq)
     assert (letter["doc_id"], letter["stage"], letter["reason"]) == ("big", "produce", "too_large")
     assert letter["payload"] is None and letter["payload_size"] > 25_000  # over the cap: coordinates only
+
+
+def test_images_with_an_image_model(kafka_bootstrap):
+    from conftest import DATA
+
+    clip = operators.ImageEmbedder.load(DATA / "tiny-clip")
+    topics = FlowTopics(kafka_bootstrap)
+    from operators.config import Settings
+    from operators.topics import create
+
+    image_topic = f"{topics.prefix}.images"
+    create(Settings(brokers=kafka_bootstrap), image_topic, 1)
+    photo = (DATA / "tiny-clip" / "images" / "big.jpg").read_bytes()
+    topics.produce(
+        [
+            (b"photo", avro_event("photo", content=photo, filename="big.jpg")),
+            (b"note", avro_event("note", content=b"red circles on a wide canvas", filename="n.txt")),
+            (b"broken", avro_event("broken", content=photo[:200], filename="broken.jpg")),
+        ]
+    )
+    topics.run(
+        "--image-model",
+        str(DATA / "tiny-clip"),
+        "--image-output-topic",
+        image_topic,
+        "--text-with-image-model",
+    )
+
+    [(_, image_record, _)] = topics.read(image_topic)
+    assert (image_record["doc_id"], image_record["modality"], image_record["text"]) == ("photo", "image", "")
+    assert (image_record["char_start"], image_record["char_end"], image_record["chunk_count"]) == (0, 0, 1)
+    expected = clip.embed_images([photo], normalize=True)[0]
+    assert np.dot(expected, image_record["embedding"]) >= 0.9999
+
+    [(_, text_record, _)] = topics.read(topics.output)
+    assert (text_record["doc_id"], text_record["modality"], text_record["model_id"]) == (
+        "note",
+        "text",
+        "tiny-clip",
+    )
+    query = clip.embed_texts(["red circles on a wide canvas"], normalize=True)[0]
+    assert np.dot(query, text_record["embedding"]) >= 0.9999  # text and images share CLIP's space
+
+    [(_, letter, _)] = topics.read(topics.dlq)
+    assert (letter["doc_id"], letter["stage"], letter["reason"]) == ("broken", "extract", "corrupt")

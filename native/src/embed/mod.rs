@@ -1,6 +1,9 @@
 //! Sentence embeddings with candle: tokenize, pack length-sorted batches under a
 //! token budget, run the encoder, pool, normalise.
 
+pub mod clip;
+mod image_prep;
+mod resample;
 pub mod model_dir;
 
 use std::fs::File;

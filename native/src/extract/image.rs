@@ -31,12 +31,29 @@ pub fn extract(data: &[u8], mime_type: &str, limits: &Limits) -> Result<Document
             limits.max_image_pixels
         )));
     }
-    let rgb = reader().decode().map_err(map_error)?.into_rgb8();
+    let data = match (format, decode_jpeg(data, limits)) {
+        (ImageFormat::Jpeg, Some(rgb)) => rgb,
+        _ => reader().decode().map_err(map_error)?.into_rgb8().into_raw(),
+    };
     let mut doc = Document::single_page(String::new(), mime_type);
     doc.metadata.insert("width".into(), width.to_string());
     doc.metadata.insert("height".into(), height.to_string());
-    doc.image = Some(RgbImage { width, height, data: rgb.into_raw() });
+    doc.image = Some(RgbImage { width, height, data });
     Ok(doc)
+}
+
+/// RGB and grayscale JPEGs through `jpeg-decoder`, whose chroma upsampling follows
+/// libjpeg's, so pixels agree with what Pillow gives model preprocessors to within a
+/// level or two. Anything else (CMYK, errors) is left to the `image` decoders.
+fn decode_jpeg(data: &[u8], limits: &Limits) -> Option<Vec<u8>> {
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(data));
+    decoder.set_max_decoding_buffer_size(limits.max_image_pixels.saturating_mul(4).try_into().ok()?);
+    let pixels = decoder.decode().ok()?;
+    match decoder.info()?.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => Some(pixels),
+        jpeg_decoder::PixelFormat::L8 => Some(pixels.iter().flat_map(|&v| [v, v, v]).collect()),
+        _ => None,
+    }
 }
 
 fn map_error(e: ImageError) -> ExtractError {

@@ -10,7 +10,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::chunk;
+use crate::embed::clip::ClipEmbedder;
 use crate::embed::{self, LoadOptions, Pooling};
+use crate::extract::RgbImage;
 use crate::extract as core_extract;
 use crate::limits::Limits;
 use errors::{run_extraction, run_model};
@@ -142,6 +144,103 @@ impl PyEmbedder {
     }
 }
 
+#[pyclass(frozen, name = "ImageEmbedder", module = "operators._native")]
+struct PyImageEmbedder {
+    inner: ClipEmbedder,
+}
+
+/// `(width, height, rgb bytes)`, as `operators.Image` carries it.
+type ImageTuple = (u32, u32, Vec<u8>);
+
+fn rgb_images(images: Vec<ImageTuple>) -> PyResult<Vec<RgbImage>> {
+    images
+        .into_iter()
+        .map(|(width, height, data)| {
+            if data.len() != (width as usize) * (height as usize) * 3 || width == 0 || height == 0 {
+                Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "image of {width}x{height} needs {} RGB bytes, got {}",
+                    width as usize * height as usize * 3,
+                    data.len()
+                )))
+            } else {
+                Ok(RgbImage { width, height, data })
+            }
+        })
+        .collect()
+}
+
+#[pymethods]
+impl PyImageEmbedder {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf, device: String, dtype: String) -> PyResult<Self> {
+        let inner = run_model(py, || ClipEmbedder::load(&path, &device, &dtype))?;
+        Ok(Self { inner })
+    }
+
+    fn embed_images<'py>(
+        &self,
+        py: Python<'py>,
+        images: Vec<ImageTuple>,
+        normalize: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let images = rgb_images(images)?;
+        let rows = images.len();
+        let flat = run_model(py, || self.inner.embed_images(&images.iter().collect::<Vec<_>>(), normalize))?;
+        Ok(Array2::from_shape_vec((rows, self.inner.dim), flat).expect("rows * dim").into_pyarray(py))
+    }
+
+    fn embed_texts<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+        normalize: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let rows = texts.len();
+        let flat = run_model(py, || {
+            self.inner.embed_texts(&texts.iter().map(String::as_str).collect::<Vec<_>>(), normalize)
+        })?;
+        Ok(Array2::from_shape_vec((rows, self.inner.dim), flat).expect("rows * dim").into_pyarray(py))
+    }
+
+    fn token_ids(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        run_model(py, || self.inner.token_ids(&texts.iter().map(String::as_str).collect::<Vec<_>>()))
+    }
+
+    /// The preprocessed pixels of one image, `[3, height, width]` flattened.
+    fn pixel_values(&self, py: Python<'_>, image: ImageTuple) -> PyResult<Vec<f32>> {
+        let image = rgb_images(vec![image])?.remove(0);
+        Ok(py.detach(|| self.inner.preprocessor.pixel_values(&image)))
+    }
+
+    fn chunker(&self, py: Python<'_>, max_tokens: usize, overlap_tokens: usize) -> PyResult<PyChunker> {
+        let mut tokenizer = self.inner.tokenizer().clone();
+        tokenizer.with_truncation(None).expect("removing truncation cannot fail");
+        let inner = run_model(py, || chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens))?;
+        Ok(PyChunker { inner })
+    }
+
+    #[getter]
+    fn model_id(&self) -> &str {
+        &self.inner.model_id
+    }
+    #[getter]
+    fn model_revision(&self) -> &str {
+        &self.inner.model_revision
+    }
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim
+    }
+    #[getter]
+    fn max_tokens(&self) -> usize {
+        self.inner.max_tokens
+    }
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.dir.clone()
+    }
+}
+
 #[pyclass(frozen, name = "Chunker", module = "operators._native")]
 struct PyChunker {
     inner: chunk::Chunker,
@@ -173,6 +272,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sniff, m)?)?;
     m.add_class::<PyEmbedder>()?;
     m.add_class::<PyChunker>()?;
+    m.add_class::<PyImageEmbedder>()?;
     m.add("REASONS", crate::error::Reason::ALL.map(|r| r.as_str()).to_vec())?;
     m.add("SUPPORTED_TYPES", crate::sniff::SUPPORTED.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
