@@ -51,8 +51,8 @@ impl Preprocessor {
             shortest_edge,
             crop,
             rescale: c.get("rescale_factor").and_then(Value::as_f64).unwrap_or(1.0 / 255.0) as f32,
-            mean: triple("image_mean", [0.481_454_66, 0.457_827_5, 0.408_210_73]),
-            std: triple("image_std", [0.268_629_54, 0.261_302_58, 0.275_777_11]),
+            mean: triple("image_mean", [0.481_454_7, 0.457_827_5, 0.408_210_7]),
+            std: triple("image_std", [0.268_629_5, 0.261_302_6, 0.275_777_1]),
             filter,
         })
     }

@@ -92,7 +92,7 @@ fn body_text(xml: &str, out: &mut TextBuilder, budget: &Budget) -> Result<Option
     let mut events = 0usize;
     loop {
         events += 1;
-        if events % 4096 == 0 {
+        if events.is_multiple_of(4096) {
             budget.check()?;
         }
         let event = reader

@@ -69,7 +69,7 @@ impl TokenSink for Sink {
         if state.error.is_some() {
             return TokenSinkResult::Continue;
         }
-        if state.tokens % 1024 == 0 {
+        if state.tokens.is_multiple_of(1024) {
             if let Err(err) = self.budget.check() {
                 state.error = Some(err);
                 return TokenSinkResult::Continue;

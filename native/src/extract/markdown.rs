@@ -20,7 +20,7 @@ pub fn extract(source: &str, budget: &Budget) -> Result<Document, ExtractError> 
     let mut in_metadata = false;
     let mut in_code_block = false;
     for (n, event) in Parser::new_ext(source, options).enumerate() {
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             budget.check()?;
         }
         match event {
