@@ -41,7 +41,8 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
         ),
     )
     records = op.flat_map_batch("embed", events, runtime.processor(settings, limit))
-    op.output("kafka", records, KafkaOutput({"message.max.bytes": str(max(limit, 1_000_000)), **kafka}))
+    sink_config = {"message.max.bytes": str(max(limit, 1_000_000)), **kafka}
+    op.output("kafka", records, KafkaOutput(sink_config, group_id=settings.group_id))
     return flow
 
 

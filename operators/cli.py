@@ -156,6 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         tail=False if args.until_end else None,
         allowed_roots=tuple(args.allow_root) or None,
+        recovery_dir=args.recovery_dir,
+        snapshot_s=args.snapshot_s,
     )
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -167,8 +169,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_exist(
         settings, topics_used + ([settings.image_output_topic] if settings.image_output_topic else [])
     )
+    import signal
+
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+
+    from .kafka_io import STOP
+
+    recovery = None
+    if settings.recovery_dir:
+        store = Path(settings.recovery_dir)
+        if not any(store.glob("part-*.sqlite3")):
+            store.mkdir(parents=True, exist_ok=True)
+            init_db_dir(store, settings.recovery_partitions)
+        recovery = RecoveryConfig(store, timedelta(seconds=settings.backup_s))
+    # SIGTERM drains: the sources stop, the batch in hand is finished, flushed and snapshotted.
+    signal.signal(signal.SIGTERM, lambda *_: STOP.set())
+    # SIGUSR1 prints every thread's stack: for a worker that seems stuck.
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli_main(
-        build(settings), workers_per_process=args.workers, epoch_interval=timedelta(seconds=args.epoch_s)
+        build(settings),
+        workers_per_process=args.workers,
+        process_id=args.process_id,
+        addresses=args.addresses.split(";") if args.addresses else None,
+        epoch_interval=timedelta(seconds=settings.snapshot_s),
+        recovery_config=recovery,
     )
     from .runtime import _pipeline
 
@@ -262,7 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
     run.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
-    run.add_argument("--epoch-s", type=float, default=10.0, help="seconds between epochs (snapshots)")
+    run.add_argument("-i", "--process-id", type=int, help="this process's index in a cluster (0-based)")
+    run.add_argument("-a", "--addresses", help="host:port of every cluster process, ';'-separated, in order")
+    run.add_argument("--recovery-dir", help="Bytewax recovery store (created with 4 partitions if empty)")
+    run.add_argument(
+        "--snapshot-s",
+        "--epoch-s",
+        dest="snapshot_s",
+        type=float,
+        help="seconds between snapshots (default 10)",
+    )
     kafka_flags(run)
     run.set_defaults(func=cmd_run)
 

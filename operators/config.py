@@ -30,8 +30,9 @@ class Settings:
     dlq_topic: str = "documents.dlq"
     #: Consumer group under which processed offsets are committed (for lag tooling).
     group_id: str = "embedstream"
-    #: Where to start without recovery state: "beginning" or "latest".
-    start_from: str = "beginning"
+    #: Where to start without recovery state: "committed" (the group's committed offsets,
+    #: else the beginning), "beginning", "latest", or epoch milliseconds.
+    start_from: str = "committed"
     #: Keep reading for new events (True) or stop at the end offsets seen at start.
     tail: bool = True
     model: str = "default"
@@ -65,6 +66,15 @@ class Settings:
     allowed_roots: tuple[str, ...] = ()
     #: Extraction child processes per worker process.
     extract_workers: int = 2
+    #: Bytewax recovery store (a directory every process can reach); None: no snapshots,
+    #: resume from the committed offsets.
+    recovery_dir: Optional[str] = None
+    #: Recovery partitions created in a new store (fixed for the store's lifetime).
+    recovery_partitions: int = 4
+    #: Seconds between snapshots (Bytewax epochs).
+    snapshot_s: float = 10.0
+    #: Seconds an old snapshot is kept for a lagging backup of the store.
+    backup_s: float = 0.0
     #: Seconds between throughput lines in the log.
     report_every_s: float = 10.0
     #: Extra librdkafka settings for consumer and producer.
@@ -93,8 +103,8 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.start_from not in ("beginning", "latest") and not self.start_from.isdigit():
-            raise ValueError("start_from must be 'beginning', 'latest' or epoch milliseconds")
+        if self.start_from not in ("committed", "beginning", "latest") and not self.start_from.isdigit():
+            raise ValueError("start_from must be 'committed', 'beginning', 'latest' or epoch milliseconds")
         if self.output_format not in ("avro", "json", "confluent"):
             raise ValueError("output_format must be avro, json or confluent")
         if self.text_with_image_model and not self.image_model:

@@ -13,6 +13,7 @@ the worker stops rather than lose a record.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,10 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 log = logging.getLogger("embedstream.kafka")
+
+#: Set on SIGTERM: sources stop handing out batches, so the flow finishes the batch in
+#: hand, flushes, snapshots and exits.
+STOP = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class OutputMessage:
     key: Optional[bytes]
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    #: (topic, partition, offset) of the input event it came from, for offset commits.
+    source: Optional[tuple[str, int, int]] = None
 
 
 class DeliveryError(RuntimeError):
@@ -78,6 +85,8 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         self.pending: list[InputMessage] = []
 
     def next_batch(self) -> list[InputMessage]:
+        if STOP.is_set():
+            raise StopIteration
         if self.end is not None and self.next_offset is not None and self.next_offset >= self.end:
             raise StopIteration
         if len(self.pending) < self.batch_size:
@@ -170,6 +179,15 @@ class KafkaInput(FixedPartitionedSource[InputMessage, int]):
         )
 
     def _start_offset(self, partition: int) -> int:
+        if self.start_from == "committed":
+            # Where this group's last run left off (offsets are committed after delivery);
+            # the beginning for a group that never ran.
+            consumer = Consumer(self.config)
+            try:
+                [committed] = consumer.committed([KafkaTopicPartition(self.topic, partition)], timeout=30)
+            finally:
+                consumer.close()
+            return committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
         if self.start_from == "beginning":
             return OFFSET_BEGINNING
         if self.start_from == "latest":
@@ -185,7 +203,7 @@ class KafkaInput(FixedPartitionedSource[InputMessage, int]):
 
 
 class _SinkPartition(StatelessSinkPartition[OutputMessage]):
-    def __init__(self, config: dict, flush_timeout_s: float) -> None:
+    def __init__(self, config: dict, flush_timeout_s: float, group_id: Optional[str]) -> None:
         self.producer = Producer(
             {
                 "enable.idempotence": "true",
@@ -197,6 +215,10 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         )
         self.flush_timeout_s = flush_timeout_s
         self.failures: list[str] = []
+        # Commits consumer-group offsets for lag tooling; never subscribes or consumes.
+        self.committer = (
+            Consumer({**config, "group.id": group_id, "enable.auto.commit": "false"}) if group_id else None
+        )
 
     def _on_delivery(self, err, msg) -> None:
         if err is not None:
@@ -228,17 +250,40 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         if self.failures:
             failures, self.failures = self.failures, []
             raise DeliveryError(f"{len(failures)} records were not delivered: {failures[:3]}")
+        self._commit(items)
+
+    def _commit(self, items: list[OutputMessage]) -> None:
+        """Everything up to these events is in Kafka now: record it under the group.
+        Recovery snapshots stay the source of truth for resuming; this is for lag."""
+        if self.committer is None:
+            return
+        done: dict[tuple[str, int], int] = {}
+        for item in items:
+            if item.source is not None:
+                topic, partition, offset = item.source
+                done[(topic, partition)] = max(done.get((topic, partition), -1), offset + 1)
+        if not done:
+            return
+        try:
+            self.committer.commit(
+                offsets=[KafkaTopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=False
+            )
+        except KafkaException as e:
+            log.warning("could not commit offsets %s: %s", done, e)
 
     def close(self) -> None:
         self.producer.flush(self.flush_timeout_s)
+        if self.committer is not None:
+            self.committer.close()
 
 
 class KafkaOutput(DynamicSink[OutputMessage]):
     """Writes each message to the topic it names."""
 
-    def __init__(self, config: dict, flush_timeout_s: float = 300.0) -> None:
+    def __init__(self, config: dict, flush_timeout_s: float = 300.0, group_id: Optional[str] = None) -> None:
         self.config = config
         self.flush_timeout_s = flush_timeout_s
+        self.group_id = group_id
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
-        return _SinkPartition(self.config, self.flush_timeout_s)
+        return _SinkPartition(self.config, self.flush_timeout_s, self.group_id)

@@ -274,15 +274,22 @@ class Pipeline:
         m = w.message
         return {"topic": m.topic, "partition": m.partition, "offset": m.offset}
 
-    def _message(self, topic: str, key: Optional[bytes], name: str, record: dict[str, Any]) -> OutputMessage:
+    def _message(
+        self, w: _Work, topic: str, key: Optional[bytes], name: str, record: dict[str, Any]
+    ) -> OutputMessage:
+        m = w.message
         return OutputMessage(
-            topic, key, self.encoder.encode(name, record), ((codecs.TYPE_HEADER, name.encode()),)
+            topic,
+            key,
+            self.encoder.encode(name, record),
+            ((codecs.TYPE_HEADER, name.encode()),),
+            (m.topic, m.partition, m.offset),
         )
 
     def _outputs(self, w: _Work) -> list[OutputMessage]:
         s = self.settings
         if w.failure is not None:
-            return [self._message(s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
+            return [self._message(w, s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
         event = w.event
         if event["op"] == "DELETE":
             marker = {
@@ -292,7 +299,7 @@ class Pipeline:
                 "event_time": event["event_time"],
                 "emitted_at": codecs.now_ms(),
             }
-            return [self._message(s.output_topic, self._key(w), "DeleteMarker", marker)]
+            return [self._message(w, s.output_topic, self._key(w), "DeleteMarker", marker)]
         if w.is_image:
             return [self._image_record(w)]
         e = self.embedder
@@ -321,7 +328,7 @@ class Pipeline:
                 "embedded_at": embedded_at,
                 "modality": "text",
             }
-            out.append(self._message(s.output_topic, self._key(w), "VectorRecord", record))
+            out.append(self._message(w, s.output_topic, self._key(w), "VectorRecord", record))
         return out
 
     def _metadata(self, w: _Work) -> dict[str, str]:
@@ -357,7 +364,7 @@ class Pipeline:
             "modality": "image",
         }
         topic = self.settings.image_output_topic or self.settings.output_topic
-        return self._message(topic, self._key(w), "VectorRecord", record)
+        return self._message(w, topic, self._key(w), "VectorRecord", record)
 
     def dead_letter(self, w: _Work) -> dict[str, Any]:
         m, f = w.message, w.failure

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from operators import codecs
 from operators.config import Settings
@@ -78,27 +79,38 @@ class FlowTopics:
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
-    def read(self, topic: str, timeout: float = 3.0) -> list[tuple[str, dict[str, Any], Any]]:
-        """Every message of the topic, in partition order: (type, record, raw message)."""
+    def read(self, topic: str, timeout: float = 30.0) -> list[tuple[str, dict[str, Any], Any]]:
+        """Every message now in the topic, in partition order: (type, record, raw message).
+        Reads each partition up to its current end offset (no consumer group, no waiting)."""
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
-                "group.id": uuid.uuid4().hex,
-                "auto.offset.reset": "earliest",
+                "group.id": "embedstream-tests",
                 "enable.auto.commit": "false",
             }
         )
-        consumer.subscribe([topic])
         found = []
         try:
-            while True:
-                msg = consumer.poll(timeout)
+            partitions = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+            ends = {}
+            for p in partitions:
+                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                if high > 0:
+                    ends[p] = high
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+            remaining = dict(ends)
+            deadline = time.monotonic() + timeout
+            while remaining and time.monotonic() < deadline:
+                msg = consumer.poll(0.5)
                 if msg is None:
-                    break
+                    continue
                 assert msg.error() is None, msg.error()
                 kind, record = codecs.decode_output(msg.value())
                 assert dict(msg.headers() or [])[codecs.TYPE_HEADER].decode() == kind
                 found.append((kind, record, msg))
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    remaining.pop(msg.partition(), None)
+            assert not remaining, f"could not read {topic} to its end"
         finally:
             consumer.close()
         return sorted(found, key=lambda f: (f[2].partition(), f[2].offset()))
@@ -127,3 +139,63 @@ def avro_event(
             "event_time": 1_700_000_000_000,
         },
     )
+
+
+def run_args(topics: FlowTopics, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "operators.cli",
+        "run",
+        "--brokers",
+        topics.bootstrap,
+        "--input-topic",
+        topics.input,
+        "--output-topic",
+        topics.output,
+        "--dlq-topic",
+        topics.dlq,
+        *args,
+    ]
+
+
+def start_flow(topics: FlowTopics, *args: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    """The flow in tail mode, as a long-running worker would run. Its log goes to a
+    file (``proc.log``): an undrained pipe would block a chatty worker."""
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile("w+", prefix="embedstream-flow-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        run_args(topics, *args), env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log
+    )
+    proc.log = log.name
+    return proc
+
+
+def log_tail(proc: subprocess.Popen) -> str:
+    with open(proc.log, errors="replace") as f:
+        return f.read()[-3000:]
+
+
+def count(topics: FlowTopics) -> int:
+    return len(topics.read(topics.output)) + len(topics.read(topics.dlq))
+
+
+def wait_for(predicate, timeout: float, every: float = 0.5) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+def accounted(topics: FlowTopics) -> dict[str, set[str]]:
+    """Per doc_id: which kinds of output it got (VectorRecord, DeleteMarker, DeadLetter)."""
+    found: dict[str, set[str]] = {}
+    for kind, record, msg in topics.read(topics.output) + topics.read(topics.dlq):
+        doc_id = record.get("doc_id") or (msg.key() or b"").decode()
+        found.setdefault(doc_id, set()).add(kind)
+    return found

@@ -75,7 +75,7 @@ def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
     from operators.topics import create
 
     create(Settings(brokers=kafka_bootstrap), f"{topics.prefix}.replay", 2)
-    topics.run("--max-tokens", "48", output=f"{topics.prefix}.replay")
+    topics.run("--max-tokens", "48", "--from", "beginning", output=f"{topics.prefix}.replay")
     again = by_doc(topics.read(f"{topics.prefix}.replay"))
     for name in files:
         a = sorted((r["chunk_id"], r["text"], r["char_start"]) for r in got[name])

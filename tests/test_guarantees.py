@@ -1,0 +1,177 @@
+"""Delivery guarantees on a real broker: offsets committed after delivery, recovery
+after kill -9, SIGTERM drains, a broker restart waited out, several processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from kafka_helpers import (
+    FlowTopics,
+    accounted,
+    avro_event,
+    count,
+    log_tail,
+    run_args,
+    start_flow,
+    wait_for,
+)
+
+BODY = " ".join(f"Sentence {i} of a long document about stream processing and recovery." for i in range(120))
+
+
+def events(n: int, prefix: str = "doc") -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        doc_id = f"{prefix}-{i}"
+        if i % 10 == 7:
+            value = avro_event(doc_id, content=b"%PDF-1.4 broken", filename="x.pdf")  # a dead letter
+        elif i % 10 == 9:
+            value = avro_event(doc_id, op="DELETE")
+        else:
+            value = avro_event(doc_id, content=f"{doc_id}: {BODY}".encode(), filename="a.txt")
+        out.append((doc_id.encode(), value))
+    return out
+
+
+def expected_kind(doc_id: str) -> str:
+    i = int(doc_id.rsplit("-", 1)[1])
+    return {7: "DeadLetter", 9: "DeleteMarker"}.get(i % 10, "VectorRecord")
+
+
+def check_every_event_accounted(topics: FlowTopics, ids: list[str]) -> None:
+    found = accounted(topics)
+    assert sorted(found) == sorted(ids), "every event ends as records, a marker or a dead letter"
+    for doc_id in ids:
+        assert found[doc_id] == {expected_kind(doc_id)}, doc_id
+    # Duplicates (at-least-once) are harmless: same chunk id, text, span; equal vectors.
+    seen: dict[str, dict] = {}
+    per_doc = defaultdict(set)
+    for kind, r, _ in topics.read(topics.output):
+        if kind != "VectorRecord":
+            continue
+        per_doc[r["doc_id"]].add(r["chunk_index"])
+        first = seen.setdefault(r["chunk_id"], r)
+        assert (first["text"], first["char_start"], first["char_end"]) == (
+            r["text"],
+            r["char_start"],
+            r["char_end"],
+        )
+        a, b = np.array(first["embedding"]), np.array(r["embedding"])
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999
+        assert r["chunk_count"] == first["chunk_count"]
+    for doc_id, chunks in per_doc.items():
+        assert chunks == set(range(len(chunks))), f"{doc_id}: every chunk present"
+
+
+def committed(topics: FlowTopics, partitions: int, group: str = "embedstream") -> list[int]:
+    consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+    try:
+        parts = consumer.committed([TopicPartition(topics.input, p) for p in range(partitions)], timeout=30)
+    finally:
+        consumer.close()
+    return [tp.offset for tp in parts]
+
+
+def test_offsets_are_committed_after_delivery_and_runs_resume_there(kafka_bootstrap):
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    topics.produce(events(10))
+    topics.run()
+    assert sum(committed(topics, 2)) == 10  # lag tools see the group caught up
+    before = count(topics)
+    topics.run()  # nothing new: resumes at the committed offsets
+    assert count(topics) == before
+    topics.produce(events(3, prefix="late"))
+    topics.run()
+    assert sum(committed(topics, 2)) == 13
+    assert {d for d in accounted(topics) if d.startswith("late")} == {"late-0", "late-1", "late-2"}
+
+
+def test_kill_9_loses_nothing(kafka_bootstrap, tmp_path):
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    batch = events(60)
+    topics.produce(batch)
+    args = ("--recovery-dir", str(tmp_path / "recovery"), "--snapshot-s", "0.5", "--batch-size", "2")
+    worker = start_flow(topics, *args)
+    try:
+        assert wait_for(lambda: count(topics) >= 8, timeout=120), "the worker made no progress"
+    finally:
+        worker.kill()  # kill -9: no drain, no flush, no final snapshot
+        worker.wait()
+    processed_before = count(topics)
+    topics.run(*args)
+    check_every_event_accounted(topics, [k.decode() for k, _ in batch])
+    assert count(topics) >= processed_before
+
+
+def test_sigterm_drains_and_exits_cleanly(kafka_bootstrap, tmp_path):
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    batch = events(40)
+    topics.produce(batch)
+    args = ("--recovery-dir", str(tmp_path / "recovery"), "--snapshot-s", "1", "--batch-size", "2")
+    worker = start_flow(topics, *args)
+    assert wait_for(lambda: count(topics) >= 5, timeout=120)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=120) == 0, log_tail(worker)
+    topics.run(*args)
+    check_every_event_accounted(topics, [k.decode() for k, _ in batch])
+
+
+def test_broker_restart_is_waited_out(kafka_bootstrap):
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("restarts only the project's own local broker")
+    from operators.kafka_local import LocalKafka
+
+    broker = LocalKafka()
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    first = events(10, prefix="before")
+    topics.produce(first)
+    worker = start_flow(topics, "--snapshot-s", "1")
+    try:
+        assert wait_for(lambda: count(topics) >= 10, timeout=120)
+        broker.stop()
+        assert wait_for(lambda: worker.poll() is None, timeout=3)
+        broker.start()
+        second = events(10, prefix="after")
+        topics.produce(second)
+        ids = [k.decode() for k, _ in first + second]
+        assert wait_for(lambda: sorted(accounted(topics)) == sorted(ids), timeout=180)
+        assert worker.poll() is None, "the worker survived the broker restart"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0, log_tail(worker)
+    check_every_event_accounted(topics, ids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_four_partitions_exactly_once(kafka_bootstrap):
+    topics = FlowTopics(kafka_bootstrap, partitions=4)
+    batch = events(40)
+    topics.produce(batch)
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            run_args(topics, "--until-end", "-i", str(i), "-a", addresses),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=240) == 0, p.stderr.read()[-2000:]
+    check_every_event_accounted(topics, [k.decode() for k, _ in batch])
+    outputs = topics.read(topics.output) + topics.read(topics.dlq)
+    keys = [(kind, r.get("chunk_id") or r.get("doc_id") or r.get("offset")) for kind, r, _ in outputs]
+    assert len(keys) == len(set(keys)), "nothing failed, so nothing is processed twice"
