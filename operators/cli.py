@@ -204,6 +204,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redrive(args: argparse.Namespace) -> int:
+    from . import topics
+
+    settings = _settings(args, input_topic=args.to, dlq_topic=args.dlq_topic)
+    stats = topics.redrive(settings, stage=args.stage, reason=args.reason)
+    print(
+        f"redrove {stats['sent']} dead letters to {settings.input_topic} "
+        f"({stats['reread']} re-read from their source, {stats['skipped']} filtered out, "
+        f"{stats['lost']} no longer in their source topic)"
+    )
+    return 1 if stats["lost"] else 0
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from . import topics
 
@@ -300,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kafka_flags(run)
     run.set_defaults(func=cmd_run)
+
+    redrive = sub.add_parser("redrive", help="send dead letters back to the input topic (e.g. after a fix)")
+    redrive.add_argument("--dlq-topic", help="default: the dead-letter topic")
+    redrive.add_argument("--to", help="default: the input topic")
+    redrive.add_argument("--stage", help="only letters of this stage")
+    redrive.add_argument("--reason", help="only letters of this reason")
+    kafka_flags(redrive)
+    redrive.set_defaults(func=cmd_redrive)
 
     tail = sub.add_parser("tail", help="print output records compactly")
     tail.add_argument("--topic", help="default: the output topic")

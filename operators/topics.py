@@ -7,9 +7,9 @@ import mimetypes
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from . import codecs
@@ -182,3 +182,82 @@ def describe(kind: str, r: dict[str, Any]) -> str:
         source = f"{r['topic']}[{r['partition']}]@{r['offset']}"
         return f"DEAD LETTER {r['stage']}/{r['reason']}: {r['message'][:80]} ({source})"
     return f"{kind} {r}"
+
+
+def _read_at(settings: Settings, topic: str, partition: int, offset: int) -> Optional[Message]:
+    consumer = Consumer(
+        {**settings.kafka_common(), "group.id": "embedstream-redrive-reader", "enable.auto.commit": "false"}
+    )
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        msg = consumer.poll(10)
+        if msg is None or msg.error() or msg.offset() != offset:
+            return None
+        return msg
+    finally:
+        consumer.close()
+
+
+def redrive(
+    settings: Settings,
+    *,
+    to_topic: Optional[str] = None,
+    stage: Optional[str] = None,
+    reason: Optional[str] = None,
+    group_id: Optional[str] = None,
+    timeout: float = 5.0,
+) -> dict[str, int]:
+    """Sends dead letters back to the input topic, e.g. after a fix. Payloads that were
+    too large to travel with their letter are re-read from their source coordinates.
+
+    Progress is committed under ``group_id``, so a letter is redriven once. Each filter
+    (``stage``, ``reason``) keeps its own progress, so a filtered run does not use up
+    the letters it skips; a later unfiltered run may resend what a filtered one sent
+    (harmless: processing is at-least-once and chunk ids are deterministic).
+    """
+    target = to_topic or settings.input_topic
+    if group_id is None:
+        group_id = ".".join(["embedstream-redrive", settings.dlq_topic, stage or "*", reason or "*"])
+    consumer = Consumer(
+        {
+            **settings.kafka_common(),
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": "false",
+        }
+    )
+    producer = Producer({**settings.kafka_common(), "enable.idempotence": "true"})
+    stats = {"sent": 0, "reread": 0, "skipped": 0, "lost": 0}
+    failures: list[str] = []
+    consumer.subscribe([settings.dlq_topic])
+    try:
+        while True:
+            msg = consumer.poll(timeout)
+            if msg is None:
+                break
+            if msg.error():
+                continue
+            _kind, letter = codecs.decode_output(msg.value())
+            if (stage and letter["stage"] != stage) or (reason and letter["reason"] != reason):
+                stats["skipped"] += 1
+                continue
+            payload, key = letter.get("payload"), letter.get("key")
+            if payload is None:
+                original = _read_at(settings, letter["topic"], letter["partition"], letter["offset"])
+                if original is None:
+                    stats["lost"] += 1  # retention removed it: say so, do not pretend
+                    continue
+                payload, key = original.value(), original.key()
+                stats["reread"] += 1
+            producer.produce(
+                target, payload, key, on_delivery=lambda err, m: err and failures.append(str(err))
+            )
+            stats["sent"] += 1
+            producer.poll(0)
+        producer.flush(60)
+        if failures:
+            raise RuntimeError(f"{len(failures)} redriven events were not delivered: {failures[:3]}")
+        consumer.commit(asynchronous=False) if stats["sent"] + stats["skipped"] else None
+    finally:
+        consumer.close()
+    return stats

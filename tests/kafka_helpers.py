@@ -79,7 +79,9 @@ class FlowTopics:
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
-    def read(self, topic: str, timeout: float = 30.0) -> list[tuple[str, dict[str, Any], Any]]:
+    def read(
+        self, topic: str, timeout: float = 30.0, decode: bool = True
+    ) -> list[tuple[str, dict[str, Any], Any]]:
         """Every message now in the topic, in partition order: (type, record, raw message).
         Reads each partition up to its current end offset (no consumer group, no waiting)."""
         consumer = Consumer(
@@ -105,9 +107,12 @@ class FlowTopics:
                 if msg is None:
                     continue
                 assert msg.error() is None, msg.error()
-                kind, record = codecs.decode_output(msg.value())
-                assert dict(msg.headers() or [])[codecs.TYPE_HEADER].decode() == kind
-                found.append((kind, record, msg))
+                if decode:
+                    kind, record = codecs.decode_output(msg.value())
+                    assert dict(msg.headers() or [])[codecs.TYPE_HEADER].decode() == kind
+                    found.append((kind, record, msg))
+                else:
+                    found.append(("raw", {}, msg))
                 if msg.offset() + 1 >= ends[msg.partition()]:
                     remaining.pop(msg.partition(), None)
             assert not remaining, f"could not read {topic} to its end"

@@ -175,3 +175,30 @@ def test_two_processes_share_four_partitions_exactly_once(kafka_bootstrap):
     outputs = topics.read(topics.output) + topics.read(topics.dlq)
     keys = [(kind, r.get("chunk_id") or r.get("doc_id") or r.get("offset")) for kind, r, _ in outputs]
     assert len(keys) == len(set(keys)), "nothing failed, so nothing is processed twice"
+
+
+def test_redrive_after_a_fix(kafka_bootstrap):
+    from operators.config import Settings
+    from operators.topics import redrive
+
+    topics = FlowTopics(kafka_bootstrap)
+    big = avro_event("big", content=b"word " * 2000, filename="big.txt")
+    topics.produce([(b"ok", avro_event("ok", content=b"small", filename="a.txt")), (b"big", big)])
+    strict = {"EMBEDSTREAM_MAX_DOCUMENT_BYTES": "5000", "EMBEDSTREAM_DLQ_PAYLOAD_MAX_BYTES": "100"}
+    topics.run(env=strict)
+    [(_, letter, _)] = topics.read(topics.dlq)
+    assert (letter["reason"], letter["payload"]) == ("too_large", None)  # only coordinates travel
+
+    settings = Settings(brokers=kafka_bootstrap, input_topic=topics.input, dlq_topic=topics.dlq)
+    assert redrive(settings, reason="corrupt")["sent"] == 0
+    stats = redrive(settings)
+    assert (stats["sent"], stats["reread"], stats["lost"]) == (1, 1, 0)
+    assert redrive(settings)["sent"] == 0  # progress is committed: nothing twice
+    resent = topics.read(topics.input, decode=False)[-1][2]
+    assert (resent.key(), resent.value()) == (b"big", big)
+
+    topics.run()  # the fix: default limits; resumes at the committed offsets
+    assert {r["doc_id"] for kind, r, _ in topics.read(topics.output) if kind == "VectorRecord"} == {
+        "ok",
+        "big",
+    }
