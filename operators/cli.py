@@ -158,10 +158,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         allowed_roots=tuple(args.allow_root) or None,
         recovery_dir=args.recovery_dir,
         snapshot_s=args.snapshot_s,
+        metrics_port=args.metrics_port,
+        log_format=args.log_format,
     )
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from . import logs, metrics
+
+    logs.configure(settings.log_format)
+    metrics.serve(settings.metrics_port)
     logging.getLogger("embedstream").info("settings: %s", settings.redacted())
     from .topics import check_exist
 
@@ -182,6 +185,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             store.mkdir(parents=True, exist_ok=True)
             init_db_dir(store, settings.recovery_partitions)
         recovery = RecoveryConfig(store, timedelta(seconds=settings.backup_s))
+    process_id, addresses = settings.cluster()
+    if args.process_id is not None:
+        process_id, addresses = args.process_id, args.addresses.split(";") if args.addresses else None
+    if process_id is not None:
+        logging.getLogger("embedstream").info("cluster process %d of %s", process_id, addresses)
     # SIGTERM drains: the sources stop, the batch in hand is finished, flushed and snapshotted.
     signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     # SIGUSR1 prints every thread's stack: for a worker that seems stuck.
@@ -191,8 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cli_main(
         build(settings),
         workers_per_process=args.workers,
-        process_id=args.process_id,
-        addresses=args.addresses.split(";") if args.addresses else None,
+        process_id=process_id,
+        addresses=addresses,
         epoch_interval=timedelta(seconds=settings.snapshot_s),
         recovery_config=recovery,
     )
@@ -303,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
     run.add_argument("-i", "--process-id", type=int, help="this process's index in a cluster (0-based)")
     run.add_argument("-a", "--addresses", help="host:port of every cluster process, ';'-separated, in order")
+    run.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400; 0: off)")
+    run.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
     run.add_argument("--recovery-dir", help="Bytewax recovery store (created with 4 partitions if empty)")
     run.add_argument(
         "--snapshot-s",

@@ -75,6 +75,15 @@ class Settings:
     snapshot_s: float = 10.0
     #: Seconds an old snapshot is kept for a lagging backup of the store.
     backup_s: float = 0.0
+    #: Port of the Prometheus /metrics endpoint (also liveness/readiness); 0 turns it off.
+    metrics_port: int = 9400
+    #: "text" or "json" (one object per line).
+    log_format: str = "text"
+    #: In a Kubernetes StatefulSet: the number of pods, the headless Service's name and
+    #: the cluster port; with them each pod derives its process id and the addresses.
+    replicas: Optional[int] = None
+    service: Optional[str] = None
+    cluster_port: int = 2101
     #: Seconds between throughput lines in the log.
     report_every_s: float = 10.0
     #: Extra librdkafka settings for consumer and producer.
@@ -107,6 +116,8 @@ class Settings:
             raise ValueError("start_from must be 'committed', 'beginning', 'latest' or epoch milliseconds")
         if self.output_format not in ("avro", "json", "confluent"):
             raise ValueError("output_format must be avro, json or confluent")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be text or json")
         if self.text_with_image_model and not self.image_model:
             raise ValueError("text_with_image_model needs image_model")
         if self.output_format == "confluent" and not self.schema_registry_url:
@@ -121,6 +132,21 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+    def cluster(self, pod_name: Optional[str] = None) -> tuple[Optional[int], Optional[list[str]]]:
+        """(process id, addresses) of a StatefulSet pod: ``name-3`` is process 3 of
+        ``replicas``, reachable as ``name-3.<service>:<cluster_port>``. (None, None)
+        outside one."""
+        if not self.replicas or not self.service:
+            return None, None
+        pod = pod_name or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", "")
+        base, _, ordinal = pod.rpartition("-")
+        if not base or not ordinal.isdigit():
+            raise ValueError(f"pod name {pod!r} does not end in a StatefulSet ordinal")
+        if int(ordinal) >= self.replicas:
+            raise ValueError(f"pod {pod} is outside replicas={self.replicas}")
+        addresses = [f"{base}-{i}.{self.service}:{self.cluster_port}" for i in range(self.replicas)]
+        return int(ordinal), addresses
 
     def kafka_common(self) -> dict[str, str]:
         return {"bootstrap.servers": self.brokers, **self.kafka}

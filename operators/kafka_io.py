@@ -121,9 +121,22 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
             size += msg.size
         if batch:
             self.next_offset = batch[-1].offset + 1
+            self._report_lag()
         elif self.end is not None and self.end == 0:
             raise StopIteration
         return batch
+
+    def _report_lag(self) -> None:
+        from . import metrics
+
+        try:
+            _low, high = self.consumer.get_watermark_offsets(
+                KafkaTopicPartition(self.topic, self.partition), cached=True
+            )
+        except KafkaException:
+            return
+        if high >= 0 and self.next_offset is not None:
+            metrics.CONSUMER_LAG.labels(self.topic, str(self.partition)).set(max(high - self.next_offset, 0))
 
     def snapshot(self) -> int:
         # Messages still pending were not handed over: resume at the first of them.

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from . import codecs
+from . import codecs, metrics
 from .config import Settings
 from .document import Document, Limits
 from .embed import Chunk, Chunker, Embedder
@@ -116,15 +116,27 @@ class Pipeline:
     # --- the batch ---------------------------------------------------------------------------
 
     def process(self, batch: list[InputMessage]) -> list[OutputMessage]:
+        metrics.BATCH_EVENTS.observe(len(batch))
+        metrics.BATCH_FILL.observe(len(batch) / self.settings.batch_size)
         work = [_Work(m) for m in batch]
-        for w in work:
-            self._guard(w, self._decode)
+        with metrics.STAGE_SECONDS.labels("decode").time():
+            for w in work:
+                self._guard(w, self._decode)
         upserts = [w for w in work if w.failure is None and w.event["op"] == "UPSERT"]
-        list(self.threads.map(lambda w: self._guard(w, self._fetch_and_extract), upserts))
-        for w in upserts:
-            self._guard(w, self._chunk)
-        self._embed([w for w in upserts if w.failure is None and not w.is_image])
-        self._embed_images([w for w in upserts if w.failure is None and w.is_image])
+        with metrics.STAGE_SECONDS.labels("extract").time():
+            list(self.threads.map(lambda w: self._guard(w, self._fetch_and_extract), upserts))
+        with metrics.STAGE_SECONDS.labels("chunk").time():
+            for w in upserts:
+                self._guard(w, self._chunk)
+        with metrics.STAGE_SECONDS.labels("embed").time():
+            self._embed([w for w in upserts if w.failure is None and not w.is_image])
+            self._embed_images([w for w in upserts if w.failure is None and w.is_image])
+        with metrics.STAGE_SECONDS.labels("encode").time():
+            out = self._encode_all(work)
+        self._count(work)
+        return out
+
+    def _encode_all(self, work: list[_Work]) -> list[OutputMessage]:
         out: list[OutputMessage] = []
         for w in work:
             messages = self._outputs(w)
@@ -138,7 +150,6 @@ class Pipeline:
                 )
                 messages = self._outputs(w)
             out.extend(messages)
-        self._count(work)
         return out
 
     def _guard(self, w: _Work, step) -> None:
@@ -389,13 +400,23 @@ class Pipeline:
 
     def _count_locked(self, work: list[_Work]) -> None:
         c = self.counters
+        now_ms = codecs.now_ms()
         for w in work:
             c.events += 1
+            if w.event is not None:
+                metrics.END_TO_END_SECONDS.observe(max(now_ms - w.event["event_time"], 0) / 1000)
             if w.failure is not None:
                 c.dead_letters += 1
+                metrics.EVENTS.labels("dead_letter").inc()
+                metrics.DEAD_LETTERS.labels(w.failure.stage, w.failure.reason).inc()
             elif w.event["op"] == "DELETE":
                 c.deletes += 1
+                metrics.EVENTS.labels("deleted").inc()
             else:
+                metrics.EVENTS.labels("embedded").inc()
+                metrics.DOCUMENTS.inc()
+                metrics.CHUNKS.inc(len(w.chunks) or int(w.is_image))
+                metrics.TOKENS.inc(sum(ch.n_tokens for ch in w.chunks))
                 c.documents += 1
                 c.chunks += len(w.chunks) or int(w.is_image)
                 c.tokens += sum(ch.n_tokens for ch in w.chunks)

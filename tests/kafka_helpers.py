@@ -71,6 +71,8 @@ class FlowTopics:
             output or self.output,
             "--dlq-topic",
             self.dlq,
+            "--metrics-port",
+            "0",
             *args,
         ]
         result = subprocess.run(
@@ -147,6 +149,8 @@ def avro_event(
 
 
 def run_args(topics: FlowTopics, *args: str) -> list[str]:
+    if "--metrics-port" not in args:
+        args = (*args, "--metrics-port", "0")  # several workers share this host
     return [
         sys.executable,
         "-m",

@@ -61,3 +61,16 @@ def test_secrets_are_masked():
 def test_invalid_settings_are_refused(env, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)
+
+
+def test_statefulset_pods_derive_their_cluster_place():
+    s = Settings.from_env({"EMBEDSTREAM_REPLICAS": "3", "EMBEDSTREAM_SERVICE": "embedstream-workers"})
+    assert s.cluster("embedstream-2") == (
+        2,
+        [f"embedstream-{i}.embedstream-workers:2101" for i in range(3)],
+    )
+    assert Settings.from_env({}).cluster("embedstream-2") == (None, None)
+    with pytest.raises(ValueError):
+        s.cluster("embedstream-7")
+    with pytest.raises(ValueError):
+        s.cluster("laptop")

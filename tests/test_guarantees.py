@@ -202,3 +202,35 @@ def test_redrive_after_a_fix(kafka_bootstrap):
         "ok",
         "big",
     }
+
+
+def test_metrics_endpoint_and_json_logs(kafka_bootstrap):
+    import json
+    import urllib.request
+
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    topics.produce(events(10))
+    port = free_port()
+    worker = start_flow(topics, "--metrics-port", str(port), "--log-format", "json")
+    try:
+        assert wait_for(lambda: count(topics) >= 10, timeout=120)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0, log_tail(worker)
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples['embedstream_events_total{outcome="embedded"}'] == 8
+    assert samples['embedstream_events_total{outcome="deleted"}'] == 1
+    assert samples['embedstream_dead_letters_total{reason="corrupt",stage="extract"}'] == 1
+    assert samples["embedstream_chunks_total"] >= 8 and samples["embedstream_tokens_total"] > 1000
+    assert samples['embedstream_stage_seconds_count{stage="embed"}'] >= 1
+    assert samples["embedstream_end_to_end_seconds_count"] == 10
+    lags = {k: v for k, v in samples.items() if k.startswith("embedstream_consumer_lag{")}
+    assert len(lags) == 2 and all(v == 0 for v in lags.values())
+    with open(worker.log) as f:
+        records = [json.loads(line) for line in f if line.startswith("{")]
+    assert any(r["logger"] == "embedstream" and r["message"].startswith("settings:") for r in records)

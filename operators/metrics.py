@@ -1,0 +1,39 @@
+"""Prometheus metrics of a worker process, served by ``embedstream run`` on
+``--metrics-port`` (``/metrics``; also the liveness and readiness endpoint)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+EVENTS = Counter("embedstream_events", "Input events by outcome", ["outcome"])
+DOCUMENTS = Counter("embedstream_documents", "Documents embedded")
+CHUNKS = Counter("embedstream_chunks", "Chunks embedded")
+TOKENS = Counter("embedstream_tokens", "Model tokens embedded")
+DEAD_LETTERS = Counter("embedstream_dead_letters", "Dead letters by stage and reason", ["stage", "reason"])
+BATCH_EVENTS = Histogram(
+    "embedstream_batch_events", "Events per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+BATCH_FILL = Histogram(
+    "embedstream_batch_fill", "Micro-batch size over its maximum", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+)
+STAGE_SECONDS = Histogram(
+    "embedstream_stage_seconds", "Time per stage of a micro-batch", ["stage"], buckets=_LATENCY
+)
+END_TO_END_SECONDS = Histogram(
+    "embedstream_end_to_end_seconds",
+    "From event_time to output produced",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600),
+)
+CONSUMER_LAG = Gauge(
+    "embedstream_consumer_lag", "Messages not yet handed over, per input partition", ["topic", "partition"]
+)
+
+
+def serve(port: int) -> None:
+    """Serves ``/metrics`` from a daemon thread; port 0 turns it off."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
