@@ -41,7 +41,7 @@ quickstart() {
     step "publishing the sample documents (deploy/samples)"
     "$es" publish deploy/samples --topic "$in"
     step "running the flow until the input is drained"
-    "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end --epoch-s 1
+    "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end --from beginning --snapshot-s 1 --metrics-port 0
     step "vector records on $out"
     "$es" tail --topic "$out" -n 50 --timeout 3
     step "dead letters on $dlq"
