@@ -147,10 +147,17 @@ def main() -> None:
     final = scrape(port)
     worker.send_signal(signal.SIGTERM)
     code = worker.wait(timeout=120)
-    half = samples[len(samples) // 2 :]
+    # RSS swings with each batch's tensors (freed memory goes back to the OS), so the
+    # trend is a least-squares slope over all samples, and halves are compared by median.
+    import statistics
+
     slope = 0.0
-    if len(half) >= 2:
-        slope = (half[-1]["rss_mb"] - half[0]["rss_mb"]) / ((half[-1]["t_s"] - half[0]["t_s"]) / 60)
+    if len(samples) >= 2:
+        ts = [s["t_s"] / 60 for s in samples]
+        rs = [s["rss_mb"] for s in samples]
+        mt, mr = statistics.fmean(ts), statistics.fmean(rs)
+        slope = sum((t - mt) * (r - mr) for t, r in zip(ts, rs)) / sum((t - mt) ** 2 for t in ts)
+    half = len(samples) // 2
     print(
         json.dumps(
             {
@@ -165,7 +172,9 @@ def main() -> None:
                 "rss_mb_first": samples[0]["rss_mb"] if samples else None,
                 "rss_mb_max": max(s["rss_mb"] for s in samples) if samples else None,
                 "rss_mb_last": samples[-1]["rss_mb"] if samples else None,
-                "rss_slope_mb_per_min_second_half": round(slope, 2),
+                "rss_slope_mb_per_min": round(slope, 2),
+        "rss_mb_median_first_half": statistics.median(s["rss_mb"] for s in samples[:half]) if half else None,
+        "rss_mb_median_second_half": statistics.median(s["rss_mb"] for s in samples[half:]) if half else None,
                 "lag_max": max(s["lag"] for s in samples) if samples else None,
                 "worker_exit": code,
                 "samples": samples,
