@@ -9,10 +9,10 @@ use candle_nn::{linear_no_bias, Linear, VarBuilder};
 use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use serde_json::Value;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::Tokenizer;
 
 use super::image_prep::Preprocessor;
-use super::{file_digest, model_dir};
+use super::{file_digest, load_tokenizer, model_dir};
 use crate::error::EmbedError;
 use crate::extract::RgbImage;
 
@@ -108,17 +108,7 @@ impl ClipEmbedder {
         let max_tokens = text_config.max_position_embeddings;
 
         let preprocessor = Preprocessor::from_file(&dir.join("preprocessor_config.json"))?;
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| EmbedError::InvalidModel(format!("tokenizer.json: {e}")))?;
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_tokens,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), max_tokens)?;
 
         let weights = dir.join("model.safetensors");
         let model_revision = file_digest(&weights)?;

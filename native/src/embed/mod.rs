@@ -196,7 +196,7 @@ pub fn pack_batches(encodings: &[Encoding], max_batch_tokens: usize) -> Vec<Vec<
     batches
 }
 
-fn load_tokenizer(path: &Path, max_tokens: usize) -> Result<Tokenizer, EmbedError> {
+pub(crate) fn load_tokenizer(path: &Path, max_tokens: usize) -> Result<Tokenizer, EmbedError> {
     let mut tokenizer = Tokenizer::from_file(path)
         .map_err(|e| EmbedError::InvalidModel(format!("{}: {e}", path.display())))?;
     // tokenizer.json may carry a truncation and fixed padding of its own (MiniLM's
