@@ -101,6 +101,9 @@ def test_bad_images_are_typed_errors(clip):
     assert info.value.reason == "too_large"
     with pytest.raises(operators.ExtractionError):
         clip.embed_images([b"not an image at all"])
+    with pytest.raises(operators.ExtractionError) as info:
+        clip.embed_images([docgen.make_png(0, 4)])  # zero-size image in a real PNG
+    assert info.value.reason == "corrupt"
     with pytest.raises(ValueError):
         clip.embed_images([operators.Image(0, 0, b"")])
     cmyk = io.BytesIO()
