@@ -191,16 +191,45 @@ class KafkaInput(FixedPartitionedSource[InputMessage, int]):
             tail=self.tail,
         )
 
+    def _committed(self, partition: int, patience_s: float = 120.0) -> int:
+        """The group's committed offset (negative if none). A new or restarted broker
+        answers "not coordinator" or "loading" for a while: those are retried."""
+        deadline = time.monotonic() + patience_s
+        delay = 0.2
+        while True:
+            consumer = Consumer(self.config)
+            try:
+                [found] = consumer.committed([KafkaTopicPartition(self.topic, partition)], timeout=30)
+                return found.offset
+            except KafkaException as e:
+                error = e.args[0] if e.args else None
+                retriable = getattr(error, "retriable", lambda: False)() or getattr(
+                    error, "code", lambda: None
+                )() in (
+                    KafkaError.NOT_COORDINATOR,
+                    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                    KafkaError.COORDINATOR_NOT_AVAILABLE,
+                    KafkaError._TIMED_OUT,
+                )
+                if not retriable or time.monotonic() > deadline:
+                    raise
+                log.warning(
+                    "committed offsets of %s[%d] not available yet (%s); retrying",
+                    self.topic,
+                    partition,
+                    error,
+                )
+            finally:
+                consumer.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
     def _start_offset(self, partition: int) -> int:
         if self.start_from == "committed":
             # Where this group's last run left off (offsets are committed after delivery);
             # the beginning for a group that never ran.
-            consumer = Consumer(self.config)
-            try:
-                [committed] = consumer.committed([KafkaTopicPartition(self.topic, partition)], timeout=30)
-            finally:
-                consumer.close()
-            return committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
+            committed = self._committed(partition)
+            return committed if committed >= 0 else OFFSET_BEGINNING
         if self.start_from == "beginning":
             return OFFSET_BEGINNING
         if self.start_from == "latest":
