@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,38 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 from corpus import paragraphs  # noqa: E402
-from kafka_helpers import FlowTopics, avro_event  # noqa: E402
+from kafka_helpers import FlowTopics, avro_event, free_port, run_args  # noqa: E402
 
 from operators.kafka_local import LocalKafka  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def drain(topics: FlowTopics, processes: int, group: str) -> float:
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
-    base = [
-        sys.executable,
-        "-m",
-        "operators.cli",
-        "run",
-        "--until-end",
-        "--brokers",
-        topics.bootstrap,
-        "--input-topic",
-        topics.input,
-        "--output-topic",
-        topics.output,
-        "--dlq-topic",
-        topics.dlq,
-        "--metrics-port",
-        "0",
-        "--from",
-        "beginning",
-    ]
+    base = run_args(topics, "--until-end", "--from", "beginning")
     env = {**os.environ, "EMBEDSTREAM_GROUP_ID": group}
     started = time.perf_counter()
     cluster = ["-a", addresses] if processes > 1 else []

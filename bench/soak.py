@@ -173,8 +173,12 @@ def main() -> None:
                 "rss_mb_max": max(s["rss_mb"] for s in samples) if samples else None,
                 "rss_mb_last": samples[-1]["rss_mb"] if samples else None,
                 "rss_slope_mb_per_min": round(slope, 2),
-        "rss_mb_median_first_half": statistics.median(s["rss_mb"] for s in samples[:half]) if half else None,
-        "rss_mb_median_second_half": statistics.median(s["rss_mb"] for s in samples[half:]) if half else None,
+                "rss_mb_median_first_half": statistics.median(s["rss_mb"] for s in samples[:half])
+                if half
+                else None,
+                "rss_mb_median_second_half": statistics.median(s["rss_mb"] for s in samples[half:])
+                if half
+                else None,
                 "lag_max": max(s["lag"] for s in samples) if samples else None,
                 "worker_exit": code,
                 "samples": samples,

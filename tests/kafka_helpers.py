@@ -148,6 +148,14 @@ def avro_event(
     )
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_args(topics: FlowTopics, *args: str) -> list[str]:
     if "--metrics-port" not in args:
         args = (*args, "--metrics-port", "0")  # several workers share this host

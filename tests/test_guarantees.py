@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 from collections import defaultdict
 
@@ -17,6 +16,7 @@ from kafka_helpers import (
     accounted,
     avro_event,
     count,
+    free_port,
     log_tail,
     run_args,
     start_flow,
@@ -147,12 +147,6 @@ def test_broker_restart_is_waited_out(kafka_bootstrap):
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=120) == 0, log_tail(worker)
     check_every_event_accounted(topics, ids)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_share_four_partitions_exactly_once(kafka_bootstrap):
