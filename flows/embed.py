@@ -9,6 +9,7 @@ over, so nothing waits in a buffer outside the recovery snapshot. Configured by
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import bytewax.operators as op
@@ -22,6 +23,7 @@ from operators.topics import max_message_bytes
 
 def build(settings: Optional[Settings] = None) -> Dataflow:
     settings = settings or Settings.from_env()
+    settings = dataclasses.replace(settings, batch_size=settings.micro_batch_size())
     kafka = settings.kafka_common()
     # Records must fit the output topics; the producer must not refuse what they accept.
     outputs = [settings.output_topic, settings.dlq_topic, settings.image_output_topic]

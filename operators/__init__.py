@@ -6,6 +6,8 @@
 >>> vectors = embedder.embed([c.text for c in embedder.chunker().chunk(doc)])
 """
 
+# First: a CUDA build of the native core may need its libraries loaded before import.
+from . import _cuda_libs  # noqa: F401
 from .document import Document, Image, Limits
 from .embed import Chunk, Chunker, Embedder
 from .errors import (

@@ -146,6 +146,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         output_topic=args.output_topic,
         dlq_topic=args.dlq_topic,
         model=args.model,
+        device=args.device,
+        dtype=args.dtype,
         image_model=args.image_model,
         image_output_topic=args.image_output_topic,
         text_with_image_model=args.text_with_image_model,
@@ -305,7 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--from", dest="start_from", help="beginning | latest | epoch ms, without recovery state"
     )
-    run.add_argument("--batch-size", type=int, help="events per micro-batch (default 64)")
+    run.add_argument("--device", help="cpu | cuda | cuda:N | auto: the first GPU if any (default: cpu)")
+    run.add_argument(
+        "--dtype", choices=["f32", "f16", "bf16"], help="f16 and bf16 on a GPU only (default: f32)"
+    )
+    run.add_argument(
+        "--batch-size", type=int, help="events per micro-batch (default: 64 on the CPU, 512 on a GPU)"
+    )
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
     run.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")

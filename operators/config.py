@@ -21,6 +21,11 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+#: Default events per micro-batch on each kind of device.
+CPU_BATCH_SIZE = 64
+GPU_BATCH_SIZE = 512
+
+
 @dataclass(frozen=True)
 class Settings:
     #: Kafka bootstrap servers (comma-separated).
@@ -47,8 +52,9 @@ class Settings:
     #: Chunk size in model tokens (None: the model's limit).
     max_tokens: Optional[int] = None
     overlap_tokens: int = 0
-    #: Most events the source hands over as one micro-batch, per partition.
-    batch_size: int = 64
+    #: Most events the source hands over as one micro-batch, per partition (None: 64 on
+    #: the CPU, 512 on a GPU, whose larger batches keep it busy).
+    batch_size: Optional[int] = None
     #: Most payload bytes in one micro-batch (the rest waits for the next).
     batch_bytes: int = 16 * 1024 * 1024
     #: Longest wait for a batch to fill, in milliseconds.
@@ -122,8 +128,9 @@ class Settings:
             raise ValueError("text_with_image_model needs image_model")
         if self.output_format == "confluent" and not self.schema_registry_url:
             raise ValueError("output_format 'confluent' needs schema_registry_url")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ValueError("batch_size must be positive")
         for name in (
-            "batch_size",
             "batch_bytes",
             "poll_ms",
             "max_document_bytes",
@@ -132,6 +139,15 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+    def micro_batch_size(self) -> int:
+        """Events per micro-batch: ``batch_size`` when set, else by device. Resolving
+        the device fails early, with a clear error, if it cannot be used here."""
+        if self.batch_size is not None:
+            return self.batch_size
+        from . import _native
+
+        return GPU_BATCH_SIZE if _native.resolve_device(self.device).startswith("cuda") else CPU_BATCH_SIZE
 
     def cluster(self, pod_name: Optional[str] = None) -> tuple[Optional[int], Optional[list[str]]]:
         """(process id, addresses) of a StatefulSet pod: ``name-3`` is process 3 of

@@ -73,12 +73,20 @@ class Embedder:
         *,
         device: str = "cpu",
         dtype: str = "f32",
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: Optional[int] = None,
     ) -> Embedder:
         """Loads ``"default"`` (all-MiniLM-L6-v2, after ``embedstream models pull``), a
-        local Hugging Face-format directory, or a hub id found in an offline HF cache."""
+        local Hugging Face-format directory, or a hub id found in an offline HF cache.
+
+        ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the first GPU when
+        the wheel was built with CUDA and one answers, else the CPU). ``dtype``:
+        ``"f32"``; on a GPU also ``"f16"`` or ``"bf16"``. ``max_batch_tokens``: most
+        tokens, padding included, in one forward pass (default: 8,192 on the CPU,
+        16,384 on a GPU)."""
+        if max_batch_tokens is not None and max_batch_tokens <= 0:
+            raise ValueError("max_batch_tokens must be positive")
         native = _native.Embedder(
-            models.resolve(model), device, dtype, max_batch_tokens, [str(p) for p in models.hub_caches()]
+            models.resolve(model), device, dtype, max_batch_tokens or 0, [str(p) for p in models.hub_caches()]
         )
         return cls(native)
 
@@ -123,6 +131,10 @@ class Embedder:
     def max_tokens(self) -> int:
         """Longest input in tokens, special tokens included."""
         return self._native.max_tokens
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self._native.max_batch_tokens
 
     @property
     def device(self) -> str:

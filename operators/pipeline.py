@@ -109,6 +109,7 @@ class Pipeline:
         self.max_message_bytes = max_message_bytes
         #: Payloads travel with dead letters only while the letter still fits a message.
         self.dlq_payload_cap = min(settings.dlq_payload_max_bytes, max_message_bytes - 64 * 1024)
+        self.batch_size = settings.micro_batch_size()
         self.counters = Counters()
         self._count_lock = threading.Lock()
         self._last_report = time.monotonic()
@@ -117,7 +118,7 @@ class Pipeline:
 
     def process(self, batch: list[InputMessage]) -> list[OutputMessage]:
         metrics.BATCH_EVENTS.observe(len(batch))
-        metrics.BATCH_FILL.observe(len(batch) / self.settings.batch_size)
+        metrics.BATCH_FILL.observe(len(batch) / self.batch_size)
         work = [_Work(m) for m in batch]
         with metrics.STAGE_SECONDS.labels("decode").time():
             for w in work:

@@ -12,6 +12,7 @@ from conftest import DATA
 
 import operators
 from operators import Embedder
+from operators.config import Settings
 
 
 def load_reference(path):
@@ -134,10 +135,24 @@ def test_missing_model_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_unsupported_settings_are_rejected_clearly():
+    with pytest.raises(operators.UnsupportedError, match="needs a GPU"):
+        Embedder.load(DATA / "tiny-bert-cls", dtype="bf16")
     with pytest.raises(operators.UnsupportedError, match="dtype"):
-        Embedder.load(DATA / "tiny-bert-cls", dtype="f16")
+        Embedder.load(DATA / "tiny-bert-cls", dtype="f64")
     with pytest.raises(operators.UnsupportedError, match="device"):
         Embedder.load(DATA / "tiny-bert-cls", device="tpu")
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Embedder.load(DATA / "tiny-bert-cls", max_batch_tokens=0)
+
+
+@pytest.mark.skipif(operators._native.cuda_built(), reason="this build has CUDA")
+def test_cpu_build_explains_how_to_get_cuda_and_auto_falls_back():
+    with pytest.raises(operators.UnsupportedError, match=r"no CUDA support.*build-wheel\.sh"):
+        Embedder.load(DATA / "tiny-bert-cls", device="cuda:0")
+    auto = Embedder.load(DATA / "tiny-bert-cls", device="auto")
+    assert (auto.device, auto.max_batch_tokens) == ("cpu", 8192)
+    assert Settings(device="auto").micro_batch_size() == 64
+    assert Settings(device="auto", batch_size=7).micro_batch_size() == 7
 
 
 def test_invalid_model_files(tmp_path):

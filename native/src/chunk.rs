@@ -32,26 +32,44 @@ pub struct Chunker {
 
 impl Chunker {
     /// `tokenizer` must not truncate. `max_tokens` includes the special tokens.
-    pub fn new(tokenizer: Tokenizer, max_tokens: usize, overlap_tokens: usize) -> Result<Self, EmbedError> {
+    pub fn new(
+        tokenizer: Tokenizer,
+        max_tokens: usize,
+        overlap_tokens: usize,
+    ) -> Result<Self, EmbedError> {
         let special = tokenizer
             .encode("", true)
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?
             .len();
-        let capacity = max_tokens.checked_sub(special).filter(|c| *c >= 4).ok_or_else(|| {
-            EmbedError::Unsupported(format!(
+        let capacity = max_tokens
+            .checked_sub(special)
+            .filter(|c| *c >= 4)
+            .ok_or_else(|| {
+                EmbedError::Unsupported(format!(
                 "max_tokens {max_tokens} leaves no room for text after {special} special tokens"
             ))
-        })?;
+            })?;
         let config = ChunkConfig::new(capacity)
             .with_sizer(tokenizer.clone())
             .with_overlap(overlap_tokens)
-            .map_err(|e| EmbedError::Unsupported(format!("overlap_tokens {overlap_tokens}: {e}")))?;
-        Ok(Self { splitter: TextSplitter::new(config), tokenizer, max_tokens, overlap_tokens })
+            .map_err(|e| {
+                EmbedError::Unsupported(format!("overlap_tokens {overlap_tokens}: {e}"))
+            })?;
+        Ok(Self {
+            splitter: TextSplitter::new(config),
+            tokenizer,
+            max_tokens,
+            overlap_tokens,
+        })
     }
 
     /// Chunks `text`. With `pages` (code-point spans), chunks never cross a page and
     /// carry its 1-based number.
-    pub fn chunk(&self, text: &str, pages: Option<&[(usize, usize)]>) -> Result<Vec<Chunk>, EmbedError> {
+    pub fn chunk(
+        &self,
+        text: &str,
+        pages: Option<&[(usize, usize)]>,
+    ) -> Result<Vec<Chunk>, EmbedError> {
         let mut spans: Vec<(usize, usize, Option<usize>)> = Vec::new();
         match pages {
             Some(pages) => {
@@ -64,7 +82,11 @@ impl Chunker {
                     };
                     for c in self.splitter.chunk_char_indices(&text[b0..b1]) {
                         let char_start = start + c.char_offset;
-                        spans.push((char_start, char_start + c.chunk.chars().count(), Some(n + 1)));
+                        spans.push((
+                            char_start,
+                            char_start + c.chunk.chars().count(),
+                            Some(n + 1),
+                        ));
                     }
                 }
             }
@@ -85,7 +107,13 @@ impl Chunker {
                     .encode_fast(piece, true)
                     .map_err(|e| EmbedError::Tokenizer(e.to_string()))?
                     .len();
-                Ok(Chunk { index, char_start, char_end, page, n_tokens })
+                Ok(Chunk {
+                    index,
+                    char_start,
+                    char_end,
+                    page,
+                    n_tokens,
+                })
             })
             .collect()
     }
@@ -93,5 +121,8 @@ impl Chunker {
 
 /// Byte offset of every code point, plus one past the end.
 fn char_to_byte_offsets(text: &str) -> Vec<usize> {
-    text.char_indices().map(|(b, _)| b).chain(std::iter::once(text.len())).collect()
+    text.char_indices()
+        .map(|(b, _)| b)
+        .chain(std::iter::once(text.len()))
+        .collect()
 }

@@ -51,7 +51,10 @@ pub struct ExtractError {
 
 impl ExtractError {
     pub fn new(reason: Reason, message: impl Into<String>) -> Self {
-        Self { reason, message: message.into() }
+        Self {
+            reason,
+            message: message.into(),
+        }
     }
     pub fn corrupt(message: impl Into<String>) -> Self {
         Self::new(Reason::Corrupt, message)

@@ -44,14 +44,20 @@ pub struct Budget {
 impl Budget {
     pub fn start(limits: &Limits) -> Self {
         let limit = Duration::from_millis(limits.timeout_ms);
-        Self { deadline: Instant::now() + limit, limit }
+        Self {
+            deadline: Instant::now() + limit,
+            limit,
+        }
     }
 
     pub fn check(&self) -> Result<(), ExtractError> {
         if Instant::now() > self.deadline {
             Err(ExtractError::new(
                 Reason::Timeout,
-                format!("extraction exceeded its time budget of {} ms", self.limit.as_millis()),
+                format!(
+                    "extraction exceeded its time budget of {} ms",
+                    self.limit.as_millis()
+                ),
             ))
         } else {
             Ok(())

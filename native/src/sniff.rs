@@ -24,7 +24,9 @@ pub fn normalize(declared: &str) -> (String, Option<String>) {
     let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
     let charset = parts.find_map(|p| {
         let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("charset").then(|| v.trim().trim_matches('"').to_string())
+        k.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| v.trim().trim_matches('"').to_string())
     });
     let essence = match essence.as_str() {
         "text/x-markdown" | "text/md" => MARKDOWN.to_string(),
@@ -76,7 +78,11 @@ fn by_magic(data: &[u8]) -> Option<&'static str> {
         Some(CFB)
     } else if data.starts_with(b"PK\x03\x04") {
         // A DOCX names its main part in the central directory; any other zip is not ours.
-        Some(if find(data, b"word/document.xml").is_some() { DOCX } else { ZIP })
+        Some(if find(data, b"word/document.xml").is_some() {
+            DOCX
+        } else {
+            ZIP
+        })
     } else {
         None
     }
@@ -86,7 +92,9 @@ fn looks_like_html(data: &[u8]) -> bool {
     let head = &data[..data.len().min(1024)];
     let lower = head.to_ascii_lowercase();
     let trimmed = lower.trim_ascii_start();
-    let trimmed = trimmed.strip_prefix(b"\xef\xbb\xbf".as_slice()).unwrap_or(trimmed);
+    let trimmed = trimmed
+        .strip_prefix(b"\xef\xbb\xbf".as_slice())
+        .unwrap_or(trimmed);
     trimmed.starts_with(b"<!doctype html")
         || trimmed.starts_with(b"<html")
         || find(&lower, b"<html").is_some()
@@ -125,7 +133,10 @@ mod tests {
 
     #[test]
     fn normalizes_declared_types() {
-        assert_eq!(normalize("Text/HTML; charset=\"UTF-8\""), (HTML.into(), Some("UTF-8".into())));
+        assert_eq!(
+            normalize("Text/HTML; charset=\"UTF-8\""),
+            (HTML.into(), Some("UTF-8".into()))
+        );
         assert_eq!(normalize("image/jpg").0, JPEG);
     }
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
-use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
 use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -44,23 +46,32 @@ fn usize_of(v: &Value, key: &str, section: &str) -> Result<usize, EmbedError> {
     get(v, key, section)?
         .as_u64()
         .map(|n| n as usize)
-        .ok_or_else(|| EmbedError::InvalidModel(format!("config.json: {section}.{key} is not a number")))
+        .ok_or_else(|| {
+            EmbedError::InvalidModel(format!("config.json: {section}.{key} is not a number"))
+        })
 }
 
 fn activation(v: &Value, section: &str) -> Result<Activation, EmbedError> {
-    match v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu") {
+    match v
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("quick_gelu")
+    {
         "quick_gelu" => Ok(Activation::QuickGelu),
-        other => Err(EmbedError::InvalidModel(format!("{section}.hidden_act {other:?} is not supported (quick_gelu)"))),
+        other => Err(EmbedError::InvalidModel(format!(
+            "{section}.hidden_act {other:?} is not supported (quick_gelu)"
+        ))),
     }
 }
 
 impl ClipEmbedder {
     pub fn load(dir: &Path, device: &str, dtype: &str) -> Result<Self, EmbedError> {
-        if device != "cpu" {
-            return Err(EmbedError::Unsupported(format!("device {device:?} is not available (available: \"cpu\")")));
-        }
+        // CLIP runs in f32 on any device: candle's CLIP graph has no reduced-precision care.
+        let (device, _) = super::select_device(device)?;
         if dtype != "f32" {
-            return Err(EmbedError::Unsupported(format!("dtype {dtype:?} is not supported for CLIP: use \"f32\"")));
+            return Err(EmbedError::Unsupported(format!(
+                "dtype {dtype:?} is not supported for CLIP: use \"f32\""
+            )));
         }
         if !dir.is_dir() {
             return Err(EmbedError::ModelNotFound(format!(
@@ -69,14 +80,24 @@ impl ClipEmbedder {
                 dir.display()
             )));
         }
-        for file in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"] {
+        for file in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "preprocessor_config.json",
+        ] {
             if !dir.join(file).is_file() {
-                return Err(EmbedError::ModelNotFound(format!("{} has no {file}", dir.display())));
+                return Err(EmbedError::ModelNotFound(format!(
+                    "{} has no {file}",
+                    dir.display()
+                )));
             }
         }
         let config = model_dir::read_json(&dir.join("config.json"))?.unwrap_or_default();
         if config.get("model_type").and_then(Value::as_str) != Some("clip") {
-            return Err(EmbedError::InvalidModel("config.json: model_type is not \"clip\"".into()));
+            return Err(EmbedError::InvalidModel(
+                "config.json: model_type is not \"clip\"".into(),
+            ));
         }
         let text = get(&config, "text_config", "config")?;
         let vision = get(&config, "vision_config", "config")?;
@@ -103,8 +124,14 @@ impl ClipEmbedder {
             image_size: usize_of(vision, "image_size", "vision_config")?,
             patch_size: usize_of(vision, "patch_size", "vision_config")?,
         };
-        let eos_token_id = text.get("eos_token_id").and_then(Value::as_u64).unwrap_or(2) as u32;
-        let pad_token_id = text.get("pad_token_id").and_then(Value::as_u64).unwrap_or(eos_token_id as u64) as u32;
+        let eos_token_id = text
+            .get("eos_token_id")
+            .and_then(Value::as_u64)
+            .unwrap_or(2) as u32;
+        let pad_token_id = text
+            .get("pad_token_id")
+            .and_then(Value::as_u64)
+            .unwrap_or(eos_token_id as u64) as u32;
         let max_tokens = text_config.max_position_embeddings;
 
         let preprocessor = Preprocessor::from_file(&dir.join("preprocessor_config.json"))?;
@@ -112,16 +139,26 @@ impl ClipEmbedder {
 
         let weights = dir.join("model.safetensors");
         let model_revision = file_digest(&weights)?;
-        let device = Device::Cpu;
         // SAFETY: read-only mapping of the weights, as every mmap loader does.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device)? };
-        let invalid = |e: candle_core::Error| EmbedError::InvalidModel(format!("{}: {e}", weights.display()));
-        let text_model = ClipTextTransformer::new(vb.pp("text_model"), &text_config).map_err(invalid)?;
-        let vision_model = ClipVisionTransformer::new(vb.pp("vision_model"), &vision_config).map_err(invalid)?;
-        let text_projection =
-            linear_no_bias(text_config.embed_dim, projection_dim, vb.pp("text_projection")).map_err(invalid)?;
-        let visual_projection =
-            linear_no_bias(vision_config.embed_dim, projection_dim, vb.pp("visual_projection")).map_err(invalid)?;
+        let invalid =
+            |e: candle_core::Error| EmbedError::InvalidModel(format!("{}: {e}", weights.display()));
+        let text_model =
+            ClipTextTransformer::new(vb.pp("text_model"), &text_config).map_err(invalid)?;
+        let vision_model =
+            ClipVisionTransformer::new(vb.pp("vision_model"), &vision_config).map_err(invalid)?;
+        let text_projection = linear_no_bias(
+            text_config.embed_dim,
+            projection_dim,
+            vb.pp("text_projection"),
+        )
+        .map_err(invalid)?;
+        let visual_projection = linear_no_bias(
+            vision_config.embed_dim,
+            projection_dim,
+            vb.pp("visual_projection"),
+        )
+        .map_err(invalid)?;
         Ok(Self {
             text_model,
             vision_model,
@@ -151,7 +188,10 @@ impl ClipEmbedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 
     /// Projected text features, `texts.len() * dim` floats.
@@ -172,7 +212,11 @@ impl ClipEmbedder {
                 // whose eos_token_id is 2, as transformers does); the causal mask keeps
                 // the padding after it from mattering.
                 let pos = if self.eos_token_id == 2 {
-                    ids[i].iter().enumerate().max_by_key(|(k, &v)| (v, std::cmp::Reverse(*k))).map(|(k, _)| k)
+                    ids[i]
+                        .iter()
+                        .enumerate()
+                        .max_by_key(|(k, &v)| (v, std::cmp::Reverse(*k)))
+                        .map(|(k, _)| k)
                 } else {
                     ids[i].iter().position(|&t| t == self.eos_token_id)
                 };
@@ -181,11 +225,19 @@ impl ClipEmbedder {
             let input = Tensor::from_vec(flat, (batch.len(), width), &self.device)?;
             let hidden = self.text_model.forward_with_mask(&input, usize::MAX)?;
             let pooled = Tensor::cat(
-                &eos_at.iter().enumerate().map(|(row, &pos)| hidden.i((row, pos))?.unsqueeze(0)).collect::<Result<Vec<_>, _>>()?,
+                &eos_at
+                    .iter()
+                    .enumerate()
+                    .map(|(row, &pos)| hidden.i((row, pos))?.unsqueeze(0))
+                    .collect::<Result<Vec<_>, _>>()?,
                 0,
             )?;
             let features = self.text_projection.forward(&pooled)?;
-            let features = if normalize { l2_normalize(&features)? } else { features };
+            let features = if normalize {
+                l2_normalize(&features)?
+            } else {
+                features
+            };
             for (row, &i) in batch.iter().enumerate() {
                 rows[i] = features.i(row)?.to_vec1::<f32>()?;
             }
@@ -197,14 +249,27 @@ impl ClipEmbedder {
     }
 
     /// Projected image features, `images.len() * dim` floats.
-    pub fn embed_images(&self, images: &[&RgbImage], normalize: bool) -> Result<Vec<f32>, EmbedError> {
+    pub fn embed_images(
+        &self,
+        images: &[&RgbImage],
+        normalize: bool,
+    ) -> Result<Vec<f32>, EmbedError> {
         let mut out = Vec::with_capacity(images.len() * self.dim);
         for batch in images.chunks(self.max_batch_images) {
-            let pixels: Vec<f32> = batch.iter().flat_map(|img| self.preprocessor.pixel_values(img)).collect();
+            let pixels: Vec<f32> = batch
+                .iter()
+                .flat_map(|img| self.preprocessor.pixel_values(img))
+                .collect();
             let (c, h, w) = self.preprocessor.shape();
             let input = Tensor::from_vec(pixels, (batch.len(), c, h, w), &self.device)?;
-            let features = self.visual_projection.forward(&self.vision_model.forward(&input)?)?;
-            let features = if normalize { l2_normalize(&features)? } else { features };
+            let features = self
+                .visual_projection
+                .forward(&self.vision_model.forward(&input)?)?;
+            let features = if normalize {
+                l2_normalize(&features)?
+            } else {
+                features
+            };
             out.extend(features.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(out)
@@ -212,6 +277,10 @@ impl ClipEmbedder {
 }
 
 fn l2_normalize(v: &Tensor) -> candle_core::Result<Tensor> {
-    let norms = v.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norms = v
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     v.broadcast_div(&norms)
 }

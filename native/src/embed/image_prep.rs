@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::resample::{resize_rgb, Filter};
 use super::model_dir::read_json;
+use super::resample::{resize_rgb, Filter};
 use crate::error::EmbedError;
 use crate::extract::RgbImage;
 
@@ -22,14 +22,20 @@ pub struct Preprocessor {
 
 impl Preprocessor {
     pub fn from_file(path: &Path) -> Result<Self, EmbedError> {
-        let c = read_json(path)?.ok_or_else(|| EmbedError::ModelNotFound(format!("{} is missing", path.display())))?;
+        let c = read_json(path)?
+            .ok_or_else(|| EmbedError::ModelNotFound(format!("{} is missing", path.display())))?;
         let int = |v: Option<&Value>| v.and_then(Value::as_u64).map(|n| n as u32);
         let size = c.get("size");
         let shortest_edge = int(size.and_then(|s| s.get("shortest_edge")))
             .or_else(|| int(size))
-            .ok_or_else(|| EmbedError::InvalidModel("preprocessor_config.json: no size.shortest_edge".into()))?;
+            .ok_or_else(|| {
+                EmbedError::InvalidModel("preprocessor_config.json: no size.shortest_edge".into())
+            })?;
         let crop = c.get("crop_size");
-        let crop = match (int(crop.and_then(|s| s.get("height"))), int(crop.and_then(|s| s.get("width")))) {
+        let crop = match (
+            int(crop.and_then(|s| s.get("height"))),
+            int(crop.and_then(|s| s.get("width"))),
+        ) {
             (Some(h), Some(w)) => (h, w),
             _ => {
                 let side = int(crop).unwrap_or(shortest_edge);
@@ -45,12 +51,17 @@ impl Preprocessor {
         };
         let code = c.get("resample").and_then(Value::as_u64).unwrap_or(3);
         let filter = Filter::from_pil(code).ok_or_else(|| {
-            EmbedError::InvalidModel(format!("preprocessor_config.json: resample {code} is not supported (1, 2, 3)"))
+            EmbedError::InvalidModel(format!(
+                "preprocessor_config.json: resample {code} is not supported (1, 2, 3)"
+            ))
         })?;
         Ok(Self {
             shortest_edge,
             crop,
-            rescale: c.get("rescale_factor").and_then(Value::as_f64).unwrap_or(1.0 / 255.0) as f32,
+            rescale: c
+                .get("rescale_factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0 / 255.0) as f32,
             mean: triple("image_mean", [0.481_454_7, 0.457_827_5, 0.408_210_7]),
             std: triple("image_std", [0.268_629_5, 0.261_302_6, 0.275_777_1]),
             filter,
@@ -71,7 +82,14 @@ impl Preprocessor {
         } else {
             (((s as u64 * w as u64) / h as u64).max(1) as u32, s)
         };
-        let resized = resize_rgb(&img.data, w as usize, h as usize, nw as usize, nh as usize, self.filter);
+        let resized = resize_rgb(
+            &img.data,
+            w as usize,
+            h as usize,
+            nw as usize,
+            nh as usize,
+            self.filter,
+        );
         let (ch, cw) = self.crop;
         let top = nh.saturating_sub(ch) / 2;
         let left = nw.saturating_sub(cw) / 2;
@@ -89,7 +107,8 @@ impl Preprocessor {
                 };
                 let at = (y * cw + x) as usize;
                 for c in 0..3 {
-                    out[c * plane + at] = (px[c] as f32 * self.rescale - self.mean[c]) / self.std[c];
+                    out[c * plane + at] =
+                        (px[c] as f32 * self.rescale - self.mean[c]) / self.std[c];
                 }
             }
         }

@@ -30,7 +30,10 @@ pub fn locate(model: &str, hub_caches: &[PathBuf]) -> Result<PathBuf, EmbedError
     if path.is_dir() {
         return check_files(path);
     }
-    if let Some((org, name)) = model.split_once('/').filter(|_| !model.starts_with(['.', '/'])) {
+    if let Some((org, name)) = model
+        .split_once('/')
+        .filter(|_| !model.starts_with(['.', '/']))
+    {
         for cache in hub_caches {
             let repo = cache.join(format!("models--{org}--{name}"));
             if let Some(snapshot) = hub_snapshot(&repo) {
@@ -42,7 +45,11 @@ pub fn locate(model: &str, hub_caches: &[PathBuf]) -> Result<PathBuf, EmbedError
         "model {model:?} not found: not a directory, and not in a Hugging Face hub cache \
          (looked in {}). Give a local directory with config.json, model.safetensors and \
          tokenizer.json, or run `embedstream models pull` for the default model.",
-        hub_caches.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        hub_caches
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     )))
 }
 
@@ -85,13 +92,21 @@ pub fn model_id(dir: &Path) -> String {
     {
         return id;
     }
-    let parts: Vec<_> = dir.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let parts: Vec<_> = dir
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
     if let Some(pos) = parts.iter().rposition(|p| p == "snapshots") {
-        if let Some(repo) = pos.checked_sub(1).and_then(|i| parts[i].strip_prefix("models--")) {
+        if let Some(repo) = pos
+            .checked_sub(1)
+            .and_then(|i| parts[i].strip_prefix("models--"))
+        {
             return repo.replacen("--", "/", 1);
         }
     }
-    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }
 
 pub fn read_json(path: &Path) -> Result<Option<Value>, EmbedError> {
@@ -108,9 +123,20 @@ pub fn read_json(path: &Path) -> Result<Option<Value>, EmbedError> {
 /// sentence-transformers writes, never from the tokenizer's baked-in truncation.
 pub fn settings(dir: &Path, max_position_embeddings: usize) -> Result<Settings, EmbedError> {
     let modules = read_json(&dir.join("modules.json"))?;
-    let modules = modules.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
-    let module_type = |m: &Value| m.get("type").and_then(Value::as_str).unwrap_or("").to_string();
-    let normalize = modules.iter().any(|m| module_type(m).ends_with("Normalize"));
+    let modules = modules
+        .as_ref()
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let module_type = |m: &Value| {
+        m.get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let normalize = modules
+        .iter()
+        .any(|m| module_type(m).ends_with("Normalize"));
     let pooling_dir = modules
         .iter()
         .find(|m| module_type(m).ends_with("Pooling"))
@@ -123,7 +149,10 @@ pub fn settings(dir: &Path, max_position_embeddings: usize) -> Result<Settings, 
 
     let sbert = read_json(&dir.join("sentence_bert_config.json"))?;
     let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
-    let from_sbert = sbert.as_ref().and_then(|c| c.get("max_seq_length")).and_then(Value::as_u64);
+    let from_sbert = sbert
+        .as_ref()
+        .and_then(|c| c.get("max_seq_length"))
+        .and_then(Value::as_u64);
     let from_tokenizer = tokenizer_config
         .as_ref()
         .and_then(|c| c.get("model_max_length"))
@@ -136,7 +165,11 @@ pub fn settings(dir: &Path, max_position_embeddings: usize) -> Result<Settings, 
         .map(|n| n as usize)
         .unwrap_or(max_position_embeddings)
         .min(max_position_embeddings);
-    Ok(Settings { pooling, normalize, max_tokens })
+    Ok(Settings {
+        pooling,
+        normalize,
+        max_tokens,
+    })
 }
 
 fn pooling_mode(config: &Value) -> Result<Pooling, EmbedError> {
@@ -144,7 +177,9 @@ fn pooling_mode(config: &Value) -> Result<Pooling, EmbedError> {
         return match mode {
             "mean" => Ok(Pooling::Mean),
             "cls" => Ok(Pooling::Cls),
-            other => Err(EmbedError::InvalidModel(format!("pooling mode {other:?} is not supported (mean, cls)"))),
+            other => Err(EmbedError::InvalidModel(format!(
+                "pooling mode {other:?} is not supported (mean, cls)"
+            ))),
         };
     }
     let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);

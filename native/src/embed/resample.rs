@@ -46,8 +46,18 @@ impl Filter {
                 }
             }
             Filter::Lanczos => {
-                let sinc = |x: f64| if x == 0.0 { 1.0 } else { (x * std::f64::consts::PI).sin() / (x * std::f64::consts::PI) };
-                if x < 3.0 { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+                let sinc = |x: f64| {
+                    if x == 0.0 {
+                        1.0
+                    } else {
+                        (x * std::f64::consts::PI).sin() / (x * std::f64::consts::PI)
+                    }
+                };
+                if x < 3.0 {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
             }
         }
     }
@@ -92,7 +102,14 @@ fn clip8(v: i64) -> u8 {
 }
 
 /// Resizes an RGB8 image (`width * height * 3` bytes) to `new_width x new_height`.
-pub fn resize_rgb(data: &[u8], width: usize, height: usize, new_width: usize, new_height: usize, filter: Filter) -> Vec<u8> {
+pub fn resize_rgb(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    new_width: usize,
+    new_height: usize,
+    filter: Filter,
+) -> Vec<u8> {
     let round = 1i64 << (PRECISION_BITS - 1);
     // Horizontal pass (skipped when the width stays).
     let horizontal: Vec<u8> = if new_width != width {
@@ -148,7 +165,10 @@ mod tests {
     fn weights_sum_to_one_in_fixed_point() {
         for (xmin, k) in coefficients(640, 42, Filter::Bicubic) {
             let sum: i64 = k.iter().map(|&w| w as i64).sum();
-            assert!((sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{xmin}: {sum}");
+            assert!(
+                (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
+                "{xmin}: {sum}"
+            );
         }
     }
 }

@@ -18,9 +18,14 @@ pub fn extract(data: &[u8], limits: &Limits, budget: &Budget) -> Result<Document
     let mut zip = zip::ZipArchive::new(Cursor::new(data))
         .map_err(|e| ExtractError::corrupt(format!("not a readable zip archive: {e}")))?;
     if zip.len() > MAX_ZIP_ENTRIES {
-        return Err(ExtractError::too_large(format!("zip has {} entries", zip.len())));
+        return Err(ExtractError::too_large(format!(
+            "zip has {} entries",
+            zip.len()
+        )));
     }
-    let mut inflated = Inflated { left: limits.max_decompressed_bytes };
+    let mut inflated = Inflated {
+        left: limits.max_decompressed_bytes,
+    };
     let body = inflated
         .read(&mut zip, "word/document.xml")?
         .ok_or_else(|| ExtractError::corrupt("DOCX without word/document.xml"))?;
@@ -28,7 +33,9 @@ pub fn extract(data: &[u8], limits: &Limits, budget: &Budget) -> Result<Document
     let first_heading = body_text(&text::decode(&body, None), &mut out, budget)?;
     let core = inflated.read(&mut zip, "docProps/core.xml")?;
     let mut doc = Document::single_page(out.finish(), sniff::DOCX);
-    let properties = core.map(|c| core_properties(&text::decode(&c, None))).unwrap_or_default();
+    let properties = core
+        .map(|c| core_properties(&text::decode(&c, None)))
+        .unwrap_or_default();
     for (key, value) in properties {
         if key == "title" {
             doc.title = Some(value);
@@ -55,7 +62,10 @@ impl Inflated {
             Ok(entry) => entry,
             Err(zip::result::ZipError::FileNotFound) => return Ok(None),
             Err(zip::result::ZipError::UnsupportedArchive(msg)) if msg.contains("ncrypt") => {
-                return Err(ExtractError::new(crate::error::Reason::Encrypted, "encrypted zip member"))
+                return Err(ExtractError::new(
+                    crate::error::Reason::Encrypted,
+                    "encrypted zip member",
+                ))
             }
             Err(e) => return Err(ExtractError::corrupt(format!("{name}: {e}"))),
         };
@@ -82,7 +92,11 @@ impl Inflated {
 }
 
 /// Writes the body's text into `out`; returns the first Title/Heading paragraph.
-fn body_text(xml: &str, out: &mut TextBuilder, budget: &Budget) -> Result<Option<String>, ExtractError> {
+fn body_text(
+    xml: &str,
+    out: &mut TextBuilder,
+    budget: &Budget,
+) -> Result<Option<String>, ExtractError> {
     let mut reader = Reader::from_str(xml);
     let mut in_text = false;
     let mut table_depth = 0usize;
@@ -186,14 +200,21 @@ fn core_properties(xml: &str) -> Vec<(String, String)> {
         match event {
             Event::Start(e) => {
                 let name = e.local_name().as_ref().to_string();
-                current = matches!(name.as_str(), "title" | "creator" | "created" | "modified" | "subject")
-                    .then_some(name);
+                current = matches!(
+                    name.as_str(),
+                    "title" | "creator" | "created" | "modified" | "subject"
+                )
+                .then_some(name);
             }
             Event::Text(t) => {
                 if let Some(key) = current.take() {
                     let value = t.xml10_content().trim().to_string();
                     if !value.is_empty() {
-                        let key = if key == "creator" { "author".to_string() } else { key };
+                        let key = if key == "creator" {
+                            "author".to_string()
+                        } else {
+                            key
+                        };
                         found.push((key, value));
                     }
                 }

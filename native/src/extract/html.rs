@@ -15,9 +15,16 @@ use crate::error::ExtractError;
 use crate::limits::Budget;
 use crate::sniff;
 
-pub fn extract(data: &[u8], charset: Option<&str>, budget: &Budget) -> Result<Document, ExtractError> {
+pub fn extract(
+    data: &[u8],
+    charset: Option<&str>,
+    budget: &Budget,
+) -> Result<Document, ExtractError> {
     let source = text::decode_html(data, charset);
-    let sink = Sink { state: RefCell::new(State::default()), budget: *budget };
+    let sink = Sink {
+        state: RefCell::new(State::default()),
+        budget: *budget,
+    };
     let input = BufferQueue::default();
     input.push_back(StrTendril::from(source));
     let tokenizer = Tokenizer::new(sink, TokenizerOpts::default());
@@ -172,7 +179,10 @@ impl State {
         let key = attr(tag, "name").or_else(|| attr(tag, "property"));
         if let (Some(key), Some(content)) = (key, attr(tag, "content")) {
             let key = key.to_ascii_lowercase();
-            if matches!(key.as_str(), "description" | "author" | "keywords" | "og:title" | "og:description") {
+            if matches!(
+                key.as_str(),
+                "description" | "author" | "keywords" | "og:title" | "og:description"
+            ) {
                 self.metadata.insert(key, content.to_string());
             }
         }
@@ -180,23 +190,54 @@ impl State {
 }
 
 fn attr<'a>(tag: &'a Tag, name: &str) -> Option<&'a str> {
-    tag.attrs.iter().find(|a| &*a.name.local == name).map(|a| &*a.value)
+    tag.attrs
+        .iter()
+        .find(|a| &*a.name.local == name)
+        .map(|a| &*a.value)
 }
 
 fn is_paragraph(name: &str) -> bool {
     matches!(
         name,
-        "p" | "blockquote" | "table" | "ul" | "ol" | "dl" | "section" | "article" | "aside"
-            | "header" | "footer" | "nav" | "main" | "figure" | "form" | "fieldset" | "hr"
-            | "address" | "details"
+        "p" | "blockquote"
+            | "table"
+            | "ul"
+            | "ol"
+            | "dl"
+            | "section"
+            | "article"
+            | "aside"
+            | "header"
+            | "footer"
+            | "nav"
+            | "main"
+            | "figure"
+            | "form"
+            | "fieldset"
+            | "hr"
+            | "address"
+            | "details"
     )
 }
 
 fn is_block(name: &str) -> bool {
     matches!(
         name,
-        "div" | "li" | "tr" | "dt" | "dd" | "caption" | "figcaption" | "summary" | "option"
-            | "legend" | "body" | "center" | "thead" | "tbody" | "tfoot"
+        "div"
+            | "li"
+            | "tr"
+            | "dt"
+            | "dd"
+            | "caption"
+            | "figcaption"
+            | "summary"
+            | "option"
+            | "legend"
+            | "body"
+            | "center"
+            | "thead"
+            | "tbody"
+            | "tfoot"
     )
 }
 

@@ -22,7 +22,9 @@ pub fn extract(data: &[u8], mime_type: &str, limits: &Limits) -> Result<Document
     };
     let (width, height) = reader().into_dimensions().map_err(map_error)?;
     if width == 0 || height == 0 {
-        return Err(ExtractError::corrupt(format!("image of size {width}x{height}")));
+        return Err(ExtractError::corrupt(format!(
+            "image of size {width}x{height}"
+        )));
     }
     let pixels = u64::from(width) * u64::from(height);
     if pixels > limits.max_image_pixels {
@@ -38,7 +40,11 @@ pub fn extract(data: &[u8], mime_type: &str, limits: &Limits) -> Result<Document
     let mut doc = Document::single_page(String::new(), mime_type);
     doc.metadata.insert("width".into(), width.to_string());
     doc.metadata.insert("height".into(), height.to_string());
-    doc.image = Some(RgbImage { width, height, data });
+    doc.image = Some(RgbImage {
+        width,
+        height,
+        data,
+    });
     Ok(doc)
 }
 
@@ -47,7 +53,8 @@ pub fn extract(data: &[u8], mime_type: &str, limits: &Limits) -> Result<Document
 /// level or two. Anything else (CMYK, errors) is left to the `image` decoders.
 fn decode_jpeg(data: &[u8], limits: &Limits) -> Option<Vec<u8>> {
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(data));
-    decoder.set_max_decoding_buffer_size(limits.max_image_pixels.saturating_mul(4).try_into().ok()?);
+    decoder
+        .set_max_decoding_buffer_size(limits.max_image_pixels.saturating_mul(4).try_into().ok()?);
     let pixels = decoder.decode().ok()?;
     match decoder.info()?.pixel_format {
         jpeg_decoder::PixelFormat::RGB24 => Some(pixels),
@@ -59,7 +66,9 @@ fn decode_jpeg(data: &[u8], limits: &Limits) -> Option<Vec<u8>> {
 fn map_error(e: ImageError) -> ExtractError {
     match e {
         ImageError::Limits(l) => ExtractError::too_large(format!("image: {l}")),
-        ImageError::Unsupported(u) => ExtractError::new(Reason::UnsupportedType, format!("image: {u}")),
+        ImageError::Unsupported(u) => {
+            ExtractError::new(Reason::UnsupportedType, format!("image: {u}"))
+        }
         other => ExtractError::corrupt(format!("image: {other}")),
     }
 }

@@ -85,7 +85,10 @@ mod tests {
     fn keeps_text_and_headings_drops_markup() {
         let md = "# Title\n\nSome *emphasis* and [a link](http://x).\n\n## Part\n\n- one\n- two\n\n<div>raw</div>\n";
         let doc = extract(md, &Budget::start(&Limits::default())).unwrap();
-        assert_eq!(doc.text, "Title\n\nSome emphasis and a link.\n\n\nPart\n\none\ntwo");
+        assert_eq!(
+            doc.text,
+            "Title\n\nSome emphasis and a link.\n\n\nPart\n\none\ntwo"
+        );
         assert_eq!(doc.title.as_deref(), Some("Title"));
     }
 }

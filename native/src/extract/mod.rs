@@ -89,12 +89,18 @@ pub fn extract(
         other => {
             return Err(ExtractError::new(
                 Reason::UnsupportedType,
-                format!("unsupported media type {other:?}; supported: {}", sniff::SUPPORTED.join(", ")),
+                format!(
+                    "unsupported media type {other:?}; supported: {}",
+                    sniff::SUPPORTED.join(", ")
+                ),
             ))
         }
     };
     if doc.image.is_none() && doc.text.trim().is_empty() {
-        return Err(ExtractError::new(Reason::Empty, format!("no text found in {} document", doc.mime_type)));
+        return Err(ExtractError::new(
+            Reason::Empty,
+            format!("no text found in {} document", doc.mime_type),
+        ));
     }
     Ok(doc)
 }

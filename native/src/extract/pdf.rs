@@ -44,13 +44,17 @@ pub fn extract(data: &[u8], limits: &Limits, budget: &Budget) -> Result<Document
     }
     let mut document = Document::single_page(text, sniff::PDF);
     document.pages = pages;
-    document.metadata.insert("page_count".into(), page_count.to_string());
+    document
+        .metadata
+        .insert("page_count".into(), page_count.to_string());
     Ok(document)
 }
 
 fn map_error(e: pdf_oxide::error::Error) -> ExtractError {
     let message = e.to_string();
-    if matches!(e, pdf_oxide::error::Error::EncryptedPdf) || message.to_ascii_lowercase().contains("password") {
+    if matches!(e, pdf_oxide::error::Error::EncryptedPdf)
+        || message.to_ascii_lowercase().contains("password")
+    {
         ExtractError::new(Reason::Encrypted, message)
     } else {
         ExtractError::corrupt(format!("PDF: {message}"))

@@ -7,13 +7,19 @@ use encoding_rs::{Encoding, UTF_8, WINDOWS_1252};
 /// the bytes are valid UTF-8, else Windows-1252. Line endings become `\n`.
 pub fn decode(data: &[u8], charset: Option<&str>) -> String {
     let text = if let Some((encoding, bom_len)) = Encoding::for_bom(data) {
-        encoding.decode_without_bom_handling(&data[bom_len..]).0.into_owned()
+        encoding
+            .decode_without_bom_handling(&data[bom_len..])
+            .0
+            .into_owned()
     } else if let Some(encoding) = charset.and_then(|c| Encoding::for_label(c.as_bytes())) {
         encoding.decode_without_bom_handling(data).0.into_owned()
     } else if let Ok(s) = std::str::from_utf8(data) {
         s.to_owned()
     } else {
-        WINDOWS_1252.decode_without_bom_handling(data).0.into_owned()
+        WINDOWS_1252
+            .decode_without_bom_handling(data)
+            .0
+            .into_owned()
     };
     normalize_newlines(text)
 }
@@ -21,7 +27,10 @@ pub fn decode(data: &[u8], charset: Option<&str>) -> String {
 /// Decodes HTML, also honouring a `<meta charset>` declaration in its first KiB.
 pub fn decode_html(data: &[u8], charset: Option<&str>) -> String {
     let declared = charset.map(str::to_owned).or_else(|| meta_charset(data));
-    match declared.as_deref().and_then(|c| Encoding::for_label(c.as_bytes())) {
+    match declared
+        .as_deref()
+        .and_then(|c| Encoding::for_label(c.as_bytes()))
+    {
         // Pages often declare UTF-8 and are not; keep the never-fail fallback.
         Some(enc) if enc == UTF_8 => decode(data, None),
         Some(enc) => decode(data, Some(enc.name())),
@@ -33,7 +42,10 @@ fn meta_charset(data: &[u8]) -> Option<String> {
     let head = data[..data.len().min(1024)].to_ascii_lowercase();
     let at = crate::sniff::find(&head, b"charset=")? + b"charset=".len();
     let rest = &head[at..];
-    let rest = rest.strip_prefix(b"\"").or_else(|| rest.strip_prefix(b"'")).unwrap_or(rest);
+    let rest = rest
+        .strip_prefix(b"\"")
+        .or_else(|| rest.strip_prefix(b"'"))
+        .unwrap_or(rest);
     let end = rest
         .iter()
         .position(|b| matches!(b, b'"' | b'\'' | b';' | b'>' | b' ' | b'/'))
@@ -67,6 +79,9 @@ mod tests {
 
     #[test]
     fn meta_charset_is_honoured() {
-        assert_eq!(decode_html(b"<meta charset=\"iso-8859-1\"><p>\xe9", None), "<meta charset=\"iso-8859-1\"><p>é");
+        assert_eq!(
+            decode_html(b"<meta charset=\"iso-8859-1\"><p>\xe9", None),
+            "<meta charset=\"iso-8859-1\"><p>é"
+        );
     }
 }

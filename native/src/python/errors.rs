@@ -21,7 +21,11 @@ fn exception(py: Python<'_>, class: &str, args: &[String]) -> PyErr {
 }
 
 pub fn extract_error(py: Python<'_>, e: ExtractError) -> PyErr {
-    exception(py, "ExtractionError", &[e.reason.as_str().to_string(), e.message])
+    exception(
+        py,
+        "ExtractionError",
+        &[e.reason.as_str().to_string(), e.message],
+    )
 }
 
 pub fn embed_error(py: Python<'_>, e: EmbedError) -> PyErr {
@@ -54,13 +58,19 @@ pub fn run_extraction<T: Send>(
         Ok(Err(e)) => Err(extract_error(py, e)),
         Err(payload) => Err(extract_error(
             py,
-            ExtractError::new(Reason::Corrupt, format!("parser failed: {}", panic_message(payload))),
+            ExtractError::new(
+                Reason::Corrupt,
+                format!("parser failed: {}", panic_message(payload)),
+            ),
         )),
     }
 }
 
 /// Runs `work` without the GIL; a panic becomes an `EmbeddingError`.
-pub fn run_model<T: Send>(py: Python<'_>, work: impl FnOnce() -> Result<T, EmbedError> + Send) -> PyResult<T> {
+pub fn run_model<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce() -> Result<T, EmbedError> + Send,
+) -> PyResult<T> {
     match py.detach(|| catch_unwind(AssertUnwindSafe(work))) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(embed_error(py, e)),

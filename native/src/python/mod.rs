@@ -12,8 +12,8 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::chunk;
 use crate::embed::clip::ClipEmbedder;
 use crate::embed::{self, LoadOptions, Pooling};
-use crate::extract::RgbImage;
 use crate::extract as core_extract;
+use crate::extract::RgbImage;
 use crate::limits::Limits;
 use errors::{run_extraction, run_model};
 
@@ -30,7 +30,13 @@ fn extract<'py>(
     limits: LimitsTuple,
 ) -> PyResult<Bound<'py, PyDict>> {
     let (max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms) = limits;
-    let limits = Limits { max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms };
+    let limits = Limits {
+        max_input_bytes,
+        max_pages,
+        max_decompressed_bytes,
+        max_image_pixels,
+        timeout_ms,
+    };
     let mime_type = mime_type.map(str::to_owned);
     let filename = filename.map(str::to_owned);
     let doc = run_extraction(py, || {
@@ -42,7 +48,9 @@ fn extract<'py>(
     out.set_item("pages", doc.pages)?;
     out.set_item("title", doc.title)?;
     out.set_item("metadata", doc.metadata)?;
-    let image = doc.image.map(|i| (i.width, i.height, PyBytes::new(py, &i.data)));
+    let image = doc
+        .image
+        .map(|i| (i.width, i.height, PyBytes::new(py, &i.data)));
     out.set_item("image", image)?;
     Ok(out)
 }
@@ -51,6 +59,21 @@ fn extract<'py>(
 #[pyo3(signature = (data, filename=None))]
 fn sniff(data: &[u8], filename: Option<&str>) -> &'static str {
     crate::sniff::sniff(data, filename)
+}
+
+/// The canonical name of the device `name` selects (`"auto"` → `"cuda:0"` or
+/// `"cpu"`); raises if it cannot be used in this build or on this machine.
+#[pyfunction]
+fn resolve_device(py: Python<'_>, name: String) -> PyResult<String> {
+    run_model(py, || {
+        embed::select_device(&name).map(|(_, canonical)| canonical)
+    })
+}
+
+/// Whether this build has the CUDA backend compiled in.
+#[pyfunction]
+fn cuda_built() -> bool {
+    candle_core::utils::cuda_is_available()
 }
 
 #[pyclass(frozen, name = "Embedder", module = "operators._native")]
@@ -70,19 +93,29 @@ impl PyEmbedder {
         max_batch_tokens: usize,
         hub_caches: Vec<PathBuf>,
     ) -> PyResult<Self> {
-        let options = LoadOptions { device, dtype, max_batch_tokens, hub_caches };
+        let options = LoadOptions {
+            device,
+            dtype,
+            max_batch_tokens,
+            hub_caches,
+        };
         let inner = run_model(py, || embed::Embedder::load(&model, &options))?;
         Ok(Self { inner })
     }
 
-    fn embed<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let dim = self.inner.dim;
         let rows = texts.len();
         let flat = run_model(py, || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             self.inner.embed(&refs)
         })?;
-        let array = Array2::from_shape_vec((rows, dim), flat).expect("embed returns rows * dim floats");
+        let array =
+            Array2::from_shape_vec((rows, dim), flat).expect("embed returns rows * dim floats");
         Ok(array.into_pyarray(py))
     }
 
@@ -93,9 +126,16 @@ impl PyEmbedder {
         })
     }
 
-    fn chunker(&self, py: Python<'_>, max_tokens: usize, overlap_tokens: usize) -> PyResult<PyChunker> {
+    fn chunker(
+        &self,
+        py: Python<'_>,
+        max_tokens: usize,
+        overlap_tokens: usize,
+    ) -> PyResult<PyChunker> {
         let tokenizer = self.inner.counting_tokenizer();
-        let inner = run_model(py, || chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens))?;
+        let inner = run_model(py, || {
+            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens)
+        })?;
         Ok(PyChunker { inner })
     }
 
@@ -163,7 +203,11 @@ fn rgb_images(images: Vec<ImageTuple>) -> PyResult<Vec<RgbImage>> {
                     data.len()
                 )))
             } else {
-                Ok(RgbImage { width, height, data })
+                Ok(RgbImage {
+                    width,
+                    height,
+                    data,
+                })
             }
         })
         .collect()
@@ -185,8 +229,13 @@ impl PyImageEmbedder {
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let images = rgb_images(images)?;
         let rows = images.len();
-        let flat = run_model(py, || self.inner.embed_images(&images.iter().collect::<Vec<_>>(), normalize))?;
-        Ok(Array2::from_shape_vec((rows, self.inner.dim), flat).expect("rows * dim").into_pyarray(py))
+        let flat = run_model(py, || {
+            self.inner
+                .embed_images(&images.iter().collect::<Vec<_>>(), normalize)
+        })?;
+        Ok(Array2::from_shape_vec((rows, self.inner.dim), flat)
+            .expect("rows * dim")
+            .into_pyarray(py))
     }
 
     fn embed_texts<'py>(
@@ -197,13 +246,21 @@ impl PyImageEmbedder {
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let rows = texts.len();
         let flat = run_model(py, || {
-            self.inner.embed_texts(&texts.iter().map(String::as_str).collect::<Vec<_>>(), normalize)
+            self.inner.embed_texts(
+                &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+                normalize,
+            )
         })?;
-        Ok(Array2::from_shape_vec((rows, self.inner.dim), flat).expect("rows * dim").into_pyarray(py))
+        Ok(Array2::from_shape_vec((rows, self.inner.dim), flat)
+            .expect("rows * dim")
+            .into_pyarray(py))
     }
 
     fn token_ids(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        run_model(py, || self.inner.token_ids(&texts.iter().map(String::as_str).collect::<Vec<_>>()))
+        run_model(py, || {
+            self.inner
+                .token_ids(&texts.iter().map(String::as_str).collect::<Vec<_>>())
+        })
     }
 
     /// The preprocessed pixels of one image, `[3, height, width]` flattened.
@@ -212,10 +269,19 @@ impl PyImageEmbedder {
         Ok(py.detach(|| self.inner.preprocessor.pixel_values(&image)))
     }
 
-    fn chunker(&self, py: Python<'_>, max_tokens: usize, overlap_tokens: usize) -> PyResult<PyChunker> {
+    fn chunker(
+        &self,
+        py: Python<'_>,
+        max_tokens: usize,
+        overlap_tokens: usize,
+    ) -> PyResult<PyChunker> {
         let mut tokenizer = self.inner.tokenizer().clone();
-        tokenizer.with_truncation(None).expect("removing truncation cannot fail");
-        let inner = run_model(py, || chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens))?;
+        tokenizer
+            .with_truncation(None)
+            .expect("removing truncation cannot fail");
+        let inner = run_model(py, || {
+            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens)
+        })?;
         Ok(PyChunker { inner })
     }
 
@@ -252,9 +318,17 @@ type ChunkTuple = (usize, usize, usize, Option<usize>, usize);
 impl PyChunker {
     /// Chunks as `(index, char_start, char_end, page, n_tokens)` tuples.
     #[pyo3(signature = (text, pages=None))]
-    fn chunk(&self, py: Python<'_>, text: String, pages: Option<Vec<(usize, usize)>>) -> PyResult<Vec<ChunkTuple>> {
+    fn chunk(
+        &self,
+        py: Python<'_>,
+        text: String,
+        pages: Option<Vec<(usize, usize)>>,
+    ) -> PyResult<Vec<ChunkTuple>> {
         let chunks = run_model(py, || self.inner.chunk(&text, pages.as_deref()))?;
-        Ok(chunks.into_iter().map(|c| (c.index, c.char_start, c.char_end, c.page, c.n_tokens)).collect())
+        Ok(chunks
+            .into_iter()
+            .map(|c| (c.index, c.char_start, c.char_end, c.page, c.n_tokens))
+            .collect())
     }
     #[getter]
     fn max_tokens(&self) -> usize {
@@ -270,10 +344,15 @@ impl PyChunker {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(extract, m)?)?;
     m.add_function(wrap_pyfunction!(sniff, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_built, m)?)?;
     m.add_class::<PyEmbedder>()?;
     m.add_class::<PyChunker>()?;
     m.add_class::<PyImageEmbedder>()?;
-    m.add("REASONS", crate::error::Reason::ALL.map(|r| r.as_str()).to_vec())?;
+    m.add(
+        "REASONS",
+        crate::error::Reason::ALL.map(|r| r.as_str()).to_vec(),
+    )?;
     m.add("SUPPORTED_TYPES", crate::sniff::SUPPORTED.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -1,0 +1,251 @@
+//! A BERT encoder written for inference, on candle tensors.
+//!
+//! Compared with a straight port of the training graph it fuses the query, key and
+//! value projections into one matrix product, folds the 1/√d attention scale into
+//! the query weights at load time, and builds the padding bias once per batch with a
+//! value that stays finite in every dtype (candle-transformers' `f32::MIN` becomes
+//! -inf in f16/bf16 and then NaN at unmasked positions).
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{ops::softmax_last_dim, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::error::EmbedError;
+
+/// The fields of a Hugging Face BERT `config.json` that inference needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// The exact, erf-based GELU of BERT's `"gelu"`.
+    Gelu,
+    /// The tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> std::result::Result<Self, EmbedError> {
+        match name {
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            other => Err(EmbedError::InvalidModel(format!(
+                "hidden_act {other:?} is not supported"
+            ))),
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+struct Layer {
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+pub struct Bert {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    head_dim: usize,
+    activation: Activation,
+    dtype: DType,
+}
+
+impl Bert {
+    /// Loads weights saved by transformers, with or without the `bert.` prefix.
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> std::result::Result<Self, EmbedError> {
+        if config.position_embedding_type != "absolute" {
+            return Err(EmbedError::InvalidModel(format!(
+                "position_embedding_type {:?} is not supported",
+                config.position_embedding_type
+            )));
+        }
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
+            return Err(EmbedError::InvalidModel(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            )));
+        }
+        let activation = Activation::parse(&config.hidden_act)?;
+        let vb = match &config.model_type {
+            _ if vb.contains_tensor("bert.embeddings.word_embeddings.weight") => vb.pp("bert"),
+            Some(prefix)
+                if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) =>
+            {
+                vb.pp(prefix)
+            }
+            _ => vb,
+        };
+        Ok(Self::load_weights(vb, config, activation)?)
+    }
+
+    fn load_weights(vb: VarBuilder, config: &BertConfig, activation: Activation) -> Result<Self> {
+        let hidden = config.hidden_size;
+        let heads = config.num_attention_heads;
+        let head_dim = hidden / heads;
+        let norm = |vb: VarBuilder| candle_nn::layer_norm(hidden, config.layer_norm_eps, vb);
+        let embeddings = vb.pp("embeddings");
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for index in 0..config.num_hidden_layers {
+            let vb = vb.pp(format!("encoder.layer.{index}"));
+            let attention = vb.pp("attention");
+            let part = |name: &str| -> Result<(Tensor, Tensor)> {
+                let vb = attention.pp("self").pp(name);
+                Ok((vb.get((hidden, hidden), "weight")?, vb.get(hidden, "bias")?))
+            };
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let (query_w, query_b) = part("query")?;
+            let (key_w, key_b) = part("key")?;
+            let (value_w, value_b) = part("value")?;
+            let qkv = Linear::new(
+                Tensor::cat(&[(query_w * scale)?, key_w, value_w], 0)?,
+                Some(Tensor::cat(&[(query_b * scale)?, key_b, value_b], 0)?),
+            );
+            layers.push(Layer {
+                qkv,
+                attention_out: candle_nn::linear(hidden, hidden, attention.pp("output.dense"))?,
+                attention_norm: norm(attention.pp("output.LayerNorm"))?,
+                intermediate: candle_nn::linear(
+                    hidden,
+                    config.intermediate_size,
+                    vb.pp("intermediate.dense"),
+                )?,
+                output: candle_nn::linear(config.intermediate_size, hidden, vb.pp("output.dense"))?,
+                output_norm: norm(vb.pp("output.LayerNorm"))?,
+            });
+        }
+        Ok(Self {
+            word_embeddings: candle_nn::embedding(
+                config.vocab_size,
+                hidden,
+                embeddings.pp("word_embeddings"),
+            )?,
+            position_embeddings: candle_nn::embedding(
+                config.max_position_embeddings,
+                hidden,
+                embeddings.pp("position_embeddings"),
+            )?,
+            token_type_embeddings: candle_nn::embedding(
+                config.type_vocab_size,
+                hidden,
+                embeddings.pp("token_type_embeddings"),
+            )?,
+            embeddings_norm: norm(embeddings.pp("LayerNorm"))?,
+            layers,
+            heads,
+            head_dim,
+            activation,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Hidden states `[batch, tokens, hidden]` in the model's dtype. `ids` and `mask`
+    /// are `[batch, tokens]` u32; mask is 1 for real tokens, 0 for padding.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, tokens) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, tokens as u32, ids.device())?;
+        let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
+        let embedded = self
+            .word_embeddings
+            .forward(ids)?
+            .broadcast_add(&self.position_embeddings.forward(&positions)?)?
+            .broadcast_add(&token_type)?;
+        let mut x = self.embeddings_norm.forward(&embedded)?;
+
+        // 0 where attended, the dtype's most negative finite value at padding.
+        let floor = finite_min(self.dtype);
+        let bias = mask
+            .to_dtype(DType::F32)?
+            .affine(-floor, floor)?
+            .to_dtype(self.dtype)?
+            .reshape((batch, 1, 1, tokens))?;
+        for layer in &self.layers {
+            x = self.layer(layer, &x, &bias)?;
+        }
+        Ok(x)
+    }
+
+    fn layer(&self, layer: &Layer, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (batch, tokens, hidden) = x.dims3()?;
+        let qkv = layer
+            .qkv
+            .forward(x)?
+            .reshape((batch, tokens, 3, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let query = qkv.get(0)?.contiguous()?;
+        let key = qkv.get(1)?.contiguous()?;
+        let value = qkv.get(2)?.contiguous()?;
+        let scores = query.matmul(&key.t()?)?.broadcast_add(bias)?;
+        let context = softmax_last_dim(&scores)?
+            .matmul(&value)?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, hidden))?;
+        let attended = layer
+            .attention_norm
+            .forward(&(layer.attention_out.forward(&context)? + x)?)?;
+        let inner = self
+            .activation
+            .apply(&layer.intermediate.forward(&attended)?)?;
+        layer
+            .output_norm
+            .forward(&(layer.output.forward(&inner)? + attended)?)
+    }
+}
+
+/// The most negative finite value of `dtype`, as transformers' `torch.finfo(dtype).min`.
+fn finite_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.389_531_389_251_535_5e38,
+        _ => f32::MIN as f64,
+    }
+}
