@@ -26,6 +26,8 @@ from corpus import paragraphs
 import operators
 from operators import models
 
+REFERENCE = "all-MiniLM-L6-v2.sentence-transformers.jsonl"
+
 
 def timed(fn, repeat: int) -> tuple[float, object]:
     fn(warmup=True)
@@ -61,7 +63,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--model", default="default")
     parser.add_argument("--dtype", default="f32")
+    parser.add_argument(
+        "--peers", default="sentence-transformers,embed-anything", help="comma-separated peers to run"
+    )
     args = parser.parse_args()
+    peers = set(args.peers.split(","))
 
     texts = paragraphs(args.texts)
     embedder = operators.Embedder.load(args.model, dtype=args.dtype)
@@ -88,7 +94,19 @@ def main() -> None:
         "tokens_per_s": round(tokens / seconds, 1),
     }
 
+    # Agreement with the reference vectors computed by sentence-transformers.
+    reference = Path(__file__).resolve().parent.parent / "tests" / "data" / REFERENCE
+    if args.model == "default" and reference.exists():
+        rows = [json.loads(line) for line in reference.read_text().splitlines()]
+        rows = [r for r in rows if "embedding" in r]
+        want = np.array([r["embedding"] for r in rows], dtype=np.float32)
+        result["embedstream"]["reference_cosine_min"] = round(
+            cosine_min(embedder.embed([r["text"] for r in rows]), want), 6
+        )
+
     try:
+        if "sentence-transformers" not in peers:
+            raise ImportError(name="sentence_transformers (not asked for)")
         from sentence_transformers import SentenceTransformer
 
         st_model = SentenceTransformer(model_dir, device="cpu")
@@ -107,6 +125,8 @@ def main() -> None:
         result["sentence_transformers"] = f"not installed ({e.name})"
 
     try:
+        if "embed-anything" not in peers:
+            raise ImportError(name="embed_anything (not asked for)")
         import embed_anything
 
         # embed-anything loads only through the Hugging Face hub API; a hub-cache layout

@@ -150,7 +150,7 @@ def test_cpu_build_explains_how_to_get_cuda_and_auto_falls_back():
     with pytest.raises(operators.UnsupportedError, match=r"no CUDA support.*build-wheel\.sh"):
         Embedder.load(DATA / "tiny-bert-cls", device="cuda:0")
     auto = Embedder.load(DATA / "tiny-bert-cls", device="auto")
-    assert (auto.device, auto.max_batch_tokens) == ("cpu", 8192)
+    assert (auto.device, auto.max_batch_tokens) == ("cpu", 2048)
     assert Settings(device="auto").micro_batch_size() == 64
     assert Settings(device="auto", batch_size=7).micro_batch_size() == 7
 

@@ -7,9 +7,10 @@
 //! -inf in f16/bf16 and then NaN at unmasked positions).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{ops::softmax_last_dim, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::kernels;
 use crate::error::EmbedError;
 
 /// The fields of a Hugging Face BERT `config.json` that inference needs.
@@ -69,7 +70,7 @@ impl Activation {
 
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => x.gelu_erf(),
+            Self::Gelu => kernels::gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::Relu => x.relu(),
         }
@@ -92,7 +93,6 @@ pub struct Bert {
     embeddings_norm: LayerNorm,
     layers: Vec<Layer>,
     heads: usize,
-    head_dim: usize,
     activation: Activation,
     dtype: DType,
 }
@@ -182,7 +182,6 @@ impl Bert {
             embeddings_norm: norm(embeddings.pp("LayerNorm"))?,
             layers,
             heads,
-            head_dim,
             activation,
             dtype: vb.dtype(),
         })
@@ -215,20 +214,7 @@ impl Bert {
     }
 
     fn layer(&self, layer: &Layer, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let (batch, tokens, hidden) = x.dims3()?;
-        let qkv = layer
-            .qkv
-            .forward(x)?
-            .reshape((batch, tokens, 3, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let query = qkv.get(0)?.contiguous()?;
-        let key = qkv.get(1)?.contiguous()?;
-        let value = qkv.get(2)?.contiguous()?;
-        let scores = query.matmul(&key.t()?)?.broadcast_add(bias)?;
-        let context = softmax_last_dim(&scores)?
-            .matmul(&value)?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, hidden))?;
+        let context = kernels::attention(&layer.qkv.forward(x)?, bias, self.heads)?;
         let attended = layer
             .attention_norm
             .forward(&(layer.attention_out.forward(&context)? + x)?)?;

@@ -4,6 +4,7 @@
 mod bert;
 pub mod clip;
 mod image_prep;
+mod kernels;
 pub mod model_dir;
 mod resample;
 
@@ -110,12 +111,13 @@ pub fn select_dtype(name: &str, device: &Device) -> Result<DType, EmbedError> {
     Ok(dtype)
 }
 
-/// The default token budget of one forward pass, measured (bench/gpu_check.py): on
-/// an H200, MiniLM in bf16 ran 968k tokens/s at 16,384, 805k at 65,536 and 463k at
-/// 262,144; on the CPU larger passes only cost memory bandwidth.
+/// The default token budget of one forward pass, measured with MiniLM: on an H200
+/// in bf16 (bench/gpu_check.py) 968k tokens/s at 16,384, 805k at 65,536 and 463k at
+/// 262,144; on a 2-core EPYC in f32 (bench/embed.py) 5.5k at 2,048 and 4.1k at 8,192,
+/// where the attention tensors of larger passes fall out of cache.
 pub fn default_max_batch_tokens(device: &Device) -> usize {
     if device.is_cpu() {
-        8192
+        2048
     } else {
         16384
     }

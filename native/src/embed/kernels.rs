@@ -1,0 +1,460 @@
+//! CPU kernels for the encoder's element-wise hot spots.
+//!
+//! Profiling a MiniLM forward pass on candle's generic CPU ops (perf, 2-core EPYC)
+//! put scalar libm `erf` (GELU) at 13% and `exp` (softmax) at 6% of the time, plus a
+//! full pass to add the padding bias before the softmax. These kernels use
+//! branch-free polynomial approximations the compiler vectorises (compiled for
+//! AVX2+FMA when the CPU has them, chosen at run time so the wheel stays portable),
+//! fuse the bias into the softmax, and spread rows over the rayon pool. Other
+//! devices and dtypes use candle's own ops.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_nn::ops::softmax_last_dim;
+use rayon::prelude::*;
+
+/// Elements per parallel task: large enough to amortise scheduling.
+const TASK_ELEMENTS: usize = 32 * 1024;
+
+/// GELU with the exact (erf) definition BERT uses.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1_no_bwd(&GeluErf)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// `softmax(scores + bias)` over the last dimension; `scores` is `[b, h, t, t]` and
+/// `bias` `[b, 1, 1, t]`.
+pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        scores
+            .contiguous()?
+            .apply_op2_no_bwd(&bias.contiguous()?, &SoftmaxWithBias)
+    } else {
+        softmax_last_dim(&scores.broadcast_add(bias)?)
+    }
+}
+
+/// Multi-head self-attention from the fused projection `qkv` (`[b, t, 3·h]`, queries
+/// pre-scaled) and the padding `bias` (`[b, 1, 1, t]`): the context `[b, t, h]`.
+///
+/// On the CPU one kernel does scores, softmax and the weighted sum per (row, head)
+/// straight from `qkv`, where candle would copy q, k and v out, run hundreds of tiny
+/// batched products and materialise the `[b, heads, t, t]` scores twice. Rows at
+/// padding positions are left zero: no real token attends to them.
+pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (batch, tokens, width) = qkv.dims3()?;
+    let hidden = width / 3;
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        return qkv
+            .contiguous()?
+            .apply_op2_no_bwd(&bias.contiguous()?, &Attention { heads });
+    }
+    let qkv = qkv
+        .reshape((batch, tokens, 3, heads, hidden / heads))?
+        .permute((2, 0, 3, 1, 4))?;
+    let query = qkv.get(0)?.contiguous()?;
+    let key = qkv.get(1)?.contiguous()?;
+    let value = qkv.get(2)?.contiguous()?;
+    let scores = query.matmul(&key.t()?)?;
+    softmax_with_bias(&scores, bias)?
+        .matmul(&value)?
+        .transpose(1, 2)?
+        .reshape((batch, tokens, hidden))
+}
+
+struct Attention {
+    heads: usize,
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "embedstream-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bad = |what: &str| candle_core::Error::Msg(format!("attention: {what}"));
+        let (batch, tokens, width) = l1.shape().dims3()?;
+        let hidden = width / 3;
+        if width % 3 != 0 || hidden % self.heads != 0 || l2.shape().elem_count() != batch * tokens {
+            return Err(bad("expected qkv [b, t, 3·heads·d] and bias [b, 1, 1, t]"));
+        }
+        let (start, end) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| bad("qkv must be contiguous"))?;
+        let (bias_start, bias_end) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| bad("bias must be contiguous"))?;
+        let qkv = &s1.as_slice::<f32>()?[start..end];
+        let bias = &s2.as_slice::<f32>()?[bias_start..bias_end];
+        let mut out = vec![0f32; batch * tokens * hidden];
+        if tokens > 0 {
+            out.par_chunks_mut(tokens * hidden)
+                .enumerate()
+                .for_each(|(row, out)| {
+                    let qkv = &qkv[row * tokens * width..(row + 1) * tokens * width];
+                    let bias = &bias[row * tokens..(row + 1) * tokens];
+                    simd::attention_row(qkv, bias, self.heads, out);
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, tokens, hidden))))
+    }
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "embedstream-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("gelu_erf: input must be contiguous".into()))?;
+        let src = &storage.as_slice::<f32>()?[start..end];
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(TASK_ELEMENTS)
+            .zip(src.par_chunks(TASK_ELEMENTS))
+            .for_each(|(dst, src)| simd::gelu(src, dst));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+struct SoftmaxWithBias;
+
+impl CustomOp2 for SoftmaxWithBias {
+    fn name(&self) -> &'static str {
+        "embedstream-softmax-with-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bad = |what: &str| candle_core::Error::Msg(format!("softmax_with_bias: {what}"));
+        let (b, h, t, width) = l1.shape().dims4()?;
+        if t == 0 || width == 0 {
+            return Ok((CpuStorage::F32(vec![]), l1.shape().clone()));
+        }
+        if l2.shape().elem_count() != b * width {
+            return Err(bad("bias must be [batch, 1, 1, width]"));
+        }
+        let (start, end) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| bad("scores must be contiguous"))?;
+        let (bias_start, bias_end) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| bad("bias must be contiguous"))?;
+        let scores = &s1.as_slice::<f32>()?[start..end];
+        let bias = &s2.as_slice::<f32>()?[bias_start..bias_end];
+        let mut out = vec![0f32; scores.len()];
+        let rows_per_task = (TASK_ELEMENTS / width).max(1);
+        out.par_chunks_mut(rows_per_task * width)
+            .zip(scores.par_chunks(rows_per_task * width))
+            .enumerate()
+            .for_each(|(task, (dst, src))| {
+                for (row_in_task, (dst, src)) in dst
+                    .chunks_exact_mut(width)
+                    .zip(src.chunks_exact(width))
+                    .enumerate()
+                {
+                    let row = task * rows_per_task + row_in_task;
+                    let batch = row / (h * t);
+                    simd::softmax_row(src, &bias[batch * width..(batch + 1) * width], dst);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The kernels proper: one portable body each, compiled twice.
+mod simd {
+    pub fn gelu(src: &[f32], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { gelu_avx2(src, dst) };
+        }
+        gelu_body(src, dst)
+    }
+
+    pub fn softmax_row(src: &[f32], bias: &[f32], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { softmax_avx2(src, bias, dst) };
+        }
+        softmax_body(src, bias, dst)
+    }
+
+    pub fn attention_row(qkv: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { attention_avx2(qkv, bias, heads, out) };
+        }
+        attention_body(qkv, bias, heads, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attention_avx2(qkv: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
+        attention_body(qkv, bias, heads, out)
+    }
+
+    /// One sequence: `qkv` is `[t, 3·h]`, `out` `[t, h]`. Per head, two small
+    /// products through `gemm` (strided straight out of `qkv`, no copies) around a
+    /// softmax; only the real (unpadded) query rows are computed.
+    #[inline(always)]
+    fn attention_body(qkv: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
+        let tokens = bias.len();
+        let hidden = out.len() / tokens;
+        let dim = hidden / heads;
+        let row = 3 * hidden as isize;
+        // Real tokens come first; padding carries a large negative bias.
+        let real = bias.iter().take_while(|&&b| b == 0.0).count().max(1);
+        let mut scores = vec![0f32; real * tokens];
+        for head in 0..heads {
+            let query = qkv[head * dim..].as_ptr();
+            let key = qkv[hidden + head * dim..].as_ptr();
+            let value = qkv[2 * hidden + head * dim..].as_ptr();
+            // SAFETY: every index the strides reach lies inside `qkv`, `scores` and `out`:
+            // rows < tokens of width 3·hidden, columns < dim within this head's slice.
+            unsafe {
+                // scores[i, j] = query_i · key_j
+                gemm::gemm(
+                    real,
+                    tokens,
+                    dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    tokens as isize,
+                    false,
+                    query,
+                    1,
+                    row,
+                    key,
+                    row,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for scores in scores.chunks_exact_mut(tokens) {
+                for (s, &b) in scores.iter_mut().zip(bias) {
+                    *s += b;
+                }
+                softmax_in_place(scores);
+            }
+            // SAFETY: as above.
+            unsafe {
+                // out[i, head] = Σ_j scores[i, j] · value_j
+                gemm::gemm(
+                    real,
+                    dim,
+                    tokens,
+                    out[head * dim..].as_mut_ptr(),
+                    1,
+                    hidden as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    tokens as isize,
+                    value,
+                    1,
+                    row,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gelu_avx2(src: &[f32], dst: &mut [f32]) {
+        gelu_body(src, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax_avx2(src: &[f32], bias: &[f32], dst: &mut [f32]) {
+        softmax_body(src, bias, dst)
+    }
+
+    #[inline(always)]
+    fn gelu_body(src: &[f32], dst: &mut [f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+
+    #[inline(always)]
+    fn softmax_body(src: &[f32], bias: &[f32], dst: &mut [f32]) {
+        for ((d, &s), &b) in dst.iter_mut().zip(src).zip(bias) {
+            *d = s + b;
+        }
+        softmax_in_place(dst)
+    }
+
+    #[inline(always)]
+    fn softmax_in_place(row: &mut [f32]) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for v in row.iter_mut() {
+            *v = exp(*v - max);
+        }
+        // Eight partial sums: a single running sum would not vectorise.
+        let mut sums = [0f32; 8];
+        let mut chunks = row.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (sum, &v) in sums.iter_mut().zip(chunk) {
+                *sum += v;
+            }
+        }
+        let total: f32 = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+        let scale = 1.0 / total;
+        for v in row.iter_mut() {
+            *v *= scale;
+        }
+    }
+
+    /// e^x, relative error about 2e-7 (Cephes' `expf` polynomial), branch-free.
+    #[inline(always)]
+    pub(super) fn exp(x: f32) -> f32 {
+        let x = x.clamp(-87.0, 88.0);
+        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let z = r * r;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 5.000_000_1e-1;
+        let y = p * z + r + 1.0;
+        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+
+    /// erf(x), absolute error under 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free.
+    #[inline(always)]
+    pub(super) fn erf(x: f32) -> f32 {
+        let a = x.abs();
+        let t = 1.0 / (1.0 + 0.327_591_1 * a);
+        let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_7) * t - 0.284_496_74) * t
+            + 0.254_829_6)
+            * t;
+        let magnitude = 1.0 - poly * exp(-a * a);
+        magnitude.copysign(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simd::{erf, exp};
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn exp_and_erf_match_libm() {
+        for i in -8000..=8000 {
+            let x = i as f32 / 100.0;
+            let (want, got) = (x.exp(), exp(x));
+            assert!(
+                ((got - want) / want).abs() < 1e-6,
+                "exp({x}) = {got}, want {want}"
+            );
+            let x = x / 10.0;
+            let (want, got) = (libm_erf(x), erf(x));
+            assert!((got - want).abs() < 1e-6, "erf({x}) = {got}, want {want}");
+        }
+    }
+
+    fn libm_erf(x: f32) -> f32 {
+        // erf via the series for |x| < 3 (f64, converges fast) and 1 beyond.
+        let x = x as f64;
+        if x.abs() >= 4.0 {
+            return x.signum() as f32;
+        }
+        let mut term = x;
+        let mut sum = x;
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        (sum * 2.0 / std::f64::consts::PI.sqrt()) as f32
+    }
+
+    #[test]
+    fn fused_ops_match_candle() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (3, 5, 37), &device)?;
+        let diff = (gelu_erf(&x)? - x.gelu_erf()?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 2e-6, "gelu differs by {diff}");
+
+        let scores = Tensor::randn(0f32, 4.0, (2, 3, 7, 7), &device)?;
+        let mask = Tensor::new(
+            &[[1f32, 1., 1., 1., 1., 0., 0.], [1., 1., 1., 1., 1., 1., 1.]],
+            &device,
+        )?;
+        let bias = mask
+            .affine(-f32::MIN as f64, f32::MIN as f64)?
+            .reshape((2, 1, 1, 7))?;
+        let want = softmax_last_dim(&scores.broadcast_add(&bias)?)?;
+        let got = softmax_with_bias(&scores, &bias)?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "softmax differs by {diff}");
+
+        // Attention against candle's unfused graph, at the real (unpadded) rows.
+        let (heads, dim) = (3, 4);
+        let qkv = Tensor::randn(0f32, 1.0, (2, 7, 3 * heads * dim), &device)?;
+        let split = qkv
+            .reshape((2, 7, 3, heads, dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            split.get(0)?.contiguous()?,
+            split.get(1)?.contiguous()?,
+            split.get(2)?.contiguous()?,
+        );
+        let probs = softmax_last_dim(&q.matmul(&k.t()?)?.broadcast_add(&bias)?)?;
+        let want = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((2, 7, heads * dim))?;
+        let got = attention(&qkv, &bias, heads)?;
+        let diff = (got.narrow(1, 0, 5)? - want.narrow(1, 0, 5)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "attention differs by {diff}");
+        let diff = (got.get(1)? - want.get(1)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(
+            diff < 1e-5,
+            "attention differs by {diff} on the unpadded row"
+        );
+        Ok(())
+    }
+}
