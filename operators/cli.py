@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["f32", "f16", "bf16"], help="f16 and bf16 on a GPU only (default: f32)"
     )
     run.add_argument(
-        "--batch-size", type=int, help="events per micro-batch (default: 64 on the CPU, 512 on a GPU)"
+        "--batch-size", type=int, help="events per micro-batch (default: 512 on the CPU, 2048 on a GPU)"
     )
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
     run.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")

@@ -190,6 +190,17 @@ class LocalKafka:
             time.sleep(0.5)
         raise RuntimeError(f"Kafka did not become ready in {timeout:.0f} s; see {self.log_file}")
 
+    def run_tool(self, main_class: str, *args: str, timeout: float = 120) -> str:
+        """Runs one of Kafka's command-line tools (e.g. ``kafka.admin.ConfigCommand``)
+        from the same jars; returns its output, raises with it on failure."""
+        self.ensure_jars()
+        proc = self._java(main_class, *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = proc.communicate(timeout=timeout)
+        text = out.decode(errors="replace")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{main_class} failed ({proc.returncode}): {text[-2000:]}")
+        return text
+
     def stop(self, timeout: float = 30) -> bool:
         """Stops the broker; returns whether one was running."""
         pid = self.pid()

@@ -12,7 +12,7 @@ from conftest import DATA
 
 import operators
 from operators import Embedder
-from operators.config import Settings
+from operators.config import CPU_BATCH_SIZE, Settings
 
 
 def load_reference(path):
@@ -151,7 +151,7 @@ def test_cpu_build_explains_how_to_get_cuda_and_auto_falls_back():
         Embedder.load(DATA / "tiny-bert-cls", device="cuda:0")
     auto = Embedder.load(DATA / "tiny-bert-cls", device="auto")
     assert (auto.device, auto.max_batch_tokens) == ("cpu", 2048)
-    assert Settings(device="auto").micro_batch_size() == 64
+    assert Settings(device="auto").micro_batch_size() == CPU_BATCH_SIZE
     assert Settings(device="auto", batch_size=7).micro_batch_size() == 7
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -228,3 +229,81 @@ def test_metrics_endpoint_and_json_logs(kafka_bootstrap):
     with open(worker.log) as f:
         records = [json.loads(line) for line in f if line.startswith("{")]
     assert any(r["logger"] == "embedstream" and r["message"].startswith("settings:") for r in records)
+
+
+def _events_processed(port: int) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("embedstream_events_total{")
+    )
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_throttled_output_applies_backpressure(kafka_bootstrap):
+    """A broker quota throttles the sink to a few records a second: the worker must
+    stop pulling input (processed events stay within a micro-batch of what was
+    delivered) and its memory must not grow; lifting the quota drains the rest."""
+    import uuid
+
+    from operators.kafka_local import LocalKafka
+
+    tools = LocalKafka()
+    client = f"throttled-{uuid.uuid4().hex[:8]}"
+
+    throttled = False
+
+    def quota(rate: int | None) -> None:
+        nonlocal throttled
+        change = (
+            ["--add-config", f"producer_byte_rate={rate}"]
+            if rate
+            else ["--delete-config", "producer_byte_rate"]
+        )
+        tools.run_tool(
+            "kafka.admin.ConfigCommand", "--bootstrap-server", kafka_bootstrap, "--alter",
+            "--entity-type", "clients", "--entity-name", client, *change,
+        )  # fmt: skip
+        throttled = rate is not None
+
+    topics = FlowTopics(kafka_bootstrap, partitions=1)
+    n, batch_size = 300, 8
+    batch = [
+        (
+            f"bp-{i}".encode(),
+            avro_event(f"bp-{i}", content=f"Short document number {i}.".encode(), filename="a.txt"),
+        )
+        for i in range(n)
+    ]
+    topics.produce(batch)
+    quota(6000)  # bytes/s: about three 1.7 kB vector records a second
+    port = free_port()
+    worker = start_flow(
+        topics, "--batch-size", str(batch_size), "--metrics-port", str(port),
+        env={"EMBEDSTREAM_KAFKA_CLIENT_ID": client},
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: len(topics.read(topics.output)) >= 5, timeout=120), log_tail(worker)
+        samples = []
+        for _ in range(4):
+            time.sleep(4)
+            samples.append((_events_processed(port), len(topics.read(topics.output)), _rss_mb(worker.pid)))
+        for processed, delivered, _ in samples:
+            # The batch in the sink plus the one the source may hand over next: no more.
+            assert processed <= delivered + 2 * batch_size, samples
+        assert samples[-1][1] < n / 2, f"the quota did not throttle: {samples}"
+        assert samples[-1][2] - samples[0][2] < 64, f"memory grew under backpressure: {samples}"
+        quota(None)
+        assert wait_for(lambda: len(topics.read(topics.output)) >= n, timeout=180), log_tail(worker)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        if throttled:
+            quota(None)
+    assert {k.decode() for k, _ in batch} <= {record["doc_id"] for _, record, _ in topics.read(topics.output)}
