@@ -309,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", help="cpu | cuda | cuda:N | auto: the first GPU if any (default: cpu)")
     run.add_argument(
-        "--dtype", choices=["f32", "f16", "bf16"], help="f16 and bf16 on a GPU only (default: f32)"
+        "--dtype",
+        choices=["f32", "q8", "f16", "bf16"],
+        help="q8: int8 on CPUs with AVX-512 VNNI; f16, bf16: GPU only (default: f32)",
     )
     run.add_argument(
         "--batch-size", type=int, help="events per micro-batch (default: 512 on the CPU, 2048 on a GPU)"

@@ -80,9 +80,10 @@ class Embedder:
 
         ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the first GPU when
         the wheel was built with CUDA and one answers, else the CPU). ``dtype``:
-        ``"f32"``; on a GPU also ``"f16"`` or ``"bf16"``. ``max_batch_tokens``: most
-        tokens, padding included, in one forward pass (default: 2,048 on the CPU,
-        16,384 on a GPU)."""
+        ``"f32"``; ``"q8"`` (int8 linear layers, on CPUs with AVX-512 VNNI: about 1.8
+        times f32's speed, cosine >= 0.995 to f32); on a GPU ``"f16"`` or ``"bf16"``.
+        ``max_batch_tokens``: most tokens, padding included, in one forward pass
+        (default: 2,048 on the CPU, 16,384 on a GPU)."""
         if max_batch_tokens is not None and max_batch_tokens <= 0:
             raise ValueError("max_batch_tokens must be positive")
         native = _native.Embedder(

@@ -37,6 +37,19 @@ def test_minilm_matches_sentence_transformers_in_one_batch(minilm, minilm_refere
     assert cosine(got, expected).min() >= 0.999
 
 
+def test_q8_stays_within_its_documented_accuracy(minilm_reference):
+    try:
+        q8 = Embedder.load(dtype="q8")
+    except operators.UnsupportedError as error:
+        assert "AVX-512 VNNI" in str(error)
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    _, texts, expected = minilm_reference
+    assert q8.dtype == "q8"
+    assert cosine(q8.embed(texts), expected).min() >= 0.995
+    # Row order and batching must not matter in q8 either.
+    assert cosine(q8.embed(texts[::-1])[::-1], expected).min() >= 0.995
+
+
 def test_minilm_matches_one_by_one(minilm, minilm_reference):
     _, texts, expected = minilm_reference
     got = np.vstack([minilm.embed([t]) for t in texts])

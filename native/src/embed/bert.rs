@@ -11,6 +11,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::kernels;
+use super::q8::QuantizedLinear;
 use crate::error::EmbedError;
 
 /// The fields of a Hugging Face BERT `config.json` that inference needs.
@@ -77,12 +78,34 @@ impl Activation {
     }
 }
 
+/// A linear layer in the model's float dtype, or quantized to int8 (`dtype="q8"`).
+enum Dense {
+    Float(Linear),
+    Int8(QuantizedLinear),
+}
+
+impl Dense {
+    fn new(linear: Linear, quantize: bool) -> Result<Self> {
+        Ok(match (quantize, linear.bias()) {
+            (true, Some(bias)) => Self::Int8(QuantizedLinear::new(linear.weight(), bias)?),
+            _ => Self::Float(linear),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float(linear) => linear.forward(x),
+            Self::Int8(linear) => linear.forward(x),
+        }
+    }
+}
+
 struct Layer {
-    qkv: Linear,
-    attention_out: Linear,
+    qkv: Dense,
+    attention_out: Dense,
     attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     output_norm: LayerNorm,
 }
 
@@ -99,7 +122,12 @@ pub struct Bert {
 
 impl Bert {
     /// Loads weights saved by transformers, with or without the `bert.` prefix.
-    pub fn load(vb: VarBuilder, config: &BertConfig) -> std::result::Result<Self, EmbedError> {
+    /// `quantize`: int8 linear layers (CPU, AVX-512 VNNI) around float embeddings and norms.
+    pub fn load(
+        vb: VarBuilder,
+        config: &BertConfig,
+        quantize: bool,
+    ) -> std::result::Result<Self, EmbedError> {
         if config.position_embedding_type != "absolute" {
             return Err(EmbedError::InvalidModel(format!(
                 "position_embedding_type {:?} is not supported",
@@ -125,10 +153,15 @@ impl Bert {
             }
             _ => vb,
         };
-        Ok(Self::load_weights(vb, config, activation)?)
+        Ok(Self::load_weights(vb, config, activation, quantize)?)
     }
 
-    fn load_weights(vb: VarBuilder, config: &BertConfig, activation: Activation) -> Result<Self> {
+    fn load_weights(
+        vb: VarBuilder,
+        config: &BertConfig,
+        activation: Activation,
+        quantize: bool,
+    ) -> Result<Self> {
         let hidden = config.hidden_size;
         let heads = config.num_attention_heads;
         let head_dim = hidden / heads;
@@ -150,16 +183,26 @@ impl Bert {
                 Tensor::cat(&[(query_w * scale)?, key_w, value_w], 0)?,
                 Some(Tensor::cat(&[(query_b * scale)?, key_b, value_b], 0)?),
             );
+            let dense = |linear: Linear| Dense::new(linear, quantize);
+            let intermediate = candle_nn::linear(
+                hidden,
+                config.intermediate_size,
+                vb.pp("intermediate.dense"),
+            )?;
             layers.push(Layer {
-                qkv,
-                attention_out: candle_nn::linear(hidden, hidden, attention.pp("output.dense"))?,
-                attention_norm: norm(attention.pp("output.LayerNorm"))?,
-                intermediate: candle_nn::linear(
+                qkv: dense(qkv)?,
+                attention_out: dense(candle_nn::linear(
                     hidden,
+                    hidden,
+                    attention.pp("output.dense"),
+                )?)?,
+                attention_norm: norm(attention.pp("output.LayerNorm"))?,
+                intermediate: dense(intermediate)?,
+                output: dense(candle_nn::linear(
                     config.intermediate_size,
-                    vb.pp("intermediate.dense"),
-                )?,
-                output: candle_nn::linear(config.intermediate_size, hidden, vb.pp("output.dense"))?,
+                    hidden,
+                    vb.pp("output.dense"),
+                )?)?,
                 output_norm: norm(vb.pp("output.LayerNorm"))?,
             });
         }

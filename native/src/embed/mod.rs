@@ -6,6 +6,7 @@ pub mod clip;
 mod image_prep;
 mod kernels;
 pub mod model_dir;
+mod q8;
 mod resample;
 
 use std::fs::File;
@@ -90,25 +91,36 @@ fn cuda_device(index: usize) -> Result<Device, EmbedError> {
     })
 }
 
-/// Parses a dtype name for `device`: f32 everywhere; f16 and bf16 on GPUs only,
-/// since candle's CPU kernels for them are slower than f32.
-pub fn select_dtype(name: &str, device: &Device) -> Result<DType, EmbedError> {
+/// Parses a dtype name for `device` into the float dtype of the weights and whether
+/// the linear layers are quantized: f32 everywhere; f16 and bf16 on GPUs only, since
+/// candle's CPU kernels for them are slower than f32; q8 (int8 linear layers, f32
+/// elsewhere) on CPUs with AVX-512 VNNI.
+pub fn select_dtype(name: &str, device: &Device) -> Result<(DType, bool), EmbedError> {
     let dtype = match name {
         "f32" => DType::F32,
         "f16" => DType::F16,
         "bf16" => DType::BF16,
+        "q8" if device.is_cpu() => {
+            q8::check_supported()?;
+            return Ok((DType::F32, true));
+        }
+        "q8" => {
+            return Err(EmbedError::Unsupported(
+                "dtype \"q8\" is for the CPU; on a GPU use \"bf16\"".into(),
+            ))
+        }
         other => {
             return Err(EmbedError::Unsupported(format!(
-                "dtype {other:?}: expected \"f32\", \"f16\" or \"bf16\""
+                "dtype {other:?}: expected \"f32\", \"f16\", \"bf16\" or \"q8\""
             )))
         }
     };
     if dtype != DType::F32 && device.is_cpu() {
         return Err(EmbedError::Unsupported(format!(
-            "dtype {name:?} needs a GPU device; on the CPU use \"f32\""
+            "dtype {name:?} needs a GPU device; on the CPU use \"f32\" or \"q8\""
         )));
     }
-    Ok(dtype)
+    Ok((dtype, false))
 }
 
 /// The default token budget of one forward pass, measured with MiniLM: on an H200
@@ -127,7 +139,7 @@ impl Embedder {
     /// `options.max_batch_tokens == 0` picks the device's default.
     pub fn load(model: &str, options: &LoadOptions) -> Result<Self, EmbedError> {
         let (device, device_name) = select_device(&options.device)?;
-        let dtype = select_dtype(&options.dtype, &device)?;
+        let (dtype, quantize) = select_dtype(&options.dtype, &device)?;
         let max_batch_tokens = match options.max_batch_tokens {
             0 => default_max_batch_tokens(&device),
             n => n,
@@ -155,7 +167,7 @@ impl Embedder {
         // SAFETY: the file is mapped read-only; a concurrent writer is outside our
         // contract, as for every memory-mapped model loader.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device)? };
-        let model = Bert::load(vb, &config)
+        let model = Bert::load(vb, &config, quantize)
             .map_err(|e| EmbedError::InvalidModel(format!("{}: {e}", weights.display())))?;
         Ok(Self {
             model,
