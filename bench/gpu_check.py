@@ -177,7 +177,7 @@ def main() -> int:
         speed["tokenize_only_tokens_per_s"] = tokens / timed(
             lambda: ours[fast].count_tokens(bench_texts), args.repeats
         )
-        for budget in (16384, 262144):
+        for budget in (8192, 65536):
             other = operators.Embedder.load(
                 model_dir, device=ours_device, dtype=fast, max_batch_tokens=budget
             )
