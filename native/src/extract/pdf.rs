@@ -1,6 +1,6 @@
-//! PDF: per-page text through pdf_oxide. Before parsing, every Flate stream is
-//! inflated once under the decompression limit, so that a stream bomb stops at the
-//! limit whatever the parser would do with it.
+//! PDF: per-page text through pdf_oxide. Before parsing, every Flate stream of a
+//! file large enough to hold a bomb is inflated once under the decompression limit,
+//! so that a stream bomb stops at the limit whatever the parser would do with it.
 
 use std::io::Read;
 
@@ -61,10 +61,20 @@ fn map_error(e: pdf_oxide::error::Error) -> ExtractError {
     }
 }
 
+/// The most bytes one byte of deflate data can inflate to (RFC 1951: a 258-byte match
+/// in as little as one bit, plus slack).
+const MAX_DEFLATE_RATIO: u64 = 1040;
+
 /// Inflates each `stream … endstream` body that starts like zlib data, summing the
 /// output, and fails once the sum passes `cap`. Streams that do not inflate are left
 /// to the parser: broken data is its business, size is ours.
 fn check_stream_sizes(data: &[u8], cap: u64, budget: &Budget) -> Result<(), ExtractError> {
+    // Deflate expands at most 1032:1, so a file this small cannot inflate past the cap
+    // however its streams are laid out: skip the scan (profiled at a fifth of the time
+    // on small PDFs, which pdf_oxide inflates again anyway).
+    if (data.len() as u64).saturating_mul(MAX_DEFLATE_RATIO) <= cap {
+        return Ok(());
+    }
     let mut total: u64 = 0;
     let mut at = 0;
     let mut sink = vec![0u8; 64 << 10];
