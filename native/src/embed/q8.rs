@@ -317,13 +317,18 @@ mod kernel {
 mod kernel {
     use super::{BLOCK_N, TILE_M};
 
+    pub unsafe fn quantize_row(_: &[f32], _: &mut [f32], _: &mut [u8]) {
+        unreachable!("q8 is refused at load time on this architecture")
+    }
+
     pub unsafe fn tile(
         _: &[u8],
         _: usize,
         _: &[i8],
+        _: &[f32],
+        _: &[i32],
         _: usize,
-        _: usize,
-        _: &mut [[i32; BLOCK_N]; TILE_M],
+        _: &mut [[f32; BLOCK_N]; TILE_M],
     ) {
         unreachable!("q8 is refused at load time on this architecture")
     }
