@@ -80,7 +80,7 @@ class Embedder:
 
         ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the first GPU when
         the wheel was built with CUDA and one answers, else the CPU). ``dtype``:
-        ``"f32"``; ``"q8"`` (int8 linear layers, on CPUs with AVX-512 VNNI: about 1.8
+        ``"f32"``; ``"q8"`` (int8 linear layers, on CPUs with AVX-512 VNNI: about 2.2
         times f32's speed, cosine >= 0.995 to f32); on a GPU ``"f16"`` or ``"bf16"``.
         ``max_batch_tokens``: most tokens, padding included, in one forward pass
         (default: 2,048 on the CPU, 16,384 on a GPU)."""
