@@ -178,8 +178,9 @@ impl ClipEmbedder {
         })
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+    /// The text tokenizer without truncation, for chunking.
+    pub fn counting_tokenizer(&self) -> Tokenizer {
+        super::without_truncation(&self.tokenizer)
     }
 
     /// Token ids as the text tower sees them (truncated at `max_tokens`).

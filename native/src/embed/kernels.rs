@@ -1,12 +1,12 @@
 //! CPU kernels for the encoder's element-wise hot spots.
 //!
 //! Profiling a MiniLM forward pass on candle's generic CPU ops (perf, 2-core EPYC)
-//! put scalar libm `erf` (GELU) at 13% and `exp` (softmax) at 6% of the time, plus a
-//! full pass to add the padding bias before the softmax. These kernels use
-//! branch-free polynomial approximations the compiler vectorises (compiled for
-//! AVX2+FMA when the CPU has them, chosen at run time so the wheel stays portable),
-//! fuse the bias into the softmax, and spread rows over the rayon pool. Other
-//! devices and dtypes use candle's own ops.
+//! put scalar libm `erf` (GELU) at 13% and `exp` (softmax) at 6% of the time, and
+//! attention spent more in copies and tiny products than in arithmetic. These
+//! kernels use branch-free polynomial approximations the compiler vectorises
+//! (compiled for AVX2+FMA when the CPU has them, chosen at run time so the wheel
+//! stays portable), run attention per sequence with the bias fused into its softmax,
+//! and spread work over the rayon pool. Other devices and dtypes use candle's ops.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use candle_nn::ops::softmax_last_dim;
@@ -15,24 +15,25 @@ use rayon::prelude::*;
 /// Elements per parallel task: large enough to amortise scheduling.
 const TASK_ELEMENTS: usize = 32 * 1024;
 
+/// The f32 elements a contiguous CPU tensor covers; `op` and `what` name it in errors.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
 /// GELU with the exact (erf) definition BERT uses.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1_no_bwd(&GeluErf)
     } else {
         x.gelu_erf()
-    }
-}
-
-/// `softmax(scores + bias)` over the last dimension; `scores` is `[b, h, t, t]` and
-/// `bias` `[b, 1, 1, t]`.
-pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
-        scores
-            .contiguous()?
-            .apply_op2_no_bwd(&bias.contiguous()?, &SoftmaxWithBias)
-    } else {
-        softmax_last_dim(&scores.broadcast_add(bias)?)
     }
 }
 
@@ -57,8 +58,8 @@ pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
     let query = qkv.get(0)?.contiguous()?;
     let key = qkv.get(1)?.contiguous()?;
     let value = qkv.get(2)?.contiguous()?;
-    let scores = query.matmul(&key.t()?)?;
-    softmax_with_bias(&scores, bias)?
+    let scores = query.matmul(&key.t()?)?.broadcast_add(bias)?;
+    softmax_last_dim(&scores)?
         .matmul(&value)?
         .transpose(1, 2)?
         .reshape((batch, tokens, hidden))
@@ -80,20 +81,13 @@ impl CustomOp2 for Attention {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let bad = |what: &str| candle_core::Error::Msg(format!("attention: {what}"));
         let (batch, tokens, width) = l1.shape().dims3()?;
         let hidden = width / 3;
         if width % 3 != 0 || hidden % self.heads != 0 || l2.shape().elem_count() != batch * tokens {
-            return Err(bad("expected qkv [b, t, 3·heads·d] and bias [b, 1, 1, t]"));
+            candle_core::bail!("attention: expected qkv [b, t, 3·heads·d] and bias [b, 1, 1, t]");
         }
-        let (start, end) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| bad("qkv must be contiguous"))?;
-        let (bias_start, bias_end) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| bad("bias must be contiguous"))?;
-        let qkv = &s1.as_slice::<f32>()?[start..end];
-        let bias = &s2.as_slice::<f32>()?[bias_start..bias_end];
+        let qkv = contiguous_f32(s1, l1, "attention", "qkv")?;
+        let bias = contiguous_f32(s2, l2, "attention", "bias")?;
         let mut out = vec![0f32; batch * tokens * hidden];
         if tokens > 0 {
             out.par_chunks_mut(tokens * hidden)
@@ -116,65 +110,12 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("gelu_erf: input must be contiguous".into()))?;
-        let src = &storage.as_slice::<f32>()?[start..end];
+        let src = contiguous_f32(storage, layout, "gelu_erf", "input")?;
         let mut out = vec![0f32; src.len()];
         out.par_chunks_mut(TASK_ELEMENTS)
             .zip(src.par_chunks(TASK_ELEMENTS))
             .for_each(|(dst, src)| simd::gelu(src, dst));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
-struct SoftmaxWithBias;
-
-impl CustomOp2 for SoftmaxWithBias {
-    fn name(&self) -> &'static str {
-        "embedstream-softmax-with-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let bad = |what: &str| candle_core::Error::Msg(format!("softmax_with_bias: {what}"));
-        let (b, h, t, width) = l1.shape().dims4()?;
-        if t == 0 || width == 0 {
-            return Ok((CpuStorage::F32(vec![]), l1.shape().clone()));
-        }
-        if l2.shape().elem_count() != b * width {
-            return Err(bad("bias must be [batch, 1, 1, width]"));
-        }
-        let (start, end) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| bad("scores must be contiguous"))?;
-        let (bias_start, bias_end) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| bad("bias must be contiguous"))?;
-        let scores = &s1.as_slice::<f32>()?[start..end];
-        let bias = &s2.as_slice::<f32>()?[bias_start..bias_end];
-        let mut out = vec![0f32; scores.len()];
-        let rows_per_task = (TASK_ELEMENTS / width).max(1);
-        out.par_chunks_mut(rows_per_task * width)
-            .zip(scores.par_chunks(rows_per_task * width))
-            .enumerate()
-            .for_each(|(task, (dst, src))| {
-                for (row_in_task, (dst, src)) in dst
-                    .chunks_exact_mut(width)
-                    .zip(src.chunks_exact(width))
-                    .enumerate()
-                {
-                    let row = task * rows_per_task + row_in_task;
-                    let batch = row / (h * t);
-                    simd::softmax_row(src, &bias[batch * width..(batch + 1) * width], dst);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -187,15 +128,6 @@ mod simd {
             return unsafe { gelu_avx2(src, dst) };
         }
         gelu_body(src, dst)
-    }
-
-    pub fn softmax_row(src: &[f32], bias: &[f32], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { softmax_avx2(src, bias, dst) };
-        }
-        softmax_body(src, bias, dst)
     }
 
     pub fn attention_row(qkv: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
@@ -295,25 +227,11 @@ mod simd {
         gelu_body(src, dst)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn softmax_avx2(src: &[f32], bias: &[f32], dst: &mut [f32]) {
-        softmax_body(src, bias, dst)
-    }
-
     #[inline(always)]
     fn gelu_body(src: &[f32], dst: &mut [f32]) {
         for (d, &x) in dst.iter_mut().zip(src) {
             *d = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
         }
-    }
-
-    #[inline(always)]
-    fn softmax_body(src: &[f32], bias: &[f32], dst: &mut [f32]) {
-        for ((d, &s), &b) in dst.iter_mut().zip(src).zip(bias) {
-            *d = s + b;
-        }
-        softmax_in_place(dst)
     }
 
     #[inline(always)]
@@ -412,7 +330,6 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(diff < 2e-6, "gelu differs by {diff}");
 
-        let scores = Tensor::randn(0f32, 4.0, (2, 3, 7, 7), &device)?;
         let mask = Tensor::new(
             &[[1f32, 1., 1., 1., 1., 0., 0.], [1., 1., 1., 1., 1., 1., 1.]],
             &device,
@@ -420,10 +337,6 @@ mod tests {
         let bias = mask
             .affine(-f32::MIN as f64, f32::MIN as f64)?
             .reshape((2, 1, 1, 7))?;
-        let want = softmax_last_dim(&scores.broadcast_add(&bias)?)?;
-        let got = softmax_with_bias(&scores, &bias)?;
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "softmax differs by {diff}");
 
         // Attention against candle's unfused graph, at the real (unpadded) rows.
         let (heads, dim) = (3, 4);

@@ -207,10 +207,7 @@ impl Embedder {
 
     /// The tokenizer without truncation, for counting tokens of arbitrary text.
     pub fn counting_tokenizer(&self) -> Tokenizer {
-        let mut t = self.tokenizer.clone();
-        t.with_truncation(None)
-            .expect("removing truncation cannot fail");
-        t
+        without_truncation(&self.tokenizer)
     }
 
     /// Tokens of each text as the model would see it before truncation, special
@@ -327,6 +324,14 @@ pub fn pack_batches(encodings: &[Encoding], max_batch_tokens: usize) -> Vec<Vec<
         batches.push(current);
     }
     batches
+}
+
+/// A copy of `tokenizer` that never truncates: for counting and chunking whole texts.
+pub(crate) fn without_truncation(tokenizer: &Tokenizer) -> Tokenizer {
+    let mut copy = tokenizer.clone();
+    copy.with_truncation(None)
+        .expect("removing truncation cannot fail");
+    copy
 }
 
 pub(crate) fn load_tokenizer(path: &Path, max_tokens: usize) -> Result<Tokenizer, EmbedError> {

@@ -15,6 +15,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::kernels::contiguous_f32;
 use crate::error::EmbedError;
 
 /// Output columns per packed block: four 16-lane i32 accumulators per row.
@@ -36,8 +37,9 @@ pub struct QuantizedLinear {
     packed: Vec<i8>,
     /// Per output: the weight scale.
     scales: Vec<f32>,
-    /// `[k / 64][n]`: 128 · Σ of the quantized weights over each input block, what
-    /// the +128 shift of the activations adds to the products.
+    /// `[n / 64][k / 64][64]`: 128 · Σ of the quantized weights over each input
+    /// block, what the +128 shift of the activations adds to the products; laid out
+    /// like `packed`, so one output block's offsets are one slice.
     offsets: Vec<i32>,
     bias: Vec<f32>,
 }
@@ -83,7 +85,8 @@ impl QuantizedLinear {
             let (block, lane) = (n / BLOCK_N, n % BLOCK_N);
             for (k, &w) in row.iter().enumerate() {
                 let q = (w / scale).round().clamp(-127.0, 127.0) as i8;
-                offsets[k / BLOCK_K * padded_n + n] += 128 * q as i32;
+                offsets[(block * (padded_k / BLOCK_K) + k / BLOCK_K) * BLOCK_N + lane] +=
+                    128 * q as i32;
                 packed[((block * groups + k / 4) * BLOCK_N + lane) * 4 + k % 4] = q;
             }
         }
@@ -150,19 +153,16 @@ impl QuantizedLinear {
         let blocks = kp / BLOCK_K;
         let padded_n = self.scales.len();
         let mut acc = [[0f32; BLOCK_N]; TILE_M];
-        let mut offsets = vec![0i32; blocks * BLOCK_N];
         for block in 0..padded_n / BLOCK_N {
             let weights = &self.packed[block * BLOCK_N * kp..(block + 1) * BLOCK_N * kp];
-            for (b, offsets) in offsets.chunks_exact_mut(BLOCK_N).enumerate() {
-                offsets.copy_from_slice(&self.offsets[b * padded_n + block * BLOCK_N..][..BLOCK_N]);
-            }
+            let offsets = &self.offsets[block * blocks * BLOCK_N..(block + 1) * blocks * BLOCK_N];
             for (tile, x) in x.chunks(TILE_M * kp).enumerate() {
                 let tile_rows = x.len() / kp;
                 let scales = &row_scales[tile * TILE_M * blocks..][..tile_rows * blocks];
                 // SAFETY: `supported()` was checked when the layer was built, and the
                 // kernel reads `tile_rows` rows of `kp` bytes, `kp / 4` × 256 bytes of
                 // weights and `blocks` scales and offsets per row, all inside the slices.
-                unsafe { kernel::tile(x, kp, weights, scales, &offsets, tile_rows, &mut acc) };
+                unsafe { kernel::tile(x, kp, weights, scales, offsets, tile_rows, &mut acc) };
                 for (r, acc) in acc.iter().enumerate().take(tile_rows) {
                     let m = tile * TILE_M + r;
                     let columns = block * BLOCK_N..((block + 1) * BLOCK_N).min(n);
@@ -191,10 +191,7 @@ impl CustomOp1 for QuantizedLinear {
                 self.in_features
             );
         }
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("q8 linear: input must be contiguous".into()))?;
-        let input = &storage.as_slice::<f32>()?[start..end];
+        let input = contiguous_f32(storage, layout, "q8 linear", "input")?;
         let out = self.matmul(input, input.len() / self.in_features.max(1));
         dims.push(self.out_features);
         Ok((CpuStorage::F32(out), Shape::from(dims)))

@@ -275,10 +275,7 @@ impl PyImageEmbedder {
         max_tokens: usize,
         overlap_tokens: usize,
     ) -> PyResult<PyChunker> {
-        let mut tokenizer = self.inner.tokenizer().clone();
-        tokenizer
-            .with_truncation(None)
-            .expect("removing truncation cannot fail");
+        let tokenizer = self.inner.counting_tokenizer();
         let inner = run_model(py, || {
             chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens)
         })?;
