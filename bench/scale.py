@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from corpus import paragraphs  # noqa: E402
 from kafka_helpers import FlowTopics, avro_event, free_port, run_args  # noqa: E402
 
-from operators.kafka_local import LocalKafka  # noqa: E402
+from flows.kafka.local import LocalKafka  # noqa: E402
 
 
 def drain(topics: FlowTopics, processes: int, group: str) -> float:

@@ -28,9 +28,9 @@ import docgen  # noqa: E402
 from corpus import paragraphs  # noqa: E402
 from kafka_helpers import avro_event  # noqa: E402
 
-from operators.config import Settings  # noqa: E402
-from operators.kafka_local import LocalKafka  # noqa: E402
-from operators.topics import create  # noqa: E402
+from flows.kafka.local import LocalKafka  # noqa: E402
+from flows.kafka.topics import create  # noqa: E402
+from flows.settings import Settings  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:
@@ -81,7 +81,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "operators.cli",
+            "flows.cli",
             "run",
             "--brokers",
             bootstrap,

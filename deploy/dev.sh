@@ -5,7 +5,7 @@
 #
 #   deploy/dev.sh setup        virtualenv, release build of the native core, default model
 #   deploy/dev.sh quickstart   setup, then the main job on the sample documents
-#   deploy/dev.sh test         setup, Rust tests (same profile and target dir as the wheel), ruff, pytest
+#   deploy/dev.sh test         setup, Rust tests and the wheel (same profile and target dir), ruff, pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +38,8 @@ quickstart() {
     step "fresh topics: $in → $out (dead letters: $dlq)"
     "$es" topics delete "$in" "$out" "$dlq" >/dev/null
     "$es" topics create "$in" "$out" "$dlq" --partitions 2
-    step "publishing the sample documents (deploy/samples)"
-    "$es" publish deploy/samples --topic "$in"
+    step "publishing the sample documents (flows/samples)"
+    "$es" publish flows/samples --topic "$in"
     step "running the flow until the input is drained"
     "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end --from beginning --snapshot-s 1 --metrics-port 0
     step "vector records on $out"
@@ -54,6 +54,12 @@ test_all() {
     setup
     step "Rust tests"
     cargo test --release --manifest-path native/Cargo.toml --quiet
+    step "wheel (same profile, features and target dir; tests install it in a fresh virtualenv)"
+    local wheels="$CARGO_TARGET_DIR/embedstream-wheel"
+    rm -rf "$wheels"
+    "$VENV/bin/maturin" build --release --quiet --out "$wheels"
+    EMBEDSTREAM_WHEEL="$(ls "$wheels"/embedstream-*.whl)"
+    export EMBEDSTREAM_WHEEL
     step "ruff"
     "$VENV/bin/ruff" check operators flows tests bench
     step "pytest"

@@ -1,10 +1,14 @@
 """The main job: document events in, vector records out, bad input to the dead-letter topic.
 
-    Kafka source → [decode → fetch → extract → chunk → embed → encode] → Kafka sink
+    Kafka source → decode → fetch_extract → chunk → embed → encode → Kafka sink
 
-The bracketed part is one stateless step over each micro-batch the source hands
-over, so nothing waits in a buffer outside the recovery snapshot. Configured by
-``EMBEDSTREAM_*`` variables (see ``operators.config.Settings``).
+Each step is a named Bytewax step (``python -m bytewax.visualize flows.embed:flow``
+draws them) over one whole micro-batch: the first step turns the batch the source
+hands over into a single item, so the embed step makes one model call per source
+batch and no event waits in a buffer outside the recovery snapshot. Dead letters
+leave through the same sink as the records, routed by topic, so offsets are
+committed in input order. Configured by ``EMBEDSTREAM_*`` variables (see
+:class:`flows.settings.Settings`); the steps live in :mod:`flows.embed_steps`.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Optional
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
-from operators import runtime
-from operators.config import Settings
-from operators.kafka_io import KafkaInput, KafkaOutput
-from operators.topics import max_message_bytes
+from flows import runtime
+from flows.embed_steps import Pipeline
+from flows.kafka.io import KafkaInput, KafkaOutput
+from flows.kafka.topics import max_message_bytes
+from flows.settings import Settings
 
 
 def build(settings: Optional[Settings] = None) -> Dataflow:
@@ -28,6 +33,11 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     # Records must fit the output topics; the producer must not refuse what they accept.
     outputs = [settings.output_topic, settings.dlq_topic, settings.image_output_topic]
     limit = min(max_message_bytes(settings, t) for t in outputs if t)
+
+    def pipeline() -> Pipeline:
+        # Built on first use in each worker process (the model loads there), never here.
+        return runtime.pipeline(settings, limit)
+
     flow = Dataflow("embedstream")
     events = op.input(
         "documents",
@@ -42,7 +52,11 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
             poll_ms=settings.poll_ms,
         ),
     )
-    records = op.flat_map_batch("embed", events, runtime.processor(settings, limit))
+    batches = op.flat_map_batch("decode", events, lambda messages: pipeline().decode(messages))
+    batches = op.map("fetch_extract", batches, lambda batch: pipeline().fetch_and_extract(batch))
+    batches = op.map("chunk", batches, lambda batch: pipeline().chunk(batch))
+    batches = op.map("embed", batches, lambda batch: pipeline().embed(batch))
+    records = op.flat_map("encode", batches, lambda batch: pipeline().encode(batch))
     sink_config = {"message.max.bytes": str(max(limit, 1_000_000)), **kafka}
     op.output("kafka", records, KafkaOutput(sink_config, group_id=settings.group_id))
     return flow

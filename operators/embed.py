@@ -13,6 +13,12 @@ from . import _native, models
 from .document import Document
 
 
+def resolve_device(device: str) -> str:
+    """What ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``) names on this
+    machine, e.g. ``"cuda:0"``; raises ``ModelError`` if it cannot be used here."""
+    return _native.resolve_device(device)
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A piece of a document: ``document.text[char_start:char_end] == text``."""

@@ -35,6 +35,22 @@ from .errors import ExtractionError
 #: Seconds a child gets beyond the document's own time budget before it is killed.
 GRACE_SECONDS = 2.0
 
+#: The child starts from the parent's import path, not from its working directory:
+#: ``python -m`` would put the directory first, and an ``operators/`` folder there (a
+#: source checkout beside an installed wheel, any project with such a folder) would
+#: shadow the package the parent runs.
+_CHILD_MAIN = (
+    "import json, os, sys; "
+    "sys.path[:] = json.loads(os.environ['EMBEDSTREAM_PARENT_PATH']); "
+    "from operators._worker import main; main()"
+)
+
+
+def _parent_path() -> str:
+    # First the folder that holds the very package this process imported.
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return json.dumps([home] + [os.path.abspath(p) if p else os.getcwd() for p in sys.path])
+
 
 def write_frame(stream: IO[bytes], header: dict, body: bytes = b"") -> None:
     head = json.dumps(header).encode()
@@ -48,9 +64,13 @@ class _Worker:
 
     def __init__(self, max_memory_bytes: int) -> None:
         self.stderr = tempfile.TemporaryFile()
-        env = dict(os.environ, EMBEDSTREAM_WORKER_MEMORY=str(max_memory_bytes))
+        env = dict(
+            os.environ,
+            EMBEDSTREAM_WORKER_MEMORY=str(max_memory_bytes),
+            EMBEDSTREAM_PARENT_PATH=_parent_path(),
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "operators._worker"],
+            [sys.executable, "-c", _CHILD_MAIN],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,

@@ -33,7 +33,7 @@ def kafka_bootstrap():
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
-    from operators.kafka_local import LocalKafka
+    from flows.kafka.local import LocalKafka
 
     broker = LocalKafka()
     was_running = broker.pid() is not None and broker.ready()

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from operators import codecs
-from operators.config import Settings
-from operators.topics import create
+from flows import codecs
+from flows.kafka.topics import create
+from flows.settings import Settings
 
 
 @dataclass
@@ -58,7 +58,7 @@ class FlowTopics:
         cmd = [
             sys.executable,
             "-m",
-            "operators.cli",
+            "flows.cli",
             "run",
             "--until-end",
             "--epoch-s",
@@ -162,7 +162,7 @@ def run_args(topics: FlowTopics, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "operators.cli",
+        "flows.cli",
         "run",
         "--brokers",
         topics.bootstrap,

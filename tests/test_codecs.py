@@ -8,9 +8,9 @@ import json
 import pytest
 from fastavro.schema import fingerprint
 
-from operators import codecs
-from operators.codecs import DecodeError, decode_document_event
-from operators.registry import SchemaRegistry
+from flows import codecs
+from flows.codecs import DecodeError, decode_document_event
+from flows.registry import SchemaRegistry
 
 EVENT = {
     "doc_id": "doc-1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from operators.config import Settings
+from flows.settings import Settings
 
 
 def test_defaults_validate():

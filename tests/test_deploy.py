@@ -32,7 +32,7 @@ def env(sts) -> dict:
 
 
 def test_cluster_addressing_is_consistent(sts):
-    from operators.config import Settings
+    from flows.settings import Settings
 
     service = load("service.yaml")
     assert service["spec"]["clusterIP"] == "None"  # headless: per-pod DNS names
@@ -67,7 +67,7 @@ def test_probes_target_the_metrics_endpoint(sts):
 
 
 def test_config_and_secrets_reach_the_worker(sts):
-    from operators.config import Settings
+    from flows.settings import Settings
 
     refs = container(sts)["envFrom"]
     config, secret = load("configmap.yaml"), load("secret.example.yaml")
@@ -99,7 +99,7 @@ def test_image_recipe_and_dashboard():
     assert re.search(r"^USER embedstream$", dockerfile, re.M)
     dashboard = json.loads((DEPLOY / "grafana" / "embedstream.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    from operators import metrics
+    from flows import metrics
 
     for metric in (
         metrics.EVENTS,

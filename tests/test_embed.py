@@ -11,8 +11,8 @@ import pytest
 from conftest import DATA
 
 import operators
+from flows.settings import CPU_BATCH_SIZE, Settings
 from operators import Embedder
-from operators.config import CPU_BATCH_SIZE, Settings
 
 
 def load_reference(path):

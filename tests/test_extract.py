@@ -11,7 +11,7 @@ import pytest
 import operators
 from operators import ExtractionError, Limits, extract
 
-SAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "samples"
+SAMPLES = Path(__file__).resolve().parent.parent / "flows" / "samples"
 
 
 def reason_of(data: bytes, **kwargs) -> str:

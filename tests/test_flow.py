@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import subprocess
+import sys
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -13,11 +16,11 @@ from pathlib import Path
 import docgen
 import numpy as np
 import pytest
-from kafka_helpers import FlowTopics, avro_event
+from kafka_helpers import FlowTopics, avro_event, free_port
 
 import operators
 
-SAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "samples"
+SAMPLES = Path(__file__).resolve().parent.parent / "flows" / "samples"
 TEXT_SAMPLES = ["faq.html", "guide.md", "notes.txt", "onboarding.docx", "report.pdf"]
 
 
@@ -71,8 +74,8 @@ def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
     assert any(r["page"] == 2 for r in got["report.pdf"])
 
     # A second run (a replay) gives the same chunk ids, texts and offsets.
-    from operators.config import Settings
-    from operators.topics import create
+    from flows.kafka.topics import create
+    from flows.settings import Settings
 
     create(Settings(brokers=kafka_bootstrap), f"{topics.prefix}.replay", 2)
     topics.run("--max-tokens", "48", "--from", "beginning", output=f"{topics.prefix}.replay")
@@ -165,7 +168,7 @@ def test_missing_output_topic_is_a_clear_error(kafka_bootstrap):
         [
             sys.executable,
             "-m",
-            "operators.cli",
+            "flows.cli",
             "run",
             "--until-end",
             "--brokers",
@@ -268,8 +271,8 @@ def test_images_with_an_image_model(kafka_bootstrap):
 
     clip = operators.ImageEmbedder.load(DATA / "tiny-clip")
     topics = FlowTopics(kafka_bootstrap)
-    from operators.config import Settings
-    from operators.topics import create
+    from flows.kafka.topics import create
+    from flows.settings import Settings
 
     image_topic = f"{topics.prefix}.images"
     create(Settings(brokers=kafka_bootstrap), image_topic, 1)
@@ -306,3 +309,33 @@ def test_images_with_an_image_model(kafka_bootstrap):
 
     [(_, letter, _)] = topics.read(topics.dlq)
     assert (letter["doc_id"], letter["stage"], letter["reason"]) == ("broken", "extract", "corrupt")
+
+
+RAW_CLIENT_LINE = re.compile(r"^%\d\|")  # librdkafka's own format: %LEVEL|ts|FAC|client| …
+
+
+def test_client_logs_go_through_our_logging(kafka_bootstrap, tmp_path):
+    # Nothing listens on this port: librdkafka logs its connection failures (level 3).
+    dead = f"127.0.0.1:{free_port()}"
+    cli = [sys.executable, "-m", "flows.cli"]
+    out = subprocess.run(
+        [*cli, "tail", "--brokers", dead, "--topic", "absent", "-n", "1", "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = out.stderr.splitlines()
+    assert any("Connection refused" in line for line in lines), out.stderr
+    assert not [line for line in lines if RAW_CLIENT_LINE.match(line)], out.stderr
+    # Publishing used to print a raw BGQUEUE purge line at every exit.
+    (tmp_path / "a.txt").write_text("one small document")
+    topics = FlowTopics(kafka_bootstrap)
+    publish = ["publish", str(tmp_path / "a.txt"), "--topic", topics.input, "--brokers", kafka_bootstrap]
+    out = subprocess.run(
+        [*cli, *publish, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert not [line for line in out.stderr.splitlines() if RAW_CLIENT_LINE.match(line)], out.stderr

@@ -1,10 +1,12 @@
-"""One micro-batch of input messages in, output messages out: decode → fetch →
-extract → chunk → embed → encode. The Bytewax flow calls :meth:`Pipeline.process` as a
-stateless step, so no chunk ever waits in a buffer that a snapshot cannot see.
+"""The steps of ``flows.embed``: decode → fetch and extract → chunk → embed → encode,
+each a method of :class:`Pipeline` over one whole micro-batch (a :data:`Batch`).
 
-Every input message ends as vector records, a delete marker or exactly one dead
-letter; outputs keep the input order, so within a partition a DELETE is published
-after the records of an earlier UPSERT of the same document.
+The source's batch travels from step to step as one item, so the embed step sees
+every chunk of it and makes one model call per batch, and no event ever waits in a
+buffer that a snapshot cannot see. Every input message ends as vector records, a
+delete marker or exactly one dead letter; outputs keep the input order, so within a
+partition a DELETE is published after the records of an earlier UPSERT of the same
+document.
 """
 
 from __future__ import annotations
@@ -17,20 +19,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from . import codecs, metrics
-from .config import Settings
-from .document import Document, Limits
-from .embed import Chunk, Chunker, Embedder
-from .errors import EmbedstreamError, ExtractionError
-from .extract import extract
-from .image_embed import ImageEmbedder
-from .isolation import ExtractorPool
-from .kafka_io import InputMessage, OutputMessage
+from flows import codecs, metrics
+from flows.kafka.io import InputMessage, OutputMessage
+from flows.settings import Settings
+from operators import (
+    Chunk,
+    Chunker,
+    Document,
+    Embedder,
+    EmbedstreamError,
+    ExtractionError,
+    ExtractorPool,
+    ImageEmbedder,
+    Limits,
+    extract,
+)
 
 log = logging.getLogger("embedstream.pipeline")
 
@@ -49,7 +57,7 @@ def chunk_id(doc_id: str, model_id: str, model_revision: str, index: int) -> str
 
 
 @dataclass
-class _Work:
+class Work:
     """What one input message became so far."""
 
     message: InputMessage
@@ -59,6 +67,10 @@ class _Work:
     is_image: bool = False
     vectors: Optional[np.ndarray] = None
     failure: Optional[Failure] = None
+
+
+#: One micro-batch of the source on its way through the steps, in input order.
+Batch = list[Work]
 
 
 @dataclass
@@ -114,30 +126,56 @@ class Pipeline:
         self._count_lock = threading.Lock()
         self._last_report = time.monotonic()
 
-    # --- the batch ---------------------------------------------------------------------------
+    # --- the steps, one micro-batch each ---------------------------------------------------
 
-    def process(self, batch: list[InputMessage]) -> list[OutputMessage]:
-        metrics.BATCH_EVENTS.observe(len(batch))
-        metrics.BATCH_FILL.observe(len(batch) / self.batch_size)
-        work = [_Work(m) for m in batch]
+    def decode(self, messages: list[InputMessage]) -> list[Batch]:
+        """The source's batch becomes one item: later steps see it whole."""
+        if not messages:
+            return []
+        metrics.BATCH_EVENTS.observe(len(messages))
+        metrics.BATCH_FILL.observe(len(messages) / self.batch_size)
+        batch = [Work(m) for m in messages]
         with metrics.STAGE_SECONDS.labels("decode").time():
-            for w in work:
+            for w in batch:
                 self._guard(w, self._decode)
-        upserts = [w for w in work if w.failure is None and w.event["op"] == "UPSERT"]
+        return [batch]
+
+    def fetch_and_extract(self, batch: Batch) -> Batch:
+        """Documents in parallel, in the isolated extraction processes."""
         with metrics.STAGE_SECONDS.labels("extract").time():
-            list(self.threads.map(lambda w: self._guard(w, self._fetch_and_extract), upserts))
+            list(self.threads.map(lambda w: self._guard(w, self._fetch_and_extract), _upserts(batch)))
+        return batch
+
+    def chunk(self, batch: Batch) -> Batch:
         with metrics.STAGE_SECONDS.labels("chunk").time():
-            for w in upserts:
+            for w in _upserts(batch):
                 self._guard(w, self._chunk)
+        return batch
+
+    def embed(self, batch: Batch) -> Batch:
+        """Every text chunk of the batch in one model call, every image in another."""
         with metrics.STAGE_SECONDS.labels("embed").time():
-            self._embed([w for w in upserts if w.failure is None and not w.is_image])
-            self._embed_images([w for w in upserts if w.failure is None and w.is_image])
+            ready = _upserts(batch)
+            self._embed([w for w in ready if not w.is_image])
+            self._embed_images([w for w in ready if w.is_image])
+        return batch
+
+    def encode(self, batch: Batch) -> list[OutputMessage]:
+        """Records, delete markers and dead letters in input order: one sink routes each
+        to its topic, so a dead letter's offset is committed in order with the rest."""
         with metrics.STAGE_SECONDS.labels("encode").time():
-            out = self._encode_all(work)
-        self._count(work)
+            out = self._encode_all(batch)
+        self._count(batch)
         return out
 
-    def _encode_all(self, work: list[_Work]) -> list[OutputMessage]:
+    def process(self, messages: list[InputMessage]) -> list[OutputMessage]:
+        """All steps on one micro-batch, in memory (benchmarks, notebooks)."""
+        out: list[OutputMessage] = []
+        for batch in self.decode(messages):
+            out.extend(self.encode(self.embed(self.chunk(self.fetch_and_extract(batch)))))
+        return out
+
+    def _encode_all(self, work: Batch) -> list[OutputMessage]:
         out: list[OutputMessage] = []
         for w in work:
             messages = self._outputs(w)
@@ -153,7 +191,7 @@ class Pipeline:
             out.extend(messages)
         return out
 
-    def _guard(self, w: _Work, step) -> None:
+    def _guard(self, w: Work, step: Callable[[Work], None]) -> None:
         if w.failure is not None:
             return
         try:
@@ -170,7 +208,7 @@ class Pipeline:
 
     # --- stages ------------------------------------------------------------------------------
 
-    def _decode(self, w: _Work) -> None:
+    def _decode(self, w: Work) -> None:
         m = w.message
         try:
             w.event = codecs.decode_document_event(
@@ -179,7 +217,7 @@ class Pipeline:
         except codecs.DecodeError as e:
             raise Failure("decode", e.reason, str(e)) from None
 
-    def _fetch_and_extract(self, w: _Work) -> None:
+    def _fetch_and_extract(self, w: Work) -> None:
         event = w.event
         data = event.get("content")
         if data is None:
@@ -222,7 +260,7 @@ class Pipeline:
         except PermissionError as e:
             raise Failure("fetch", "forbidden", str(e)) from None
 
-    def _chunk(self, w: _Work) -> None:
+    def _chunk(self, w: Work) -> None:
         doc = w.document
         if doc.image is not None:
             if self.image_embedder is None:
@@ -240,7 +278,7 @@ class Pipeline:
                 "chunk", "too_large", f"{len(w.chunks)} chunks, over the limit of {self.settings.max_chunks}"
             )
 
-    def _embed(self, ready: list[_Work]) -> None:
+    def _embed(self, ready: list[Work]) -> None:
         """All chunks of the batch in one call: the embedder packs them into token-budget batches."""
         texts = [c.text for w in ready for c in w.chunks]
         if not texts:
@@ -260,7 +298,7 @@ class Pipeline:
             w.vectors = vectors[at : at + len(w.chunks)]
             at += len(w.chunks)
 
-    def _embed_images(self, ready: list[_Work]) -> None:
+    def _embed_images(self, ready: list[Work]) -> None:
         if not ready:
             return
         try:
@@ -277,17 +315,17 @@ class Pipeline:
 
     # --- outputs -----------------------------------------------------------------------------
 
-    def _key(self, w: _Work) -> Optional[bytes]:
+    def _key(self, w: Work) -> Optional[bytes]:
         if w.message.key:
             return w.message.key
         return w.event["doc_id"].encode() if w.event else None
 
-    def _position(self, w: _Work) -> dict[str, Any]:
+    def _position(self, w: Work) -> dict[str, Any]:
         m = w.message
         return {"topic": m.topic, "partition": m.partition, "offset": m.offset}
 
     def _message(
-        self, w: _Work, topic: str, key: Optional[bytes], name: str, record: dict[str, Any]
+        self, w: Work, topic: str, key: Optional[bytes], name: str, record: dict[str, Any]
     ) -> OutputMessage:
         m = w.message
         return OutputMessage(
@@ -298,7 +336,7 @@ class Pipeline:
             (m.topic, m.partition, m.offset),
         )
 
-    def _outputs(self, w: _Work) -> list[OutputMessage]:
+    def _outputs(self, w: Work) -> list[OutputMessage]:
         s = self.settings
         if w.failure is not None:
             return [self._message(w, s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
@@ -343,7 +381,7 @@ class Pipeline:
             out.append(self._message(w, s.output_topic, self._key(w), "VectorRecord", record))
         return out
 
-    def _metadata(self, w: _Work) -> dict[str, str]:
+    def _metadata(self, w: Work) -> dict[str, str]:
         doc = w.document
         metadata = dict(w.event["metadata"])
         metadata["doc.mime_type"] = doc.mime_type
@@ -353,7 +391,7 @@ class Pipeline:
             metadata[f"doc.{k}"] = v
         return metadata
 
-    def _image_record(self, w: _Work) -> OutputMessage:
+    def _image_record(self, w: Work) -> OutputMessage:
         event, e = w.event, self.image_embedder
         record = {
             "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, 0),
@@ -378,7 +416,7 @@ class Pipeline:
         topic = self.settings.image_output_topic or self.settings.output_topic
         return self._message(w, topic, self._key(w), "VectorRecord", record)
 
-    def dead_letter(self, w: _Work) -> dict[str, Any]:
+    def dead_letter(self, w: Work) -> dict[str, Any]:
         m, f = w.message, w.failure
         payload = m.value or b""
         return {
@@ -395,11 +433,11 @@ class Pipeline:
             "failed_at": codecs.now_ms(),
         }
 
-    def _count(self, work: list[_Work]) -> None:
+    def _count(self, work: list[Work]) -> None:
         with self._count_lock:
             self._count_locked(work)
 
-    def _count_locked(self, work: list[_Work]) -> None:
+    def _count_locked(self, work: list[Work]) -> None:
         c = self.counters
         now_ms = codecs.now_ms()
         for w in work:
@@ -429,3 +467,8 @@ class Pipeline:
     def close(self) -> None:
         self.threads.shutdown()
         self.pool.close()
+
+
+def _upserts(batch: Batch) -> list[Work]:
+    """The events of the batch still on their way to vectors."""
+    return [w for w in batch if w.failure is None and w.event["op"] == "UPSERT"]

@@ -15,7 +15,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import parse_schema
 
-from . import codecs
+from flows import codecs
 
 
 class SchemaRegistry:

@@ -12,8 +12,8 @@ from typing import Any, Optional
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from . import codecs
-from .config import Settings
+from flows import codecs
+from flows.settings import Settings
 
 
 def create(settings: Settings, name: str, partitions: int = 1, replication: int = 1) -> bool:
@@ -46,7 +46,7 @@ def check_exist(settings: Settings, names: Sequence[str]) -> None:
     existing = set(admin.list_topics(timeout=30).topics)
     missing = [n for n in names if n not in existing]
     if missing:
-        from .errors import EmbedstreamError
+        from operators.errors import EmbedstreamError
 
         raise EmbedstreamError(
             f"topic(s) {', '.join(missing)} do not exist on {settings.brokers}: "
@@ -105,7 +105,7 @@ def publish_files(
     for path in files:
         # Envelope and headers take a few hundred bytes; leave room for them.
         if path.stat().st_size > limit - 1024:
-            from .errors import EmbedstreamError
+            from operators.errors import EmbedstreamError
 
             raise EmbedstreamError(
                 f"{path} is {path.stat().st_size} bytes; topic {topic} accepts messages up to {limit} bytes. "

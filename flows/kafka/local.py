@@ -1,6 +1,6 @@
 """A single-node Apache Kafka 4.x broker (KRaft) on loopback, for development and tests.
 
-The broker's jars come from Maven Central (``deploy/local/pom.xml``, resolved once into
+The broker's jars come from Maven Central (``flows/kafka/pom.xml``, package data, resolved once into
 the cache with ``mvn dependency:copy-dependencies``); storage is formatted with
 ``kafka.tools.StorageTool`` and the broker runs as ``java kafka.Kafka``. Needs only a
 JDK 17+ and Maven. Every step is idempotent.
@@ -8,6 +8,7 @@ JDK 17+ and Maven. Every step is idempotent.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -16,10 +17,13 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-POM = ROOT / "deploy" / "local" / "pom.xml"
+
+def pom() -> bytes:
+    """The broker's Maven POM, shipped inside the package (a wheel has no deploy/)."""
+    return (files("flows.kafka") / "pom.xml").read_bytes()
 
 
 @dataclass(frozen=True)
@@ -51,29 +55,39 @@ class LocalKafka:
     # --- jars ------------------------------------------------------------------------------
 
     def ensure_jars(self) -> None:
-        stamp = self.lib / ".pom-mtime"
-        pom_mtime = str(POM.stat().st_mtime_ns)
-        if stamp.is_file() and stamp.read_text() == pom_mtime and any(self.lib.glob("kafka_2.13-*.jar")):
+        # Keyed by the POM's content: an installed wheel and a checkout share one cache.
+        stamp = self.lib / ".pom-sha256"
+        pom_xml = pom()
+        digest = hashlib.sha256(pom_xml).hexdigest()
+        if stamp.is_file() and stamp.read_text() == digest and any(self.lib.glob("kafka_2.13-*.jar")):
             return
         if shutil.which("mvn") is None:
             raise RuntimeError("Maven (mvn) is needed once to fetch the Kafka jars from Maven Central")
         if self.lib.exists():
             shutil.rmtree(self.lib)
         self.lib.mkdir(parents=True)
-        subprocess.run(
+        # Maven wants a file: a copy beside the jars, wherever the package lives.
+        pom_file = self.home / "pom.xml"
+        pom_file.write_bytes(pom_xml)
+        # Quiet unless it fails: Maven writes colour codes even in batch mode.
+        mvn = subprocess.run(
             [
                 "mvn",
                 "-q",
                 "-B",
                 "-f",
-                str(POM),
+                str(pom_file),
                 "dependency:copy-dependencies",
                 f"-DoutputDirectory={self.lib}",
                 "-DincludeScope=runtime",
             ],
-            check=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-        stamp.write_text(pom_mtime)
+        if mvn.returncode != 0:
+            raise RuntimeError(f"Maven could not fetch the Kafka jars:\n{mvn.stdout[-4000:]}")
+        stamp.write_text(digest)
 
     def _java(self, *args: str, **kwargs) -> subprocess.Popen:
         java = shutil.which("java")
@@ -145,7 +159,9 @@ class LocalKafka:
             return False
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        from flows.settings import CLIENT_LOG
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "logger": CLIENT_LOG})
         try:
             admin.list_topics(timeout=2)
             return True

@@ -18,13 +18,15 @@ import json
 import struct
 import time
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
 from typing import Any, Optional
 
 import fastavro
 from fastavro.schema import parse_schema, to_parsing_canonical_form
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+#: ``schemas/`` of the repository (the source of truth), which the wheel carries inside
+#: the package, never as a top-level folder of site-packages.
+SCHEMA_DIR = files("flows") / "schemas"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
 RECORD_TYPES = ("DocumentEvent", "VectorRecord", "DeleteMarker", "DeadLetter")

@@ -5,11 +5,10 @@ into the dataflow)."""
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
-from .config import Settings
-from .kafka_io import InputMessage, OutputMessage
-from .pipeline import Pipeline
+from flows.embed_steps import Pipeline
+from flows.settings import Settings
 
 _lock = threading.Lock()
 _pipeline: Optional[Pipeline] = None
@@ -19,16 +18,16 @@ def pipeline(settings: Settings, max_message_bytes: int = 1_000_000) -> Pipeline
     global _pipeline
     with _lock:
         if _pipeline is None:
-            from .embed import Embedder
+            from operators.embed import Embedder
 
             registry = None
             if settings.schema_registry_url:
-                from .registry import SchemaRegistry
+                from flows.registry import SchemaRegistry
 
                 registry = SchemaRegistry.from_url(settings.schema_registry_url)
             image_embedder = None
             if settings.image_model:
-                from .image_embed import ImageEmbedder
+                from operators.image_embed import ImageEmbedder
 
                 image_embedder = ImageEmbedder.load(settings.image_model, device=settings.device)
             embedder = Embedder.load(settings.model, device=settings.device, dtype=settings.dtype)
@@ -40,12 +39,3 @@ def pipeline(settings: Settings, max_message_bytes: int = 1_000_000) -> Pipeline
                 image_embedder=image_embedder,
             )
         return _pipeline
-
-
-def processor(
-    settings: Settings, max_message_bytes: int
-) -> Callable[[list[InputMessage]], list[OutputMessage]]:
-    def process(batch: list[InputMessage]) -> list[OutputMessage]:
-        return pipeline(settings, max_message_bytes).process(batch)
-
-    return process

@@ -127,7 +127,7 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         return batch
 
     def _report_lag(self) -> None:
-        from . import metrics
+        from flows import metrics
 
         try:
             _low, high = self.consumer.get_watermark_offsets(

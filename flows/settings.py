@@ -6,11 +6,15 @@ secrets are masked whenever settings are shown."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 _SECRET_WORDS = ("password", "secret", "token", "key")
+
+#: librdkafka's own log lines (connection errors, purges at exit) arrive here.
+CLIENT_LOG = logging.getLogger("embedstream.librdkafka")
 
 
 def _bool(value: str) -> bool:
@@ -147,9 +151,9 @@ class Settings:
         the device fails early, with a clear error, if it cannot be used here."""
         if self.batch_size is not None:
             return self.batch_size
-        from . import _native
+        from operators.embed import resolve_device
 
-        return GPU_BATCH_SIZE if _native.resolve_device(self.device).startswith("cuda") else CPU_BATCH_SIZE
+        return GPU_BATCH_SIZE if resolve_device(self.device).startswith("cuda") else CPU_BATCH_SIZE
 
     def cluster(self, pod_name: Optional[str] = None) -> tuple[Optional[int], Optional[list[str]]]:
         """(process id, addresses) of a StatefulSet pod: ``name-3`` is process 3 of
@@ -166,8 +170,10 @@ class Settings:
         addresses = [f"{base}-{i}.{self.service}:{self.cluster_port}" for i in range(self.replicas)]
         return int(ordinal), addresses
 
-    def kafka_common(self) -> dict[str, str]:
-        return {"bootstrap.servers": self.brokers, **self.kafka}
+    def kafka_common(self) -> dict[str, Any]:
+        """Client settings every consumer, producer and admin client starts from. Their
+        own log lines go through our logging at librdkafka's level, not raw to stderr."""
+        return {"bootstrap.servers": self.brokers, "logger": CLIENT_LOG, **self.kafka}
 
     def redacted(self) -> dict[str, Any]:
         """The settings with secrets masked, for logs and ``--help``-style output."""

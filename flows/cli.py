@@ -6,10 +6,12 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Optional
 
-SAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "samples"
+#: The sample documents that ship with the package (one of each supported type).
+SAMPLES = Path(str(files("flows") / "samples"))
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
@@ -25,7 +27,7 @@ def _short(text: str, width: int = 70) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from . import models
+    from operators import models
 
     if args.action == "pull":
         path = models.pull(force=args.force)
@@ -36,7 +38,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from . import ExtractionError, extract
+    from operators import ExtractionError, extract
 
     failures = 0
     for path in _files(args.paths):
@@ -55,7 +57,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Extract → chunk → embed on files, printing a compact view of each chunk's vector."""
-    from . import Embedder, ExtractionError, extract
+    from operators import Embedder, ExtractionError, extract
 
     embedder = Embedder.load(args.model)
     chunker = embedder.chunker(args.max_tokens)
@@ -88,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from .kafka_local import LocalKafka
+    from flows.kafka.local import LocalKafka
 
     broker = LocalKafka()
     if args.action == "start":
@@ -101,14 +103,14 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace, **overrides):
-    from .config import Settings
+    from flows.settings import Settings
 
     kafka = dict(kv.split("=", 1) for kv in getattr(args, "kafka", None) or [])
     return Settings.from_env(brokers=getattr(args, "brokers", None), kafka=kafka, **overrides)
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from . import topics
+    from flows.kafka import topics
 
     settings = _settings(args)
     if args.action == "delete":
@@ -122,7 +124,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from . import topics
+    from flows.kafka import topics
 
     settings = _settings(args)
     topic = args.topic or settings.input_topic
@@ -163,12 +165,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         log_format=args.log_format,
     )
-    from . import logs, metrics
+    from flows import logs, metrics
 
     logs.configure(settings.log_format)
     metrics.serve(settings.metrics_port)
     logging.getLogger("embedstream").info("settings: %s", settings.redacted())
-    from .topics import check_exist
+    from flows.kafka.topics import check_exist
 
     topics_used = [settings.input_topic, settings.output_topic, settings.dlq_topic]
     check_exist(
@@ -178,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from bytewax.recovery import RecoveryConfig, init_db_dir
 
-    from .kafka_io import STOP
+    from flows.kafka.io import STOP
 
     recovery = None
     if settings.recovery_dir:
@@ -206,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         epoch_interval=timedelta(seconds=settings.snapshot_s),
         recovery_config=recovery,
     )
-    from .runtime import _pipeline
+    from flows.runtime import _pipeline
 
     if _pipeline is not None:
         print(_pipeline.counters.line(), file=sys.stderr)
@@ -215,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:
-    from . import topics
+    from flows.kafka import topics
 
     settings = _settings(args, input_topic=args.to, dlq_topic=args.dlq_topic)
     stats = topics.redrive(settings, stage=args.stage, reason=args.reason)
@@ -228,7 +230,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from . import topics
+    from flows.kafka import topics
 
     settings = _settings(args)
     for kind, record, where in topics.tail(
@@ -359,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import EmbedstreamError
+    from operators.errors import EmbedstreamError
 
     try:
         return args.func(args)
