@@ -121,6 +121,20 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+#: ``content_encoding`` values of JSON input: text as it is (absent, null or "utf-8"),
+#: or base64 for binary documents.
+CONTENT_ENCODINGS = (None, "utf-8", "base64")
+
+
+def _metadata_value(value: Any) -> str:
+    """Metadata is ``map<string,string>``: a string stays itself, anything else becomes
+    its compact JSON text (``1`` → ``"1"``, ``true`` → ``"true"``, ``{"b": 1}`` →
+    ``'{"b":1}'``). Null values are dropped before this."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _document_from_json(data: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(data)
@@ -128,9 +142,15 @@ def _document_from_json(data: bytes) -> dict[str, Any]:
         raise DecodeError("bad_payload", f"invalid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise DecodeError("bad_payload", "JSON payload is not an object")
+    encoding = obj.get("content_encoding")
+    if encoding not in CONTENT_ENCODINGS:
+        accepted = ", ".join(repr(e) for e in CONTENT_ENCODINGS if e)
+        raise DecodeError(
+            "bad_payload", f"content_encoding {encoding!r} is not one of {accepted} (or absent: text)"
+        )
     content = obj.get("content")
     if isinstance(content, str):
-        if obj.get("content_encoding") == "base64":
+        if encoding == "base64":
             try:
                 content = base64.b64decode(content, validate=True)
             except binascii.Error as e:
@@ -149,7 +169,7 @@ def _document_from_json(data: bytes) -> dict[str, Any]:
         "uri": obj.get("uri"),
         "mime_type": obj.get("mime_type"),
         "filename": obj.get("filename"),
-        "metadata": {str(k): str(v) for k, v in metadata.items()},
+        "metadata": {k: _metadata_value(v) for k, v in metadata.items() if v is not None},
         "event_time": obj.get("event_time"),
     }
 
@@ -205,6 +225,8 @@ def _validate(event: dict[str, Any], key: Optional[bytes], timestamp_ms: Optiona
         raise DecodeError("bad_payload", f"op must be UPSERT or DELETE, not {event.get('op')!r}")
     if event["op"] == "UPSERT" and event.get("content") is None and not event.get("uri"):
         raise DecodeError("bad_payload", "an UPSERT needs content or uri")
+    if event.get("content") is not None and event.get("uri"):
+        raise DecodeError("bad_payload", "ambiguous event: it carries both content and uri (send one)")
     event_time = event.get("event_time")
     if event_time is None:
         event["event_time"] = timestamp_ms if timestamp_ms is not None else now_ms()

@@ -81,6 +81,8 @@ def test_key_is_the_fallback_doc_id():
         (b'{"doc_id": "a"}', "bad_payload"),
         (b'{"content": "x"}', "bad_payload"),
         (b'{"doc_id": "a", "content": "!!", "content_encoding": "base64"}', "bad_payload"),
+        (b'{"doc_id": "a", "content": "grkg", "content_encoding": "rot13"}', "bad_payload"),
+        (b'{"doc_id": "a", "content": "x", "uri": "file:///tmp/x"}', "bad_payload"),
         (b"\xc3\x01" + b"\xff" * 8 + b"datum", "unknown_schema"),
         (b"\xc3\x01" + codecs.schema("DocumentEvent").fingerprint + b"\x02", "bad_payload"),
         (b"\x00\x00\x00\x00\x01datum", "no_schema_registry"),
@@ -90,6 +92,18 @@ def test_undecodable_payloads(payload, reason):
     with pytest.raises(DecodeError) as info:
         decode_document_event(payload)
     assert info.value.reason == reason
+
+
+def test_json_metadata_values_become_strings_by_one_rule():
+    metadata = {"s": "v", "n": 1, "t": False, "z": None, "o": {"b": [1]}}
+    event = decode_document_event(json.dumps({"doc_id": "a", "content": "x", "metadata": metadata}).encode())
+    assert event["metadata"] == {"s": "v", "n": "1", "t": "false", "o": '{"b":[1]}'}
+
+
+def test_text_content_encodings_are_accepted():
+    for encoding in ("utf-8", None):
+        body = {"doc_id": "a", "content": "héllo", "content_encoding": encoding}
+        assert decode_document_event(json.dumps(body).encode())["content"] == "héllo".encode()
 
 
 def test_delete_needs_no_content():

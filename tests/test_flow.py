@@ -86,6 +86,11 @@ def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
         assert a == b
 
 
+#: JSON metadata of every type, and what the schema's map<string,string> holds of it.
+LOOSE = {"s": "text", "n": 1, "f": 2.5, "t": True, "null": None, "o": {"b": 1}, "a": [1, "x"], "u": "é"}
+LOOSE_AS_STRINGS = {"s": "text", "n": "1", "f": "2.5", "t": "true", "o": '{"b":1}', "a": '[1,"x"]', "u": "é"}
+
+
 def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
     topics = FlowTopics(kafka_bootstrap)
     allowed = tmp_path / "docs"
@@ -108,6 +113,12 @@ def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
         "http": avro_event("http", uri="http://example.com/doc.pdf"),
         "image": avro_event("image", content=docgen.make_png(4, 4), filename="i.png"),
         "encrypted": avro_event("encrypted", content=docgen.make_pdf(["x"], user_password="pw")),
+        "rot13": json.dumps({"doc_id": "rot13", "content": "grkg", "content_encoding": "rot13"}).encode(),
+        "both": avro_event("both", content=b"inline", uri=(allowed / "ok.md").as_uri()),
+        "both-json": json.dumps({"doc_id": "both-json", "content": "x", "uri": "file:///tmp/x"}).encode(),
+        "loose-metadata": json.dumps(
+            {"doc_id": "loose-metadata", "content": "Metadata of every JSON type.", "metadata": LOOSE}
+        ).encode(),
     }
     topics.produce([(k.encode(), v) for k, v in events.items()])
     topics.run("--allow-root", str(allowed), env={"EMBEDSTREAM_MAX_DOCUMENT_BYTES": "4000"})
@@ -116,8 +127,10 @@ def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
     dead = {r["key"].decode(): r for kind, r, _ in topics.read(topics.dlq) if kind == "DeadLetter"}
     embedded = {r["doc_id"] for kind, r, _ in out if kind == "VectorRecord"}
     deleted = {r["doc_id"] for kind, r, _ in out if kind == "DeleteMarker"}
-    assert embedded == {"good-1", "good-uri"}
+    assert embedded == {"good-1", "good-uri", "loose-metadata"}
     assert deleted == {"delete-me"}
+    [loose] = [r for kind, r, _ in out if r["doc_id"] == "loose-metadata"]
+    assert {k: v for k, v in loose["metadata"].items() if not k.startswith("doc.")} == LOOSE_AS_STRINGS
     expected = {
         "corrupt": ("extract", "corrupt"),
         "unsupported": ("extract", "unsupported_type"),
@@ -129,8 +142,12 @@ def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
         "http": ("fetch", "uri_not_allowed"),
         "image": ("embed", "no_model_for_type"),
         "encrypted": ("extract", "encrypted"),
+        "rot13": ("decode", "bad_payload"),
+        "both": ("decode", "bad_payload"),
+        "both-json": ("decode", "bad_payload"),
     }
     assert {k: (d["stage"], d["reason"]) for k, d in dead.items()} == expected
+    assert "'base64'" in dead["rot13"]["message"] and "ambiguous" in dead["both"]["message"]
     # Nothing vanishes: every event is accounted for exactly once.
     assert len(events) == len(embedded) + len(deleted) + len(dead)
     for key, letter in dead.items():
