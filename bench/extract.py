@@ -161,7 +161,43 @@ def main() -> None:
         result[kind] = {"embedstream_docs_per_s": round(len(docs[kind]) / seconds, 1)}
     isolated_docx = best_of(lambda: [operators.extract(d) for d in docs["docx"]], args.repeat)
     result["docx"]["embedstream_isolated_docs_per_s"] = round(len(docs["docx"]) / isolated_docx, 1)
+    result["encrypted_pdfs"] = encrypted_outcomes(args.pdf_corpus)
     print(json.dumps(result, indent=2))
+
+
+def encrypted_outcomes(corpus: Path) -> dict[str, object]:
+    """Encrypted PDFs by outcome, ours and pypdf's: the handler fixtures of the tests
+    (every handler pypdf writes) and the corpus files that carry an /Encrypt entry."""
+    files = sorted((ROOT / "tests" / "data" / "encrypted-pdf").glob("*.pdf"))
+    if corpus.is_dir():
+        files += [p for p in sorted(corpus.glob("*.pdf")) if b"/Encrypt" in p.read_bytes()]
+    ours: dict[str, int] = {}
+    for path in files:
+        try:
+            outcome = "text" if operators.extract(path.read_bytes()).text.strip() else "no_text"
+        except operators.ExtractionError as e:
+            outcome = e.reason
+        ours[outcome] = ours.get(outcome, 0) + 1
+    out: dict[str, object] = {"files": len(files), "embedstream": ours}
+    try:
+        import pypdf
+    except ImportError:
+        out["pypdf"] = "not installed"
+        return out
+    theirs: dict[str, int] = {}
+    for path in files:
+        try:
+            reader = pypdf.PdfReader(io.BytesIO(path.read_bytes()))
+            if reader.is_encrypted and not reader.decrypt(""):
+                outcome = "encrypted"
+            else:
+                text = "".join(page.extract_text() or "" for page in reader.pages)
+                outcome = "text" if text.strip() else "no_text"
+        except Exception as e:  # pypdf raises its own types, or DependencyError without cryptography
+            outcome = type(e).__name__
+        theirs[outcome] = theirs.get(outcome, 0) + 1
+    out["pypdf"] = theirs
+    return out
 
 
 if __name__ == "__main__":

@@ -113,6 +113,24 @@ def test_pdf_with_password_is_encrypted():
     assert reason_of(docgen.make_pdf(["locked"], user_password="hunter2")) == "encrypted"
 
 
+ENCRYPTED = Path(__file__).resolve().parent / "data" / "encrypted-pdf"
+#: Made by tests/fixtures/make_encrypted_pdfs.py with pypdf: every handler it writes.
+HANDLERS = ["rc4-40", "rc4-128", "aes-128", "aes-256-r5", "aes-256-r6"]
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+@pytest.mark.parametrize("variant", ["open", "blank"])
+def test_pdf_security_handlers_open_with_the_empty_password(handler, variant):
+    # "open": owner password only; "blank": the empty password is the owner's too.
+    doc = extract((ENCRYPTED / f"{handler}-{variant}.pdf").read_bytes())
+    assert doc.text == f"Quarterly figures, encrypted with {handler}."
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_pdf_security_handlers_needing_a_password_are_encrypted_never_empty(handler):
+    assert reason_of((ENCRYPTED / f"{handler}-locked.pdf").read_bytes()) == "encrypted"
+
+
 def test_pdf_page_limit():
     data = docgen.make_pdf([f"page {i}" for i in range(5)])
     assert reason_of(data, limits=Limits(max_pages=4)) == "too_large"

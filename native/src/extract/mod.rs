@@ -5,6 +5,7 @@ mod html;
 mod image;
 mod markdown;
 mod pdf;
+mod pdf_r5;
 mod text;
 
 use std::collections::BTreeMap;

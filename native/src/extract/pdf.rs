@@ -7,16 +7,21 @@ use std::io::Read;
 use flate2::read::ZlibDecoder;
 use pdf_oxide::PdfDocument;
 
-use super::Document;
+use super::{pdf_r5, Document};
 use crate::error::{ExtractError, Reason};
 use crate::limits::{Budget, Limits};
 use crate::sniff;
 
 pub fn extract(data: &[u8], limits: &Limits, budget: &Budget) -> Result<Document, ExtractError> {
     check_stream_sizes(data, limits.max_decompressed_bytes, budget)?;
-    let doc = PdfDocument::from_bytes(data.to_vec()).map_err(map_error)?;
-    if doc.is_encrypted() && !doc.authenticate(b"").map_err(map_error)? {
-        return Err(ExtractError::new(Reason::Encrypted, "PDF needs a password"));
+    let mut doc = PdfDocument::from_bytes(data.to_vec()).map_err(map_error)?;
+    if doc.is_encrypted() {
+        if let Some(revised) = pdf_r5::as_revision6(data, &doc)? {
+            doc = PdfDocument::from_bytes(revised).map_err(map_error)?;
+        }
+        if !doc.authenticate(b"").map_err(map_error)? {
+            return Err(ExtractError::new(Reason::Encrypted, "PDF needs a password"));
+        }
     }
     let page_count = doc.page_count().map_err(map_error)?;
     if page_count > limits.max_pages {
