@@ -116,3 +116,81 @@ def test_missing_or_wrong_model(tmp_path):
         ImageEmbedder.load(tmp_path / "nowhere")
     with pytest.raises(operators.ModelNotFoundError, match="preprocessor_config"):
         ImageEmbedder.load(DATA / "tiny-bert-cls")
+
+
+CLIP_GELU = DATA / "tiny-clip-gelu"
+
+
+def _rows(directory):
+    return [r for r in map(json.loads, open(directory / "reference.jsonl", encoding="utf-8")) if "kind" in r]
+
+
+def _gelu_clip_errors(clip) -> tuple[list[float], list[float]]:
+    """Largest absolute error against transformers per PNG image and per text (PNGs:
+    our decoder gives Pillow's pixels exactly, so only the towers differ)."""
+    rows = _rows(CLIP_GELU)
+    pngs = [r for r in rows if r["kind"] == "image" and r["file"].endswith(".png")]
+    texts = [r for r in rows if r["kind"] == "text"]
+    images = clip.embed_images([(CLIP / r["file"]).read_bytes() for r in pngs])  # the same images
+    vectors = clip.embed_texts([r["text"] for r in texts])
+    return (
+        [float(np.abs(v - r["features"]).max()) for r, v in zip(pngs, images)],
+        [float(np.abs(v - r["features"]).max()) for r, v in zip(texts, vectors)],
+    )
+
+
+def test_towers_with_their_own_activation_and_epsilon():
+    """Converted OpenCLIP checkpoints: vision "gelu" (epsilon 1e-6), text "quick_gelu";
+    made by tests/fixtures/make_tiny_clip_gelu.py, checked against transformers."""
+    clip = ImageEmbedder.load(CLIP_GELU)
+    image_errors, text_errors = _gelu_clip_errors(clip)
+    assert max(image_errors) < 1e-4 and max(text_errors) < 1e-4, (image_errors, text_errors)
+    rows = _rows(CLIP_GELU)
+    texts = [r for r in rows if r["kind"] == "text"]
+    assert clip.token_ids([r["text"] for r in texts]) == [r["input_ids"] for r in texts]
+    jpegs = [r for r in rows if r["kind"] == "image" and r["file"].endswith(".jpg")]
+    for r, vector in zip(jpegs, clip.embed_images([(CLIP / r["file"]).read_bytes() for r in jpegs])):
+        assert cos(vector, r["features"]) >= 0.999, r["file"]  # JPEG decoders differ slightly
+
+
+def _edited_copy(tmp_path, edit) -> object:
+    import shutil
+
+    target = tmp_path / "clip"
+    shutil.copytree(CLIP_GELU, target)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize(("tower", "wrong"), [("vision_config", "quick_gelu"), ("text_config", "gelu")])
+def test_each_tower_runs_its_own_activation(tmp_path, tower, wrong):
+    # The same weights with the other activation in one tower miss the reference there
+    # by far more than the tolerance: the activation is read per tower, not assumed.
+    clip = ImageEmbedder.load(_edited_copy(tmp_path, lambda c: c[tower].update(hidden_act=wrong)))
+    image_errors, text_errors = _gelu_clip_errors(clip)
+    assert min(image_errors if tower == "vision_config" else text_errors) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda c: c["vision_config"].update(hidden_act="swish"), "vision_config.hidden_act"),
+        (lambda c: c["text_config"].update(hidden_act="mish"), "text_config.hidden_act"),
+        (lambda c: c["vision_config"].update(patch_size=7), "vision_config.image_size"),
+        (lambda c: c["text_config"].update(num_attention_heads=5), "text_config.hidden_size"),
+        (lambda c: c["vision_config"].update(layer_norm_eps="tiny"), "vision_config.layer_norm_eps"),
+        (lambda c: c["vision_config"].update(image_size=40, patch_size=8), "preprocessor_config.json"),
+    ],
+)
+def test_unsupported_configurations_are_refused_by_name(tmp_path, edit, named):
+    with pytest.raises(operators.ModelError, match=named.replace(".", r"\.")):
+        ImageEmbedder.load(_edited_copy(tmp_path, edit))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "quick_gelu"])
+def test_every_clip_activation_loads(tmp_path, activation):
+    path = _edited_copy(tmp_path, lambda c: c["text_config"].update(hidden_act=activation))
+    vectors = ImageEmbedder.load(path).embed_texts(["a photo of a cat"])
+    assert vectors.shape == (1, 16) and np.isfinite(vectors).all()

@@ -10,6 +10,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::activation::Activation;
 use super::kernels;
 use super::q8::QuantizedLinear;
 use crate::error::EmbedError;
@@ -46,36 +47,6 @@ fn default_eps() -> f64 {
 }
 fn default_position_type() -> String {
     "absolute".into()
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    /// The exact, erf-based GELU of BERT's `"gelu"`.
-    Gelu,
-    /// The tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
-    GeluTanh,
-    Relu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> std::result::Result<Self, EmbedError> {
-        match name {
-            "gelu" => Ok(Self::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
-            "relu" => Ok(Self::Relu),
-            other => Err(EmbedError::InvalidModel(format!(
-                "hidden_act {other:?} is not supported"
-            ))),
-        }
-    }
-
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Gelu => kernels::gelu_erf(x),
-            Self::GeluTanh => x.gelu(),
-            Self::Relu => x.relu(),
-        }
-    }
 }
 
 /// A linear layer in the model's float dtype, or quantized to int8 (`dtype="q8"`).
@@ -143,7 +114,7 @@ impl Bert {
                 config.hidden_size, config.num_attention_heads
             )));
         }
-        let activation = Activation::parse(&config.hidden_act)?;
+        let activation = Activation::parse(&config.hidden_act, "config")?;
         let vb = match &config.model_type {
             _ if vb.contains_tensor("bert.embeddings.word_embeddings.weight") => vb.pp("bert"),
             Some(prefix)

@@ -6,21 +6,19 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
-use candle_transformers::models::clip::text_model::{
-    Activation, ClipTextConfig, ClipTextTransformer,
-};
-use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use super::activation::Activation;
+use super::clip_towers::{TextTower, TowerConfig, VisionTower};
 use super::image_prep::Preprocessor;
 use super::{file_digest, load_tokenizer, model_dir};
 use crate::error::EmbedError;
 use crate::extract::RgbImage;
 
 pub struct ClipEmbedder {
-    text_model: ClipTextTransformer,
-    vision_model: ClipVisionTransformer,
+    text_model: TextTower,
+    vision_model: VisionTower,
     text_projection: Linear,
     visual_projection: Linear,
     tokenizer: Tokenizer,
@@ -51,17 +49,36 @@ fn usize_of(v: &Value, key: &str, section: &str) -> Result<usize, EmbedError> {
         })
 }
 
-fn activation(v: &Value, section: &str) -> Result<Activation, EmbedError> {
-    match v
-        .get("hidden_act")
-        .and_then(Value::as_str)
-        .unwrap_or("quick_gelu")
-    {
-        "quick_gelu" => Ok(Activation::QuickGelu),
-        other => Err(EmbedError::InvalidModel(format!(
-            "{section}.hidden_act {other:?} is not supported (quick_gelu)"
-        ))),
+fn f64_or(v: &Value, key: &str, section: &str, default: f64) -> Result<f64, EmbedError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => x.as_f64().ok_or_else(|| {
+            EmbedError::InvalidModel(format!("config.json: {section}.{key} is not a number"))
+        }),
     }
+}
+
+/// One tower's transformer settings; defaults are transformers' `CLIPTextConfig` and
+/// `CLIPVisionConfig` defaults (quick_gelu, epsilon 1e-5).
+fn tower_config(v: &Value, section: &str) -> Result<TowerConfig, EmbedError> {
+    let config = TowerConfig {
+        hidden_size: usize_of(v, "hidden_size", section)?,
+        intermediate_size: usize_of(v, "intermediate_size", section)?,
+        num_hidden_layers: usize_of(v, "num_hidden_layers", section)?,
+        num_attention_heads: usize_of(v, "num_attention_heads", section)?,
+        layer_norm_eps: f64_or(v, "layer_norm_eps", section, 1e-5)?,
+        activation: Activation::parse(
+            v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu"),
+            section,
+        )?,
+    };
+    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+        return Err(EmbedError::InvalidModel(format!(
+            "config.json: {section}.hidden_size {} is not a multiple of num_attention_heads {}",
+            config.hidden_size, config.num_attention_heads
+        )));
+    }
+    Ok(config)
 }
 
 impl ClipEmbedder {
@@ -102,28 +119,21 @@ impl ClipEmbedder {
         let text = get(&config, "text_config", "config")?;
         let vision = get(&config, "vision_config", "config")?;
         let projection_dim = usize_of(&config, "projection_dim", "config")?;
-        let text_config = ClipTextConfig {
-            vocab_size: usize_of(text, "vocab_size", "text_config")?,
-            embed_dim: usize_of(text, "hidden_size", "text_config")?,
-            activation: activation(text, "text_config")?,
-            intermediate_size: usize_of(text, "intermediate_size", "text_config")?,
-            max_position_embeddings: usize_of(text, "max_position_embeddings", "text_config")?,
-            pad_with: None,
-            num_hidden_layers: usize_of(text, "num_hidden_layers", "text_config")?,
-            num_attention_heads: usize_of(text, "num_attention_heads", "text_config")?,
-            projection_dim,
+        let text_config = tower_config(text, "text_config")?;
+        let vision_config = tower_config(vision, "vision_config")?;
+        let vocab_size = usize_of(text, "vocab_size", "text_config")?;
+        let max_tokens = usize_of(text, "max_position_embeddings", "text_config")?;
+        let num_channels = match vision.get("num_channels") {
+            None => 3,
+            Some(_) => usize_of(vision, "num_channels", "vision_config")?,
         };
-        let vision_config = ClipVisionConfig {
-            embed_dim: usize_of(vision, "hidden_size", "vision_config")?,
-            activation: activation(vision, "vision_config")?,
-            intermediate_size: usize_of(vision, "intermediate_size", "vision_config")?,
-            num_hidden_layers: usize_of(vision, "num_hidden_layers", "vision_config")?,
-            num_attention_heads: usize_of(vision, "num_attention_heads", "vision_config")?,
-            projection_dim,
-            num_channels: usize_of(vision, "num_channels", "vision_config").unwrap_or(3),
-            image_size: usize_of(vision, "image_size", "vision_config")?,
-            patch_size: usize_of(vision, "patch_size", "vision_config")?,
-        };
+        let image_size = usize_of(vision, "image_size", "vision_config")?;
+        let patch_size = usize_of(vision, "patch_size", "vision_config")?;
+        if patch_size == 0 || !image_size.is_multiple_of(patch_size) {
+            return Err(EmbedError::InvalidModel(format!(
+                "config.json: vision_config.image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )));
+        }
         let eos_token_id = text
             .get("eos_token_id")
             .and_then(Value::as_u64)
@@ -132,9 +142,14 @@ impl ClipEmbedder {
             .get("pad_token_id")
             .and_then(Value::as_u64)
             .unwrap_or(eos_token_id as u64) as u32;
-        let max_tokens = text_config.max_position_embeddings;
-
         let preprocessor = Preprocessor::from_file(&dir.join("preprocessor_config.json"))?;
+        if preprocessor.shape() != (num_channels, image_size, image_size) {
+            return Err(EmbedError::InvalidModel(format!(
+                "preprocessor_config.json makes {:?} pixel arrays (channels, height, width), but the \
+                 vision tower takes ({num_channels}, {image_size}, {image_size})",
+                preprocessor.shape()
+            )));
+        }
         let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), max_tokens)?;
 
         let weights = dir.join("model.safetensors");
@@ -143,18 +158,24 @@ impl ClipEmbedder {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device)? };
         let invalid =
             |e: candle_core::Error| EmbedError::InvalidModel(format!("{}: {e}", weights.display()));
-        let text_model =
-            ClipTextTransformer::new(vb.pp("text_model"), &text_config).map_err(invalid)?;
-        let vision_model =
-            ClipVisionTransformer::new(vb.pp("vision_model"), &vision_config).map_err(invalid)?;
+        let text_model = TextTower::load(vb.pp("text_model"), &text_config, vocab_size, max_tokens)
+            .map_err(invalid)?;
+        let vision_model = VisionTower::load(
+            vb.pp("vision_model"),
+            &vision_config,
+            num_channels,
+            image_size,
+            patch_size,
+        )
+        .map_err(invalid)?;
         let text_projection = linear_no_bias(
-            text_config.embed_dim,
+            text_config.hidden_size,
             projection_dim,
             vb.pp("text_projection"),
         )
         .map_err(invalid)?;
         let visual_projection = linear_no_bias(
-            vision_config.embed_dim,
+            vision_config.hidden_size,
             projection_dim,
             vb.pp("visual_projection"),
         )
@@ -224,7 +245,7 @@ impl ClipEmbedder {
                 eos_at.push(pos.unwrap_or(ids[i].len().saturating_sub(1)));
             }
             let input = Tensor::from_vec(flat, (batch.len(), width), &self.device)?;
-            let hidden = self.text_model.forward_with_mask(&input, usize::MAX)?;
+            let hidden = self.text_model.forward(&input)?;
             let pooled = Tensor::cat(
                 &eos_at
                     .iter()

@@ -1,8 +1,10 @@
 //! Sentence embeddings with candle: tokenize, pack length-sorted batches under a
 //! token budget, run the encoder, pool, normalise.
 
+mod activation;
 mod bert;
 pub mod clip;
+mod clip_towers;
 mod image_prep;
 mod kernels;
 pub mod model_dir;
