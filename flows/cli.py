@@ -102,6 +102,24 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from flows.containers import Engine, image_name
+
+    if args.action == "name":
+        print(image_name(registry=args.registry))
+        return 0
+    engine = Engine.find()
+    if args.action == "docker-host":
+        print(engine.docker_host())
+        return 0
+    started = time.monotonic()
+    wheel = Path(args.wheel) if args.wheel else None
+    name = engine.build_worker(wheel, local_base=args.local_base, registry=args.registry)
+    size = engine.run("image", "inspect", "--format", "{{.Size}}", name).stdout.strip()
+    print(f"{name} built with {engine.kind} in {time.monotonic() - started:.0f} s ({int(size) / 1e6:.0f} MB)")
+    return 0
+
+
 def _settings(args: argparse.Namespace, **overrides):
     from flows.settings import Settings
 
@@ -259,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     kafka = sub.add_parser("kafka", help="the local single-node Kafka broker (development and tests)")
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.set_defaults(func=cmd_kafka)
+
+    image = sub.add_parser(
+        "image",
+        help="the worker's container image: build it (Docker, else podman), print its name or the Docker API",
+    )
+    image.add_argument("action", choices=["build", "name", "docker-host"])
+    image.add_argument("--wheel", help="the embedstream wheel to install (default: build one with maturin)")
+    image.add_argument(
+        "--local-base",
+        action="store_true",
+        help="a Debian base made here with mmdebstrap instead of python:3.11-slim (no registry needed)",
+    )
+    image.add_argument(
+        "--registry",
+        help="name prefix, e.g. registry.example.com/team (default: $EMBEDSTREAM_IMAGE_REGISTRY)",
+    )
+    image.set_defaults(func=cmd_image)
 
     def kafka_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(

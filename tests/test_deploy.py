@@ -93,10 +93,23 @@ def test_recovery_store_is_shared_and_mounted(sts):
     assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60  # room to drain
 
 
+def test_manifests_run_the_image_the_tooling_builds(sts):
+    from flows.containers import image_name
+
+    [worker] = sts["spec"]["template"]["spec"]["containers"]
+    assert worker["image"] == image_name(registry="")
+    # The Dockerfile's entrypoint with the manifests' arguments is `embedstream run`.
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["embedstream"\]$', dockerfile, re.M) and worker["args"] == ["run"]
+    # The user the image runs as is the one the pod's security context asks for.
+    user = re.search(r"^USER (\d+)$", dockerfile, re.M).group(1)
+    assert int(user) == sts["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+
+
 def test_image_recipe_and_dashboard():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "maturin build --release" in dockerfile and "embedstream models pull" in dockerfile
-    assert re.search(r"^USER embedstream$", dockerfile, re.M)
+    assert "--no-index --find-links /tmp/wheels embedstream" in dockerfile  # no network at build time
+    assert re.search(r"^HEALTHCHECK .*?/metrics", dockerfile, re.M | re.S)
     dashboard = json.loads((DEPLOY / "grafana" / "embedstream.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     from flows import metrics

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import docgen
 import numpy as np
-import pytest
 from kafka_helpers import FlowTopics, avro_event, free_port
 
 import operators
@@ -233,24 +232,6 @@ def test_json_input_and_json_output(kafka_bootstrap):
     assert texts == {"j1": "Plain text sent as a JSON string.", "j2": "JSON\n\nSent as base64."}
     keys = {r["doc_id"]: msg.key() for _, r, msg in out}
     assert keys == {"j1": b"j1", "j2": b"j2"}  # a missing key falls back to the doc_id
-
-
-def test_testcontainers_kafka_variant():
-    """The same flow against a KafkaContainer, where a Docker engine exists."""
-    testcontainers = pytest.importorskip("testcontainers.kafka", reason="testcontainers is not installed")
-    try:
-        import docker
-
-        docker.from_env().ping()
-    except Exception as e:
-        pytest.skip(
-            f"no Docker engine available ({type(e).__name__}); the local KRaft broker covers these tests"
-        )
-    with testcontainers.KafkaContainer() as kafka:
-        topics = FlowTopics(kafka.get_bootstrap_server())
-        topics.produce([(b"d", avro_event("d", content=b"Hello from a container.", filename="d.txt"))])
-        topics.run()
-        assert [r["doc_id"] for _, r, _ in topics.read(topics.output)] == ["d"]
 
 
 def test_records_over_the_topic_limit_become_dead_letters(kafka_bootstrap):
