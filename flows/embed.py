@@ -22,7 +22,6 @@ from bytewax.dataflow import Dataflow
 from flows import runtime
 from flows.embed_steps import Pipeline
 from flows.kafka.io import KafkaInput, KafkaOutput
-from flows.kafka.topics import max_message_bytes
 from flows.settings import Settings
 
 
@@ -30,13 +29,15 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     settings = settings or Settings.from_env()
     settings = dataclasses.replace(settings, batch_size=settings.micro_batch_size())
     kafka = settings.kafka_common()
-    # Records must fit the output topics; the producer must not refuse what they accept.
-    outputs = [settings.output_topic, settings.dlq_topic, settings.image_output_topic]
-    limit = min(max_message_bytes(settings, t) for t in outputs if t)
 
     def pipeline() -> Pipeline:
-        # Built on first use in each worker process (the model loads there), never here.
-        return runtime.pipeline(settings, limit)
+        # Built on first use in each worker process (the model loads there), never here:
+        # defining the flow touches neither the model nor the broker.
+        return runtime.pipeline(settings)
+
+    def sink_limits() -> dict[str, str]:
+        # The producer must not refuse what the output topics accept.
+        return {"message.max.bytes": str(max(runtime.output_limit(settings), 1_000_000))}
 
     flow = Dataflow("embedstream")
     events = op.input(
@@ -57,8 +58,9 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     batches = op.map("chunk", batches, lambda batch: pipeline().chunk(batch))
     batches = op.map("embed", batches, lambda batch: pipeline().embed(batch))
     records = op.flat_map("encode", batches, lambda batch: pipeline().encode(batch))
-    sink_config = {"message.max.bytes": str(max(limit, 1_000_000)), **kafka}
-    op.output("kafka", records, KafkaOutput(sink_config, group_id=settings.group_id))
+    op.output(
+        "kafka", records, KafkaOutput(kafka, group_id=settings.group_id, runtime_config=sink_limits)
+    )
     return flow
 
 

@@ -12,10 +12,25 @@ from flows.settings import Settings
 
 _lock = threading.Lock()
 _pipeline: Optional[Pipeline] = None
+_output_limit: Optional[int] = None
 
 
-def pipeline(settings: Settings, max_message_bytes: int = 1_000_000) -> Pipeline:
+def output_limit(settings: Settings) -> int:
+    """The largest message every output topic accepts (their ``max.message.bytes``),
+    asked of the broker once per process, when a worker starts: records must fit, and
+    the producer must not refuse what the topics accept."""
+    global _output_limit
+    if _output_limit is None:
+        from flows.kafka.topics import max_message_bytes
+
+        topics = [settings.output_topic, settings.dlq_topic, settings.image_output_topic]
+        _output_limit = min(max_message_bytes(settings, t) for t in topics if t)
+    return _output_limit
+
+
+def pipeline(settings: Settings) -> Pipeline:
     global _pipeline
+    max_message_bytes = output_limit(settings)
     with _lock:
         if _pipeline is None:
             from operators.embed import Embedder

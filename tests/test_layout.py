@@ -195,3 +195,18 @@ def test_installed_broker_manager_resolves_its_pom(installed, tmp_path):
     )
     out = _run(installed, str(installed["python"]), "-c", script, str(tmp_path), timeout=900)
     assert out.strip() == "1"
+
+
+def test_the_dataflow_reads_as_the_pipeline_without_a_broker():
+    # Defining the flow touches neither broker nor model: nothing listens on port 1.
+    out = subprocess.run(
+        [sys.executable, "-m", "bytewax.visualize", "flows.embed:flow"],
+        env={**os.environ, "EMBEDSTREAM_BROKERS": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    steps = ["documents (input)", "decode", "fetch_extract", "chunk", "embed", "encode", "kafka (output)"]
+    positions = [out.index(f'["{step}') for step in steps]
+    assert positions == sorted(positions), out

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -320,12 +320,22 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
 
 
 class KafkaOutput(DynamicSink[OutputMessage]):
-    """Writes each message to the topic it names."""
+    """Writes each message to the topic it names. ``runtime_config`` gives defaults that
+    need the broker, asked when a worker starts, so defining the flow needs none;
+    ``config`` (the user's settings) wins over them."""
 
-    def __init__(self, config: dict, flush_timeout_s: float = 300.0, group_id: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        config: dict,
+        flush_timeout_s: float = 300.0,
+        group_id: Optional[str] = None,
+        runtime_config: Optional[Callable[[], dict]] = None,
+    ) -> None:
         self.config = config
         self.flush_timeout_s = flush_timeout_s
         self.group_id = group_id
+        self.runtime_config = runtime_config
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
-        return _SinkPartition(self.config, self.flush_timeout_s, self.group_id)
+        config = {**(self.runtime_config() if self.runtime_config else {}), **self.config}
+        return _SinkPartition(config, self.flush_timeout_s, self.group_id)
