@@ -18,7 +18,8 @@ pub enum Activation {
 
 impl Activation {
     /// Every name we accept, for error messages.
-    pub const NAMES: &'static str = "gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, quick_gelu, relu";
+    pub const NAMES: &'static str =
+        "gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, quick_gelu, relu";
 
     /// `section` names where the value came from (`"vision_config"`), for the error.
     pub fn parse(name: &str, section: &str) -> std::result::Result<Self, EmbedError> {
@@ -57,14 +58,28 @@ mod tests {
             .iter()
             .map(|v| v / (1.0 + (-1.702 * v).exp()))
             .collect();
-        for (got, want) in values(Activation::parse("quick_gelu", "t").unwrap()).iter().zip(&quick) {
+        for (got, want) in values(Activation::parse("quick_gelu", "t").unwrap())
+            .iter()
+            .zip(&quick)
+        {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         }
-        assert_eq!(values(Activation::parse("relu", "t").unwrap()), vec![0.0, 0.0, 0.0, 0.7, 3.0]);
+        assert_eq!(
+            values(Activation::parse("relu", "t").unwrap()),
+            vec![0.0, 0.0, 0.0, 0.7, 3.0]
+        );
         // GELU(0.7): 0.530 625 exact, 0.530 570 by the tanh approximation.
         assert!((values(Activation::Gelu)[3] - 0.530_625).abs() < 2e-5);
-        assert!((values(Activation::parse("gelu_pytorch_tanh", "t").unwrap())[3] - 0.530_570).abs() < 2e-5);
-        let err = Activation::parse("swish", "vision_config").unwrap_err().to_string();
-        assert!(err.contains("vision_config.hidden_act") && err.contains("quick_gelu"), "{err}");
+        assert!(
+            (values(Activation::parse("gelu_pytorch_tanh", "t").unwrap())[3] - 0.530_570).abs()
+                < 2e-5
+        );
+        let err = Activation::parse("swish", "vision_config")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vision_config.hidden_act") && err.contains("quick_gelu"),
+            "{err}"
+        );
     }
 }

@@ -68,11 +68,17 @@ fn tower_config(v: &Value, section: &str) -> Result<TowerConfig, EmbedError> {
         num_attention_heads: usize_of(v, "num_attention_heads", section)?,
         layer_norm_eps: f64_or(v, "layer_norm_eps", section, 1e-5)?,
         activation: Activation::parse(
-            v.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu"),
+            v.get("hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or("quick_gelu"),
             section,
         )?,
     };
-    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+    if config.num_attention_heads == 0
+        || !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+    {
         return Err(EmbedError::InvalidModel(format!(
             "config.json: {section}.hidden_size {} is not a multiple of num_attention_heads {}",
             config.hidden_size, config.num_attention_heads

@@ -110,17 +110,30 @@ pub struct TextTower {
 
 impl TextTower {
     /// `vb` at `text_model`.
-    pub fn load(vb: VarBuilder, c: &TowerConfig, vocab_size: usize, max_positions: usize) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        c: &TowerConfig,
+        vocab_size: usize,
+        max_positions: usize,
+    ) -> Result<Self> {
         let embeddings = vb.pp("embeddings");
         Ok(Self {
-            token_embedding: candle_nn::embedding(vocab_size, c.hidden_size, embeddings.pp("token_embedding"))?,
+            token_embedding: candle_nn::embedding(
+                vocab_size,
+                c.hidden_size,
+                embeddings.pp("token_embedding"),
+            )?,
             position_embedding: candle_nn::embedding(
                 max_positions,
                 c.hidden_size,
                 embeddings.pp("position_embedding"),
             )?,
             encoder: Encoder::load(vb.pp("encoder"), c)?,
-            final_layer_norm: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            final_layer_norm: candle_nn::layer_norm(
+                c.hidden_size,
+                c.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
         })
     }
 
@@ -194,7 +207,10 @@ impl VisionTower {
             .flatten_from(2)?
             .transpose(1, 2)?;
         let hidden = self.class_embedding.dim(0)?;
-        let class = self.class_embedding.reshape((1, 1, hidden))?.broadcast_as((batch, 1, hidden))?;
+        let class = self
+            .class_embedding
+            .reshape((1, 1, hidden))?
+            .broadcast_as((batch, 1, hidden))?;
         let x = Tensor::cat(&[&class, &patches], 1)?;
         let x = x.broadcast_add(self.position_embedding.embeddings())?;
         let x = self.encoder.forward(self.pre_layrnorm.forward(&x)?, None)?;
@@ -217,7 +233,10 @@ mod tests {
 
     #[test]
     fn causal_mask_hides_only_later_tokens() {
-        let mask = causal_mask(3, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let mask = causal_mask(3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(mask[0][0], 0.0);
         assert_eq!(mask[2][0..3], [0.0, 0.0, 0.0]);
         assert!(mask[0][1] < -1e30 && mask[1][2] < -1e30);

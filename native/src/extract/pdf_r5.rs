@@ -40,7 +40,12 @@ pub fn as_revision6(data: &[u8], doc: &PdfDocument) -> Result<Option<Vec<u8>>, E
             "PDF: the R5 encryption dictionary has no valid /{key}"
         ))),
     };
-    let (u, ue, o, oe) = (bytes("U", 48)?, bytes("UE", 32)?, bytes("O", 48)?, bytes("OE", 32)?);
+    let (u, ue, o, oe) = (
+        bytes("U", 48)?,
+        bytes("UE", 32)?,
+        bytes("O", 48)?,
+        bytes("OE", 32)?,
+    );
     let file_key = r5_file_key(u, ue, o, oe)?
         .ok_or_else(|| ExtractError::new(Reason::Encrypted, "PDF needs a password"))?;
 
@@ -51,7 +56,13 @@ pub fn as_revision6(data: &[u8], doc: &PdfDocument) -> Result<Option<Vec<u8>>, E
     let mut new_u = hash_2b(validation_salt);
     new_u.extend_from_slice(validation_salt);
     new_u.extend_from_slice(key_salt);
-    let new_ue = aes_cbc(AesKeySize::Aes256, &hash_2b(key_salt), &[0; 16], &file_key, true)?;
+    let new_ue = aes_cbc(
+        AesKeySize::Aes256,
+        &hash_2b(key_salt),
+        &[0; 16],
+        &file_key,
+        true,
+    )?;
     let mut updated = dict;
     updated.insert("R".into(), Object::Integer(6));
     updated.insert("U".into(), Object::String(new_u));
@@ -123,8 +134,8 @@ fn append_update(
     reference: Option<ObjectRef>,
     encrypt: &HashMap<String, Object>,
 ) -> Result<Vec<u8>, ExtractError> {
-    let prev = last_startxref(data)
-        .ok_or_else(|| ExtractError::corrupt("PDF: no startxref to update"))?;
+    let prev =
+        last_startxref(data).ok_or_else(|| ExtractError::corrupt("PDF: no startxref to update"))?;
     let mut out = data.to_vec();
     if !out.ends_with(b"\n") {
         out.push(b'\n');
@@ -236,7 +247,10 @@ mod tests {
         let mut dict = HashMap::new();
         dict.insert("Filter".to_string(), Object::Name("Standard".into()));
         dict.insert("U".to_string(), Object::String(vec![0, 0xff, b'(']));
-        dict.insert("A b".to_string(), Object::Array(vec![Object::Integer(-4), Object::Boolean(true)]));
+        dict.insert(
+            "A b".to_string(),
+            Object::Array(vec![Object::Integer(-4), Object::Boolean(true)]),
+        );
         let text = String::from_utf8(serialize(&Object::Dictionary(dict))).unwrap();
         assert_eq!(text, "<</A#20b [-4 true]/Filter /Standard/U <00FF28>>>");
     }
