@@ -32,8 +32,6 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "default_position_type")]
     pub position_embedding_type: String,
-    #[serde(default)]
-    pub model_type: Option<String>,
 }
 
 fn default_act() -> String {
@@ -80,6 +78,21 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
+/// Where an architecture of BERT's shape differs: where its weights live and where its
+/// position ids start (RoBERTa-style models count from `padding_idx + 1`).
+pub struct Layout<'a> {
+    /// Prefixes tried in order (`"bert"` for BertForMaskedLM checkpoints); none at all last.
+    pub prefixes: &'a [&'a str],
+    pub position_offset: u32,
+}
+
+impl Layout<'static> {
+    pub const BERT: Self = Self {
+        prefixes: &["bert"],
+        position_offset: 0,
+    };
+}
+
 pub struct Bert {
     word_embeddings: Embedding,
     position_embeddings: Embedding,
@@ -89,14 +102,16 @@ pub struct Bert {
     heads: usize,
     activation: Activation,
     dtype: DType,
+    position_offset: u32,
 }
 
 impl Bert {
-    /// Loads weights saved by transformers, with or without the `bert.` prefix.
+    /// Loads weights saved by transformers, under one of `layout.prefixes` or none.
     /// `quantize`: int8 linear layers (CPU, AVX-512 VNNI) around float embeddings and norms.
     pub fn load(
         vb: VarBuilder,
         config: &BertConfig,
+        layout: &Layout,
         quantize: bool,
     ) -> std::result::Result<Self, EmbedError> {
         if config.position_embedding_type != "absolute" {
@@ -115,16 +130,14 @@ impl Bert {
             )));
         }
         let activation = Activation::parse(&config.hidden_act, "config")?;
-        let vb = match &config.model_type {
-            _ if vb.contains_tensor("bert.embeddings.word_embeddings.weight") => vb.pp("bert"),
-            Some(prefix)
-                if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) =>
-            {
-                vb.pp(prefix)
-            }
-            _ => vb,
-        };
-        Ok(Self::load_weights(vb, config, activation, quantize)?)
+        let vb = layout
+            .prefixes
+            .iter()
+            .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
+            .map_or(vb.clone(), |p| vb.pp(*p));
+        let mut model = Self::load_weights(vb, config, activation, quantize)?;
+        model.position_offset = layout.position_offset;
+        Ok(model)
     }
 
     fn load_weights(
@@ -198,6 +211,7 @@ impl Bert {
             heads,
             activation,
             dtype: vb.dtype(),
+            position_offset: 0,
         })
     }
 
@@ -205,7 +219,9 @@ impl Bert {
     /// are `[batch, tokens]` u32; mask is 1 for real tokens, 0 for padding.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (batch, tokens) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, tokens as u32, ids.device())?;
+        // Rows are right-padded: real tokens sit at the first positions of each row.
+        let offset = self.position_offset;
+        let positions = Tensor::arange(offset, offset + tokens as u32, ids.device())?;
         let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
         let embedded = self
             .word_embeddings

@@ -5,11 +5,13 @@ mod activation;
 mod bert;
 pub mod clip;
 mod clip_towers;
+mod encoder;
 mod image_prep;
 mod kernels;
 pub mod model_dir;
 mod q8;
 mod resample;
+mod xlm_roberta;
 
 use std::fs::File;
 use std::io::Read;
@@ -21,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::error::EmbedError;
-use bert::{Bert, BertConfig};
+use encoder::Encoder;
 pub use model_dir::{Pooling, Settings};
 
 /// Texts tokenized at a time: on a GPU the next group is tokenized while the
@@ -39,7 +41,7 @@ pub struct LoadOptions {
 }
 
 pub struct Embedder {
-    model: Bert,
+    model: Box<dyn Encoder>,
     device: Device,
     /// Truncates at `settings.max_tokens`, never pads: batches pad themselves.
     tokenizer: Tokenizer,
@@ -171,27 +173,20 @@ impl Embedder {
         let config_json = model_dir::read_json(&dir.join("config.json"))?.ok_or_else(|| {
             EmbedError::ModelNotFound(format!("{} has no config.json", dir.display()))
         })?;
-        let model_type = config_json
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        if !matches!(model_type, "bert" | "") {
-            return Err(EmbedError::InvalidModel(format!(
-                "model_type {model_type:?} is not supported: BERT-family encoders only"
-            )));
-        }
-        let config: BertConfig = serde_json::from_value(config_json)
-            .map_err(|e| EmbedError::InvalidModel(format!("config.json: {e}")))?;
-        let settings = model_dir::settings(&dir, config.max_position_embeddings)?;
-        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), settings.max_tokens)?;
-
         let weights = dir.join("model.safetensors");
         let model_revision = file_digest(&weights)?;
         // SAFETY: the file is mapped read-only; a concurrent writer is outside our
         // contract, as for every memory-mapped model loader.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device)? };
-        let model = Bert::load(vb, &config, quantize)
-            .map_err(|e| EmbedError::InvalidModel(format!("{}: {e}", weights.display())))?;
+        let loaded = encoder::load(&config_json, vb, quantize).map_err(|e| match e {
+            EmbedError::Inference(e) => {
+                EmbedError::InvalidModel(format!("{}: {e}", weights.display()))
+            }
+            other => other,
+        })?;
+        let settings = model_dir::settings(&dir, loaded.max_tokens)?;
+        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), settings.max_tokens)?;
+        let model = loaded.encoder;
         Ok(Self {
             model,
             device,
@@ -199,7 +194,7 @@ impl Embedder {
             settings,
             model_id: model_dir::model_id(&dir),
             model_revision,
-            dim: config.hidden_size,
+            dim: loaded.hidden_size,
             dtype: options.dtype.clone(),
             device_name,
             max_batch_tokens,
