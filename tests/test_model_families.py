@@ -66,3 +66,70 @@ def test_unsupported_model_types_name_the_supported_ones(tmp_path):
     named = r'"gpt2" is not supported; supported: bert, .*xlm-roberta'
     with pytest.raises(operators.ModelError, match=named):
         Embedder.load(model)
+
+
+MODERNBERT = DATA / "tiny-modernbert"
+
+
+@pytest.fixture(scope="module")
+def modernbert() -> Embedder:
+    return Embedder.load(MODERNBERT)
+
+
+def _cosines(embedder: Embedder, directory) -> np.ndarray:
+    rows = reference(directory)
+    vectors = embedder.embed([r["text"] for r in rows])
+    expected = np.array([r["embedding"] for r in rows], dtype=np.float32)
+    return np.sum(vectors * expected, axis=1) / np.linalg.norm(expected, axis=1)
+
+
+def _edited(tmp_path, directory, edit):
+    model = tmp_path / "model"
+    shutil.copytree(directory, model)
+    config = json.loads((model / "config.json").read_text())
+    edit(config)
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_modernbert_matches_sentence_transformers(modernbert):
+    """Global attention in layer 0, a ±4-token window in layers 1 and 2, each with its
+    own rope theta, GeGLU, no biases; texts up to 128 tokens, one past it."""
+    assert (modernbert.max_tokens, modernbert.dim) == (128, 32)
+    cosine = _cosines(modernbert, MODERNBERT)
+    assert cosine.min() >= 0.9999, cosine
+    rows = reference(MODERNBERT)
+    counts = modernbert.count_tokens([r["text"] for r in rows])
+    assert [min(n, 128) for n in counts] == [r["n_tokens"] for r in rows]
+
+
+def test_modernbert_reads_the_transformers_4_config(tmp_path, modernbert):
+    def as_4x(config):
+        del config["layer_types"], config["rope_parameters"]
+        config.update(global_attn_every_n_layers=3, global_rope_theta=160000.0, local_rope_theta=10000.0)
+
+    old = Embedder.load(_edited(tmp_path, MODERNBERT, as_4x))
+    texts = [r["text"] for r in reference(MODERNBERT)]
+    np.testing.assert_allclose(old.embed(texts), modernbert.embed(texts), atol=1e-6)
+
+
+def _largest_error(embedder: Embedder, directory) -> float:
+    rows = reference(directory)
+    vectors = embedder.embed([r["text"] for r in rows])
+    return float(np.abs(vectors - np.array([r["embedding"] for r in rows])).max())
+
+
+def test_modernbert_sliding_window_matters(tmp_path, modernbert):
+    # Tiny random weights keep cosines close whatever the window: compare values. The
+    # right window is within 1e-5 of sentence-transformers; attending to every token in
+    # the sliding layers misses by far more.
+    assert _largest_error(modernbert, MODERNBERT) < 1e-5
+    wide = Embedder.load(_edited(tmp_path, MODERNBERT, lambda c: c.update(local_attention=4096)))
+    assert _largest_error(wide, MODERNBERT) > 5e-5
+
+
+def test_modernbert_batch_equals_one_by_one(modernbert):
+    texts = [r["text"] for r in reference(MODERNBERT)]
+    batch = modernbert.embed(texts)
+    for text, row in zip(texts, batch):
+        np.testing.assert_allclose(modernbert.embed([text])[0], row, atol=2e-5)

@@ -258,7 +258,7 @@ impl Bert {
 }
 
 /// The most negative finite value of `dtype`, as transformers' `torch.finfo(dtype).min`.
-fn finite_min(dtype: DType) -> f64 {
+pub(super) fn finite_min(dtype: DType) -> f64 {
     match dtype {
         DType::F16 => -65504.0,
         DType::BF16 => -3.389_531_389_251_535_5e38,

@@ -9,6 +9,7 @@ mod encoder;
 mod image_prep;
 mod kernels;
 pub mod model_dir;
+mod modernbert;
 mod q8;
 mod resample;
 mod xlm_roberta;

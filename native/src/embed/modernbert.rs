@@ -1,0 +1,340 @@
+//! ModernBERT (gte-modernbert, nomic-embed-text-v2's base, modernbert-embed): a
+//! pre-norm encoder with rotary positions, global attention every n-th layer and
+//! sliding-window attention (|i − j| ≤ `local_attention` / 2) in the others, each kind
+//! with its own rope theta, GeGLU feed-forward layers and no biases by default.
+//! Reads the configurations of transformers 4.x (`global_attn_every_n_layers`,
+//! `global_rope_theta`, `local_rope_theta`) and 5.x (`layer_types`, `rope_parameters`).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde_json::Value;
+
+use super::activation::Activation;
+use super::bert::finite_min;
+use super::encoder::{Encoder, Loaded};
+use crate::error::EmbedError;
+
+#[derive(Debug, Clone)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    max_position_embeddings: usize,
+    norm_eps: f64,
+    norm_bias: bool,
+    attention_bias: bool,
+    mlp_bias: bool,
+    activation: Activation,
+    /// Half the sliding window: a local layer's token attends to tokens this close.
+    half_window: usize,
+    /// Per layer: true for global attention.
+    global: Vec<bool>,
+    global_theta: f64,
+    local_theta: f64,
+}
+
+fn number(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+fn usize_of(v: &Value, key: &str) -> std::result::Result<usize, EmbedError> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| EmbedError::InvalidModel(format!("config.json: no number {key}")))
+}
+
+impl Config {
+    fn parse(v: &Value) -> std::result::Result<Self, EmbedError> {
+        let layers = usize_of(v, "num_hidden_layers")?;
+        let global = match v.get("layer_types").and_then(Value::as_array) {
+            Some(types) => types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(true),
+                    Some("sliding_attention") => Ok(false),
+                    other => Err(EmbedError::InvalidModel(format!(
+                        "config.json: layer type {other:?} is not supported (full_attention, sliding_attention)"
+                    ))),
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+            None => {
+                let every = v
+                    .get("global_attn_every_n_layers")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(3)
+                    .max(1) as usize;
+                (0..layers).map(|i| i % every == 0).collect()
+            }
+        };
+        if global.len() != layers {
+            return Err(EmbedError::InvalidModel(format!(
+                "config.json: {} layer_types for {layers} layers",
+                global.len()
+            )));
+        }
+        let rope = v.get("rope_parameters");
+        let theta = |kind: &str| {
+            rope.and_then(|r| r.get(kind))
+                .and_then(|r| number(r, "rope_theta"))
+        };
+        let global_theta = theta("full_attention")
+            .or_else(|| number(v, "global_rope_theta"))
+            .unwrap_or(160_000.0);
+        let local_theta = theta("sliding_attention")
+            .or_else(|| number(v, "local_rope_theta"))
+            .unwrap_or(global_theta);
+        let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
+        let act = v
+            .get("hidden_activation")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu");
+        let config = Self {
+            vocab_size: usize_of(v, "vocab_size")?,
+            hidden_size: usize_of(v, "hidden_size")?,
+            intermediate_size: usize_of(v, "intermediate_size")?,
+            num_hidden_layers: layers,
+            num_attention_heads: usize_of(v, "num_attention_heads")?,
+            max_position_embeddings: usize_of(v, "max_position_embeddings")?,
+            norm_eps: number(v, "norm_eps").unwrap_or(1e-5),
+            norm_bias: flag("norm_bias"),
+            attention_bias: flag("attention_bias"),
+            mlp_bias: flag("mlp_bias"),
+            activation: Activation::parse(act, "config")?,
+            half_window: v
+                .get("local_attention")
+                .and_then(Value::as_u64)
+                .unwrap_or(128) as usize
+                / 2,
+            global,
+            global_theta,
+            local_theta,
+        };
+        let heads = config.num_attention_heads;
+        if heads == 0
+            || !config.hidden_size.is_multiple_of(heads)
+            || !(config.hidden_size / heads).is_multiple_of(2)
+        {
+            return Err(EmbedError::InvalidModel(format!(
+                "config.json: hidden_size {} does not split into {heads} heads of an even size",
+                config.hidden_size
+            )));
+        }
+        Ok(config)
+    }
+}
+
+struct Layer {
+    attn_norm: Option<LayerNorm>,
+    wqkv: Linear,
+    wo: Linear,
+    mlp_norm: LayerNorm,
+    wi: Linear,
+    mlp_wo: Linear,
+    global: bool,
+}
+
+pub struct ModernBert {
+    embeddings: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    heads: usize,
+    intermediate: usize,
+    half_window: usize,
+    activation: Activation,
+    global_inv_freq: Vec<f32>,
+    local_inv_freq: Vec<f32>,
+    dtype: DType,
+}
+
+pub fn load(
+    config: &Value,
+    vb: VarBuilder,
+    quantize: bool,
+) -> std::result::Result<Loaded, EmbedError> {
+    if quantize {
+        return Err(EmbedError::Unsupported(
+            "dtype \"q8\" is not supported for ModernBERT yet: use \"f32\"".into(),
+        ));
+    }
+    let c = Config::parse(config)?;
+    // ModernBertForMaskedLM and friends keep the encoder under `model.`.
+    let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
+        vb.pp("model")
+    } else {
+        vb
+    };
+    let model = ModernBert::load(vb, &c)?;
+    Ok(Loaded {
+        encoder: Box::new(model),
+        hidden_size: c.hidden_size,
+        max_tokens: c.max_position_embeddings,
+    })
+}
+
+fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect()
+}
+
+impl ModernBert {
+    fn load(vb: VarBuilder, c: &Config) -> Result<Self> {
+        let h = c.hidden_size;
+        let norm = |vb: VarBuilder| -> Result<LayerNorm> {
+            let weight = vb.get(h, "weight")?;
+            Ok(if c.norm_bias {
+                LayerNorm::new(weight, vb.get(h, "bias")?, c.norm_eps)
+            } else {
+                LayerNorm::new_no_bias(weight, c.norm_eps)
+            })
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("layers.{i}"));
+                Ok(Layer {
+                    // The first layer takes the embeddings' norm as its own.
+                    attn_norm: if i == 0 {
+                        None
+                    } else {
+                        Some(norm(vb.pp("attn_norm"))?)
+                    },
+                    wqkv: candle_nn::linear_b(h, 3 * h, c.attention_bias, vb.pp("attn.Wqkv"))?,
+                    wo: candle_nn::linear_b(h, h, c.attention_bias, vb.pp("attn.Wo"))?,
+                    mlp_norm: norm(vb.pp("mlp_norm"))?,
+                    wi: candle_nn::linear_b(
+                        h,
+                        2 * c.intermediate_size,
+                        c.mlp_bias,
+                        vb.pp("mlp.Wi"),
+                    )?,
+                    mlp_wo: candle_nn::linear_b(
+                        c.intermediate_size,
+                        h,
+                        c.mlp_bias,
+                        vb.pp("mlp.Wo"),
+                    )?,
+                    global: c.global[i],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head_dim = h / c.num_attention_heads;
+        Ok(Self {
+            embeddings: candle_nn::embedding(c.vocab_size, h, vb.pp("embeddings.tok_embeddings"))?,
+            embeddings_norm: norm(vb.pp("embeddings.norm"))?,
+            layers,
+            final_norm: norm(vb.pp("final_norm"))?,
+            heads: c.num_attention_heads,
+            intermediate: c.intermediate_size,
+            half_window: c.half_window,
+            activation: c.activation,
+            global_inv_freq: inverse_frequencies(head_dim, c.global_theta),
+            local_inv_freq: inverse_frequencies(head_dim, c.local_theta),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// cos and sin `[tokens, head_dim / 2]` of positions 0.. for these frequencies.
+    fn rotary(&self, inv_freq: &[f32], tokens: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let angles: Vec<f32> = (0..tokens)
+            .flat_map(|t| inv_freq.iter().map(move |f| t as f32 * f))
+            .collect();
+        let angles = Tensor::from_vec(angles, (tokens, inv_freq.len()), device)?;
+        Ok((
+            angles.cos()?.to_dtype(self.dtype)?,
+            angles.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (batch, tokens, hidden) = x.dims3()?;
+        let head_dim = hidden / self.heads;
+        let qkv = layer
+            .wqkv
+            .forward(x)?
+            .reshape((batch, tokens, 3, self.heads, head_dim))?;
+        let part = |i: usize| {
+            qkv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (cos, sin) = rope;
+        let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
+        let v = part(2)?;
+        let scores = (q.matmul(&k.t()?)? * (head_dim as f64).powf(-0.5))?.broadcast_add(bias)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(self.dtype)?;
+        let context = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, hidden))?;
+        layer.wo.forward(&context)
+    }
+
+    fn feed_forward(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let inner = layer.wi.forward(x)?;
+        let input = inner.narrow(2, 0, self.intermediate)?;
+        let gate = inner.narrow(2, self.intermediate, self.intermediate)?;
+        layer
+            .mlp_wo
+            .forward(&(self.activation.apply(&input)? * gate)?)
+    }
+}
+
+impl Encoder for ModernBert {
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, tokens) = ids.dims2()?;
+        let device = ids.device();
+        // Half the dtype's floor each, so padding and window add up to a finite value
+        // and a row with nothing to attend to stays finite (its output is never pooled).
+        let floor = finite_min(self.dtype) / 2.0;
+        let padding = mask
+            .to_dtype(DType::F32)?
+            .affine(-floor, floor)?
+            .reshape((batch, 1, 1, tokens))?;
+        let window: Vec<f32> = (0..tokens)
+            .flat_map(|i| (0..tokens).map(move |j| (i, j)))
+            .map(|(i, j)| {
+                if i.abs_diff(j) <= self.half_window {
+                    0.0
+                } else {
+                    floor as f32
+                }
+            })
+            .collect();
+        let window = Tensor::from_vec(window, (1, 1, tokens, tokens), device)?;
+        let global_bias = padding.to_dtype(self.dtype)?;
+        let local_bias = padding.broadcast_add(&window)?.to_dtype(self.dtype)?;
+        let global_rope = self.rotary(&self.global_inv_freq, tokens, device)?;
+        let local_rope = self.rotary(&self.local_inv_freq, tokens, device)?;
+
+        let mut x = self
+            .embeddings_norm
+            .forward(&self.embeddings.forward(ids)?)?;
+        for layer in &self.layers {
+            let (bias, rope) = if layer.global {
+                (&global_bias, &global_rope)
+            } else {
+                (&local_bias, &local_rope)
+            };
+            let normed = match &layer.attn_norm {
+                Some(norm) => norm.forward(&x)?,
+                None => x.clone(),
+            };
+            x = (&x + self.attention(layer, &normed, bias, rope)?)?;
+            x = (&x + self.feed_forward(layer, &layer.mlp_norm.forward(&x)?)?)?;
+        }
+        self.final_norm.forward(&x)
+    }
+}
