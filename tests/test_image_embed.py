@@ -176,7 +176,7 @@ def test_each_tower_runs_its_own_activation(tmp_path, tower, wrong):
 @pytest.mark.parametrize(
     ("edit", "named"),
     [
-        (lambda c: c["vision_config"].update(hidden_act="swish"), "vision_config.hidden_act"),
+        (lambda c: c["vision_config"].update(hidden_act="banana"), "vision_config.hidden_act"),
         (lambda c: c["text_config"].update(hidden_act="mish"), "text_config.hidden_act"),
         (lambda c: c["vision_config"].update(patch_size=7), "vision_config.image_size"),
         (lambda c: c["text_config"].update(num_attention_heads=5), "text_config.hidden_size"),

@@ -133,3 +133,63 @@ def test_modernbert_batch_equals_one_by_one(modernbert):
     batch = modernbert.embed(texts)
     for text, row in zip(texts, batch):
         np.testing.assert_allclose(modernbert.embed([text])[0], row, atol=2e-5)
+
+
+QWEN3 = DATA / "tiny-qwen3"
+
+
+@pytest.fixture(scope="module")
+def qwen3() -> Embedder:
+    return Embedder.load(QWEN3)
+
+
+def test_qwen3_matches_sentence_transformers(qwen3):
+    """A decoder as embedder: causal and padding masks, grouped-query attention with an
+    explicit head_dim, q/k RMSNorm, last-token pooling of the appended end-of-text
+    token. The reference batches were left-padded; ours are right-padded."""
+    assert (qwen3.pooling, qwen3.normalize, qwen3.dim, qwen3.max_tokens) == ("lasttoken", True, 32, 96)
+    # The fixture's end-of-text token is also its padding token, whose embedding row
+    # transformers initialises to zero: "" (that token alone) is the zero vector on
+    # both sides, so it is compared by value only.
+    assert _largest_error(qwen3, QWEN3) < 1e-5
+    rows = [r for r in reference(QWEN3) if r["text"]]
+    vectors = qwen3.embed([r["text"] for r in rows])
+    assert np.sum(vectors * np.array([r["embedding"] for r in rows]), axis=1).min() >= 0.9999
+
+
+def test_qwen3_end_of_text_survives_truncation(qwen3):
+    rows = reference(QWEN3)
+    counts = qwen3.count_tokens([r["text"] for r in rows])
+    assert [min(n, 96) for n in counts] == [len(r["input_ids"]) for r in rows]
+    assert all(r["input_ids"][-1] == rows[0]["input_ids"][-1] for r in rows)  # <|endoftext|> last, always
+
+
+def test_qwen3_batch_equals_one_by_one(qwen3):
+    texts = [r["text"] for r in reference(QWEN3)]
+    batch = qwen3.embed(texts)
+    for text, row in zip(texts, batch):
+        np.testing.assert_allclose(qwen3.embed([text])[0], row, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["cls", "mean", "max", "mean_sqrt_len_tokens", "lasttoken"])
+def test_every_pooling_mode_loads_and_differs(tmp_path, mode, qwen3):
+    model = tmp_path / "model"
+    shutil.copytree(QWEN3, model)
+    (model / "1_Pooling" / "config.json").write_text(
+        json.dumps({"embedding_dimension": 32, "pooling_mode": mode})
+    )
+    embedder = Embedder.load(model)
+    assert embedder.pooling == mode
+    texts = ["A short text.", "A somewhat longer text about streaming embeddings and Kafka."]
+    vectors = embedder.embed(texts)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    if mode != "lasttoken":
+        assert not np.allclose(vectors, qwen3.embed(texts), atol=1e-3)
+
+
+def test_unsupported_pooling_is_named(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(QWEN3, model)
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "weightedmean"}))
+    with pytest.raises(operators.ModelError, match=r"weightedmean.*lasttoken"):
+        Embedder.load(model)

@@ -14,12 +14,14 @@ pub enum Activation {
     /// `x · σ(1.702 x)`, OpenAI CLIP's (`"quick_gelu"`).
     QuickGelu,
     Relu,
+    /// `x · σ(x)` (`"silu"`, `"swish"`): the gate of SwiGLU layers.
+    Silu,
 }
 
 impl Activation {
     /// Every name we accept, for error messages.
     pub const NAMES: &'static str =
-        "gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, quick_gelu, relu";
+        "gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, quick_gelu, relu, silu";
 
     /// `section` names where the value came from (`"vision_config"`), for the error.
     pub fn parse(name: &str, section: &str) -> std::result::Result<Self, EmbedError> {
@@ -28,6 +30,7 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
             "quick_gelu" => Ok(Self::QuickGelu),
             "relu" => Ok(Self::Relu),
+            "silu" | "swish" => Ok(Self::Silu),
             other => Err(EmbedError::InvalidModel(format!(
                 "{section}.hidden_act {other:?} is not supported ({})",
                 Self::NAMES
@@ -41,6 +44,7 @@ impl Activation {
             Self::GeluTanh => x.gelu(),
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Self::Relu => x.relu(),
+            Self::Silu => candle_nn::ops::silu(x),
         }
     }
 }
@@ -74,7 +78,7 @@ mod tests {
             (values(Activation::parse("gelu_pytorch_tanh", "t").unwrap())[3] - 0.530_570).abs()
                 < 2e-5
         );
-        let err = Activation::parse("swish", "vision_config")
+        let err = Activation::parse("banana", "vision_config")
             .unwrap_err()
             .to_string();
         assert!(

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::bert::{Bert, BertConfig, Layout};
-use super::{modernbert, xlm_roberta};
+use super::{modernbert, qwen3, xlm_roberta};
 use crate::error::EmbedError;
 
 /// Token ids to hidden states.
@@ -32,7 +32,7 @@ pub struct Loaded {
 }
 
 /// `model_type` values we load, as transformers writes them.
-pub const SUPPORTED: &[&str] = &["bert", "modernbert", "roberta", "xlm-roberta"];
+pub const SUPPORTED: &[&str] = &["bert", "modernbert", "qwen3", "roberta", "xlm-roberta"];
 
 pub fn load(
     config: &Value,
@@ -56,6 +56,7 @@ pub fn load(
         }
         "roberta" | "xlm-roberta" => xlm_roberta::load(config, vb, quantize),
         "modernbert" => modernbert::load(config, vb, quantize),
+        "qwen3" => qwen3::load(config, vb, quantize),
         other => Err(EmbedError::InvalidModel(format!(
             "model_type {other:?} is not supported; supported: {}",
             SUPPORTED.join(", ")

@@ -11,6 +11,7 @@ mod kernels;
 pub mod model_dir;
 mod modernbert;
 mod q8;
+mod qwen3;
 mod resample;
 mod xlm_roberta;
 
@@ -274,19 +275,7 @@ impl Embedder {
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
         let hidden = self.model.forward(&ids, &mask)?;
-        let pooled = match self.settings.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?.to_dtype(DType::F32)?,
-            Pooling::Mean => {
-                // [batch, 1, tokens] × [batch, tokens, hidden]: the masked sum as one product.
-                let weights = mask.to_dtype(hidden.dtype())?.unsqueeze(1)?;
-                let summed = weights.matmul(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?;
-                let counts = mask
-                    .to_dtype(DType::F32)?
-                    .sum_keepdim(1)?
-                    .clamp(1e-9, f64::MAX)?;
-                summed.broadcast_div(&counts)?
-            }
-        };
+        let pooled = pool(self.settings.pooling, &hidden, &mask, batch)?;
         Ok(if self.settings.normalize {
             let norms = pooled
                 .sqr()?
@@ -298,6 +287,51 @@ impl Embedder {
             pooled
         })
     }
+}
+
+/// Pools right-padded hidden states `[batch, tokens, hidden]` into f32 rows, as
+/// sentence-transformers' Pooling module does.
+fn pool(
+    pooling: Pooling,
+    hidden: &Tensor,
+    mask: &Tensor,
+    batch: &[&Encoding],
+) -> candle_core::Result<Tensor> {
+    let counts = || -> candle_core::Result<Tensor> {
+        mask.to_dtype(DType::F32)?
+            .sum_keepdim(1)?
+            .clamp(1e-9, f64::MAX)
+    };
+    // [batch, 1, tokens] × [batch, tokens, hidden]: the masked sum as one product.
+    let masked_sum = || -> candle_core::Result<Tensor> {
+        let weights = mask.to_dtype(hidden.dtype())?.unsqueeze(1)?;
+        weights.matmul(hidden)?.squeeze(1)?.to_dtype(DType::F32)
+    };
+    Ok(match pooling {
+        Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?.to_dtype(DType::F32)?,
+        Pooling::Mean => masked_sum()?.broadcast_div(&counts()?)?,
+        Pooling::MeanSqrtLen => masked_sum()?.broadcast_div(&counts()?.sqrt()?)?,
+        Pooling::Max => {
+            // Padding gets -1e9, as sentence-transformers sets it, so it never wins.
+            let floor = mask.to_dtype(DType::F32)?.affine(1e9, -1e9)?.unsqueeze(2)?;
+            hidden.to_dtype(DType::F32)?.broadcast_add(&floor)?.max(1)?
+        }
+        Pooling::LastToken => {
+            // Rows are right-padded: the last token of row r sits at its length − 1,
+            // whichever side the model's tokenizer would pad on.
+            let width = hidden.dim(1)?;
+            let mut onehot = vec![0f32; batch.len() * width];
+            for (row, encoding) in batch.iter().enumerate() {
+                onehot[row * width + encoding.len().max(1) - 1] = 1.0;
+            }
+            let weights = Tensor::from_vec(onehot, (batch.len(), 1, width), hidden.device())?;
+            weights
+                .to_dtype(hidden.dtype())?
+                .matmul(hidden)?
+                .squeeze(1)?
+                .to_dtype(DType::F32)?
+        }
+    })
 }
 
 /// Orders inputs longest first and cuts them into batches whose padded size

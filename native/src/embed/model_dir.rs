@@ -12,6 +12,24 @@ use crate::error::EmbedError;
 pub enum Pooling {
     Mean,
     Cls,
+    Max,
+    /// The last token of each text (decoder embedders such as Qwen3-Embedding).
+    LastToken,
+    /// The masked sum divided by √(tokens).
+    MeanSqrtLen,
+}
+
+impl Pooling {
+    /// sentence-transformers' name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mean => "mean",
+            Self::Cls => "cls",
+            Self::Max => "max",
+            Self::LastToken => "lasttoken",
+            Self::MeanSqrtLen => "mean_sqrt_len_tokens",
+        }
+    }
 }
 
 /// What sentence-transformers would do with this model directory.
@@ -173,12 +191,16 @@ pub fn settings(dir: &Path, max_position_embeddings: usize) -> Result<Settings, 
 }
 
 fn pooling_mode(config: &Value) -> Result<Pooling, EmbedError> {
+    const SUPPORTED: &str = "cls, mean, max, lasttoken, mean_sqrt_len_tokens";
     if let Some(mode) = config.get("pooling_mode").and_then(Value::as_str) {
         return match mode {
             "mean" => Ok(Pooling::Mean),
             "cls" => Ok(Pooling::Cls),
+            "max" => Ok(Pooling::Max),
+            "lasttoken" => Ok(Pooling::LastToken),
+            "mean_sqrt_len_tokens" => Ok(Pooling::MeanSqrtLen),
             other => Err(EmbedError::InvalidModel(format!(
-                "pooling mode {other:?} is not supported (mean, cls)"
+                "pooling mode {other:?} is not supported ({SUPPORTED})"
             ))),
         };
     }
@@ -186,17 +208,20 @@ fn pooling_mode(config: &Value) -> Result<Pooling, EmbedError> {
     let modes = [
         ("pooling_mode_cls_token", Some(Pooling::Cls)),
         ("pooling_mode_mean_tokens", Some(Pooling::Mean)),
-        ("pooling_mode_max_tokens", None),
-        ("pooling_mode_mean_sqrt_len_tokens", None),
+        ("pooling_mode_max_tokens", Some(Pooling::Max)),
+        (
+            "pooling_mode_mean_sqrt_len_tokens",
+            Some(Pooling::MeanSqrtLen),
+        ),
         ("pooling_mode_weightedmean_tokens", None),
-        ("pooling_mode_lasttoken", None),
+        ("pooling_mode_lasttoken", Some(Pooling::LastToken)),
     ];
     let on: Vec<_> = modes.iter().filter(|(key, _)| flag(key)).collect();
     match on.as_slice() {
         [(_, Some(pooling))] => Ok(*pooling),
         [] => Ok(Pooling::Mean),
         _ => Err(EmbedError::InvalidModel(format!(
-            "pooling {:?} is not supported (one of mean, cls)",
+            "pooling {:?} is not supported (one of {SUPPORTED})",
             on.iter().map(|(k, _)| *k).collect::<Vec<_>>()
         ))),
     }

@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::chunk;
 use crate::embed::clip::ClipEmbedder;
-use crate::embed::{self, LoadOptions, Pooling};
+use crate::embed::{self, LoadOptions};
 use crate::extract as core_extract;
 use crate::extract::RgbImage;
 use crate::limits::Limits;
@@ -169,10 +169,7 @@ impl PyEmbedder {
     }
     #[getter]
     fn pooling(&self) -> &'static str {
-        match self.inner.settings.pooling {
-            Pooling::Mean => "mean",
-            Pooling::Cls => "cls",
-        }
+        self.inner.settings.pooling.name()
     }
     #[getter]
     fn normalize(&self) -> bool {
