@@ -193,3 +193,111 @@ def test_unsupported_pooling_is_named(tmp_path):
     (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "weightedmean"}))
     with pytest.raises(operators.ModelError, match=r"weightedmean.*lasttoken"):
         Embedder.load(model)
+
+
+NOMIC = DATA / "tiny-nomic-bert"
+GTE = DATA / "tiny-gte"
+
+
+def _read_safetensors(path) -> dict[str, np.ndarray]:
+    import struct
+
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    body = raw[8 + size :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "F32"
+        start, end = info["data_offsets"]
+        tensors[name] = np.frombuffer(body[start:end], dtype=np.float32).reshape(info["shape"])
+    return tensors
+
+
+def _write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+    import struct
+
+    header, body = {}, b""
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array, dtype=np.float32).tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [len(body), len(body) + len(data)],
+        }
+        body += data
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
+
+
+def _as_transformers_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The runtime names of transformers' NomicBertModel / GteModel, from the hub names
+    the files carry (transformers' conversion mapping, run the other way)."""
+    renames = [
+        ("encoder.layers.", "layers."), ("encoder.layer.", "layers."), ("emb_ln.", "embeddings.LayerNorm."),
+        ("attn.out_proj.", "self_attn.o_proj."), ("attention.o_proj.", "self_attn.o_proj."),
+        ("mlp.fc11.", "mlp.up_proj."), ("mlp.fc12.", "mlp.gate_proj."), ("mlp.fc2.", "mlp.down_proj."),
+        ("norm1.", "post_attention_layernorm."), ("norm2.", "post_mlp_layernorm."),
+        ("attn_ln.", "post_attention_layernorm."), ("mlp_ln.", "post_mlp_layernorm."),
+    ]  # fmt: skip
+    out = {}
+    for name, array in tensors.items():
+        for old, new in renames:
+            name = name.replace(old, new)
+        for fused, parts in (
+            ("attn.Wqkv.", ["self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj."]),
+            ("attention.qkv_proj.", ["self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj."]),
+            ("mlp.up_gate_proj.", ["mlp.up_proj.", "mlp.gate_proj."]),
+        ):
+            if fused in name:
+                for part, chunk in zip(parts, np.split(array, len(parts), axis=0)):
+                    out[name.replace(fused, part)] = chunk
+                break
+        else:
+            out[name] = array
+    return out
+
+
+@pytest.mark.parametrize("directory", [NOMIC, GTE], ids=["nomic_bert", "gte"])
+def test_rotary_berts_match_sentence_transformers(directory):
+    """NomicBERT (SwiGLU, no biases, mean pooling) and GTE (GeGLU, biased attention, CLS
+    pooling), in the hub's naming that transformers writes back."""
+    embedder = Embedder.load(directory)
+    assert _largest_error(embedder, directory) < 1e-5
+    assert _cosines(embedder, directory).min() >= 0.9999
+
+
+@pytest.mark.parametrize("directory", [NOMIC, GTE], ids=["nomic_bert", "gte"])
+def test_rotary_berts_load_transformers_names(tmp_path, directory):
+    model = tmp_path / "model"
+    shutil.copytree(directory, model)
+    renamed = _as_transformers_names(_read_safetensors(model / "model.safetensors"))
+    assert "layers.0.self_attn.q_proj.weight" in renamed
+    _write_safetensors(model / "model.safetensors", renamed)
+    assert _largest_error(Embedder.load(model), directory) < 1e-5
+
+
+def test_hub_config_spellings(tmp_path):
+    def nomic_hub(c):  # the GPT-2 style keys of nomic-embed-text's own config
+        hub_keys = {
+            "n_embd": "hidden_size",
+            "n_layer": "num_hidden_layers",
+            "n_head": "num_attention_heads",
+            "n_inner": "intermediate_size",
+            "n_positions": "max_position_embeddings",
+            "layer_norm_epsilon": "layer_norm_eps",
+        }
+        for new, old in hub_keys.items():
+            c[new] = c.pop(old)
+        c.update(activation_function="swiglu", rotary_emb_base=c.pop("rope_parameters")["rope_theta"])
+        c.pop("hidden_act")
+
+    def gte_hub(c):  # GTE's remote code: model_type "new", rope_theta at the top
+        c.update(model_type="new", rope_theta=c.pop("rope_parameters")["rope_theta"])
+
+    for directory, edit in ((NOMIC, nomic_hub), (GTE, gte_hub)):
+        model = _edited(tmp_path / directory.name, directory, edit)
+        assert _largest_error(Embedder.load(model), directory) < 1e-5

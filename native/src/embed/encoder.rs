@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::bert::{Bert, BertConfig, Layout};
+use super::rotary_bert::{self, Family};
 use super::{modernbert, qwen3, xlm_roberta};
 use crate::error::EmbedError;
 
@@ -32,7 +33,16 @@ pub struct Loaded {
 }
 
 /// `model_type` values we load, as transformers writes them.
-pub const SUPPORTED: &[&str] = &["bert", "modernbert", "qwen3", "roberta", "xlm-roberta"];
+pub const SUPPORTED: &[&str] = &[
+    "bert",
+    "gte",
+    "modernbert",
+    "new",
+    "nomic_bert",
+    "qwen3",
+    "roberta",
+    "xlm-roberta",
+];
 
 pub fn load(
     config: &Value,
@@ -57,6 +67,9 @@ pub fn load(
         "roberta" | "xlm-roberta" => xlm_roberta::load(config, vb, quantize),
         "modernbert" => modernbert::load(config, vb, quantize),
         "qwen3" => qwen3::load(config, vb, quantize),
+        "nomic_bert" => rotary_bert::load(config, vb, quantize, Family::Nomic),
+        // The hub's GTE checkpoints say "new" (their remote code); transformers says "gte".
+        "gte" | "new" => rotary_bert::load(config, vb, quantize, Family::Gte),
         other => Err(EmbedError::InvalidModel(format!(
             "model_type {other:?} is not supported; supported: {}",
             SUPPORTED.join(", ")

@@ -1,0 +1,406 @@
+//! BERT with rotary positions and gated feed-forward layers, post-norm: NomicBERT
+//! (nomic-embed-text v1/v1.5: SwiGLU, no biases) and GTE (gte-*-en-v1.5,
+//! snowflake-arctic-embed-m-v2: GeGLU, biased attention, NTK-scaled rotary).
+//!
+//! Checkpoints come in two namings: transformers' own classes (`NomicBertModel`,
+//! `GteModel`) and the hub's remote code (`nomic_bert` with `attn.Wqkv`, `fc11`…,
+//! GTE's `model_type: "new"` with `attention.qkv_proj`, `mlp.up_gate_proj`…, as
+//! transformers' conversion mapping lists them); and configs in two spellings (GPT-2
+//! style `n_embd`… for the hub's NomicBERT; `rope_theta` + `rope_scaling` or
+//! `rope_parameters`). Both are read.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde_json::Value;
+
+use super::activation::Activation;
+use super::bert::finite_min;
+use super::encoder::{Encoder, Loaded};
+use crate::error::EmbedError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Nomic,
+    Gte,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    max_position_embeddings: usize,
+    type_vocab_size: usize,
+    layer_norm_eps: f64,
+    activation: Activation,
+    attention_bias: bool,
+    up_gate_bias: bool,
+    down_bias: bool,
+    rope_theta: f64,
+}
+
+/// The first of `keys` that `v` holds.
+fn first<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
+    keys.iter().find_map(|k| v.get(*k).filter(|x| !x.is_null()))
+}
+
+fn size(v: &Value, keys: &[&str]) -> std::result::Result<usize, EmbedError> {
+    first(v, keys)
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            EmbedError::InvalidModel(format!("config.json: no number {}", keys.join(" or ")))
+        })
+}
+
+/// The rotary base, NTK-scaled when the config asks for it, as GTE's own code does:
+/// `theta · factor^(d / (d − 2))`.
+fn rope_theta(v: &Value, default: f64, head_dim: usize) -> std::result::Result<f64, EmbedError> {
+    let parameters = v.get("rope_parameters");
+    let theta = parameters
+        .and_then(|p| p.get("rope_theta"))
+        .or_else(|| first(v, &["rope_theta", "rotary_emb_base"]))
+        .and_then(Value::as_f64)
+        .unwrap_or(default);
+    let scaling = parameters
+        .or_else(|| v.get("rope_scaling"))
+        .filter(|s| !s.is_null());
+    let kind = scaling
+        .and_then(|s| first(s, &["rope_type", "type"]))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(theta),
+        "ntk" => {
+            let factor = scaling
+                .and_then(|s| s.get("factor"))
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0);
+            Ok(theta * factor.powf(head_dim as f64 / (head_dim as f64 - 2.0)))
+        }
+        other => Err(EmbedError::InvalidModel(format!(
+            "config.json: rotary scaling {other:?} is not supported (default, ntk)"
+        ))),
+    }
+}
+
+impl Config {
+    fn parse(v: &Value, family: Family) -> std::result::Result<Self, EmbedError> {
+        let hidden_size = size(v, &["hidden_size", "n_embd"])?;
+        let heads = size(v, &["num_attention_heads", "n_head"])?;
+        if heads == 0
+            || !hidden_size.is_multiple_of(heads)
+            || !(hidden_size / heads).is_multiple_of(2)
+        {
+            return Err(EmbedError::InvalidModel(format!(
+                "config.json: hidden size {hidden_size} does not split into {heads} heads of an even size"
+            )));
+        }
+        if first(v, &["rotary_emb_fraction"])
+            .and_then(Value::as_f64)
+            .is_some_and(|f| f != 1.0)
+        {
+            return Err(EmbedError::InvalidModel(
+                "config.json: rotary_emb_fraction other than 1.0 is not supported".into(),
+            ));
+        }
+        if first(v, &["rotary_emb_interleaved"]).and_then(Value::as_bool) == Some(true) {
+            return Err(EmbedError::InvalidModel(
+                "config.json: interleaved rotary embeddings are not supported".into(),
+            ));
+        }
+        if first(v, &["prenorm"]).and_then(Value::as_bool) == Some(true) {
+            return Err(EmbedError::InvalidModel(
+                "config.json: prenorm is not supported".into(),
+            ));
+        }
+        let (default_act, default_theta) = match family {
+            Family::Nomic => ("silu", 1000.0),
+            Family::Gte => ("gelu", 160_000.0),
+        };
+        // The hub's NomicBERT names the gated unit (`swiglu`); the gate is SiLU then.
+        let act = match first(v, &["hidden_act", "activation_function"]).and_then(Value::as_str) {
+            Some("swiglu") => "silu",
+            Some("geglu") => "gelu",
+            Some(other) => other,
+            None => default_act,
+        };
+        let flag = |keys: &[&str], default: bool| {
+            first(v, keys).and_then(Value::as_bool).unwrap_or(default)
+        };
+        let gte = family == Family::Gte;
+        let intermediate = match first(v, &["intermediate_size", "n_inner"]) {
+            Some(n) => n.as_u64().map(|n| n as usize).unwrap_or(4 * hidden_size),
+            None => 4 * hidden_size,
+        };
+        Ok(Self {
+            vocab_size: size(v, &["vocab_size"])?,
+            hidden_size,
+            intermediate_size: intermediate,
+            num_hidden_layers: size(v, &["num_hidden_layers", "n_layer"])?,
+            num_attention_heads: heads,
+            max_position_embeddings: size(v, &["max_position_embeddings", "n_positions"])?,
+            type_vocab_size: first(v, &["type_vocab_size"])
+                .and_then(Value::as_u64)
+                .unwrap_or(2) as usize,
+            layer_norm_eps: first(v, &["layer_norm_eps", "layer_norm_epsilon"])
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-12),
+            activation: Activation::parse(act, "config")?,
+            attention_bias: flag(&["qkv_proj_bias"], gte),
+            up_gate_bias: flag(&["mlp_fc1_bias"], false),
+            down_bias: flag(&["mlp_fc2_bias"], gte),
+            rope_theta: rope_theta(v, default_theta, hidden_size / heads)?,
+        })
+    }
+}
+
+/// Where the weights are: transformers' names, or one of the hub's remote-code namings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Naming {
+    Transformers,
+    NomicHub,
+    GteHub,
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    attention_norm: LayerNorm,
+    up: Linear,
+    gate: Linear,
+    down: Linear,
+    mlp_norm: LayerNorm,
+}
+
+pub struct RotaryBert {
+    word_embeddings: Embedding,
+    token_type: Option<Tensor>,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    activation: Activation,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+}
+
+pub fn load(
+    config: &Value,
+    vb: VarBuilder,
+    quantize: bool,
+    family: Family,
+) -> std::result::Result<Loaded, EmbedError> {
+    if quantize {
+        return Err(EmbedError::Unsupported(
+            "dtype \"q8\" is not supported for NomicBERT and GTE yet: use \"f32\"".into(),
+        ));
+    }
+    let c = Config::parse(config, family)?;
+    let vb = ["new", "model", "bert"]
+        .iter()
+        .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
+        .map_or(vb.clone(), |p| vb.pp(*p));
+    let naming = if vb.contains_tensor("encoder.layers.0.attn.Wqkv.weight") {
+        Naming::NomicHub
+    } else if vb.contains_tensor("encoder.layer.0.attention.qkv_proj.weight") {
+        Naming::GteHub
+    } else {
+        Naming::Transformers
+    };
+    let model = RotaryBert::load(vb, &c, naming)?;
+    Ok(Loaded {
+        encoder: Box::new(model),
+        hidden_size: c.hidden_size,
+        max_tokens: c.max_position_embeddings,
+    })
+}
+
+/// Rows `[at, at + n)` of a fused projection as a linear layer of its own.
+fn split(fused: &Linear, at: usize, n: usize) -> Result<Linear> {
+    let weight = fused.weight().narrow(0, at, n)?;
+    let bias = fused.bias().map(|b| b.narrow(0, at, n)).transpose()?;
+    Ok(Linear::new(weight, bias))
+}
+
+impl RotaryBert {
+    fn load(vb: VarBuilder, c: &Config, naming: Naming) -> Result<Self> {
+        let h = c.hidden_size;
+        let inter = c.intermediate_size;
+        let norm = |vb: VarBuilder| candle_nn::layer_norm(h, c.layer_norm_eps, vb);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| -> Result<Layer> {
+                let (attn_bias, up_bias, down_bias) =
+                    (c.attention_bias, c.up_gate_bias, c.down_bias);
+                Ok(match naming {
+                    Naming::Transformers => {
+                        let vb = vb.pp(format!("layers.{i}"));
+                        let (attn, mlp) = (vb.pp("self_attn"), vb.pp("mlp"));
+                        Layer {
+                            q: candle_nn::linear_b(h, h, attn_bias, attn.pp("q_proj"))?,
+                            k: candle_nn::linear_b(h, h, attn_bias, attn.pp("k_proj"))?,
+                            v: candle_nn::linear_b(h, h, attn_bias, attn.pp("v_proj"))?,
+                            o: candle_nn::linear_b(h, h, attn_bias, attn.pp("o_proj"))?,
+                            attention_norm: norm(vb.pp("post_attention_layernorm"))?,
+                            up: candle_nn::linear_b(h, inter, up_bias, mlp.pp("up_proj"))?,
+                            gate: candle_nn::linear_b(h, inter, up_bias, mlp.pp("gate_proj"))?,
+                            down: candle_nn::linear_b(inter, h, down_bias, mlp.pp("down_proj"))?,
+                            mlp_norm: norm(vb.pp("post_mlp_layernorm"))?,
+                        }
+                    }
+                    Naming::NomicHub => {
+                        let vb = vb.pp(format!("encoder.layers.{i}"));
+                        let qkv = candle_nn::linear_b(h, 3 * h, attn_bias, vb.pp("attn.Wqkv"))?;
+                        Layer {
+                            q: split(&qkv, 0, h)?,
+                            k: split(&qkv, h, h)?,
+                            v: split(&qkv, 2 * h, h)?,
+                            o: candle_nn::linear_b(h, h, attn_bias, vb.pp("attn.out_proj"))?,
+                            attention_norm: norm(vb.pp("norm1"))?,
+                            up: candle_nn::linear_b(h, inter, up_bias, vb.pp("mlp.fc11"))?,
+                            gate: candle_nn::linear_b(h, inter, up_bias, vb.pp("mlp.fc12"))?,
+                            down: candle_nn::linear_b(inter, h, down_bias, vb.pp("mlp.fc2"))?,
+                            mlp_norm: norm(vb.pp("norm2"))?,
+                        }
+                    }
+                    Naming::GteHub => {
+                        let vb = vb.pp(format!("encoder.layer.{i}"));
+                        let qkv =
+                            candle_nn::linear_b(h, 3 * h, attn_bias, vb.pp("attention.qkv_proj"))?;
+                        let up_gate =
+                            candle_nn::linear_b(h, 2 * inter, up_bias, vb.pp("mlp.up_gate_proj"))?;
+                        Layer {
+                            q: split(&qkv, 0, h)?,
+                            k: split(&qkv, h, h)?,
+                            v: split(&qkv, 2 * h, h)?,
+                            o: candle_nn::linear_b(h, h, attn_bias, vb.pp("attention.o_proj"))?,
+                            attention_norm: norm(vb.pp("attn_ln"))?,
+                            up: split(&up_gate, 0, inter)?,
+                            gate: split(&up_gate, inter, inter)?,
+                            down: candle_nn::linear_b(inter, h, down_bias, vb.pp("mlp.down_proj"))?,
+                            mlp_norm: norm(vb.pp("mlp_ln"))?,
+                        }
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embeddings = vb.pp("embeddings");
+        let norm_vb = if naming == Naming::NomicHub {
+            vb.pp("emb_ln")
+        } else {
+            embeddings.pp("LayerNorm")
+        };
+        let token_type = if c.type_vocab_size > 0 {
+            let table = embeddings.get((c.type_vocab_size, h), "token_type_embeddings.weight")?;
+            Some(table.narrow(0, 0, 1)?)
+        } else {
+            None
+        };
+        let head_dim = h / c.num_attention_heads;
+        Ok(Self {
+            word_embeddings: candle_nn::embedding(
+                c.vocab_size,
+                h,
+                embeddings.pp("word_embeddings"),
+            )?,
+            token_type,
+            embeddings_norm: norm(norm_vb)?,
+            layers,
+            heads: c.num_attention_heads,
+            activation: c.activation,
+            inv_freq: (0..head_dim / 2)
+                .map(|i| (1.0 / c.rope_theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+                .collect(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    fn rotary(&self, tokens: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let angles: Vec<f32> = (0..tokens)
+            .flat_map(|t| self.inv_freq.iter().map(move |f| t as f32 * f))
+            .collect();
+        let angles = Tensor::from_vec(angles, (tokens, self.inv_freq.len()), device)?;
+        Ok((
+            angles.cos()?.to_dtype(self.dtype)?,
+            angles.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (batch, tokens, hidden) = x.dims3()?;
+        let d = hidden / self.heads;
+        let heads = |proj: &Linear| -> Result<Tensor> {
+            proj.forward(x)?
+                .reshape((batch, tokens, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (cos, sin) = rope;
+        let q = candle_nn::rotary_emb::rope(&heads(&layer.q)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(&layer.k)?, cos, sin)?;
+        let v = heads(&layer.v)?;
+        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?.broadcast_add(bias)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(self.dtype)?;
+        let context = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, hidden))?;
+        layer.o.forward(&context)
+    }
+}
+
+impl Encoder for RotaryBert {
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, tokens) = ids.dims2()?;
+        let floor = finite_min(self.dtype);
+        let bias = mask
+            .to_dtype(DType::F32)?
+            .affine(-floor, floor)?
+            .reshape((batch, 1, 1, tokens))?
+            .to_dtype(self.dtype)?;
+        let rope = self.rotary(tokens, ids.device())?;
+        let mut x = self.word_embeddings.forward(ids)?;
+        if let Some(token_type) = &self.token_type {
+            x = x.broadcast_add(token_type)?;
+        }
+        x = self.embeddings_norm.forward(&x)?;
+        for layer in &self.layers {
+            x = layer
+                .attention_norm
+                .forward(&(&x + self.attention(layer, &x, &bias, &rope)?)?)?;
+            let gated =
+                (self.activation.apply(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?;
+            x = layer
+                .mlp_norm
+                .forward(&(&x + layer.down.forward(&gated)?)?)?;
+        }
+        Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ntk_scaling_raises_the_base_as_gte_does() {
+        let config = serde_json::json!({"rope_theta": 500000.0, "rope_scaling": {"type": "ntk", "factor": 2.0}});
+        let theta = rope_theta(&config, 0.0, 64).unwrap();
+        assert!((theta - 500000.0 * 2f64.powf(64.0 / 62.0)).abs() < 1e-6);
+        let plain =
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}});
+        assert_eq!(rope_theta(&plain, 0.0, 64).unwrap(), 1000.0);
+        let yarn = serde_json::json!({"rope_scaling": {"type": "yarn", "factor": 2.0}});
+        assert!(rope_theta(&yarn, 1.0, 64).is_err());
+    }
+}
