@@ -63,14 +63,20 @@ class Chunker:
 
 
 class Embedder:
-    """A sentence-embedding model (BERT family) on candle.
+    """A sentence-embedding model on candle (BERT, XLM-RoBERTa, ModernBERT, Qwen3,
+    NomicBERT, GTE).
 
-    Pooling, normalisation and the sequence limit come from the model's
-    sentence-transformers files, so vectors match what sentence-transformers computes.
+    Pooling, Dense layers, normalisation, prompts and the sequence limit come from the
+    model's sentence-transformers files, so vectors match what sentence-transformers
+    computes; the names follow sentence-transformers' own (``truncate_dim``,
+    ``prompt_name``, ``prompt``, ``prompts``).
     """
 
-    def __init__(self, native: _native.Embedder) -> None:
+    def __init__(self, native: _native.Embedder, truncate_dim: Optional[int] = None) -> None:
         self._native = native
+        if truncate_dim is not None and not 0 < truncate_dim <= native.dim:
+            raise ValueError(f"truncate_dim must be between 1 and the model's dimension {native.dim}")
+        self._truncate_dim = truncate_dim
 
     @classmethod
     def load(
@@ -80,6 +86,7 @@ class Embedder:
         device: str = "cpu",
         dtype: str = "f32",
         max_batch_tokens: Optional[int] = None,
+        truncate_dim: Optional[int] = None,
     ) -> Embedder:
         """Loads ``"default"`` (all-MiniLM-L6-v2, after ``embedstream models pull``), a
         local Hugging Face-format directory, or a hub id found in an offline HF cache.
@@ -89,22 +96,56 @@ class Embedder:
         ``"f32"``; ``"q8"`` (int8 linear layers, on CPUs with AVX-512 VNNI: about 2.2
         times f32's speed, cosine >= 0.995 to f32); on a GPU ``"f16"`` or ``"bf16"``.
         ``max_batch_tokens``: most tokens, padding included, in one forward pass
-        (default: 2,048 on the CPU, 16,384 on a GPU)."""
+        (default: 2,048 on the CPU, 16,384 on a GPU). ``truncate_dim``: keep the first
+        dimensions of every vector (Matryoshka models), as sentence-transformers does:
+        after normalising, so rows are not re-normalised."""
         if max_batch_tokens is not None and max_batch_tokens <= 0:
             raise ValueError("max_batch_tokens must be positive")
         native = _native.Embedder(
             models.resolve(model), device, dtype, max_batch_tokens or 0, [str(p) for p in models.hub_caches()]
         )
-        return cls(native)
+        return cls(native, truncate_dim)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(
+        self, texts: Sequence[str], prompt_name: Optional[str] = None, prompt: Optional[str] = None
+    ) -> np.ndarray:
         """Embeds ``texts`` into a float32 array of shape ``[len(texts), dim]``, rows in
         input order. Runs without the GIL. Texts past ``max_tokens`` are truncated, as
         sentence-transformers does; an empty or blank text gets the embedding of the
-        empty sequence (special tokens only)."""
+        empty sequence (special tokens only).
+
+        Each text follows ``prompt``, else the prompt named ``prompt_name``, else the
+        model's default prompt (``default_prompt_name``), if any: as
+        sentence-transformers' ``encode``."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of strings, not a single string")
-        return self._native.embed(list(texts))
+        vectors = self._native.embed(list(texts), self.resolve_prompt(prompt_name, prompt))
+        if self._truncate_dim is not None:
+            vectors = np.ascontiguousarray(vectors[:, : self._truncate_dim])
+        return vectors
+
+    def resolve_prompt(
+        self, prompt_name: Optional[str] = None, prompt: Optional[str] = None
+    ) -> Optional[str]:
+        """The prompt ``embed`` puts before each text for these arguments."""
+        if prompt is not None:
+            return prompt
+        name = prompt_name if prompt_name is not None else self.default_prompt_name
+        if name is None:
+            return None
+        if name not in self.prompts:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise ValueError(f"prompt_name {name!r} is not one of the model's prompts ({known})")
+        return self.prompts[name]
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """Named prompts of the model's ``config_sentence_transformers.json``."""
+        return dict(self._native.prompts)
+
+    @property
+    def default_prompt_name(self) -> Optional[str]:
+        return self._native.default_prompt_name
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text before truncation, special tokens included."""
@@ -112,13 +153,25 @@ class Embedder:
             raise TypeError("count_tokens() takes a sequence of strings, not a single string")
         return self._native.count_tokens(list(texts))
 
-    def chunker(self, max_tokens: Optional[int] = None, overlap_tokens: int = 0) -> Chunker:
-        """A chunker counting this model's tokens; ``max_tokens`` defaults to the model's limit."""
+    def chunker(
+        self,
+        max_tokens: Optional[int] = None,
+        overlap_tokens: int = 0,
+        prompt_name: Optional[str] = None,
+        prompt: Optional[str] = None,
+    ) -> Chunker:
+        """A chunker counting this model's tokens; ``max_tokens`` defaults to the model's
+        limit. The prompt that ``embed`` would put before each chunk (same arguments)
+        counts against it, so that prompt and chunk together are never truncated."""
         limit = self.max_tokens if max_tokens is None else max_tokens
         if limit > self.max_tokens:
             from .errors import UnsupportedError
 
             raise UnsupportedError(f"max_tokens {limit} is over the model's limit of {self.max_tokens}")
+        text = self.resolve_prompt(prompt_name, prompt)
+        if text:
+            with_prompt, without = self._native.count_tokens([text, ""])
+            limit -= with_prompt - without
         return Chunker(self._native.chunker(limit, overlap_tokens))
 
     @property
@@ -132,7 +185,8 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self._native.dim
+        """Dimension of the vectors ``embed`` returns (``truncate_dim`` when set)."""
+        return self._truncate_dim or self._native.dim
 
     @property
     def max_tokens(self) -> int:

@@ -301,3 +301,58 @@ def test_hub_config_spellings(tmp_path):
     for directory, edit in ((NOMIC, nomic_hub), (GTE, gte_hub)):
         model = _edited(tmp_path / directory.name, directory, edit)
         assert _largest_error(Embedder.load(model), directory) < 1e-5
+
+
+PROMPTED = DATA / "tiny-prompted"
+
+
+def _cases(directory) -> dict[str, list[dict]]:
+    cases: dict[str, list[dict]] = {}
+    for row in reference(directory):
+        cases.setdefault(row["case"], []).append(row)
+    return cases
+
+
+def test_prompts_dense_and_include_prompt_match_sentence_transformers():
+    """Prompts (a default one, named ones, literal ones), mean pooling that leaves the
+    prompt's tokens out (include_prompt false), a Dense layer with tanh, Normalize."""
+    embedder = Embedder.load(PROMPTED)
+    assert embedder.prompts == {"query": "query: ", "document": "passage: "}
+    assert (embedder.default_prompt_name, embedder.dim) == ("document", 16)
+    cases = _cases(PROMPTED)
+    arguments = {
+        "default": {},
+        "query": {"prompt_name": "query"},
+        "literal": {"prompt": "Represent this sentence: "},
+    }
+    for case, kwargs in arguments.items():
+        rows = cases[case]
+        vectors = embedder.embed([r["text"] for r in rows], **kwargs)
+        assert np.abs(vectors - np.array([r["embedding"] for r in rows])).max() < 1e-5, case
+    # An empty prompt is no prompt: it overrides the default one, as in sentence-transformers.
+    assert not np.allclose(embedder.embed(["x"], prompt=""), embedder.embed(["x"]), atol=1e-4)
+    with pytest.raises(ValueError, match="not one of the model's prompts"):
+        embedder.embed(["x"], prompt_name="passage")
+
+
+def test_truncate_dim_keeps_the_first_dimensions():
+    embedder = Embedder.load(PROMPTED, truncate_dim=8)
+    rows = _cases(PROMPTED)["truncate_dim_8"]
+    vectors = embedder.embed([r["text"] for r in rows])
+    assert vectors.shape == (len(rows), 8) and embedder.dim == 8
+    assert np.abs(vectors - np.array([r["embedding"] for r in rows])).max() < 1e-5
+    with pytest.raises(ValueError, match="truncate_dim"):
+        Embedder.load(PROMPTED, truncate_dim=17)
+
+
+def test_the_chunker_leaves_room_for_the_document_prompt():
+    embedder = Embedder.load(PROMPTED)  # the default prompt is "passage: "
+    text = "\n\n".join(r["text"] for r in reference(XLMR) if r["text"].strip())
+    prompt_tokens = embedder.count_tokens(["passage: "])[0] - embedder.count_tokens([""])[0]
+    assert prompt_tokens > 0
+    for chunk in embedder.chunker().chunk(text):
+        # Prompt and chunk together fit the model: nothing is truncated when embedded.
+        assert embedder.count_tokens(["passage: " + chunk.text])[0] <= embedder.max_tokens
+        assert chunk.n_tokens <= embedder.max_tokens - prompt_tokens
+    plain = embedder.chunker(prompt="")
+    assert max(c.n_tokens for c in plain.chunk(text)) > embedder.max_tokens - prompt_tokens

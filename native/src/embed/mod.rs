@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
@@ -45,6 +45,8 @@ pub struct LoadOptions {
 
 pub struct Embedder {
     model: Box<dyn Encoder>,
+    /// sentence-transformers' Dense modules after pooling, with their tanh flag.
+    dense: Vec<(candle_nn::Linear, bool)>,
     device: Device,
     /// Truncates at `settings.max_tokens`, never pads: batches pad themselves.
     tokenizer: Tokenizer,
@@ -190,6 +192,11 @@ impl Embedder {
         let settings = model_dir::settings(&dir, loaded.max_tokens)?;
         let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), settings.max_tokens)?;
         let model = loaded.encoder;
+        let dense = load_dense(&settings.dense, loaded.hidden_size, dtype, &device)?;
+        let dim = settings
+            .dense
+            .last()
+            .map_or(loaded.hidden_size, |d| d.out_features);
         Ok(Self {
             model,
             device,
@@ -197,7 +204,8 @@ impl Embedder {
             settings,
             model_id: model_dir::model_id(&dir),
             model_revision,
-            dim: loaded.hidden_size,
+            dim,
+            dense,
             dtype: options.dtype.clone(),
             device_name,
             max_batch_tokens,
@@ -220,11 +228,31 @@ impl Embedder {
         Ok(encodings.iter().map(Encoding::len).collect())
     }
 
-    /// Embeds `texts`; returns `texts.len() * dim` floats, rows in input order.
+    /// Embeds `texts`, each after `prompt` when one is given; returns
+    /// `texts.len() * dim` floats, rows in input order.
     ///
     /// An empty or whitespace-only text is embedded as the empty sequence (only the
-    /// special tokens), as sentence-transformers does.
-    pub fn embed(&self, texts: &[&str]) -> Result<Vec<f32>, EmbedError> {
+    /// special tokens), as sentence-transformers does. With `include_prompt` false the
+    /// prompt's tokens (as sentence-transformers counts them: the prompt's encoding
+    /// less one) do not count in mean and max pooling.
+    pub fn embed(&self, texts: &[&str], prompt: Option<&str>) -> Result<Vec<f32>, EmbedError> {
+        let prompted: Vec<String>;
+        let (texts, skip) = match prompt.filter(|p| !p.is_empty()) {
+            Some(prompt) => {
+                prompted = texts.iter().map(|t| format!("{prompt}{t}")).collect();
+                let skip = if self.settings.include_prompt {
+                    0
+                } else {
+                    self.count_tokens(&[prompt])?[0].saturating_sub(1)
+                };
+                (
+                    prompted.iter().map(String::as_str).collect::<Vec<_>>(),
+                    skip,
+                )
+            }
+            None => (texts.to_vec(), 0),
+        };
+        let texts = texts.as_slice();
         let mut out = vec![0f32; texts.len() * self.dim];
         // Queue a group's batches, tokenize the next group while the device works
         // (GPU kernels run asynchronously), then collect the queued rows.
@@ -237,8 +265,8 @@ impl Embedder {
                 .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
             self.collect(std::mem::take(&mut queued), &mut out)?;
             for batch in pack_batches(&encodings, self.max_batch_tokens) {
-                let pooled =
-                    self.forward(&batch.iter().map(|&i| &encodings[i]).collect::<Vec<_>>())?;
+                let rows: Vec<&Encoding> = batch.iter().map(|&i| &encodings[i]).collect();
+                let pooled = self.forward(&rows, skip)?;
                 queued.push((batch.into_iter().map(|i| i + offset).collect(), pooled));
             }
         }
@@ -263,7 +291,7 @@ impl Embedder {
 
     /// Queues one padded batch; returns its pooled (and maybe normalised) f32 rows,
     /// still on the device.
-    fn forward(&self, batch: &[&Encoding]) -> Result<Tensor, EmbedError> {
+    fn forward(&self, batch: &[&Encoding], skip: usize) -> Result<Tensor, EmbedError> {
         let width = batch.iter().map(|e| e.len()).max().unwrap_or(0);
         let mut ids = vec![0u32; batch.len() * width];
         let mut mask = vec![0u32; batch.len() * width];
@@ -276,7 +304,19 @@ impl Embedder {
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
         let hidden = self.model.forward(&ids, &mask)?;
-        let pooled = pool(self.settings.pooling, &hidden, &mask, batch)?;
+        let mut pooled = pool(
+            self.settings.pooling,
+            &hidden,
+            &pooling_mask(&mask, skip)?,
+            batch,
+        )?;
+        for (linear, tanh) in &self.dense {
+            pooled = linear.forward(&pooled.to_dtype(linear.weight().dtype())?)?;
+            if *tanh {
+                pooled = pooled.tanh()?;
+            }
+            pooled = pooled.to_dtype(DType::F32)?;
+        }
         Ok(if self.settings.normalize {
             let norms = pooled
                 .sqr()?
@@ -288,6 +328,45 @@ impl Embedder {
             pooled
         })
     }
+}
+
+/// The attention mask with its first `skip` positions (a prompt's tokens) cleared.
+fn pooling_mask(mask: &Tensor, skip: usize) -> candle_core::Result<Tensor> {
+    let width = mask.dim(1)?;
+    if skip == 0 || width == 0 {
+        return Ok(mask.clone());
+    }
+    let keep: Vec<u32> = (0..width).map(|i| u32::from(i >= skip)).collect();
+    mask.broadcast_mul(&Tensor::from_vec(keep, (1, width), mask.device())?)
+}
+
+fn load_dense(
+    modules: &[model_dir::DenseModule],
+    hidden_size: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Vec<(candle_nn::Linear, bool)>, EmbedError> {
+    let mut expected = hidden_size;
+    modules
+        .iter()
+        .map(|m| {
+            if m.in_features != expected {
+                return Err(EmbedError::InvalidModel(format!(
+                    "{}: in_features {} where {expected} come in",
+                    m.dir.display(),
+                    m.in_features
+                )));
+            }
+            expected = m.out_features;
+            let weights = m.dir.join("model.safetensors");
+            // SAFETY: read-only mapping of the weights, as for the encoder.
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device)? };
+            let linear =
+                candle_nn::linear_b(m.in_features, m.out_features, m.bias, vb.pp("linear"))
+                    .map_err(|e| EmbedError::InvalidModel(format!("{}: {e}", weights.display())))?;
+            Ok((linear, m.tanh))
+        })
+        .collect()
 }
 
 /// Pools right-padded hidden states `[batch, tokens, hidden]` into f32 rows, as

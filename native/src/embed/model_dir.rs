@@ -1,6 +1,7 @@
 //! Finding a model's files and reading the sentence-transformers settings that
 //! decide pooling, normalisation and sequence length.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -36,9 +37,27 @@ impl Pooling {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub pooling: Pooling,
+    /// Whether a prompt's tokens count in mean and max pooling (`include_prompt`).
+    pub include_prompt: bool,
+    /// sentence-transformers' Dense modules, in order, between pooling and normalising.
+    pub dense: Vec<DenseModule>,
     pub normalize: bool,
     /// Longest input in tokens, special tokens included.
     pub max_tokens: usize,
+    /// Named prompts of `config_sentence_transformers.json`, and the one used by default.
+    pub prompts: BTreeMap<String, String>,
+    pub default_prompt_name: Option<String>,
+}
+
+/// A `Dense` module: a linear layer and its activation, read from its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenseModule {
+    pub dir: PathBuf,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    /// Tanh (sentence-transformers' default) or the identity.
+    pub tanh: bool,
 }
 
 /// Resolves `model` to a directory holding `config.json`, `model.safetensors` and
@@ -160,10 +179,44 @@ pub fn settings(dir: &Path, max_position_embeddings: usize) -> Result<Settings, 
         .find(|m| module_type(m).ends_with("Pooling"))
         .and_then(|m| m.get("path").and_then(Value::as_str))
         .unwrap_or("1_Pooling");
-    let pooling = match read_json(&dir.join(pooling_dir).join("config.json"))? {
-        Some(config) => pooling_mode(&config)?,
+    let pooling_config = read_json(&dir.join(pooling_dir).join("config.json"))?;
+    let pooling = match &pooling_config {
+        Some(config) => pooling_mode(config)?,
         None => Pooling::Mean,
     };
+    let include_prompt = pooling_config
+        .as_ref()
+        .and_then(|c| c.get("include_prompt"))
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let dense = modules
+        .iter()
+        .filter(|m| module_type(m).ends_with("Dense"))
+        .map(|m| dense_module(&dir.join(m.get("path").and_then(Value::as_str).unwrap_or(""))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let st_config = read_json(&dir.join("config_sentence_transformers.json"))?;
+    let prompts: BTreeMap<String, String> = st_config
+        .as_ref()
+        .and_then(|c| c.get("prompts"))
+        .and_then(Value::as_object)
+        .map(|p| {
+            p.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let default_prompt_name = st_config
+        .as_ref()
+        .and_then(|c| c.get("default_prompt_name"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if let Some(name) = &default_prompt_name {
+        if !prompts.contains_key(name) {
+            return Err(EmbedError::InvalidModel(format!(
+                "config_sentence_transformers.json: default_prompt_name {name:?} is not one of its prompts"
+            )));
+        }
+    }
 
     let sbert = read_json(&dir.join("sentence_bert_config.json"))?;
     let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
@@ -185,8 +238,53 @@ pub fn settings(dir: &Path, max_position_embeddings: usize) -> Result<Settings, 
         .min(max_position_embeddings);
     Ok(Settings {
         pooling,
+        include_prompt,
+        dense,
         normalize,
         max_tokens,
+        prompts,
+        default_prompt_name,
+    })
+}
+
+fn dense_module(dir: &Path) -> Result<DenseModule, EmbedError> {
+    let config = read_json(&dir.join("config.json"))?
+        .ok_or_else(|| EmbedError::InvalidModel(format!("{} has no config.json", dir.display())))?;
+    let size = |key: &str| {
+        config
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                EmbedError::InvalidModel(format!("{}/config.json: no number {key}", dir.display()))
+            })
+    };
+    let tanh = match config
+        .get("activation_function")
+        .and_then(Value::as_str)
+        .unwrap_or("torch.nn.modules.activation.Tanh")
+    {
+        "torch.nn.modules.activation.Tanh" => true,
+        "torch.nn.modules.linear.Identity" => false,
+        other => {
+            return Err(EmbedError::InvalidModel(format!(
+                "{}: Dense activation {other:?} is not supported (Tanh, Identity)",
+                dir.display()
+            )))
+        }
+    };
+    if !dir.join("model.safetensors").is_file() {
+        return Err(EmbedError::InvalidModel(format!(
+            "{} has no model.safetensors (pytorch_model.bin is not read: convert it)",
+            dir.display()
+        )));
+    }
+    Ok(DenseModule {
+        dir: dir.to_path_buf(),
+        in_features: size("in_features")?,
+        out_features: size("out_features")?,
+        bias: config.get("bias").and_then(Value::as_bool).unwrap_or(true),
+        tanh,
     })
 }
 

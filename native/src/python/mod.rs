@@ -103,16 +103,18 @@ impl PyEmbedder {
         Ok(Self { inner })
     }
 
+    #[pyo3(signature = (texts, prompt=None))]
     fn embed<'py>(
         &self,
         py: Python<'py>,
         texts: Vec<String>,
+        prompt: Option<String>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let dim = self.inner.dim;
         let rows = texts.len();
         let flat = run_model(py, || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            self.inner.embed(&refs)
+            self.inner.embed(&refs, prompt.as_deref())
         })?;
         let array =
             Array2::from_shape_vec((rows, dim), flat).expect("embed returns rows * dim floats");
@@ -174,6 +176,14 @@ impl PyEmbedder {
     #[getter]
     fn normalize(&self) -> bool {
         self.inner.settings.normalize
+    }
+    #[getter]
+    fn prompts(&self) -> std::collections::BTreeMap<String, String> {
+        self.inner.settings.prompts.clone()
+    }
+    #[getter]
+    fn default_prompt_name(&self) -> Option<String> {
+        self.inner.settings.default_prompt_name.clone()
     }
     #[getter]
     fn path(&self) -> PathBuf {
