@@ -171,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         image_model=args.image_model,
         image_output_topic=args.image_output_topic,
         text_with_image_model=args.text_with_image_model,
+        prompt_name=args.prompt_name,
+        truncate_dim=args.truncate_dim,
         max_tokens=args.max_tokens,
         overlap_tokens=args.overlap_tokens,
         output_format=args.format,
@@ -336,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="embed text with the image model's text tower too (one space for both)",
     )
+    run.add_argument(
+        "--prompt-name",
+        help="the model's prompt for documents, e.g. document or passage (default: the model's default)",
+    )
+    run.add_argument("--truncate-dim", type=int, help="keep the first N dimensions (Matryoshka models)")
     run.add_argument("--max-tokens", type=int, help="chunk size in model tokens (default: the model's limit)")
     run.add_argument("--overlap-tokens", type=int)
     run.add_argument(

@@ -76,14 +76,25 @@ class Schema:
         # The canonical form has the same binary layout without logical types, so
         # timestamps stay epoch milliseconds instead of becoming datetimes.
         self.plain = parse_schema(json.loads(self.canonical))
+        # As reader: the same, with the defaults that fill fields older writers lack.
+        self.reader = parse_schema(_without_logical_types(raw))
 
     def write(self, record: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, self.plain, record)
         return buf.getvalue()
 
-    def read(self, data: bytes) -> dict[str, Any]:
-        return fastavro.schemaless_reader(io.BytesIO(data), self.plain, self.plain)
+    def read(self, data: bytes, writer: Optional[Schema] = None) -> dict[str, Any]:
+        """Decodes a datum written with ``writer`` (default: this schema) into this one."""
+        return fastavro.schemaless_reader(io.BytesIO(data), (writer or self).plain, self.reader)
+
+
+def _without_logical_types(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
+    if isinstance(node, list):
+        return [_without_logical_types(v) for v in node]
+    return node
 
 
 @cache
@@ -92,8 +103,16 @@ def schema(name: str) -> Schema:
 
 
 @cache
-def _by_fingerprint() -> dict[bytes, Schema]:
-    return {schema(n).fingerprint: schema(n) for n in RECORD_TYPES}
+def _by_fingerprint() -> dict[bytes, tuple[Schema, Schema]]:
+    """Fingerprint → (current schema, writer schema): every current schema, and the
+    earlier versions kept in ``schemas/history`` (``NAME-VERSION.avsc``)."""
+    found = {schema(n).fingerprint: (schema(n), schema(n)) for n in RECORD_TYPES}
+    for path in sorted((SCHEMA_DIR / "history").iterdir()):
+        name = path.name.split("-", 1)[0]
+        if name in RECORD_TYPES and path.name.endswith(".avsc"):
+            old = Schema(name, json.loads(path.read_text()))
+            found.setdefault(old.fingerprint, (schema(name), old))
+    return found
 
 
 def encode_single_object(name: str, record: dict[str, Any]) -> bytes:
@@ -105,7 +124,8 @@ def decode_single_object(data: bytes) -> tuple[str, dict[str, Any]]:
     found = _by_fingerprint().get(data[2:10])
     if found is None:
         raise DecodeError("unknown_schema", f"no schema with fingerprint {data[2:10].hex()}")
-    return found.name, found.read(data[10:])
+    current, writer = found
+    return current.name, current.read(data[10:], writer)
 
 
 def encode_json(record: dict[str, Any]) -> bytes:

@@ -110,7 +110,13 @@ class Pipeline:
         if settings.text_with_image_model and image_embedder is not None:
             embedder = image_embedder.text_embedder()  # one space for text and images
         self.embedder = embedder
-        self.chunker: Chunker = embedder.chunker(settings.max_tokens, settings.overlap_tokens)
+        # The document-side prompt: --prompt-name, else the model's default prompt. The
+        # chunker leaves room for it, so prompt and chunk are never truncated.
+        self.prompt_options = {"prompt_name": settings.prompt_name} if settings.prompt_name else {}
+        self.prompt_name = settings.prompt_name or getattr(embedder, "default_prompt_name", None)
+        self.chunker: Chunker = embedder.chunker(
+            settings.max_tokens, settings.overlap_tokens, **self.prompt_options
+        )
         self.pool = pool or ExtractorPool(settings.extract_workers)
         self.threads = ThreadPoolExecutor(max(self.pool.size, 1), thread_name_prefix="extract")
         self.registry = registry
@@ -284,12 +290,12 @@ class Pipeline:
         if not texts:
             return
         try:
-            vectors = self.embedder.embed(texts)
+            vectors = self.embedder.embed(texts, **self.prompt_options)
         except EmbedstreamError:
             # Find the document that fails; the others still get their vectors.
             for w in ready:
                 try:
-                    w.vectors = self.embedder.embed([c.text for c in w.chunks])
+                    w.vectors = self.embedder.embed([c.text for c in w.chunks], **self.prompt_options)
                 except EmbedstreamError as e:
                     w.failure = Failure("embed", "model_error", str(e))
             return
@@ -377,6 +383,8 @@ class Pipeline:
                 "event_time": event["event_time"],
                 "embedded_at": embedded_at,
                 "modality": "text",
+                "prompt_name": self.prompt_name,
+                "dimension": e.dim,
             }
             out.append(self._message(w, s.output_topic, self._key(w), "VectorRecord", record))
         return out
@@ -412,6 +420,8 @@ class Pipeline:
             "event_time": event["event_time"],
             "embedded_at": codecs.now_ms(),
             "modality": "image",
+            "prompt_name": None,
+            "dimension": e.dim,
         }
         topic = self.settings.image_output_topic or self.settings.output_topic
         return self._message(w, topic, self._key(w), "VectorRecord", record)

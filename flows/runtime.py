@@ -45,7 +45,12 @@ def pipeline(settings: Settings) -> Pipeline:
                 from operators.image_embed import ImageEmbedder
 
                 image_embedder = ImageEmbedder.load(settings.image_model, device=settings.device)
-            embedder = Embedder.load(settings.model, device=settings.device, dtype=settings.dtype)
+            embedder = Embedder.load(
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                truncate_dim=settings.truncate_dim,
+            )
             _pipeline = Pipeline(
                 settings,
                 embedder,

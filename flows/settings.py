@@ -55,6 +55,11 @@ class Settings:
     image_output_topic: Optional[str] = None
     #: Embed text documents with the image model's text tower too, so one space holds both.
     text_with_image_model: bool = False
+    #: The model's prompt for documents (e.g. "document", "passage"; None: the model's
+    #: default prompt, if it has one).
+    prompt_name: Optional[str] = None
+    #: Keep the first dimensions of every vector (Matryoshka models; None: all).
+    truncate_dim: Optional[int] = None
     #: Chunk size in model tokens (None: the model's limit).
     max_tokens: Optional[int] = None
     overlap_tokens: int = 0
@@ -132,6 +137,10 @@ class Settings:
             raise ValueError("log_format must be text or json")
         if self.text_with_image_model and not self.image_model:
             raise ValueError("text_with_image_model needs image_model")
+        if self.text_with_image_model and (self.prompt_name or self.truncate_dim):
+            raise ValueError("prompt_name and truncate_dim apply to the text model, not to CLIP's text tower")
+        if self.truncate_dim is not None and self.truncate_dim <= 0:
+            raise ValueError("truncate_dim must be positive")
         if self.output_format == "confluent" and not self.schema_registry_url:
             raise ValueError("output_format 'confluent' needs schema_registry_url")
         if self.batch_size is not None and self.batch_size <= 0:

@@ -181,3 +181,46 @@ def test_output_encoder_formats():
     assert json.loads(as_json) == record
     with pytest.raises(ValueError):
         codecs.OutputEncoder("confluent")
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_vector_records_of_earlier_schema_versions_still_decode(version):
+    """A record written with an earlier VectorRecord (kept in schemas/history) is read
+    by its fingerprint and resolved to the current schema: new fields get defaults."""
+    import json as _json
+
+    old = codecs.Schema(
+        "VectorRecord",
+        _json.loads((codecs.SCHEMA_DIR / "history" / f"VectorRecord-{version}.avsc").read_text()),
+    )
+    assert old.fingerprint != codecs.schema("VectorRecord").fingerprint
+    fields = {f["name"] for f in old.raw["fields"]}
+    record = {
+        "chunk_id": "c",
+        "doc_id": "d",
+        "doc_version": {"topic": "t", "partition": 0, "offset": 7},
+        "chunk_index": 0,
+        "chunk_count": 1,
+        "text": "hello",
+        "char_start": 0,
+        "char_end": 5,
+        "page": None,
+        "embedding": [0.5, -0.5],
+        "model_id": "m",
+        "model_revision": "r",
+        "dtype": "f32",
+        "chunker": {"max_tokens": 256, "overlap_tokens": 0},
+        "metadata": {},
+        "event_time": 1,
+        "embedded_at": 2,
+        "modality": "text",
+    }
+    data = (
+        codecs.SINGLE_OBJECT_MAGIC
+        + old.fingerprint
+        + old.write({k: v for k, v in record.items() if k in fields})
+    )
+    name, decoded = codecs.decode_single_object(data)
+    assert name == "VectorRecord"
+    assert (decoded["modality"], decoded["prompt_name"], decoded["dimension"]) == ("text", None, 0)
+    assert decoded["embedding"] == [0.5, -0.5] and decoded["event_time"] == 1

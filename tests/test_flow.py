@@ -56,6 +56,7 @@ def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
             (c.char_start, c.char_end, c.page) for c in expected
         ]
         assert {r["chunk_count"] for r in records} == {len(expected)}
+        assert {(r["prompt_name"], r["dimension"]) for r in records} == {(None, 384)}
         direct = minilm.embed([c.text for c in expected])
         streamed = np.array([r["embedding"] for r in records], dtype=np.float32)
         cos = (direct * streamed).sum(1) / np.linalg.norm(direct, axis=1) / np.linalg.norm(streamed, axis=1)
@@ -337,3 +338,24 @@ def test_client_logs_go_through_our_logging(kafka_bootstrap, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert not [line for line in out.stderr.splitlines() if RAW_CLIENT_LINE.match(line)], out.stderr
+
+
+def test_prompt_name_and_truncate_dim_in_the_flow(kafka_bootstrap):
+    """--prompt-name and --truncate-dim reach the model, and the records say so."""
+    from conftest import DATA
+
+    model = DATA / "tiny-prompted"
+    topics = FlowTopics(kafka_bootstrap)
+    text = "Streaming embeddings for data platforms.\n\nDocuments arrive as events on Kafka."
+    topics.produce([(b"p", avro_event("p", content=text.encode(), filename="p.txt"))])
+    topics.run("--model", str(model), "--prompt-name", "query", "--truncate-dim", "8")
+    records = [r for kind, r, _ in topics.read(topics.output) if kind == "VectorRecord"]
+    assert records and {(r["prompt_name"], r["dimension"]) for r in records} == {("query", 8)}
+    embedder = operators.Embedder.load(model, truncate_dim=8)
+    expected = embedder.embed([r["text"] for r in records], prompt_name="query")
+    np.testing.assert_allclose(np.array([r["embedding"] for r in records]), expected, atol=1e-5)
+    # Without --prompt-name the model's default prompt ("document") is used, and named.
+    default = FlowTopics(kafka_bootstrap)
+    default.produce([(b"p", avro_event("p", content=text.encode(), filename="p.txt"))])
+    default.run("--model", str(model))
+    assert {r["prompt_name"] for kind, r, _ in default.read(default.output)} == {"document"}

@@ -160,10 +160,15 @@ def test_wheel_puts_schemas_samples_and_pom_inside_the_package(installed):
     site = _site_packages(installed)
     assert not (site / "schemas").exists(), "a top-level `schemas` folder collides with other projects"
     assert not (site / "deploy").exists()
-    shipped = sorted(p.name for p in (site / "flows" / "schemas").glob("*.avsc"))
-    assert shipped == sorted(p.name for p in (ROOT / "schemas").glob("*.avsc"))
-    for avsc in (ROOT / "schemas").glob("*.avsc"):
-        assert (site / "flows" / "schemas" / avsc.name).read_bytes() == avsc.read_bytes()
+    shipped = sorted(
+        str(p.relative_to(site / "flows" / "schemas")) for p in (site / "flows" / "schemas").rglob("*.avsc")
+    )
+    assert shipped == sorted(str(p.relative_to(ROOT / "schemas")) for p in (ROOT / "schemas").rglob("*.avsc"))
+    assert "history/VectorRecord-1.0.avsc" in shipped  # earlier writer schemas, for old records
+    for avsc in (ROOT / "schemas").rglob("*.avsc"):
+        assert (
+            site / "flows" / "schemas" / avsc.relative_to(ROOT / "schemas")
+        ).read_bytes() == avsc.read_bytes()
     assert (site / "flows" / "kafka" / "pom.xml").is_file()
     where = _run(
         installed,
