@@ -356,3 +356,9 @@ def test_the_chunker_leaves_room_for_the_document_prompt():
         assert chunk.n_tokens <= embedder.max_tokens - prompt_tokens
     plain = embedder.chunker(prompt="")
     assert max(c.n_tokens for c in plain.chunk(text)) > embedder.max_tokens - prompt_tokens
+
+
+@pytest.mark.parametrize("directory", [MODERNBERT, QWEN3, NOMIC, GTE], ids=lambda d: d.name)
+def test_q8_is_refused_clearly_where_no_int8_kernels_exist(directory):
+    with pytest.raises(operators.UnsupportedError, match="q8"):
+        Embedder.load(directory, dtype="q8")

@@ -13,6 +13,7 @@ mod modernbert;
 mod q8;
 mod qwen3;
 mod resample;
+mod rotary;
 mod rotary_bert;
 mod xlm_roberta;
 

@@ -5,13 +5,13 @@
 //! Reads the configurations of transformers 4.x (`global_attn_every_n_layers`,
 //! `global_rope_theta`, `local_rope_theta`) and 5.x (`layer_types`, `rope_parameters`).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
-use super::bert::finite_min;
 use super::encoder::{Encoder, Loaded};
+use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
 #[derive(Debug, Clone)]
@@ -145,21 +145,12 @@ pub struct ModernBert {
     intermediate: usize,
     half_window: usize,
     activation: Activation,
-    global_inv_freq: Vec<f32>,
-    local_inv_freq: Vec<f32>,
+    global_rope: Rotary,
+    local_rope: Rotary,
     dtype: DType,
 }
 
-pub fn load(
-    config: &Value,
-    vb: VarBuilder,
-    quantize: bool,
-) -> std::result::Result<Loaded, EmbedError> {
-    if quantize {
-        return Err(EmbedError::Unsupported(
-            "dtype \"q8\" is not supported for ModernBERT yet: use \"f32\"".into(),
-        ));
-    }
+pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // ModernBertForMaskedLM and friends keep the encoder under `model.`.
     let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
@@ -173,12 +164,6 @@ pub fn load(
         hidden_size: c.hidden_size,
         max_tokens: c.max_position_embeddings,
     })
-}
-
-fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-        .collect()
 }
 
 impl ModernBert {
@@ -231,22 +216,10 @@ impl ModernBert {
             intermediate: c.intermediate_size,
             half_window: c.half_window,
             activation: c.activation,
-            global_inv_freq: inverse_frequencies(head_dim, c.global_theta),
-            local_inv_freq: inverse_frequencies(head_dim, c.local_theta),
+            global_rope: Rotary::new(head_dim, c.global_theta),
+            local_rope: Rotary::new(head_dim, c.local_theta),
             dtype: vb.dtype(),
         })
-    }
-
-    /// cos and sin `[tokens, head_dim / 2]` of positions 0.. for these frequencies.
-    fn rotary(&self, inv_freq: &[f32], tokens: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let angles: Vec<f32> = (0..tokens)
-            .flat_map(|t| inv_freq.iter().map(move |f| t as f32 * f))
-            .collect();
-        let angles = Tensor::from_vec(angles, (tokens, inv_freq.len()), device)?;
-        Ok((
-            angles.cos()?.to_dtype(self.dtype)?,
-            angles.sin()?.to_dtype(self.dtype)?,
-        ))
     }
 
     fn attention(
@@ -272,14 +245,7 @@ impl ModernBert {
         let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
         let v = part(2)?;
-        let scores = (q.matmul(&k.t()?)? * (head_dim as f64).powf(-0.5))?.broadcast_add(bias)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(self.dtype)?;
-        let context = weights
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, hidden))?;
-        layer.wo.forward(&context)
+        layer.wo.forward(&attend(&q, &k, &v, bias)?)
     }
 
     fn feed_forward(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
@@ -294,30 +260,16 @@ impl ModernBert {
 
 impl Encoder for ModernBert {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, tokens) = ids.dims2()?;
+        let tokens = ids.dim(1)?;
         let device = ids.device();
-        // Half the dtype's floor each, so padding and window add up to a finite value
-        // and a row with nothing to attend to stays finite (its output is never pooled).
-        let floor = finite_min(self.dtype) / 2.0;
-        let padding = mask
-            .to_dtype(DType::F32)?
-            .affine(-floor, floor)?
-            .reshape((batch, 1, 1, tokens))?;
-        let window: Vec<f32> = (0..tokens)
-            .flat_map(|i| (0..tokens).map(move |j| (i, j)))
-            .map(|(i, j)| {
-                if i.abs_diff(j) <= self.half_window {
-                    0.0
-                } else {
-                    floor as f32
-                }
-            })
-            .collect();
-        let window = Tensor::from_vec(window, (1, 1, tokens, tokens), device)?;
+        let padding = padding_bias(mask, self.dtype)?;
+        let window = pair_bias(tokens, device, self.dtype, |i, j| {
+            i.abs_diff(j) <= self.half_window
+        })?;
         let global_bias = padding.to_dtype(self.dtype)?;
         let local_bias = padding.broadcast_add(&window)?.to_dtype(self.dtype)?;
-        let global_rope = self.rotary(&self.global_inv_freq, tokens, device)?;
-        let local_rope = self.rotary(&self.local_inv_freq, tokens, device)?;
+        let global_rope = self.global_rope.tables(tokens, device, self.dtype)?;
+        let local_rope = self.local_rope.tables(tokens, device, self.dtype)?;
 
         let mut x = self
             .embeddings_norm

@@ -4,13 +4,13 @@
 //! sentence-transformers files ask for last-token pooling, and its tokenizer appends
 //! the end-of-text token that pooling reads.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
-use super::bert::finite_min;
 use super::encoder::{Encoder, Loaded};
+use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
 struct Config {
@@ -121,20 +121,11 @@ pub struct Qwen3 {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    inv_freq: Vec<f32>,
+    rope: Rotary,
     dtype: DType,
 }
 
-pub fn load(
-    config: &Value,
-    vb: VarBuilder,
-    quantize: bool,
-) -> std::result::Result<Loaded, EmbedError> {
-    if quantize {
-        return Err(EmbedError::Unsupported(
-            "dtype \"q8\" is not supported for Qwen3 yet: use \"f32\"".into(),
-        ));
-    }
+pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // Qwen3ForCausalLM keeps the decoder under `model.`.
     let vb = if vb.contains_tensor("model.embed_tokens.weight") {
@@ -194,22 +185,9 @@ impl Qwen3 {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: d,
-            inv_freq: (0..d / 2)
-                .map(|i| (1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)) as f32)
-                .collect(),
+            rope: Rotary::new(d, c.rope_theta),
             dtype: vb.dtype(),
         })
-    }
-
-    fn rotary(&self, tokens: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let angles: Vec<f32> = (0..tokens)
-            .flat_map(|t| self.inv_freq.iter().map(move |f| t as f32 * f))
-            .collect();
-        let angles = Tensor::from_vec(angles, (tokens, self.inv_freq.len()), device)?;
-        Ok((
-            angles.cos()?.to_dtype(self.dtype)?,
-            angles.sin()?.to_dtype(self.dtype)?,
-        ))
     }
 
     fn attention(
@@ -246,34 +224,19 @@ impl Qwen3 {
                 .reshape((batch, self.heads, tokens, d))
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?.broadcast_add(bias)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(self.dtype)?;
-        let context =
-            weights
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((batch, tokens, self.heads * d))?;
-        layer.o_proj.forward(&context)
+        layer.o_proj.forward(&attend(&q, &k, &v, bias)?)
     }
 }
 
 impl Encoder for Qwen3 {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, tokens) = ids.dims2()?;
+        let tokens = ids.dim(1)?;
         let device = ids.device();
-        // Causal and padding biases, half the dtype's floor each so the sum stays finite.
-        let floor = finite_min(self.dtype) / 2.0;
-        let padding = mask
-            .to_dtype(DType::F32)?
-            .affine(-floor, floor)?
-            .reshape((batch, 1, 1, tokens))?;
-        let causal: Vec<f32> = (0..tokens)
-            .flat_map(|i| (0..tokens).map(move |j| if j > i { floor as f32 } else { 0.0 }))
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, tokens, tokens), device)?;
-        let bias = padding.broadcast_add(&causal)?.to_dtype(self.dtype)?;
-        let rope = self.rotary(tokens, device)?;
+        let causal = pair_bias(tokens, device, self.dtype, |i, j| j <= i)?;
+        let bias = padding_bias(mask, self.dtype)?
+            .broadcast_add(&causal)?
+            .to_dtype(self.dtype)?;
+        let rope = self.rope.tables(tokens, device, self.dtype)?;
         let silu = Activation::Silu;
 
         let mut x = self.embed_tokens.forward(ids)?;

@@ -9,13 +9,13 @@
 //! style `n_embd`… for the hub's NomicBERT; `rope_theta` + `rope_scaling` or
 //! `rope_parameters`). Both are read.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
-use super::bert::finite_min;
 use super::encoder::{Encoder, Loaded};
+use super::rotary::{attend, padding_bias, Rotary};
 use crate::error::EmbedError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,21 +184,15 @@ pub struct RotaryBert {
     layers: Vec<Layer>,
     heads: usize,
     activation: Activation,
-    inv_freq: Vec<f32>,
+    rope: Rotary,
     dtype: DType,
 }
 
 pub fn load(
     config: &Value,
     vb: VarBuilder,
-    quantize: bool,
     family: Family,
 ) -> std::result::Result<Loaded, EmbedError> {
-    if quantize {
-        return Err(EmbedError::Unsupported(
-            "dtype \"q8\" is not supported for NomicBERT and GTE yet: use \"f32\"".into(),
-        ));
-    }
     let c = Config::parse(config, family)?;
     let vb = ["new", "model", "bert"]
         .iter()
@@ -311,22 +305,9 @@ impl RotaryBert {
             layers,
             heads: c.num_attention_heads,
             activation: c.activation,
-            inv_freq: (0..head_dim / 2)
-                .map(|i| (1.0 / c.rope_theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-                .collect(),
+            rope: Rotary::new(head_dim, c.rope_theta),
             dtype: vb.dtype(),
         })
-    }
-
-    fn rotary(&self, tokens: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let angles: Vec<f32> = (0..tokens)
-            .flat_map(|t| self.inv_freq.iter().map(move |f| t as f32 * f))
-            .collect();
-        let angles = Tensor::from_vec(angles, (tokens, self.inv_freq.len()), device)?;
-        Ok((
-            angles.cos()?.to_dtype(self.dtype)?,
-            angles.sin()?.to_dtype(self.dtype)?,
-        ))
     }
 
     fn attention(
@@ -348,27 +329,14 @@ impl RotaryBert {
         let q = candle_nn::rotary_emb::rope(&heads(&layer.q)?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&heads(&layer.k)?, cos, sin)?;
         let v = heads(&layer.v)?;
-        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?.broadcast_add(bias)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(self.dtype)?;
-        let context = weights
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, hidden))?;
-        layer.o.forward(&context)
+        layer.o.forward(&attend(&q, &k, &v, bias)?)
     }
 }
 
 impl Encoder for RotaryBert {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, tokens) = ids.dims2()?;
-        let floor = finite_min(self.dtype);
-        let bias = mask
-            .to_dtype(DType::F32)?
-            .affine(-floor, floor)?
-            .reshape((batch, 1, 1, tokens))?
-            .to_dtype(self.dtype)?;
-        let rope = self.rotary(tokens, ids.device())?;
+        let bias = padding_bias(mask, self.dtype)?.to_dtype(self.dtype)?;
+        let rope = self.rope.tables(ids.dim(1)?, ids.device(), self.dtype)?;
         let mut x = self.word_embeddings.forward(ids)?;
         if let Some(token_type) = &self.token_type {
             x = x.broadcast_add(token_type)?;
