@@ -146,11 +146,14 @@ class Engine:
     def build(self, dockerfile: Path, context: Path, tag: str, build_args: dict[str, str]) -> str:
         args = ["build", "-f", str(dockerfile), "-t", tag]
         if self.kind == "podman":
-            # Docker's image format keeps HEALTHCHECK; OCI images drop it.
-            args += ["--format", "docker"]
+            # Docker's image format keeps HEALTHCHECK; OCI images drop it. vfs stores
+            # every layer as a full copy: keep no intermediate images.
+            args += ["--format", "docker", "--layers=false"]
         for key, value in build_args.items():
             args += ["--build-arg", f"{key}={value}"]
         self.run(*args, str(context), timeout=3600)
+        # The image this tag named before is dangling now: free its space.
+        self.run("image", "prune", "--force", check=False)
         return tag
 
     def build_worker(
