@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::activation::Activation;
 use super::kernels;
-use super::q8::QuantizedLinear;
+use super::q8::Dense;
 use crate::error::EmbedError;
 
 /// The fields of a Hugging Face BERT `config.json` that inference needs.
@@ -45,28 +45,6 @@ fn default_eps() -> f64 {
 }
 fn default_position_type() -> String {
     "absolute".into()
-}
-
-/// A linear layer in the model's float dtype, or quantized to int8 (`dtype="q8"`).
-enum Dense {
-    Float(Linear),
-    Int8(QuantizedLinear),
-}
-
-impl Dense {
-    fn new(linear: Linear, quantize: bool) -> Result<Self> {
-        Ok(match (quantize, linear.bias()) {
-            (true, Some(bias)) => Self::Int8(QuantizedLinear::new(linear.weight(), bias)?),
-            _ => Self::Float(linear),
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Float(linear) => linear.forward(x),
-            Self::Int8(linear) => linear.forward(x),
-        }
-    }
 }
 
 struct Layer {

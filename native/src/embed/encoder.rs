@@ -54,12 +54,6 @@ pub fn load(
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("bert");
-    // int8 kernels exist for the BERT-shaped encoders only (native/src/embed/q8.rs).
-    if quantize && !matches!(model_type, "bert" | "roberta" | "xlm-roberta") {
-        return Err(EmbedError::Unsupported(format!(
-            "dtype \"q8\" is not supported for {model_type} yet: use \"f32\""
-        )));
-    }
     match model_type {
         "bert" => {
             let parsed = parse::<BertConfig>(config)?;
@@ -71,11 +65,11 @@ pub fn load(
             })
         }
         "roberta" | "xlm-roberta" => xlm_roberta::load(config, vb, quantize),
-        "modernbert" => modernbert::load(config, vb),
-        "qwen3" => qwen3::load(config, vb),
-        "nomic_bert" => rotary_bert::load(config, vb, Family::Nomic),
+        "modernbert" => modernbert::load(config, vb, quantize),
+        "qwen3" => qwen3::load(config, vb, quantize),
+        "nomic_bert" => rotary_bert::load(config, vb, Family::Nomic, quantize),
         // The hub's GTE checkpoints say "new" (their remote code); transformers says "gte".
-        "gte" | "new" => rotary_bert::load(config, vb, Family::Gte),
+        "gte" | "new" => rotary_bert::load(config, vb, Family::Gte, quantize),
         other => Err(EmbedError::InvalidModel(format!(
             "model_type {other:?} is not supported; supported: {}",
             SUPPORTED.join(", ")

@@ -6,11 +6,12 @@
 //! `global_rope_theta`, `local_rope_theta`) and 5.x (`layer_types`, `rope_parameters`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
 use super::encoder::{Encoder, Loaded};
+use super::q8::Dense;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -128,11 +129,11 @@ impl Config {
 
 struct Layer {
     attn_norm: Option<LayerNorm>,
-    wqkv: Linear,
-    wo: Linear,
+    wqkv: Dense,
+    wo: Dense,
     mlp_norm: LayerNorm,
-    wi: Linear,
-    mlp_wo: Linear,
+    wi: Dense,
+    mlp_wo: Dense,
     global: bool,
 }
 
@@ -150,7 +151,11 @@ pub struct ModernBert {
     dtype: DType,
 }
 
-pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, EmbedError> {
+pub fn load(
+    config: &Value,
+    vb: VarBuilder,
+    quantize: bool,
+) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // ModernBertForMaskedLM and friends keep the encoder under `model.`.
     let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
@@ -158,7 +163,7 @@ pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, Embed
     } else {
         vb
     };
-    let model = ModernBert::load(vb, &c)?;
+    let model = ModernBert::load(vb, &c, quantize)?;
     Ok(Loaded {
         encoder: Box::new(model),
         hidden_size: c.hidden_size,
@@ -167,8 +172,9 @@ pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, Embed
 }
 
 impl ModernBert {
-    fn load(vb: VarBuilder, c: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, c: &Config, quantize: bool) -> Result<Self> {
         let h = c.hidden_size;
+        let dense = |linear| Dense::new(linear, quantize);
         let norm = |vb: VarBuilder| -> Result<LayerNorm> {
             let weight = vb.get(h, "weight")?;
             Ok(if c.norm_bias {
@@ -187,21 +193,31 @@ impl ModernBert {
                     } else {
                         Some(norm(vb.pp("attn_norm"))?)
                     },
-                    wqkv: candle_nn::linear_b(h, 3 * h, c.attention_bias, vb.pp("attn.Wqkv"))?,
-                    wo: candle_nn::linear_b(h, h, c.attention_bias, vb.pp("attn.Wo"))?,
+                    wqkv: dense(candle_nn::linear_b(
+                        h,
+                        3 * h,
+                        c.attention_bias,
+                        vb.pp("attn.Wqkv"),
+                    )?)?,
+                    wo: dense(candle_nn::linear_b(
+                        h,
+                        h,
+                        c.attention_bias,
+                        vb.pp("attn.Wo"),
+                    )?)?,
                     mlp_norm: norm(vb.pp("mlp_norm"))?,
-                    wi: candle_nn::linear_b(
+                    wi: dense(candle_nn::linear_b(
                         h,
                         2 * c.intermediate_size,
                         c.mlp_bias,
                         vb.pp("mlp.Wi"),
-                    )?,
-                    mlp_wo: candle_nn::linear_b(
+                    )?)?,
+                    mlp_wo: dense(candle_nn::linear_b(
                         c.intermediate_size,
                         h,
                         c.mlp_bias,
                         vb.pp("mlp.Wo"),
-                    )?,
+                    )?)?,
                     global: c.global[i],
                 })
             })

@@ -12,7 +12,8 @@
 //! `vpdpbusd` multiplies unsigned by signed bytes, so activations travel as
 //! `q + 128`; the extra `128 · Σ_k w` per output is subtracted at the end.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_nn::Linear;
 use rayon::prelude::*;
 
 use super::kernels::contiguous_f32;
@@ -26,6 +27,30 @@ const TILE_M: usize = 4;
 const TASK_M: usize = 32;
 /// Inputs per activation scale: 16 `vpdpbusd` steps between rescales.
 const BLOCK_K: usize = 64;
+
+/// A linear layer in the model's float dtype, or quantized to int8 (`dtype="q8"`):
+/// what every encoder builds its projections from, so one flag quantizes them all.
+pub enum Dense {
+    Float(Linear),
+    Int8(QuantizedLinear),
+}
+
+impl Dense {
+    pub fn new(linear: Linear, quantize: bool) -> Result<Self> {
+        Ok(if quantize {
+            Self::Int8(QuantizedLinear::new(linear.weight(), linear.bias())?)
+        } else {
+            Self::Float(linear)
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float(linear) => linear.forward(x),
+            Self::Int8(linear) => linear.forward(x),
+        }
+    }
+}
 
 pub struct QuantizedLinear {
     /// Output features (before padding to `BLOCK_N`).
@@ -67,11 +92,14 @@ pub fn check_supported() -> std::result::Result<(), EmbedError> {
 }
 
 impl QuantizedLinear {
-    /// Quantizes a float linear layer: `weight` is `[out, in]`, `bias` `[out]`.
-    pub fn new(weight: &Tensor, bias: &Tensor) -> Result<Self> {
+    /// Quantizes a float linear layer: `weight` is `[out, in]`, `bias` `[out]` or none.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let weight = weight.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-        let bias = bias.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let bias = match bias {
+            Some(bias) => bias.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; out_features],
+        };
         let padded_k = in_features.div_ceil(BLOCK_K) * BLOCK_K;
         let padded_n = out_features.div_ceil(BLOCK_N) * BLOCK_N;
         let groups = padded_k / 4;

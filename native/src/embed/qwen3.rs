@@ -5,11 +5,12 @@
 //! the end-of-text token that pooling reads.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
 use super::encoder::{Encoder, Loaded};
+use super::q8::Dense;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -102,16 +103,16 @@ impl Config {
 
 struct Layer {
     input_norm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Dense,
+    k_proj: Dense,
+    v_proj: Dense,
+    o_proj: Dense,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     post_attention_norm: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Dense,
+    up_proj: Dense,
+    down_proj: Dense,
 }
 
 pub struct Qwen3 {
@@ -125,7 +126,11 @@ pub struct Qwen3 {
     dtype: DType,
 }
 
-pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, EmbedError> {
+pub fn load(
+    config: &Value,
+    vb: VarBuilder,
+    quantize: bool,
+) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // Qwen3ForCausalLM keeps the decoder under `model.`.
     let vb = if vb.contains_tensor("model.embed_tokens.weight") {
@@ -133,7 +138,7 @@ pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, Embed
     } else {
         vb
     };
-    let model = Qwen3::load(vb, &c)?;
+    let model = Qwen3::load(vb, &c, quantize)?;
     Ok(Loaded {
         encoder: Box::new(model),
         hidden_size: c.hidden_size,
@@ -142,8 +147,9 @@ pub fn load(config: &Value, vb: VarBuilder) -> std::result::Result<Loaded, Embed
 }
 
 impl Qwen3 {
-    fn load(vb: VarBuilder, c: &Config) -> Result<Self> {
+    fn load(vb: VarBuilder, c: &Config, quantize: bool) -> Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim);
+        let dense = |linear| Dense::new(linear, quantize);
         let (q_size, kv_size) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let bias = c.attention_bias;
         let layers = (0..c.num_hidden_layers)
@@ -153,10 +159,10 @@ impl Qwen3 {
                 let mlp = vb.pp("mlp");
                 Ok(Layer {
                     input_norm: candle_nn::rms_norm(h, c.rms_norm_eps, vb.pp("input_layernorm"))?,
-                    q_proj: candle_nn::linear_b(h, q_size, bias, attn.pp("q_proj"))?,
-                    k_proj: candle_nn::linear_b(h, kv_size, bias, attn.pp("k_proj"))?,
-                    v_proj: candle_nn::linear_b(h, kv_size, bias, attn.pp("v_proj"))?,
-                    o_proj: candle_nn::linear_b(q_size, h, bias, attn.pp("o_proj"))?,
+                    q_proj: dense(candle_nn::linear_b(h, q_size, bias, attn.pp("q_proj"))?)?,
+                    k_proj: dense(candle_nn::linear_b(h, kv_size, bias, attn.pp("k_proj"))?)?,
+                    v_proj: dense(candle_nn::linear_b(h, kv_size, bias, attn.pp("v_proj"))?)?,
+                    o_proj: dense(candle_nn::linear_b(q_size, h, bias, attn.pp("o_proj"))?)?,
                     q_norm: candle_nn::rms_norm(d, c.rms_norm_eps, attn.pp("q_norm"))?,
                     k_norm: candle_nn::rms_norm(d, c.rms_norm_eps, attn.pp("k_norm"))?,
                     post_attention_norm: candle_nn::rms_norm(
@@ -164,17 +170,21 @@ impl Qwen3 {
                         c.rms_norm_eps,
                         vb.pp("post_attention_layernorm"),
                     )?,
-                    gate_proj: candle_nn::linear_no_bias(
+                    gate_proj: dense(candle_nn::linear_no_bias(
                         h,
                         c.intermediate_size,
                         mlp.pp("gate_proj"),
-                    )?,
-                    up_proj: candle_nn::linear_no_bias(h, c.intermediate_size, mlp.pp("up_proj"))?,
-                    down_proj: candle_nn::linear_no_bias(
+                    )?)?,
+                    up_proj: dense(candle_nn::linear_no_bias(
+                        h,
+                        c.intermediate_size,
+                        mlp.pp("up_proj"),
+                    )?)?,
+                    down_proj: dense(candle_nn::linear_no_bias(
                         c.intermediate_size,
                         h,
                         mlp.pp("down_proj"),
-                    )?,
+                    )?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -199,7 +209,7 @@ impl Qwen3 {
     ) -> Result<Tensor> {
         let (batch, tokens, _) = x.dims3()?;
         let d = self.head_dim;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+        let heads = |proj: &Dense, n: usize| -> Result<Tensor> {
             proj.forward(x)?
                 .reshape((batch, tokens, n, d))?
                 .transpose(1, 2)?

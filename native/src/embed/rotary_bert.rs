@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::activation::Activation;
 use super::encoder::{Encoder, Loaded};
+use super::q8::Dense;
 use super::rotary::{attend, padding_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -166,14 +167,14 @@ enum Naming {
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    o: Dense,
     attention_norm: LayerNorm,
-    up: Linear,
-    gate: Linear,
-    down: Linear,
+    up: Dense,
+    gate: Dense,
+    down: Dense,
     mlp_norm: LayerNorm,
 }
 
@@ -192,6 +193,7 @@ pub fn load(
     config: &Value,
     vb: VarBuilder,
     family: Family,
+    quantize: bool,
 ) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config, family)?;
     let vb = ["new", "model", "bert"]
@@ -205,7 +207,7 @@ pub fn load(
     } else {
         Naming::Transformers
     };
-    let model = RotaryBert::load(vb, &c, naming)?;
+    let model = RotaryBert::load(vb, &c, naming, quantize)?;
     Ok(Loaded {
         encoder: Box::new(model),
         hidden_size: c.hidden_size,
@@ -221,8 +223,10 @@ fn split(fused: &Linear, at: usize, n: usize) -> Result<Linear> {
 }
 
 impl RotaryBert {
-    fn load(vb: VarBuilder, c: &Config, naming: Naming) -> Result<Self> {
+    fn load(vb: VarBuilder, c: &Config, naming: Naming, quantize: bool) -> Result<Self> {
         let h = c.hidden_size;
+        // Fused projections are split first, so each part is quantized on its own.
+        let dense = |linear| Dense::new(linear, quantize);
         let inter = c.intermediate_size;
         let norm = |vb: VarBuilder| candle_nn::layer_norm(h, c.layer_norm_eps, vb);
         let layers = (0..c.num_hidden_layers)
@@ -234,14 +238,24 @@ impl RotaryBert {
                         let vb = vb.pp(format!("layers.{i}"));
                         let (attn, mlp) = (vb.pp("self_attn"), vb.pp("mlp"));
                         Layer {
-                            q: candle_nn::linear_b(h, h, attn_bias, attn.pp("q_proj"))?,
-                            k: candle_nn::linear_b(h, h, attn_bias, attn.pp("k_proj"))?,
-                            v: candle_nn::linear_b(h, h, attn_bias, attn.pp("v_proj"))?,
-                            o: candle_nn::linear_b(h, h, attn_bias, attn.pp("o_proj"))?,
+                            q: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("q_proj"))?)?,
+                            k: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("k_proj"))?)?,
+                            v: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("v_proj"))?)?,
+                            o: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("o_proj"))?)?,
                             attention_norm: norm(vb.pp("post_attention_layernorm"))?,
-                            up: candle_nn::linear_b(h, inter, up_bias, mlp.pp("up_proj"))?,
-                            gate: candle_nn::linear_b(h, inter, up_bias, mlp.pp("gate_proj"))?,
-                            down: candle_nn::linear_b(inter, h, down_bias, mlp.pp("down_proj"))?,
+                            up: dense(candle_nn::linear_b(h, inter, up_bias, mlp.pp("up_proj"))?)?,
+                            gate: dense(candle_nn::linear_b(
+                                h,
+                                inter,
+                                up_bias,
+                                mlp.pp("gate_proj"),
+                            )?)?,
+                            down: dense(candle_nn::linear_b(
+                                inter,
+                                h,
+                                down_bias,
+                                mlp.pp("down_proj"),
+                            )?)?,
                             mlp_norm: norm(vb.pp("post_mlp_layernorm"))?,
                         }
                     }
@@ -249,14 +263,29 @@ impl RotaryBert {
                         let vb = vb.pp(format!("encoder.layers.{i}"));
                         let qkv = candle_nn::linear_b(h, 3 * h, attn_bias, vb.pp("attn.Wqkv"))?;
                         Layer {
-                            q: split(&qkv, 0, h)?,
-                            k: split(&qkv, h, h)?,
-                            v: split(&qkv, 2 * h, h)?,
-                            o: candle_nn::linear_b(h, h, attn_bias, vb.pp("attn.out_proj"))?,
+                            q: dense(split(&qkv, 0, h)?)?,
+                            k: dense(split(&qkv, h, h)?)?,
+                            v: dense(split(&qkv, 2 * h, h)?)?,
+                            o: dense(candle_nn::linear_b(
+                                h,
+                                h,
+                                attn_bias,
+                                vb.pp("attn.out_proj"),
+                            )?)?,
                             attention_norm: norm(vb.pp("norm1"))?,
-                            up: candle_nn::linear_b(h, inter, up_bias, vb.pp("mlp.fc11"))?,
-                            gate: candle_nn::linear_b(h, inter, up_bias, vb.pp("mlp.fc12"))?,
-                            down: candle_nn::linear_b(inter, h, down_bias, vb.pp("mlp.fc2"))?,
+                            up: dense(candle_nn::linear_b(h, inter, up_bias, vb.pp("mlp.fc11"))?)?,
+                            gate: dense(candle_nn::linear_b(
+                                h,
+                                inter,
+                                up_bias,
+                                vb.pp("mlp.fc12"),
+                            )?)?,
+                            down: dense(candle_nn::linear_b(
+                                inter,
+                                h,
+                                down_bias,
+                                vb.pp("mlp.fc2"),
+                            )?)?,
                             mlp_norm: norm(vb.pp("norm2"))?,
                         }
                     }
@@ -267,14 +296,24 @@ impl RotaryBert {
                         let up_gate =
                             candle_nn::linear_b(h, 2 * inter, up_bias, vb.pp("mlp.up_gate_proj"))?;
                         Layer {
-                            q: split(&qkv, 0, h)?,
-                            k: split(&qkv, h, h)?,
-                            v: split(&qkv, 2 * h, h)?,
-                            o: candle_nn::linear_b(h, h, attn_bias, vb.pp("attention.o_proj"))?,
+                            q: dense(split(&qkv, 0, h)?)?,
+                            k: dense(split(&qkv, h, h)?)?,
+                            v: dense(split(&qkv, 2 * h, h)?)?,
+                            o: dense(candle_nn::linear_b(
+                                h,
+                                h,
+                                attn_bias,
+                                vb.pp("attention.o_proj"),
+                            )?)?,
                             attention_norm: norm(vb.pp("attn_ln"))?,
-                            up: split(&up_gate, 0, inter)?,
-                            gate: split(&up_gate, inter, inter)?,
-                            down: candle_nn::linear_b(inter, h, down_bias, vb.pp("mlp.down_proj"))?,
+                            up: dense(split(&up_gate, 0, inter)?)?,
+                            gate: dense(split(&up_gate, inter, inter)?)?,
+                            down: dense(candle_nn::linear_b(
+                                inter,
+                                h,
+                                down_bias,
+                                vb.pp("mlp.down_proj"),
+                            )?)?,
                             mlp_norm: norm(vb.pp("mlp_ln"))?,
                         }
                     }
@@ -319,7 +358,7 @@ impl RotaryBert {
     ) -> Result<Tensor> {
         let (batch, tokens, hidden) = x.dims3()?;
         let d = hidden / self.heads;
-        let heads = |proj: &Linear| -> Result<Tensor> {
+        let heads = |proj: &Dense| -> Result<Tensor> {
             proj.forward(x)?
                 .reshape((batch, tokens, self.heads, d))?
                 .transpose(1, 2)?
