@@ -67,11 +67,14 @@ def main() -> None:
         "--peers", default="sentence-transformers,embed-anything", help="comma-separated peers to run"
     )
     args = parser.parse_args()
-    peers = set(args.peers.split(","))
+    result = measure(args.model, paragraphs(args.texts), args.repeat, args.dtype, set(args.peers.split(",")))
+    print(json.dumps(result, indent=2))
 
-    texts = paragraphs(args.texts)
-    embedder = operators.Embedder.load(args.model, dtype=args.dtype)
-    model_dir = models.resolve(args.model)
+
+def measure(model: str, texts: list[str], repeat: int, dtype: str, peers: set[str]) -> dict[str, object]:
+    """Ours and each peer on the same model files and texts, one after the other."""
+    embedder = operators.Embedder.load(model, dtype=dtype)
+    model_dir = models.resolve(model)
     counts = embedder.count_tokens(texts)
     tokens = sum(min(n, embedder.max_tokens) for n in counts)
     result: dict[str, object] = {
@@ -86,9 +89,9 @@ def main() -> None:
     def ours(warmup: bool = False):
         return embedder.embed(texts[:32] if warmup else texts)
 
-    seconds, ours_vectors = timed(ours, args.repeat)
+    seconds, ours_vectors = timed(ours, repeat)
     result["embedstream"] = {
-        "dtype": args.dtype,
+        "dtype": dtype,
         "seconds": round(seconds, 3),
         "texts_per_s": round(len(texts) / seconds, 1),
         "tokens_per_s": round(tokens / seconds, 1),
@@ -96,7 +99,7 @@ def main() -> None:
 
     # Agreement with the reference vectors computed by sentence-transformers.
     reference = Path(__file__).resolve().parent.parent / "tests" / "data" / REFERENCE
-    if args.model == "default" and reference.exists():
+    if model == "default" and reference.exists():
         rows = [json.loads(line) for line in reference.read_text().splitlines()]
         rows = [r for r in rows if "embedding" in r]
         want = np.array([r["embedding"] for r in rows], dtype=np.float32)
@@ -114,7 +117,7 @@ def main() -> None:
         def st(warmup: bool = False):
             return st_model.encode(texts[:32] if warmup else texts, batch_size=32, normalize_embeddings=True)
 
-        st_seconds, st_vectors = timed(st, args.repeat)
+        st_seconds, st_vectors = timed(st, repeat)
         result["sentence_transformers"] = {
             "seconds": round(st_seconds, 3),
             "tokens_per_s": round(tokens / st_seconds, 1),
@@ -139,7 +142,7 @@ def main() -> None:
             batch = texts[:32] if warmup else texts
             return [e.embedding for e in embed_anything.embed_query(batch, embedder=ea_model)]
 
-        ea_seconds, ea_vectors = timed(ea, args.repeat)
+        ea_seconds, ea_vectors = timed(ea, repeat)
         result["embed_anything"] = {
             "seconds": round(ea_seconds, 3),
             "tokens_per_s": round(tokens / ea_seconds, 1),
@@ -151,7 +154,7 @@ def main() -> None:
     except Exception as e:  # a peer's failure is a finding, not a crash of the benchmark
         result["embed_anything"] = f"failed: {type(e).__name__}: {e}"
 
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
