@@ -29,7 +29,7 @@ from fastavro.schema import parse_schema, to_parsing_canonical_form
 SCHEMA_DIR = files("flows") / "schemas"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
-RECORD_TYPES = ("DocumentEvent", "VectorRecord", "DeleteMarker", "DeadLetter")
+RECORD_TYPES = ("DocumentEvent", "VectorRecord", "DocManifest", "DeleteMarker", "DeadLetter")
 #: Kafka header naming the schema of an output message.
 TYPE_HEADER = "embedstream.type"
 
@@ -286,6 +286,8 @@ def decode_output(data: bytes, registry: Any = None) -> tuple[str, dict[str, Any
     obj = json.loads(data)
     if "chunk_id" in obj:
         return "VectorRecord", obj
+    if "chunks" in obj:
+        return "DocManifest", obj
     if "stage" in obj:
         return "DeadLetter", obj
     return "DeleteMarker", obj

@@ -357,36 +357,61 @@ class Pipeline:
             }
             return [self._message(w, s.output_topic, self._key(w), "DeleteMarker", marker)]
         if w.is_image:
-            return [self._image_record(w)]
+            record = self._image_record(w)
+            topic = self.settings.image_output_topic or self.settings.output_topic
+            return self._with_manifest(w, topic, [record])
         e = self.embedder
         metadata = self._metadata(w)
         embedded_at = codecs.now_ms()
         chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
-        out = []
+        records = []
         for chunk, vector in zip(w.chunks, w.vectors):
-            record = {
-                "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, chunk.index),
-                "doc_id": event["doc_id"],
-                "doc_version": self._position(w),
-                "chunk_index": chunk.index,
-                "chunk_count": len(w.chunks),
-                "text": chunk.text,
-                "char_start": chunk.char_start,
-                "char_end": chunk.char_end,
-                "page": chunk.page,
-                "embedding": vector.tolist(),
-                "model_id": e.model_id,
-                "model_revision": e.model_revision,
-                "dtype": e.dtype,
-                "chunker": chunker,
-                "metadata": metadata,
-                "event_time": event["event_time"],
-                "embedded_at": embedded_at,
-                "modality": "text",
-                "prompt_name": self.prompt_name,
-                "dimension": e.dim,
-            }
-            out.append(self._message(w, s.output_topic, self._key(w), "VectorRecord", record))
+            records.append(
+                {
+                    "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, chunk.index),
+                    "doc_id": event["doc_id"],
+                    "doc_version": self._position(w),
+                    "chunk_index": chunk.index,
+                    "chunk_count": len(w.chunks),
+                    "text": chunk.text,
+                    "char_start": chunk.char_start,
+                    "char_end": chunk.char_end,
+                    "page": chunk.page,
+                    "embedding": vector.tolist(),
+                    "model_id": e.model_id,
+                    "model_revision": e.model_revision,
+                    "dtype": e.dtype,
+                    "chunker": chunker,
+                    "metadata": metadata,
+                    "event_time": event["event_time"],
+                    "embedded_at": embedded_at,
+                    "modality": "text",
+                    "prompt_name": self.prompt_name,
+                    "dimension": e.dim,
+                }
+            )
+        return self._with_manifest(w, s.output_topic, records)
+
+    def _with_manifest(self, w: Work, topic: str, records: list[dict[str, Any]]) -> list[OutputMessage]:
+        """The version's records, then its DocManifest on the same topic and key, so it
+        follows them in the partition: a consumer that applies it has every record."""
+        first = records[0]
+        manifest = {
+            "doc_id": first["doc_id"],
+            "doc_version": first["doc_version"],
+            **{k: first[k] for k in ("model_id", "model_revision", "dtype", "dimension", "prompt_name")},
+            "modality": first["modality"],
+            "metadata": first["metadata"],
+            "event_time": first["event_time"],
+            "emitted_at": codecs.now_ms(),
+            "chunks": [
+                {k: r[k] for k in ("chunk_id", "chunk_index", "char_start", "char_end", "page")}
+                for r in records
+            ],
+        }
+        key = self._key(w)
+        out = [self._message(w, topic, key, "VectorRecord", r) for r in records]
+        out.append(self._message(w, topic, key, "DocManifest", manifest))
         return out
 
     def _metadata(self, w: Work) -> dict[str, str]:
@@ -399,9 +424,9 @@ class Pipeline:
             metadata[f"doc.{k}"] = v
         return metadata
 
-    def _image_record(self, w: Work) -> OutputMessage:
+    def _image_record(self, w: Work) -> dict[str, Any]:
         event, e = w.event, self.image_embedder
-        record = {
+        return {
             "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, 0),
             "doc_id": event["doc_id"],
             "doc_version": self._position(w),
@@ -423,8 +448,6 @@ class Pipeline:
             "prompt_name": None,
             "dimension": e.dim,
         }
-        topic = self.settings.image_output_topic or self.settings.output_topic
-        return self._message(w, topic, self._key(w), "VectorRecord", record)
 
     def dead_letter(self, w: Work) -> dict[str, Any]:
         m, f = w.message, w.failure

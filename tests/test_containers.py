@@ -123,4 +123,7 @@ def test_testcontainers_kafka_variant(engine, monkeypatch):
         topics = FlowTopics(f"127.0.0.1:{port}")
         topics.produce([(b"d", avro_event("d", content=b"Hello from a container.", filename="d.txt"))])
         topics.run()
-        assert [r["doc_id"] for _, r, _ in topics.read(topics.output)] == ["d"]
+        assert [(kind, r["doc_id"]) for kind, r, _ in topics.read(topics.output)] == [
+            ("VectorRecord", "d"),
+            ("DocManifest", "d"),
+        ]

@@ -24,10 +24,25 @@ TEXT_SAMPLES = ["faq.html", "guide.md", "notes.txt", "onboarding.docx", "report.
 
 
 def by_doc(records):
-    grouped = defaultdict(list)
+    """VectorRecords per doc_id, after checking that each version's records are followed
+    by its DocManifest, which lists exactly them, in order."""
+    grouped, pending = defaultdict(list), defaultdict(list)
     for kind, record, _ in records:
+        if kind == "DocManifest":
+            listed = pending.pop(record["doc_id"])
+            assert [c["chunk_id"] for c in record["chunks"]] == [r["chunk_id"] for r in listed]
+            assert [c["chunk_index"] for c in record["chunks"]] == list(range(len(listed)))
+            assert [(c["char_start"], c["char_end"], c["page"]) for c in record["chunks"]] == [
+                (r["char_start"], r["char_end"], r["page"]) for r in listed
+            ]
+            first = listed[0]
+            for field in ("doc_version", "model_id", "model_revision", "dtype", "dimension", "metadata"):
+                assert record[field] == first[field], field
+            continue
         assert kind == "VectorRecord"
         grouped[record["doc_id"]].append(record)
+        pending[record["doc_id"]].append(record)
+    assert not pending, f"records without a manifest: {sorted(pending)}"
     return grouped
 
 
@@ -129,7 +144,7 @@ def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
     deleted = {r["doc_id"] for kind, r, _ in out if kind == "DeleteMarker"}
     assert embedded == {"good-1", "good-uri", "loose-metadata"}
     assert deleted == {"delete-me"}
-    [loose] = [r for kind, r, _ in out if r["doc_id"] == "loose-metadata"]
+    [loose] = [r for kind, r, _ in out if kind == "VectorRecord" and r["doc_id"] == "loose-metadata"]
     assert {k: v for k, v in loose["metadata"].items() if not k.startswith("doc.")} == LOOSE_AS_STRINGS
     expected = {
         "corrupt": ("extract", "corrupt"),
@@ -170,8 +185,8 @@ def test_upsert_then_delete_keeps_order(kafka_bootstrap):
     out = topics.read(topics.output)
     kinds = [kind for kind, _, _ in out]
     n_first = kinds.index("DeleteMarker")
-    assert n_first > 1 and kinds[:n_first] == ["VectorRecord"] * n_first
-    assert kinds[n_first + 1 :] == ["VectorRecord"]
+    assert n_first > 2 and kinds[:n_first] == ["VectorRecord"] * (n_first - 1) + ["DocManifest"]
+    assert kinds[n_first + 1 :] == ["VectorRecord", "DocManifest"]
     versions = [r["doc_version"]["offset"] for _, r, _ in out]
     assert versions == sorted(versions) and versions[0] == 0 and versions[-1] == 2
 
@@ -229,7 +244,8 @@ def test_json_input_and_json_output(kafka_bootstrap):
     topics.run("--format", "json")
     out = topics.read(topics.output)
     assert all(msg.value()[:1] == b"{" for _, _, msg in out)
-    texts = {r["doc_id"]: r["text"] for _, r, _ in out}
+    texts = {r["doc_id"]: r["text"] for kind, r, _ in out if kind == "VectorRecord"}
+    assert [kind for kind, _, _ in out].count("DocManifest") == 2  # JSON manifests read back as such
     assert texts == {"j1": "Plain text sent as a JSON string.", "j2": "JSON\n\nSent as base64."}
     keys = {r["doc_id"]: msg.key() for _, r, msg in out}
     assert keys == {"j1": b"j1", "j2": b"j2"}  # a missing key falls back to the doc_id
@@ -259,7 +275,7 @@ def test_records_over_the_topic_limit_become_dead_letters(kafka_bootstrap):
         ]
     )
     topics.run()
-    assert [r["doc_id"] for _, r, _ in topics.read(topics.output)] == ["fits"]
+    assert {r["doc_id"] for _, r, _ in topics.read(topics.output)} == {"fits"}
     [(_, letter, _)] = topics.read(topics.dlq)
     assert (letter["doc_id"], letter["stage"], letter["reason"]) == ("big", "produce", "too_large")
     assert letter["payload"] is None and letter["payload_size"] > 25_000  # over the cap: coordinates only
@@ -291,13 +307,17 @@ def test_images_with_an_image_model(kafka_bootstrap):
         "--text-with-image-model",
     )
 
-    [(_, image_record, _)] = topics.read(image_topic)
+    [(kind_a, image_record, _), (kind_b, image_manifest, _)] = topics.read(image_topic)
+    assert (kind_a, kind_b) == ("VectorRecord", "DocManifest")
+    assert [c["chunk_id"] for c in image_manifest["chunks"]] == [image_record["chunk_id"]]
+    assert image_manifest["modality"] == "image"
     assert (image_record["doc_id"], image_record["modality"], image_record["text"]) == ("photo", "image", "")
     assert (image_record["char_start"], image_record["char_end"], image_record["chunk_count"]) == (0, 0, 1)
     expected = clip.embed_images([photo], normalize=True)[0]
     assert np.dot(expected, image_record["embedding"]) >= 0.9999
 
-    [(_, text_record, _)] = topics.read(topics.output)
+    [(kind_a, text_record, _), (kind_b, _, _)] = topics.read(topics.output)
+    assert (kind_a, kind_b) == ("VectorRecord", "DocManifest")
     assert (text_record["doc_id"], text_record["modality"], text_record["model_id"]) == (
         "note",
         "text",
