@@ -102,6 +102,24 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_postgres(args: argparse.Namespace) -> int:
+    from flows.stores import local_postgres
+
+    if args.action == "start":
+        print(f"PostgreSQL with pgvector ready: {local_postgres.start()}")
+    elif args.action == "stop":
+        print("stopped" if local_postgres.stop() else "not running")
+    elif args.action == "dsn":
+        found = local_postgres.dsn()
+        if found is None:
+            print("not running", file=sys.stderr)
+            return 1
+        print(found)
+    else:
+        print(local_postgres.status())
+    return 0
+
+
 def cmd_image(args: argparse.Namespace) -> int:
     from flows.containers import Engine, image_name
 
@@ -141,14 +159,34 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def document_ids(
+    paths: Sequence[str], prefix: str = "", root: Optional[str] = None
+) -> list[tuple[Path, str]]:
+    """Each file with its doc_id: its path relative to ``root`` (default: the directory
+    given, or a file's own directory), after ``prefix``; '/'-separated on every OS, so
+    ``docs/a/README.md`` and ``docs/b/README.md`` stay two documents."""
+    found: list[tuple[Path, str]] = []
+    for p in map(Path, paths):
+        base = Path(root) if root else (p if p.is_dir() else p.parent)
+        for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+            try:
+                relative = f.resolve().relative_to(base.resolve()).as_posix()
+            except ValueError:
+                raise SystemExit(f"embedstream: {f} is not under --root {root}") from None
+            found.append((f, prefix + relative))
+    return found
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from flows.kafka import topics
 
     settings = _settings(args)
     topic = args.topic or settings.input_topic
-    files = _files(args.paths)
-    sent = topics.publish_files(settings, topic, files, json_format=args.json, progress=not args.quiet)
-    print(f"published {sent} document events to {topic}")
+    items = document_ids(args.paths, args.doc_id_prefix, args.root)
+    sent = topics.publish_files(
+        settings, topic, items, json_format=args.json, progress=not args.quiet, delete=args.delete
+    )
+    print(f"published {sent} {'DELETE' if args.delete else 'document'} events to {topic}")
     return 0
 
 
@@ -236,6 +274,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sink(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from bytewax.run import cli_main
+
+    from flows import logs
+    from flows.kafka.io import STOP
+    from flows.kafka.topics import check_exist, create
+    from flows.settings import redact_url
+    from flows.sink import build
+    from flows.stores import open_store
+
+    settings = _settings(
+        args,
+        output_topic=args.output_topic,
+        store=args.store,
+        sink_group_id=args.group_id,
+        sink_dlq_topic=args.dlq_topic,
+        start_from=args.start_from,
+        tail=False if args.until_end else None,
+        log_format=args.log_format,
+    )
+    logs.configure(settings.log_format)
+    logging.getLogger("embedstream").info("sink settings: %s", settings.sink_view())
+    check_exist(settings, [settings.output_topic])
+    try:
+        create(settings, settings.sink_dlq(), 1)
+    except Exception:
+        check_exist(settings, [settings.sink_dlq()])
+    open_store(settings.store).close()  # a bad store URL fails here, before any worker starts
+    signal.signal(signal.SIGTERM, lambda *_: STOP.set())
+    cli_main(build(settings), workers_per_process=args.workers)
+    print(f"sink: {settings.output_topic} → {redact_url(settings.store)}", file=sys.stderr)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from flows.search import SearchError, search
+    from flows.stores import StoreConfigError
+
+    filters = {}
+    for item in args.filter or []:
+        if "=" not in item:
+            print(f"embedstream: --filter takes key=value, not {item!r}", file=sys.stderr)
+            return 2
+        key, value = item.split("=", 1)
+        filters[key] = value
+    try:
+        hits = search(
+            args.query, k=args.k, store=args.store, table=args.table, model=args.model, filters=filters
+        )
+    except (SearchError, StoreConfigError) as e:
+        print(f"embedstream: {e}", file=sys.stderr)
+        return 2
+    if not hits:
+        print("no hits")
+    for h in hits:
+        page = f" p{h.page}" if h.page else ""
+        print(f"{h.rank:>2}. {h.score:.4f}  {h.doc_id}{page} #{h.chunk_index}  {_short(h.text, 90)}")
+    return 0
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     from flows.kafka import topics
 
@@ -280,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.set_defaults(func=cmd_kafka)
 
+    postgres = sub.add_parser(
+        "postgres",
+        help="a local PostgreSQL with pgvector (development and tests; needs embedstream[local-postgres])",
+    )
+    postgres.add_argument("action", choices=["start", "stop", "status", "dsn"])
+    postgres.set_defaults(func=cmd_postgres)
+
     image = sub.add_parser(
         "image",
         help="the worker's container image: build it (Docker, else podman), print its name or the Docker API",
@@ -315,8 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
     kafka_flags(topics_p)
     topics_p.set_defaults(func=cmd_topics)
 
-    publish = sub.add_parser("publish", help="send files as DocumentEvents")
+    publish = sub.add_parser(
+        "publish",
+        help="send files as DocumentEvents (doc_id: the path relative to the directory given)",
+    )
     publish.add_argument("paths", nargs="+", help="files or directories")
+    publish.add_argument(
+        "--doc-id-prefix", default="", help="put before every doc_id, e.g. wiki/ (default: none)"
+    )
+    publish.add_argument(
+        "--root",
+        help="make doc_ids relative to this directory (default: each directory given, or a file's own)",
+    )
+    publish.add_argument(
+        "--delete",
+        action="store_true",
+        help="send DELETE events for these paths instead (they need not exist any more)",
+    )
     publish.add_argument("--topic", help="default: the input topic")
     publish.add_argument("--json", action="store_true", help="JSON instead of Avro single-object encoding")
     publish.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -377,6 +500,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kafka_flags(run)
     run.set_defaults(func=cmd_run)
+
+    store_help = "postgresql://… or lancedb:DIR (default: $EMBEDSTREAM_STORE or lancedb:embedstream-vectors)"
+    sink = sub.add_parser("sink", help="keep a vector store exactly in step with the vector topic")
+    sink.add_argument("--store", help=store_help)
+    sink.add_argument(
+        "--output-topic", help="the vector topic to read (default: $EMBEDSTREAM_OUTPUT_TOPIC or vectors)"
+    )
+    sink.add_argument(
+        "--group-id", help="consumer group (default: $EMBEDSTREAM_SINK_GROUP_ID or embedstream-sink)"
+    )
+    sink.add_argument("--dlq-topic", help="dead letters of the sink (default: <output topic>.sink-dlq)")
+    sink.add_argument("--from", dest="start_from", help="committed (default) | beginning | latest | epoch ms")
+    sink.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
+    sink.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
+    sink.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    kafka_flags(sink)
+    sink.set_defaults(func=cmd_sink)
+
+    search_p = sub.add_parser("search", help="the chunks nearest to a query, from a store the sink keeps")
+    search_p.add_argument("query")
+    search_p.add_argument("--k", type=int, default=5, help="hits to print (default 5)")
+    search_p.add_argument("--store", help=store_help)
+    search_p.add_argument("--table", help="table to search (required when the store has several)")
+    search_p.add_argument(
+        "--model", help="model directory for the query (default: the table's, from its lineage)"
+    )
+    search_p.add_argument(
+        "--filter",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only chunks whose metadata has KEY=VALUE (repeatable)",
+    )
+    search_p.set_defaults(func=cmd_search)
 
     redrive = sub.add_parser("redrive", help="send dead letters back to the input topic (e.g. after a fix)")
     redrive.add_argument("--dlq-topic", help="default: the dead-letter topic")

@@ -103,6 +103,14 @@ class Settings:
     cluster_port: int = 2101
     #: Seconds between throughput lines in the log.
     report_every_s: float = 10.0
+    #: `embedstream sink` and `search`: the vector store (postgresql://… or lancedb:DIR).
+    store: str = "lancedb:embedstream-vectors"
+    #: Consumer group of the sink (its committed offsets are where it resumes).
+    sink_group_id: str = "embedstream-sink"
+    #: Dead letters of the sink (None: "<output topic>.sink-dlq").
+    sink_dlq_topic: Optional[str] = None
+    #: Most records the sink writes to the store in one batch (one transaction).
+    sink_batch_size: int = 2000
     #: Extra librdkafka settings for consumer and producer.
     kafka: dict[str, str] = field(default_factory=dict)
 
@@ -155,6 +163,9 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
+    def sink_dlq(self) -> str:
+        return self.sink_dlq_topic or f"{self.output_topic}.sink-dlq"
+
     def micro_batch_size(self) -> int:
         """Events per micro-batch: ``batch_size`` when set, else by device. Resolving
         the device fails early, with a clear error, if it cannot be used here."""
@@ -193,7 +204,33 @@ class Settings:
         if self.schema_registry_url and "@" in self.schema_registry_url:
             scheme, _, rest = self.schema_registry_url.partition("://")
             shown["schema_registry_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        shown["store"] = redact_url(self.store)
         return shown
+
+    def sink_view(self) -> dict[str, Any]:
+        """What the sink runs with (the redacted subset that concerns it), for its log."""
+        shown = self.redacted()
+        keys = (
+            "brokers",
+            "output_topic",
+            "store",
+            "sink_group_id",
+            "start_from",
+            "tail",
+            "sink_batch_size",
+            "kafka",
+        )
+        return {**{k: shown[k] for k in keys}, "sink_dlq_topic": self.sink_dlq()}
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host…`` with the password masked (DSNs in logs)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        credentials, host = rest.split("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    return url
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -40,3 +40,40 @@ def kafka_bootstrap():
     yield broker.start()
     if not was_running:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL with pgvector: $EMBEDSTREAM_TEST_POSTGRES (a DSN), else the
+    local server of `embedstream postgres`, in a data directory of this session."""
+    import os
+
+    if os.environ.get("EMBEDSTREAM_TEST_POSTGRES"):
+        yield os.environ["EMBEDSTREAM_TEST_POSTGRES"]
+        return
+    from flows.stores import local_postgres
+
+    os.environ["EMBEDSTREAM_POSTGRES_DIR"] = str(tmp_path_factory.mktemp("postgres") / "data")
+    yield local_postgres.start()
+    local_postgres.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server):
+    """A fresh database on the server, for one test."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres_server.replace("/postgres?", f"/{name}?", 1)
+
+
+@pytest.fixture(params=["lancedb", "postgres"])
+def store_url(request, tmp_path):
+    """Each vector store, empty."""
+    if request.param == "lancedb":
+        return f"lancedb:{tmp_path / 'lance'}"
+    return request.getfixturevalue("postgres_dsn")

@@ -38,6 +38,7 @@ class InputMessage:
     key: Optional[bytes]
     value: Optional[bytes]
     timestamp_ms: Optional[int]
+    headers: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def size(self) -> int:
@@ -101,6 +102,7 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
                             msg.key(),
                             msg.value(),
                             msg.timestamp()[1],
+                            tuple(msg.headers() or ()),
                         )
                     )
                 elif err.code() == KafkaError._PARTITION_EOF:

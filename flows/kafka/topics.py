@@ -90,9 +90,31 @@ def encode_event(event: dict[str, Any], json_format: bool = False) -> bytes:
     return codecs.encode_single_object("DocumentEvent", event)
 
 
+def delete_event(doc_id: str) -> dict[str, Any]:
+    return {
+        "doc_id": doc_id,
+        "op": "DELETE",
+        "content": None,
+        "uri": None,
+        "mime_type": None,
+        "filename": None,
+        "metadata": {},
+        "event_time": codecs.now_ms(),
+    }
+
+
 def publish_files(
-    settings: Settings, topic: str, files: Sequence[Path], *, json_format: bool = False, progress: bool = True
+    settings: Settings,
+    topic: str,
+    files: Sequence[Path | tuple[Path, str]],
+    *,
+    json_format: bool = False,
+    progress: bool = True,
+    delete: bool = False,
 ) -> int:
+    """Publishes each file as an UPSERT (or, with ``delete``, a DELETE of its id). Files
+    come alone (their id is their name) or as ``(path, doc_id)``."""
+    files = [f if isinstance(f, tuple) else (f, f.name) for f in files]
     limit = max_message_bytes(settings, topic)
     producer = Producer(
         {
@@ -102,7 +124,7 @@ def publish_files(
         }
     )
     failures: list[str] = []
-    for path in files:
+    for path, _ in [] if delete else files:
         # Envelope and headers take a few hundred bytes; leave room for them.
         if path.stat().st_size > limit - 1024:
             from operators.errors import EmbedstreamError
@@ -116,8 +138,8 @@ def publish_files(
         if err is not None:
             failures.append(str(err))
 
-    for i, path in enumerate(files, 1):
-        event = document_event(path)
+    for i, (path, doc_id) in enumerate(files, 1):
+        event = delete_event(doc_id) if delete else document_event(path, doc_id)
         producer.produce(
             topic, encode_event(event, json_format), event["doc_id"].encode(), on_delivery=on_delivery
         )
@@ -176,6 +198,8 @@ def describe(kind: str, r: dict[str, Any]) -> str:
             f"{r['doc_id']} #{r['chunk_index']}/{r['chunk_count']}{page} [{head}, …] "
             f"dim={len(r['embedding'])} {text[:50]!r}"
         )
+    if kind == "DocManifest":
+        return f"{r['doc_id']} MANIFEST {len(r['chunks'])} chunks, {r['model_id']} dim={r['dimension']}"
     if kind == "DeleteMarker":
         return f"{r['doc_id']} DELETE"
     if kind == "DeadLetter":

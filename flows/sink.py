@@ -1,0 +1,269 @@
+"""The second job: the vector topic into a vector store, exactly.
+
+    Kafka source (the output topic, group ``embedstream-sink``) → store sink
+
+Each batch the source hands over is decoded, planned against the versions the store
+has applied (:func:`flows.stores.plan`), written in one transaction (PostgreSQL) or
+one merge per table (LanceDB), and only then are its offsets committed under the
+sink's group; the sink resumes from them. A replay therefore rewrites what is there
+and changes nothing. Records that cannot be written go to the sink's dead-letter
+topic with stage ``sink``. A store that is down blocks the batch (and so the
+consumption) until it is back.
+
+    python -m bytewax.run flows.sink:flow      (configured by EMBEDSTREAM_* variables)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+from flows import codecs
+from flows.kafka.io import DeliveryError, InputMessage, KafkaInput
+from flows.settings import Settings
+from flows.stores import (
+    DeleteOp,
+    ManifestOp,
+    Op,
+    RecordOp,
+    Store,
+    StoreConfigError,
+    StoreError,
+    TableSpec,
+    Version,
+    open_store,
+    plan,
+    row_of,
+)
+
+log = logging.getLogger("embedstream.sink")
+
+
+class Rejected(Exception):
+    """A message the sink cannot write; it becomes a dead letter."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def to_op(message: InputMessage, registry: Any = None) -> Optional[Op]:
+    """One output message as a store operation; None for one the sink has no use for
+    (a dead letter routed to the same topic). Raises :class:`Rejected`."""
+    if message.value is None:
+        raise Rejected("bad_payload", "a message without a value (a tombstone) is not an embedstream record")
+    header = dict(message.headers).get(codecs.TYPE_HEADER) if message.headers else None
+    try:
+        kind, record = codecs.decode_output(message.value, registry)
+    except (codecs.DecodeError, ValueError, KeyError, EOFError) as e:
+        raise Rejected("bad_payload", f"undecodable record: {type(e).__name__}: {e}") from None
+    if header is not None and header.decode(errors="replace") != kind:
+        raise Rejected("bad_payload", f"header says {header.decode(errors='replace')}, payload is a {kind}")
+    try:
+        version = Version.of(record)
+        if kind == "VectorRecord":
+            spec = TableSpec.of(record)
+            if record.get("dimension") and len(record["embedding"]) != record["dimension"]:
+                raise Rejected(
+                    "dimension_mismatch",
+                    f"the vector has {len(record['embedding'])} dimensions, "
+                    f"the record says {record['dimension']}",
+                )
+            return RecordOp(spec, version, row_of(record))
+        if kind == "DocManifest":
+            return ManifestOp(
+                TableSpec.of(record), version, record["doc_id"], record["chunks"], dict(record["metadata"])
+            )
+        if kind == "DeleteMarker":
+            return DeleteOp(version, record["doc_id"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise Rejected("bad_payload", f"malformed {kind}: {type(e).__name__}: {e}") from None
+    if kind == "DeadLetter":
+        return None
+    raise Rejected("bad_payload", f"a {kind} does not belong on a vector topic")
+
+
+def apply_ops(store: Store, ops: list[Op]) -> None:
+    """One batch of operations into ``store``: planned against the versions it has
+    applied, then written in one go."""
+    tables = {t.name: t for t in store.tables()}
+    for o in ops:
+        if not isinstance(o, DeleteOp):
+            tables.setdefault(o.spec.name, o.spec)
+    keys = set()
+    for o in ops:
+        doc_id = o.row["doc_id"] if isinstance(o, RecordOp) else o.doc_id
+        names = list(tables) if isinstance(o, DeleteOp) else [o.spec.name]
+        keys.update((name, doc_id) for name in names)
+    changes = plan(ops, list(tables.values()), store.states(keys))
+    if changes:
+        store.write(changes)
+
+
+class _StorePartition(StatelessSinkPartition[InputMessage]):
+    def __init__(self, settings: Settings, store: Store, retry_s: float) -> None:
+        self.settings = settings
+        self.store = store
+        self.retry_s = retry_s
+        kafka = settings.kafka_common()
+        self.producer = Producer({"enable.idempotence": "true", "acks": "all", "linger.ms": "5", **kafka})
+        self.committer = Consumer(
+            {**kafka, "group.id": settings.sink_group_id, "enable.auto.commit": "false"}
+        )
+        self.failures: list[str] = []
+        self.written = 0
+
+    def write_batch(self, messages: list[InputMessage]) -> None:
+        ops: list[tuple[InputMessage, Op]] = []
+        letters: list[tuple[InputMessage, str, str]] = []
+        for m in messages:
+            try:
+                found = to_op(m)
+            except Rejected as e:
+                letters.append((m, e.reason, str(e)))
+                continue
+            if found is not None:
+                ops.append((m, found))
+        letters += self._write(ops)
+        self._dead_letters(letters)
+        self._commit(messages)
+        self.written += len(ops)
+
+    def _write(self, ops: list[tuple[InputMessage, Op]]) -> list[tuple[InputMessage, str, str]]:
+        """Writes all ops as one batch, waiting out an unavailable store. A batch the
+        store refuses for its data is written again one message at a time, so that only
+        the messages it refuses become dead letters."""
+        if not ops:
+            return []
+        try:
+            self._with_retry(lambda: self._apply([o for _, o in ops]))
+            return []
+        except StoreConfigError:
+            raise
+        except StoreError:
+            raise
+        except Exception as e:
+            log.warning("the store refused a batch of %d (%s); writing one at a time", len(ops), e)
+        letters = []
+        for m, o in ops:
+            try:
+                self._with_retry(lambda o=o: self._apply([o]))
+            except (StoreError, StoreConfigError):
+                raise
+            except Exception as e:
+                letters.append((m, "store_rejected", f"{type(e).__name__}: {e}"))
+        return letters
+
+    def _apply(self, ops: list[Op]) -> None:
+        apply_ops(self.store, ops)
+
+    def _with_retry(self, fn) -> None:
+        delay, waited = 0.5, 0.0
+        while True:
+            try:
+                return fn()
+            except StoreError as e:
+                if waited >= self.retry_s:
+                    raise
+                log.warning("store unavailable (%s); retrying in %.1f s", e, delay)
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 10.0)
+
+    def _dead_letters(self, letters: list[tuple[InputMessage, str, str]]) -> None:
+        if not letters:
+            return
+        topic = self.settings.sink_dlq()
+        for m, reason, text in letters:
+            log.warning("dead letter %s[%d]@%d: %s: %s", m.topic, m.partition, m.offset, reason, text)
+            letter = {
+                "stage": "sink",
+                "reason": reason,
+                "message": text[:4000],
+                "topic": m.topic,
+                "partition": m.partition,
+                "offset": m.offset,
+                "key": m.key,
+                "payload": m.value if m.value is not None and len(m.value) <= 1_000_000 else None,
+                "payload_size": len(m.value or b""),
+                "doc_id": (m.key or b"").decode("utf-8", "replace") or None,
+                "failed_at": codecs.now_ms(),
+            }
+            self.producer.produce(
+                topic,
+                codecs.encode_single_object("DeadLetter", letter),
+                m.key,
+                headers=[(codecs.TYPE_HEADER, b"DeadLetter")],
+                on_delivery=self._on_delivery,
+            )
+        if self.producer.flush(300) > 0 or self.failures:
+            failures, self.failures = self.failures, []
+            raise DeliveryError(f"sink dead letters not delivered to {topic}: {failures[:3]}")
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self.failures.append(str(err))
+
+    def _commit(self, messages: list[InputMessage]) -> None:
+        """The store has everything up to these messages: the sink resumes after them."""
+        done: dict[tuple[str, int], int] = {}
+        for m in messages:
+            done[(m.topic, m.partition)] = max(done.get((m.topic, m.partition), -1), m.offset + 1)
+        if not done:
+            return
+        offsets = [KafkaTopicPartition(t, p, o) for (t, p), o in done.items()]
+        for attempt in range(10):
+            try:
+                self.committer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException as e:
+                log.warning("could not commit sink offsets %s (attempt %d): %s", done, attempt + 1, e)
+                time.sleep(min(2**attempt * 0.2, 5))
+        # Not fatal: the store is ahead of the offsets, and a replay changes nothing.
+
+    def close(self) -> None:
+        self.producer.flush(30)
+        self.committer.close()
+        self.store.close()
+
+
+class StoreOutput(DynamicSink[InputMessage]):
+    def __init__(self, settings: Settings, retry_s: float = 3600.0) -> None:
+        self.settings = settings
+        self.retry_s = retry_s
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
+        return _StorePartition(self.settings, open_store(self.settings.store), self.retry_s)
+
+
+def build(settings: Optional[Settings] = None) -> Dataflow:
+    settings = settings or Settings.from_env()
+    flow = Dataflow("embedstream-sink")
+    messages = op.input(
+        "vectors",
+        flow,
+        KafkaInput(
+            {**settings.kafka_common(), "group.id": settings.sink_group_id},
+            settings.output_topic,
+            start_from=settings.start_from,
+            tail=settings.tail,
+            batch_size=settings.sink_batch_size,
+            batch_bytes=settings.batch_bytes,
+            poll_ms=settings.poll_ms,
+        ),
+    )
+    op.output("store", messages, StoreOutput(settings))
+    return flow
+
+
+def __getattr__(name: str) -> Dataflow:
+    if name == "flow":
+        return build()
+    raise AttributeError(name)

@@ -1,0 +1,293 @@
+"""Vector stores that ``embedstream sink`` keeps in step with the vector topic, and that
+``embedstream search`` queries: PostgreSQL with pgvector, and LanceDB embedded.
+
+A store holds one table of chunks per model (model id, revision, dimension), a catalog
+of those tables with their model lineage, and per table and document the version last
+applied (so older records and manifests are ignored, also after a delete). What a batch
+of the topic does to a store is worked out here, once for both stores
+(:func:`plan`); each store only writes the result, atomically where it can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Union
+
+#: Columns of a chunk table, in order (``embedding`` last).
+COLUMNS = (
+    "chunk_id",
+    "doc_id",
+    "doc_version",
+    "chunk_index",
+    "page",
+    "char_start",
+    "char_end",
+    "text",
+    "metadata",
+    "embedded_at",
+    "embedding",
+)
+
+
+class StoreError(RuntimeError):
+    """The store refused or lost a write; the sink retries the batch."""
+
+
+class StoreConfigError(ValueError):
+    """A store URL or table that cannot be used as given (a user error: no retry)."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """Where the event of a document version was read. Offsets order the versions of one
+    document within its input partition; across partitions (after the input topic was
+    repartitioned) the later arrival wins."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Version:
+        v = record["doc_version"]
+        return cls(v["topic"], int(v["partition"]), int(v["offset"]))
+
+    def older_than(self, other: Optional[Version]) -> bool:
+        return (
+            other is not None
+            and (self.topic, self.partition) == (other.topic, other.partition)
+            and self.offset < other.offset
+        )
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table per model: its lineage is what search needs to embed a query."""
+
+    model_id: str
+    model_revision: str
+    dimension: int
+    dtype: str = "f32"
+    prompt_name: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "_", self.model_id.rsplit("/", 1)[-1].lower()).strip("_")[:40]
+        digest = hashlib.sha256(f"{self.model_id}\x00{self.model_revision}\x00{self.dimension}".encode())
+        return f"chunks_{slug or 'model'}_{self.dimension}_{digest.hexdigest()[:8]}"
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> TableSpec:
+        dimension = record.get("dimension") or len(record.get("embedding") or ())
+        return cls(
+            record["model_id"],
+            record["model_revision"],
+            int(dimension),
+            record["dtype"],
+            record.get("prompt_name"),
+        )
+
+    def lineage(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model_id": self.model_id,
+            "model_revision": self.model_revision,
+            "dimension": self.dimension,
+            "dtype": self.dtype,
+            "prompt_name": self.prompt_name,
+        }
+
+
+@dataclass
+class DocState:
+    version: Version
+    deleted: bool = False
+
+
+@dataclass
+class Final:
+    """The last manifest (``chunks`` set) or delete (``chunks`` None) of a document in a batch."""
+
+    version: Version
+    chunks: Optional[list[dict[str, Any]]] = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TableChanges:
+    """What one batch does to one table, in the order a store applies it:
+    ``before`` rows (versions up to each document's final one), then the ``finals``
+    (keep exactly the listed chunks with their positions, or drop the document), then
+    ``after`` rows (newer versions whose manifests are still to come), then ``states``."""
+
+    spec: Optional[TableSpec]
+    before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    finals: dict[str, Final] = field(default_factory=dict)
+    after: dict[str, dict[str, Any]] = field(default_factory=dict)
+    states: dict[str, DocState] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.before or self.finals or self.after or self.states)
+
+
+@dataclass(frozen=True)
+class RecordOp:
+    spec: TableSpec
+    version: Version
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ManifestOp:
+    spec: TableSpec
+    version: Version
+    doc_id: str
+    chunks: list[dict[str, Any]]
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DeleteOp:
+    version: Version
+    doc_id: str
+
+
+Op = Union[RecordOp, ManifestOp, DeleteOp]
+
+
+def row_of(record: dict[str, Any]) -> dict[str, Any]:
+    """A VectorRecord as a row of its table."""
+    return {
+        "chunk_id": record["chunk_id"],
+        "doc_id": record["doc_id"],
+        "doc_version": int(record["doc_version"]["offset"]),
+        "chunk_index": int(record["chunk_index"]),
+        "page": record.get("page"),
+        "char_start": int(record["char_start"]),
+        "char_end": int(record["char_end"]),
+        "text": record["text"],
+        "metadata": dict(record.get("metadata") or {}),
+        "embedded_at": int(record["embedded_at"]),
+        "embedding": list(record["embedding"]),
+    }
+
+
+def metadata_json(metadata: dict[str, str]) -> str:
+    """One canonical text per metadata map: sorted keys, ASCII, no spaces (LanceDB
+    filters match on it)."""
+    return json.dumps(metadata, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+
+
+def plan(
+    ops: list[Op], tables: list[TableSpec], states: dict[tuple[str, str], DocState]
+) -> list[TableChanges]:
+    """The changes a batch of operations makes, given the applied states of the
+    documents it touches (``(table name, doc_id)`` → state). A DeleteMarker applies to
+    every table: ``tables`` are those the store has, plus those the batch creates."""
+    changes: dict[str, TableChanges] = {t.name: TableChanges(t) for t in tables}
+    working = dict(states)
+
+    def table(spec: TableSpec) -> TableChanges:
+        return changes.setdefault(spec.name, TableChanges(spec))
+
+    for op in ops:
+        if isinstance(op, DeleteOp):
+            for name, ch in changes.items():
+                key = (name, op.doc_id)
+                current = working.get(key)
+                if op.version.older_than(current.version if current else None):
+                    continue
+                working[key] = ch.states[op.doc_id] = DocState(op.version, deleted=True)
+                ch.finals[op.doc_id] = Final(op.version)
+                _drop_rows(ch, op.doc_id)
+            continue
+        ch = table(op.spec)
+        doc_id = op.row["doc_id"] if isinstance(op, RecordOp) else op.doc_id
+        current = working.get((op.spec.name, doc_id))
+        if op.version.older_than(current.version if current else None):
+            continue
+        if isinstance(op, RecordOp):
+            ch.after[op.row["chunk_id"]] = op.row
+            continue
+        # A manifest: the rows of this version (and older) move before it, and it
+        # becomes the document's final state in this batch.
+        for chunk_id, row in list(ch.after.items()):
+            if row["doc_id"] == doc_id and row["doc_version"] <= op.version.offset:
+                ch.before[chunk_id] = ch.after.pop(chunk_id)
+        working[(op.spec.name, doc_id)] = ch.states[doc_id] = DocState(op.version)
+        ch.finals[doc_id] = Final(op.version, op.chunks, op.metadata)
+    return [c for c in changes.values() if not c.empty()]
+
+
+def _drop_rows(ch: TableChanges, doc_id: str) -> None:
+    for rows in (ch.before, ch.after):
+        for chunk_id in [c for c, r in rows.items() if r["doc_id"] == doc_id]:
+            del rows[chunk_id]
+
+
+def apply_final(rows: dict[str, dict[str, Any]], final: Final) -> dict[str, dict[str, Any]]:
+    """A document's rows (chunk_id → row) after its final: only the listed chunks, at
+    the listed positions, with the manifest's metadata; none after a delete."""
+    if final.chunks is None:
+        return {}
+    kept = {}
+    for entry in final.chunks:
+        row = rows.get(entry["chunk_id"])
+        if row is None:
+            continue  # its record never reached the store: nothing to position
+        kept[entry["chunk_id"]] = {
+            **row,
+            "doc_version": final.version.offset,
+            "chunk_index": int(entry["chunk_index"]),
+            "page": entry.get("page"),
+            "char_start": int(entry["char_start"]),
+            "char_end": int(entry["char_end"]),
+            "metadata": dict(final.metadata),
+        }
+    return kept
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    doc_id: str
+    page: Optional[int]
+    chunk_index: int
+    text: str
+    metadata: dict[str, str]
+
+
+class Store(Protocol):
+    url: str
+
+    def tables(self) -> list[TableSpec]: ...
+
+    def states(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], DocState]: ...
+
+    def write(self, changes: list[TableChanges]) -> None: ...
+
+    def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]: ...
+
+    def rows(self, spec: TableSpec) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """``postgresql://…`` (or ``postgres://``) or ``lancedb:DIR``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from flows.stores.postgres import PostgresStore
+
+        return PostgresStore(url)
+    if url.startswith("lancedb:"):
+        from flows.stores.lance import LanceStore
+
+        path = url[len("lancedb:") :]
+        if not path:
+            raise StoreConfigError("lancedb: needs a directory, as in lancedb:./vectors")
+        return LanceStore(path)
+    raise StoreConfigError(f"unknown store {url!r}: use postgresql://… or lancedb:DIR")

@@ -1,0 +1,264 @@
+"""LanceDB, embedded in a directory: the default store.
+
+A batch is one ``merge_insert`` per chunk table (upserts by ``chunk_id``, and through
+``when_not_matched_by_source_delete`` the removal of the chunks its manifests no longer
+list and of deleted documents) in one commit, then one ``merge_insert`` of the document
+states. A kill between the two leaves states behind the rows; the sink's offsets are
+committed after both, so a restart replays the batch and converges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import lancedb
+import pyarrow as pa
+
+from flows.stores import (
+    DocState,
+    Hit,
+    StoreError,
+    TableChanges,
+    TableSpec,
+    Version,
+    apply_final,
+    metadata_json,
+)
+
+log = logging.getLogger("embedstream.sink")
+
+CATALOG = "embedstream_tables"
+DOCUMENTS = "embedstream_documents"
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("model_id", pa.string()),
+        ("model_revision", pa.string()),
+        ("dimension", pa.int32()),
+        ("dtype", pa.string()),
+        ("prompt_name", pa.string()),
+    ]
+)
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        ("table_name", pa.string()),
+        ("doc_id", pa.string()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("deleted", pa.bool_()),
+    ]
+)
+
+
+def chunk_schema(dimension: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("chunk_id", pa.string()),
+            ("doc_id", pa.string()),
+            ("doc_version", pa.int64()),
+            ("chunk_index", pa.int32()),
+            ("page", pa.int32()),
+            ("char_start", pa.int32()),
+            ("char_end", pa.int32()),
+            ("text", pa.string()),
+            ("metadata", pa.string()),
+            ("embedded_at", pa.timestamp("ms", tz="UTC")),
+            ("embedding", pa.list_(pa.float32(), dimension)),
+        ]
+    )
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _in_list(values) -> str:
+    return ", ".join(_quote(v) for v in values)
+
+
+class LanceStore:
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.url = f"lancedb:{path}"
+        self.db = lancedb.connect(self.path)
+        self._open: dict[str, Any] = {}
+
+    # --- tables ------------------------------------------------------------------------------
+
+    def _names(self) -> set[str]:
+        listed = self.db.list_tables()
+        return set(getattr(listed, "tables", listed))
+
+    def _table(self, name: str, schema: pa.Schema | None = None):
+        table = self._open.get(name)
+        if table is None:
+            if name in self._names():
+                table = self.db.open_table(name)
+            elif schema is not None:
+                table = self.db.create_table(name, schema=schema, exist_ok=True)
+            else:
+                return None
+            self._open[name] = table
+        return table
+
+    def tables(self) -> list[TableSpec]:
+        catalog = self._table(CATALOG)
+        if catalog is None:
+            return []
+        specs = []
+        for row in catalog.to_arrow().to_pylist():
+            spec = TableSpec(
+                row["model_id"], row["model_revision"], row["dimension"], row["dtype"], row["prompt_name"]
+            )
+            if spec.name in self._names():
+                specs.append(spec)
+        return specs
+
+    def _ensure(self, spec: TableSpec):
+        table = self._table(spec.name)
+        if table is None:
+            table = self._table(spec.name, chunk_schema(spec.dimension))
+            catalog = self._table(CATALOG, CATALOG_SCHEMA)
+            catalog.merge_insert("name").when_matched_update_all().when_not_matched_insert_all().execute(
+                pa.Table.from_pylist([spec.lineage()], schema=CATALOG_SCHEMA)
+            )
+            log.info("created LanceDB table %s for %s (dim %d)", spec.name, spec.model_id, spec.dimension)
+        return table
+
+    # --- sink --------------------------------------------------------------------------------
+
+    def states(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], DocState]:
+        documents = self._table(DOCUMENTS)
+        if documents is None or not keys:
+            return {}
+        doc_ids = sorted({d for _, d in keys})
+        found = {}
+        for start in range(0, len(doc_ids), 1000):
+            where = f"doc_id IN ({_in_list(doc_ids[start : start + 1000])})"
+            for r in documents.search().where(where).limit(None).to_arrow().to_pylist():
+                key = (r["table_name"], r["doc_id"])
+                if key in keys:
+                    found[key] = DocState(Version(r["topic"], r["partition"], r["offset"]), r["deleted"])
+        return found
+
+    def write(self, changes: list[TableChanges]) -> None:
+        try:
+            states = []
+            for ch in changes:
+                if ch.spec is not None and (ch.before or ch.after or ch.finals):
+                    self._write_chunks(ch)
+                states.extend(
+                    {
+                        "table_name": ch.spec.name,
+                        "doc_id": doc_id,
+                        "topic": s.version.topic,
+                        "partition": s.version.partition,
+                        "offset": s.version.offset,
+                        "deleted": s.deleted,
+                    }
+                    for doc_id, s in ch.states.items()
+                )
+            if states:
+                documents = self._table(DOCUMENTS, DOCUMENTS_SCHEMA)
+                documents.merge_insert(
+                    ["table_name", "doc_id"]
+                ).when_matched_update_all().when_not_matched_insert_all().execute(
+                    pa.Table.from_pylist(states, schema=DOCUMENTS_SCHEMA)
+                )
+        except (OSError, RuntimeError) as e:
+            raise StoreError(f"LanceDB write failed: {e}") from e
+
+    def _write_chunks(self, ch: TableChanges) -> None:
+        table = self._ensure(ch.spec)
+        source: dict[str, dict[str, Any]] = {}
+        if ch.finals:
+            existing: dict[str, dict[str, dict[str, Any]]] = {d: {} for d in ch.finals}
+            for row in self._doc_rows(table, list(ch.finals)):
+                existing[row["doc_id"]][row["chunk_id"]] = row
+            for chunk_id, row in ch.before.items():
+                existing.setdefault(row["doc_id"], {})[chunk_id] = row
+            for doc_id, rows in existing.items():
+                final = ch.finals.get(doc_id)
+                source.update(apply_final(rows, final) if final else rows)
+        else:
+            source.update(ch.before)
+        source.update(ch.after)
+        data = pa.Table.from_pylist(
+            [_to_lance(r) for r in source.values()], schema=chunk_schema(ch.spec.dimension)
+        )
+        merge = table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all()
+        if ch.finals:
+            merge = merge.when_not_matched_by_source_delete(f"doc_id IN ({_in_list(ch.finals)})")
+        merge.execute(data)
+
+    def _doc_rows(self, table, doc_ids: list[str]) -> list[dict[str, Any]]:
+        rows = []
+        for start in range(0, len(doc_ids), 1000):
+            where = f"doc_id IN ({_in_list(doc_ids[start : start + 1000])})"
+            rows.extend(
+                _from_lance(r) for r in table.search().where(where).limit(None).to_arrow().to_pylist()
+            )
+        return rows
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def rows(self, spec: TableSpec) -> list[dict[str, Any]]:
+        table = self._table(spec.name)
+        return [] if table is None else [_from_lance(r) for r in table.to_arrow().to_pylist()]
+
+    def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]:
+        table = self._table(spec.name)
+        query = table.search(vector, vector_column_name="embedding").metric("cosine")
+        if filters:
+            # Metadata is canonical JSON text: a key and value pair matches as a member.
+            clauses = []
+            for key, value in filters.items():
+                member = metadata_json({key: value})[1:-1]
+                escaped = (
+                    member.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("'", "''")
+                )
+                clauses.append(
+                    "("
+                    + " OR ".join(f"metadata LIKE '{a}{escaped}{b}' ESCAPE '\\'" for a, b in _AROUND)
+                    + ")"
+                )
+            query = query.where(" AND ".join(clauses), prefilter=True)
+        hits = []
+        for rank, r in enumerate(query.limit(k).to_list(), 1):
+            hits.append(
+                Hit(
+                    rank,
+                    1.0 - float(r["_distance"]),
+                    r["doc_id"],
+                    r["page"],
+                    r["chunk_index"],
+                    r["text"],
+                    json.loads(r["metadata"]),
+                )
+            )
+        return hits
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+#: A member of a canonical JSON object sits after ``{`` or ``,`` and before ``,`` or ``}``.
+_AROUND = [("%{", ",%"), ("%{", "}"), ("%,", ",%"), ("%,", "}")]
+
+
+def _to_lance(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "metadata": metadata_json(row["metadata"])}
+
+
+def _from_lance(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["metadata"] = json.loads(row["metadata"])
+    at = row["embedded_at"]
+    out["embedded_at"] = int(at.timestamp() * 1000) if hasattr(at, "timestamp") else at
+    out["embedding"] = list(row["embedding"])
+    return out

@@ -1,0 +1,308 @@
+"""PostgreSQL with pgvector: one transaction per batch.
+
+Each model's chunks live in their own table with a ``vector(d)`` column and an HNSW
+cosine index (pgvector cannot index more than 2,000 dimensions: above that the table
+is searched exactly, and the sink says so once). ``embedstream_tables`` records each
+table's model lineage; ``embedstream_documents`` the version applied per document.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from flows.stores import DocState, Hit, StoreConfigError, StoreError, TableChanges, TableSpec, Version
+
+log = logging.getLogger("embedstream.sink")
+
+#: pgvector's HNSW (and IVFFlat) indexes take vectors of at most this many dimensions.
+MAX_INDEXED_DIMENSIONS = 2000
+
+_SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE IF NOT EXISTS embedstream_tables (
+    name text PRIMARY KEY,
+    model_id text NOT NULL,
+    model_revision text NOT NULL,
+    dimension integer NOT NULL,
+    dtype text NOT NULL,
+    prompt_name text,
+    indexed boolean NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS embedstream_documents (
+    table_name text NOT NULL,
+    doc_id text NOT NULL,
+    topic text NOT NULL,
+    "partition" integer NOT NULL,
+    "offset" bigint NOT NULL,
+    deleted boolean NOT NULL,
+    PRIMARY KEY (table_name, doc_id)
+);
+"""
+
+_UPSERT = """
+INSERT INTO {t} (chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end, text,
+                 metadata, embedded_at, embedding)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, to_timestamp(%s / 1000.0), %s::vector)
+ON CONFLICT (chunk_id) DO UPDATE SET
+    doc_id = EXCLUDED.doc_id, doc_version = EXCLUDED.doc_version,
+    chunk_index = EXCLUDED.chunk_index, page = EXCLUDED.page,
+    char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end, text = EXCLUDED.text,
+    metadata = EXCLUDED.metadata, embedded_at = EXCLUDED.embedded_at, embedding = EXCLUDED.embedding
+"""
+
+
+def _vector(values: list[float]) -> str:
+    return "[" + ",".join(repr(float(x)) for x in values) + "]"
+
+
+class PostgresStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: psycopg.Connection | None = None
+        self._known: set[str] = set()
+
+    def _connect(self) -> psycopg.Connection:
+        if self.conn is None or self.conn.closed:
+            try:
+                self.conn = psycopg.connect(self.url, autocommit=False, connect_timeout=10)
+            except psycopg.OperationalError as e:
+                raise StoreError(f"cannot connect to PostgreSQL: {e}") from e
+            except psycopg.ProgrammingError as e:
+                raise StoreConfigError(f"bad PostgreSQL DSN: {e}") from e
+            with self.conn.transaction():
+                self.conn.execute(_SCHEMA)
+            self._known.clear()
+        return self.conn
+
+    def _run(self, fn):
+        """Runs ``fn(conn)`` in one transaction; a lost connection is a StoreError (the
+        sink waits and retries) and the next call reconnects."""
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                return fn(conn)
+        except psycopg.OperationalError as e:
+            self.close()
+            raise StoreError(f"PostgreSQL: {e}") from e
+
+    # --- tables ------------------------------------------------------------------------------
+
+    def tables(self) -> list[TableSpec]:
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT model_id, model_revision, dimension, dtype, prompt_name "
+                "FROM embedstream_tables ORDER BY name"
+            ).fetchall()
+        )
+        return [TableSpec(*r) for r in rows]
+
+    def _ensure(self, conn: psycopg.Connection, spec: TableSpec) -> None:
+        if spec.name in self._known:
+            return
+        t = sql.Identifier(spec.name)
+        conn.execute(
+            sql.SQL(
+                """CREATE TABLE IF NOT EXISTS {t} (
+                    chunk_id text PRIMARY KEY,
+                    doc_id text NOT NULL,
+                    doc_version bigint NOT NULL,
+                    chunk_index integer NOT NULL,
+                    page integer,
+                    char_start integer NOT NULL,
+                    char_end integer NOT NULL,
+                    text text NOT NULL,
+                    metadata jsonb NOT NULL,
+                    embedded_at timestamptz NOT NULL,
+                    embedding vector({d}) NOT NULL
+                )"""
+            ).format(t=t, d=sql.Literal(spec.dimension))
+        )
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (doc_id)").format(
+                i=sql.Identifier(spec.name + "_doc"), t=t
+            )
+        )
+        indexed = spec.dimension <= MAX_INDEXED_DIMENSIONS
+        if indexed:
+            conn.execute(
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding vector_cosine_ops)"
+                ).format(i=sql.Identifier(spec.name + "_hnsw"), t=t)
+            )
+        else:
+            log.warning(
+                "%s: %d dimensions is over pgvector's index limit of %d: searches are exact scans",
+                spec.name,
+                spec.dimension,
+                MAX_INDEXED_DIMENSIONS,
+            )
+        lineage = spec.lineage()
+        conn.execute(
+            """INSERT INTO embedstream_tables
+                   (name, model_id, model_revision, dimension, dtype, prompt_name, indexed)
+               VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING""",
+            (
+                spec.name,
+                lineage["model_id"],
+                lineage["model_revision"],
+                spec.dimension,
+                spec.dtype,
+                spec.prompt_name,
+                indexed,
+            ),
+        )
+        self._known.add(spec.name)
+
+    # --- sink --------------------------------------------------------------------------------
+
+    def states(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], DocState]:
+        if not keys:
+            return {}
+        names, doc_ids = zip(*sorted(keys))
+
+        def read(conn):
+            return conn.execute(
+                """SELECT d.table_name, d.doc_id, d.topic, d."partition", d."offset", d.deleted
+                   FROM embedstream_documents d
+                   JOIN unnest(%s::text[], %s::text[]) AS k(table_name, doc_id)
+                     ON d.table_name = k.table_name AND d.doc_id = k.doc_id""",
+                (list(names), list(doc_ids)),
+            ).fetchall()
+
+        return {(r[0], r[1]): DocState(Version(r[2], r[3], r[4]), r[5]) for r in self._run(read)}
+
+    def write(self, changes: list[TableChanges]) -> None:
+        self._run(lambda conn: [self._write_table(conn, ch) for ch in changes])
+
+    def _write_table(self, conn: psycopg.Connection, ch: TableChanges) -> None:
+        spec = ch.spec
+        self._ensure(conn, spec)
+        t = sql.Identifier(spec.name)
+        upsert = sql.SQL(_UPSERT).format(t=t)
+        with conn.cursor() as cur:
+            if ch.before:
+                cur.executemany(upsert, [_params(r) for r in ch.before.values()])
+            for doc_id, final in ch.finals.items():
+                if final.chunks is None:
+                    cur.execute(sql.SQL("DELETE FROM {t} WHERE doc_id = %s").format(t=t), (doc_id,))
+                    continue
+                listed = [c["chunk_id"] for c in final.chunks]
+                cur.execute(
+                    sql.SQL("DELETE FROM {t} WHERE doc_id = %s AND NOT (chunk_id = ANY(%s))").format(t=t),
+                    (doc_id, listed),
+                )
+                cur.execute(
+                    sql.SQL(
+                        """UPDATE {t} AS c SET doc_version = %s, chunk_index = m.chunk_index, page = m.page,
+                               char_start = m.char_start, char_end = m.char_end, metadata = %s::jsonb
+                           FROM unnest(%s::text[], %s::int[], %s::int[], %s::int[], %s::int[])
+                                AS m(chunk_id, chunk_index, page, char_start, char_end)
+                           WHERE c.chunk_id = m.chunk_id AND c.doc_id = %s"""
+                    ).format(t=t),
+                    (
+                        final.version.offset,
+                        json.dumps(final.metadata),
+                        listed,
+                        [c["chunk_index"] for c in final.chunks],
+                        [c.get("page") for c in final.chunks],
+                        [c["char_start"] for c in final.chunks],
+                        [c["char_end"] for c in final.chunks],
+                        doc_id,
+                    ),
+                )
+            if ch.after:
+                cur.executemany(upsert, [_params(r) for r in ch.after.values()])
+            if ch.states:
+                cur.executemany(
+                    """INSERT INTO embedstream_documents
+                           (table_name, doc_id, topic, "partition", "offset", deleted)
+                       VALUES (%s, %s, %s, %s, %s, %s)
+                       ON CONFLICT (table_name, doc_id) DO UPDATE SET topic = EXCLUDED.topic,
+                           "partition" = EXCLUDED."partition", "offset" = EXCLUDED."offset",
+                           deleted = EXCLUDED.deleted""",
+                    [
+                        (spec.name, d, s.version.topic, s.version.partition, s.version.offset, s.deleted)
+                        for d, s in ch.states.items()
+                    ],
+                )
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def rows(self, spec: TableSpec) -> list[dict[str, Any]]:
+        def read(conn):
+            cur = conn.execute(
+                sql.SQL(
+                    """SELECT chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end, text,
+                              metadata,
+                              (extract(epoch FROM embedded_at) * 1000)::bigint, embedding::real[] FROM {t}"""
+                ).format(t=sql.Identifier(spec.name))
+            )
+            return cur.fetchall()
+
+        out = []
+        for r in self._run(read):
+            row = dict(
+                zip(
+                    (
+                        "chunk_id",
+                        "doc_id",
+                        "doc_version",
+                        "chunk_index",
+                        "page",
+                        "char_start",
+                        "char_end",
+                        "text",
+                        "metadata",
+                        "embedded_at",
+                    ),
+                    r[:10],
+                )
+            )
+            row["embedding"] = list(r[10])
+            out.append(row)
+        return out
+
+    def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]:
+        where = (
+            sql.SQL(" AND ").join(sql.SQL("metadata ->> %s = %s") for _ in filters)
+            if filters
+            else sql.SQL("true")
+        )
+        params: list[Any] = [_vector(vector)]
+        for key, value in filters.items():
+            params += [key, value]
+        params += [_vector(vector), k]
+        query = sql.SQL(
+            """SELECT doc_id, page, chunk_index, text, metadata, 1 - (embedding <=> %s::vector) AS score
+               FROM {t} WHERE {where} ORDER BY embedding <=> %s::vector LIMIT %s"""
+        ).format(t=sql.Identifier(spec.name), where=where)
+        rows = self._run(lambda c: c.execute(query, params).fetchall())
+        return [Hit(i, float(r[5]), r[0], r[1], r[2], r[3], r[4]) for i, r in enumerate(rows, 1)]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
+
+
+def _params(r: dict[str, Any]) -> tuple:
+    return (
+        r["chunk_id"],
+        r["doc_id"],
+        r["doc_version"],
+        r["chunk_index"],
+        r["page"],
+        r["char_start"],
+        r["char_end"],
+        r["text"],
+        json.dumps(r["metadata"]),
+        r["embedded_at"],
+        _vector(r["embedding"]),
+    )

@@ -1,0 +1,151 @@
+"""The stores of `embedstream sink`, on the real PostgreSQL with pgvector and the real
+LanceDB: a vector stream, applied in batches of any size, leaves exactly the chunks of
+each document's newest manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from sink_helpers import (
+    DIM,
+    MODEL,
+    comparable,
+    delete,
+    expected_store,
+    messages,
+    random_stream,
+    record,
+    version,
+)
+
+from flows.sink import Rejected, apply_ops, to_op
+from flows.stores import TableSpec, open_store
+
+SPEC = TableSpec(MODEL["model_id"], MODEL["model_revision"], DIM, MODEL["dtype"], MODEL["prompt_name"])
+
+
+def apply(url, stream, batch_size=None):
+    store = open_store(url)
+    try:
+        ops = [to_op(m) for m in messages(stream)]
+        size = batch_size or len(ops)
+        for start in range(0, len(ops), size):
+            apply_ops(store, ops[start : start + size])
+    finally:
+        store.close()
+
+
+def rows(url, spec=SPEC):
+    store = open_store(url)
+    try:
+        return comparable(store.rows(spec))
+    finally:
+        store.close()
+
+
+def expected(stream):
+    return comparable([{"chunk_id": c, **r} for c, r in expected_store(stream).items()])
+
+
+def test_a_shrinking_document_keeps_no_stale_chunk(store_url):
+    stream = version("a", 0, ["one", "two", "three"], metadata={"team": "x"})
+    stream += version("a", 1, ["uno", "dos"], metadata={"team": "y"})
+    apply(store_url, stream)
+    got = rows(store_url)
+    assert sorted(got) == ["a#0", "a#1"]
+    assert [got[c]["text"] for c in ("a#0", "a#1")] == ["uno", "dos"]
+    assert {r["doc_version"] for r in got.values()} == {1}
+    assert {tuple(r["metadata"].items()) for r in got.values()} == {(("team", "y"),)}
+
+
+def test_older_versions_are_ignored_also_after_a_delete(store_url):
+    v2 = version("a", 2, ["new"])
+    apply(store_url, v2)
+    apply(store_url, version("a", 1, ["old", "older"]))  # late or replayed: older than what is applied
+    assert [r["text"] for r in rows(store_url).values()] == ["new"]
+    apply(store_url, [("DeleteMarker", delete("a", 3))])
+    assert rows(store_url) == {}
+    apply(store_url, v2)  # a replay of a version before the delete brings nothing back
+    assert rows(store_url) == {}
+    apply(store_url, version("a", 4, ["back"]))
+    assert [r["text"] for r in rows(store_url).values()] == ["back"]
+
+
+def test_records_whose_manifest_is_still_to_come_are_kept(store_url):
+    stream = version("a", 0, ["one", "two", "three"])
+    newer = version("a", 1, ["uno"])
+    apply(store_url, stream + newer[:-1])  # the batch ends before version 1's manifest
+    got = rows(store_url)
+    assert got["a#0"]["text"] == "uno" and got["a#1"]["text"] == "two"
+    apply(store_url, newer[-1:])
+    assert [r["text"] for r in rows(store_url).values()] == ["uno"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_any_batching_and_any_replay_give_the_same_exact_store(store_url, seed, tmp_path):
+    stream = random_stream(seed)
+    want = expected(stream)
+    assert want, "the stream must leave something"
+    apply(store_url, stream, batch_size=7)
+    assert rows(store_url) == want
+    apply(store_url, stream[: len(stream) // 2], batch_size=5)  # a replay from an old offset
+    apply(store_url, stream[len(stream) // 2 :], batch_size=3)
+    assert rows(store_url) == want
+    # One message at a time, and all at once, in fresh stores: the same rows.
+    for size, name in ((1, "one"), (None, "all")):
+        url = f"lancedb:{tmp_path / name}"
+        apply(url, stream, batch_size=size)
+        assert rows(url) == want
+
+
+def test_a_table_per_model_with_its_lineage(store_url):
+    other = {**MODEL, "model_id": "test/other", "model_revision": "r9"}
+    apply(store_url, version("a", 0, ["x"]) + version("a", 1, ["y", "z"], model=other, dim=8))
+    store = open_store(store_url)
+    try:
+        specs = {t.model_id: t for t in store.tables()}
+        assert set(specs) == {"test/tiny-vectors", "test/other"}
+        assert (specs["test/other"].model_revision, specs["test/other"].dimension) == ("r9", 8)
+        assert specs["test/other"].name != specs["test/tiny-vectors"].name
+    finally:
+        store.close()
+    assert [r["text"] for r in rows(store_url).values()] == ["x"]  # each table applies its own manifests
+    apply(store_url, [("DeleteMarker", delete("a", 2))])  # a delete reaches every table
+    assert rows(store_url) == {} and rows(store_url, specs["test/other"]) == {}
+
+
+def test_search_ranks_by_cosine_and_filters_on_metadata(store_url):
+    stream = []
+    for i in range(20):
+        stream += version(f"d{i}", i, [f"text {i}"], metadata={"team": "a" if i % 2 else "b", "n": str(i)})
+    apply(store_url, stream)
+    store = open_store(store_url)
+    try:
+        target = record("d7", 7, 0, 1, "text 7")["embedding"]
+        hits = store.search(SPEC, target, 3, {})
+        assert hits[0].doc_id == "d7" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert [h.rank for h in hits] == [1, 2, 3] and hits[0].score >= hits[1].score >= hits[2].score
+        vectors = {f"d{i}": np.array(record(f"d{i}", i, 0, 1, f"text {i}")["embedding"]) for i in range(20)}
+        best = sorted(vectors, key=lambda d: -float(vectors[d] @ np.array(target)))[:3]
+        assert [h.doc_id for h in hits] == best
+        filtered = store.search(SPEC, target, 20, {"team": "b"})
+        assert filtered and all(h.metadata["team"] == "b" for h in filtered) and len(filtered) == 10
+        assert store.search(SPEC, target, 5, {"team": "b", "n": "4"})[0].doc_id == "d4"
+        assert store.search(SPEC, target, 5, {"team": "nobody"}) == []
+    finally:
+        store.close()
+
+
+def test_undecodable_and_inconsistent_records_are_rejected_with_a_reason():
+    [bad] = messages(version("a", 0, ["x"])[:1])
+    with pytest.raises(Rejected) as e:
+        to_op(dataclasses.replace(bad, value=b"\xc3\x01garbage!"))
+    assert e.value.reason == "bad_payload"
+    wrong = record("a", 0, 0, 1, "x")
+    wrong["dimension"] = 7
+    [msg] = messages([("VectorRecord", wrong)])
+    with pytest.raises(Rejected) as e:
+        to_op(msg)
+    assert e.value.reason == "dimension_mismatch"
