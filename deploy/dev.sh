@@ -4,7 +4,7 @@
 # a cargo target directory under the home directory.
 #
 #   deploy/dev.sh setup        virtualenv, release build of the native core, default model
-#   deploy/dev.sh quickstart   setup, then the main job on the sample documents
+#   deploy/dev.sh quickstart   setup, then the main job on the sample documents, the sink and a search
 #   deploy/dev.sh test         setup, Rust tests and the wheel (same profile and target dir), ruff, pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,11 +32,12 @@ setup() {
 quickstart() {
     setup
     local es="$VENV/bin/embedstream"
-    local in=quickstart.documents out=quickstart.vectors dlq=quickstart.dlq
+    local in=quickstart.documents out=quickstart.vectors dlq=quickstart.dlq store=lancedb:quickstart.lance
     step "local Kafka (KRaft, jars from Maven Central)"
     "$es" kafka start
     step "fresh topics: $in → $out (dead letters: $dlq)"
-    "$es" topics delete "$in" "$out" "$dlq" >/dev/null
+    "$es" topics delete "$in" "$out" "$dlq" "$out.sink-dlq" >/dev/null
+    rm -rf quickstart.lance
     "$es" topics create "$in" "$out" "$dlq" --partitions 2
     step "publishing the sample documents (flows/samples)"
     "$es" publish flows/samples --topic "$in"
@@ -46,6 +47,12 @@ quickstart() {
     "$es" tail --topic "$out" -n 50 --timeout 3
     step "dead letters on $dlq"
     "$es" tail --topic "$dlq" -n 50 --timeout 3
+    step "the sink: $out into the embedded LanceDB store $store"
+    "$es" sink --output-topic "$out" --store "$store" --group-id quickstart.sink --from beginning --until-end
+    step "search: \"how are long documents split?\""
+    "$es" search "how are long documents split?" --store "$store" --k 3
+    step "search: \"what happens to files that cannot be read?\""
+    "$es" search "what happens to files that cannot be read?" --store "$store" --k 3
     echo
     echo "The broker keeps running: '$es kafka stop' stops it."
 }
