@@ -119,13 +119,19 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
         )
         self.failures: list[str] = []
         self.written = 0
+        # Confluent-framed records name their schema by a registry id.
+        self.registry = None
+        if settings.schema_registry_url:
+            from flows.registry import SchemaRegistry
+
+            self.registry = SchemaRegistry.from_url(settings.schema_registry_url)
 
     def write_batch(self, messages: list[InputMessage]) -> None:
         ops: list[tuple[InputMessage, Op]] = []
         letters: list[tuple[InputMessage, str, str]] = []
         for m in messages:
             try:
-                found = to_op(m)
+                found = to_op(m, self.registry)
             except Rejected as e:
                 letters.append((m, e.reason, str(e)))
                 continue

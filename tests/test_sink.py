@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from kafka_helpers import FlowTopics, avro_event
 from sink_helpers import comparable, expected_store, random_stream
 from test_stores import apply, rows
@@ -94,6 +95,13 @@ def test_the_sink_keeps_the_store_exact_through_updates_and_deletes(kafka_bootst
     only_ops = cli("search", "quarterly report", "--store", store_url, "--k", "10", "--filter", "team=ops")
     docs = {line.split()[2] for line in only_ops.stdout.splitlines()}
     assert docs and docs <= {n for i, n in enumerate(TEXT_SAMPLES) if i % 2 == 0}, only_ops.stdout
+
+    # The same search from Python.
+    from flows.search import search
+
+    [hit] = search("onboarding checklist for a new team member", k=1, store=store_url)
+    assert (hit.rank, hit.doc_id, hit.metadata["team"]) == (1, "onboarding.docx", "docs")
+    assert 0 < hit.score <= 1 and "Onboarding" in hit.text
 
     # guide.md shrinks to one chunk, notes.txt is deleted; the sink resumes where it stopped.
     topics.produce(
@@ -253,3 +261,46 @@ def test_search_says_which_model_is_missing(tmp_path):
     found = cli("search", "anything", "--store", store)
     assert found.returncode == 2
     assert "test/tiny-vectors" in found.stderr and "r1" in found.stderr and "--model" in found.stderr
+
+
+def test_the_sink_reads_json_output_too(kafka_bootstrap, tmp_path, minilm):
+    topics = FlowTopics(kafka_bootstrap)
+    topics.produce(
+        [
+            (b"a", avro_event("a", content=b"First document. " * 40, filename="a.txt")),
+            (b"b", avro_event("b", content=b"Second one.", filename="b.txt")),
+            (b"a", avro_event("a", content=b"First, shorter.", filename="a.txt")),
+        ]
+    )
+    topics.run("--format", "json", "--max-tokens", "32")
+    assert all(msg.value()[:1] == b"{" for _, _, msg in topics.read(topics.output))
+    store = f"lancedb:{tmp_path / 'lance'}"
+    run_sink(topics, store, "--from", "beginning")
+    got = store_rows(store)
+    assert got == expected(topics)
+    assert sorted(r["text"] for r in got.values()) == ["First, shorter.", "Second one."]
+
+
+def test_the_sink_waits_out_a_database_restart(kafka_bootstrap, postgres_dsn):
+    from flows.stores import local_postgres
+
+    if os.environ.get("EMBEDSTREAM_TEST_POSTGRES"):
+        pytest.skip("restarts the local server; $EMBEDSTREAM_TEST_POSTGRES points elsewhere")
+    topics = FlowTopics(kafka_bootstrap)
+    stream = random_stream(seed=4, docs=10, events=80)
+    _stream_to_topic(topics, stream)
+    local_postgres.stop()
+    try:
+        args = [
+            sys.executable, "-m", "flows.cli", "sink", "--until-end", "--brokers", kafka_bootstrap,
+            "--output-topic", topics.output, "--store", postgres_dsn, "--group-id", f"{topics.prefix}-sink",
+        ]  # fmt: skip
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(8)
+        assert proc.poll() is None, "the sink must wait for the database, not exit"
+    finally:
+        local_postgres.start()
+    _, log = proc.communicate(timeout=180)
+    assert proc.returncode == 0, log[-3000:]
+    assert "store unavailable" in log
+    assert rows(postgres_dsn) == comparable([{"chunk_id": c, **r} for c, r in expected_store(stream).items()])

@@ -149,3 +149,43 @@ def test_undecodable_and_inconsistent_records_are_rejected_with_a_reason():
     with pytest.raises(Rejected) as e:
         to_op(msg)
     assert e.value.reason == "dimension_mismatch"
+
+
+def test_postgres_over_pgvectors_index_limit_logs_and_searches_exactly(postgres_dsn, caplog):
+    big = {**MODEL, "model_id": "test/wide"}
+    stream = []
+    for i in range(5):
+        stream += version(f"w{i}", i, [f"wide {i}"], model=big, dim=2048)
+    with caplog.at_level("WARNING", logger="embedstream.sink"):
+        apply(postgres_dsn, stream)
+    assert any("over pgvector's index limit" in r.getMessage() for r in caplog.records)
+    spec = TableSpec("test/wide", "r1", 2048)
+    store = open_store(postgres_dsn)
+    try:
+        target = record("w3", 3, 0, 1, "wide 3", dim=2048)["embedding"]
+        hits = store.search(spec, target, 2, {})
+        assert hits[0].doc_id == "w3" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    finally:
+        store.close()
+
+
+def test_lancedb_indexes_a_table_once_it_is_large_enough(tmp_path, monkeypatch):
+    from flows.stores import lance
+
+    monkeypatch.setattr(lance, "INDEX_MIN_ROWS", 400)
+    url = f"lancedb:{tmp_path / 'lance'}"
+    stream = []
+    for i in range(300):
+        stream += version(f"d{i}", i, [f"text {i} a", f"text {i} b"])
+    apply(url, stream[:300])  # 100 documents: under the threshold, no index
+    store = open_store(url)
+    table = store.db.open_table(SPEC.name)
+    assert table.list_indices() == []
+    apply(url, stream[300:], batch_size=300)
+    store = open_store(url)  # a fresh handle sees the latest version
+    indices = store.db.open_table(SPEC.name).list_indices()
+    assert [(i.name, i.columns) for i in indices] == [("embedding_idx", ["embedding"])]
+    assert indices[0].index_details["metric_type"] == "COSINE"
+    target = record("d42", 42, 1, 2, "text 42 b")["embedding"]
+    assert store.search(SPEC, target, 1, {})[0].doc_id == "d42"
+    assert rows(url) == expected(stream)

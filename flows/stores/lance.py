@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from datetime import timedelta
 from typing import Any
 
 import lancedb
 import pyarrow as pa
+from lancedb.index import IvfHnswSq
 
 from flows.stores import (
     DocState,
@@ -29,6 +32,15 @@ from flows.stores import (
 )
 
 log = logging.getLogger("embedstream.sink")
+
+#: Rows from which a table gets a vector index (IVF_HNSW_SQ, cosine); below it an exact
+#: scan is fast, and an index needs that many rows to train its partitions well.
+INDEX_MIN_ROWS = 50_000
+#: Seconds between compactions (``optimize``): every batch commits a new version with
+#: small fragments; compaction merges them, indexes new rows and drops old versions.
+OPTIMIZE_EVERY_S = 300.0
+#: Table versions younger than this survive compaction (readers may still use them).
+KEEP_VERSIONS = timedelta(minutes=30)
 
 CATALOG = "embedstream_tables"
 DOCUMENTS = "embedstream_documents"
@@ -87,6 +99,9 @@ class LanceStore:
         self.url = f"lancedb:{path}"
         self.db = lancedb.connect(self.path)
         self._open: dict[str, Any] = {}
+        self._indexed: set[str] = set()
+        self._last_optimize = time.monotonic()
+        self._wrote = False
 
     # --- tables ------------------------------------------------------------------------------
 
@@ -147,6 +162,7 @@ class LanceStore:
         return found
 
     def write(self, changes: list[TableChanges]) -> None:
+        self._wrote = True
         try:
             states = []
             for ch in changes:
@@ -195,6 +211,27 @@ class LanceStore:
         if ch.finals:
             merge = merge.when_not_matched_by_source_delete(f"doc_id IN ({_in_list(ch.finals)})")
         merge.execute(data)
+        self._maintain(ch.spec.name, table)
+
+    def _maintain(self, name: str, table) -> None:
+        """Indexes a table once it is large enough, and compacts every few minutes."""
+        if name not in self._indexed:
+            if any(i.name == "embedding_idx" or "embedding" in i.columns for i in table.list_indices()):
+                self._indexed.add(name)
+            elif table.count_rows() >= INDEX_MIN_ROWS:
+                started = time.monotonic()
+                table.create_index(
+                    "embedding", config=IvfHnswSq(distance_type="cosine"), name="embedding_idx"
+                )
+                self._indexed.add(name)
+                log.info(
+                    "%s: vector index (IVF_HNSW_SQ, cosine) built in %.1f s", name, time.monotonic() - started
+                )
+        if time.monotonic() - self._last_optimize >= OPTIMIZE_EVERY_S:
+            self._last_optimize = time.monotonic()
+            for open_name, open_table in self._open.items():
+                if open_name.startswith("chunks_") or open_name == DOCUMENTS:
+                    open_table.optimize(cleanup_older_than=KEEP_VERSIONS)
 
     def _doc_rows(self, table, doc_ids: list[str]) -> list[dict[str, Any]]:
         rows = []
@@ -244,6 +281,11 @@ class LanceStore:
         return hits
 
     def close(self) -> None:
+        # A run that ends (--until-end, SIGTERM) leaves its tables compacted and indexed.
+        if self._wrote:
+            for name, table in self._open.items():
+                if name.startswith("chunks_") or name == DOCUMENTS:
+                    table.optimize(cleanup_older_than=KEEP_VERSIONS)
         self._open.clear()
 
 

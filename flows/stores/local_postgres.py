@@ -36,13 +36,19 @@ def start() -> str:
     """Starts the server if it is not running; returns its DSN, with pgvector enabled."""
     path = data_dir()
     path.parent.mkdir(parents=True, exist_ok=True)
+    pgserver = _pgserver()
+    if dsn() is None:
+        # pgserver keeps one handle per directory and process; one from before a stop
+        # would hand back the stopped server instead of starting it.
+        handles = getattr(getattr(pgserver, "PostgresServer", None), "_instances", {})
+        handles.pop(path.resolve(), None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = _pgserver().get_server(path, cleanup_mode=None)  # None: keep running after we exit
-    dsn = server.get_uri()
-    with psycopg.connect(dsn, autocommit=True) as conn:
+        server = pgserver.get_server(path, cleanup_mode=None)  # None: keep running after we exit
+    uri = server.get_uri()
+    with psycopg.connect(uri, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    return dsn
+    return uri
 
 
 def dsn() -> Optional[str]:

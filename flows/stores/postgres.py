@@ -187,34 +187,7 @@ class PostgresStore:
         with conn.cursor() as cur:
             if ch.before:
                 cur.executemany(upsert, [_params(r) for r in ch.before.values()])
-            for doc_id, final in ch.finals.items():
-                if final.chunks is None:
-                    cur.execute(sql.SQL("DELETE FROM {t} WHERE doc_id = %s").format(t=t), (doc_id,))
-                    continue
-                listed = [c["chunk_id"] for c in final.chunks]
-                cur.execute(
-                    sql.SQL("DELETE FROM {t} WHERE doc_id = %s AND NOT (chunk_id = ANY(%s))").format(t=t),
-                    (doc_id, listed),
-                )
-                cur.execute(
-                    sql.SQL(
-                        """UPDATE {t} AS c SET doc_version = %s, chunk_index = m.chunk_index, page = m.page,
-                               char_start = m.char_start, char_end = m.char_end, metadata = %s::jsonb
-                           FROM unnest(%s::text[], %s::int[], %s::int[], %s::int[], %s::int[])
-                                AS m(chunk_id, chunk_index, page, char_start, char_end)
-                           WHERE c.chunk_id = m.chunk_id AND c.doc_id = %s"""
-                    ).format(t=t),
-                    (
-                        final.version.offset,
-                        json.dumps(final.metadata),
-                        listed,
-                        [c["chunk_index"] for c in final.chunks],
-                        [c.get("page") for c in final.chunks],
-                        [c["char_start"] for c in final.chunks],
-                        [c["char_end"] for c in final.chunks],
-                        doc_id,
-                    ),
-                )
+            self._apply_finals(cur, t, ch)
             if ch.after:
                 cur.executemany(upsert, [_params(r) for r in ch.after.values()])
             if ch.states:
@@ -230,6 +203,51 @@ class PostgresStore:
                         for d, s in ch.states.items()
                     ],
                 )
+
+    @staticmethod
+    def _apply_finals(cur: psycopg.Cursor, t: sql.Identifier, ch: TableChanges) -> None:
+        """Deletes, then manifests, each as one statement for the whole batch."""
+        deleted = [d for d, f in ch.finals.items() if f.chunks is None]
+        manifests = {d: f for d, f in ch.finals.items() if f.chunks is not None}
+        if deleted:
+            cur.execute(sql.SQL("DELETE FROM {t} WHERE doc_id = ANY(%s)").format(t=t), (deleted,))
+        if not manifests:
+            return
+        entries = [(d, f, c) for d, f in manifests.items() for c in f.chunks]
+        listed = ([d for d, _, _ in entries], [c["chunk_id"] for _, _, c in entries])
+        # The chunks a manifest no longer lists.
+        cur.execute(
+            sql.SQL(
+                """DELETE FROM {t} AS c WHERE c.doc_id = ANY(%s) AND NOT EXISTS (
+                       SELECT 1 FROM unnest(%s::text[], %s::text[]) AS m(doc_id, chunk_id)
+                       WHERE m.doc_id = c.doc_id AND m.chunk_id = c.chunk_id)"""
+            ).format(t=t),
+            (list(manifests), *listed),
+        )
+        # Positions and metadata from the manifest, written only where they differ, so
+        # an unchanged row keeps its tuple (no index entries rewritten).
+        cur.execute(
+            sql.SQL(
+                """UPDATE {t} AS c SET doc_version = m.doc_version, chunk_index = m.chunk_index,
+                       page = m.page, char_start = m.char_start, char_end = m.char_end, metadata = m.metadata
+                   FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::int[], %s::int[], %s::int[],
+                               %s::int[], %s::jsonb[])
+                        AS m(doc_id, chunk_id, doc_version, chunk_index, page, char_start, char_end, metadata)
+                   WHERE c.chunk_id = m.chunk_id AND c.doc_id = m.doc_id
+                     AND (c.doc_version, c.chunk_index, c.page, c.char_start, c.char_end, c.metadata)
+                         IS DISTINCT FROM
+                         (m.doc_version, m.chunk_index, m.page, m.char_start, m.char_end, m.metadata)"""
+            ).format(t=t),
+            (
+                *listed,
+                [f.version.offset for _, f, _ in entries],
+                [c["chunk_index"] for _, _, c in entries],
+                [c.get("page") for _, _, c in entries],
+                [c["char_start"] for _, _, c in entries],
+                [c["char_end"] for _, _, c in entries],
+                [json.dumps(f.metadata) for _, f, _ in entries],
+            ),
+        )
 
     # --- reading -----------------------------------------------------------------------------
 

@@ -48,9 +48,7 @@ pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
     let (batch, tokens, width) = qkv.dims3()?;
     let hidden = width / 3;
     if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
-        return qkv
-            .contiguous()?
-            .apply_op2_no_bwd(&bias.contiguous()?, &Attention { heads });
+        return attention_windowed(qkv, bias, heads, None);
     }
     let qkv = qkv
         .reshape((batch, tokens, 3, heads, hidden / heads))?
@@ -65,8 +63,21 @@ pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((batch, tokens, hidden))
 }
 
+/// [`attention`] on the CPU in f32 only, where each query may also be limited to the
+/// keys within `half_window` positions of it (ModernBERT's local layers).
+pub fn attention_windowed(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    half_window: Option<usize>,
+) -> Result<Tensor> {
+    qkv.contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &Attention { heads, half_window })
+}
+
 struct Attention {
     heads: usize,
+    half_window: Option<usize>,
 }
 
 impl CustomOp2 for Attention {
@@ -95,7 +106,7 @@ impl CustomOp2 for Attention {
                 .for_each(|(row, out)| {
                     let qkv = &qkv[row * tokens * width..(row + 1) * tokens * width];
                     let bias = &bias[row * tokens..(row + 1) * tokens];
-                    simd::attention_row(qkv, bias, self.heads, out);
+                    simd::attention_row(qkv, bias, self.heads, self.half_window, out);
                 });
         }
         Ok((CpuStorage::F32(out), Shape::from((batch, tokens, hidden))))
@@ -121,6 +132,9 @@ impl CustomOp1 for GeluErf {
 
 /// The kernels proper: one portable body each, compiled twice.
 mod simd {
+    /// A score no key within reach can come near: its weight underflows to zero.
+    const OUT_OF_REACH: f32 = f32::MIN / 2.0;
+
     pub fn gelu(src: &[f32], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -130,26 +144,44 @@ mod simd {
         gelu_body(src, dst)
     }
 
-    pub fn attention_row(qkv: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
+    pub fn attention_row(
+        qkv: &[f32],
+        bias: &[f32],
+        heads: usize,
+        half_window: Option<usize>,
+        out: &mut [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { attention_avx2(qkv, bias, heads, out) };
+            return unsafe { attention_avx2(qkv, bias, heads, half_window, out) };
         }
-        attention_body(qkv, bias, heads, out)
+        attention_body(qkv, bias, heads, half_window, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn attention_avx2(qkv: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
-        attention_body(qkv, bias, heads, out)
+    unsafe fn attention_avx2(
+        qkv: &[f32],
+        bias: &[f32],
+        heads: usize,
+        half_window: Option<usize>,
+        out: &mut [f32],
+    ) {
+        attention_body(qkv, bias, heads, half_window, out)
     }
 
     /// One sequence: `qkv` is `[t, 3·h]`, `out` `[t, h]`. Per head, two small
     /// products through `gemm` (strided straight out of `qkv`, no copies) around a
     /// softmax; only the real (unpadded) query rows are computed.
     #[inline(always)]
-    fn attention_body(qkv: &[f32], bias: &[f32], heads: usize, out: &mut [f32]) {
+    fn attention_body(
+        qkv: &[f32],
+        bias: &[f32],
+        heads: usize,
+        half_window: Option<usize>,
+        out: &mut [f32],
+    ) {
         let tokens = bias.len();
         let hidden = out.len() / tokens;
         let dim = hidden / heads;
@@ -187,9 +219,15 @@ mod simd {
                     gemm::Parallelism::None,
                 );
             }
-            for scores in scores.chunks_exact_mut(tokens) {
+            for (i, scores) in scores.chunks_exact_mut(tokens).enumerate() {
                 for (s, &b) in scores.iter_mut().zip(bias) {
                     *s += b;
+                }
+                if let Some(w) = half_window {
+                    // Keys out of reach weigh exactly nothing, as under a masking bias.
+                    let (lo, hi) = (i.saturating_sub(w), (i + w + 1).min(tokens));
+                    scores[..lo].fill(OUT_OF_REACH);
+                    scores[hi..].fill(OUT_OF_REACH);
                 }
                 softmax_in_place(scores);
             }
@@ -368,6 +406,60 @@ mod tests {
             diff < 1e-5,
             "attention differs by {diff} on the unpadded row"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn windowed_attention_matches_a_window_bias() -> Result<()> {
+        let device = Device::Cpu;
+        let (batch, tokens, heads, dim, half_window) = (2, 9, 2, 4, 2);
+        let lengths = [9usize, 6];
+        let mask: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&n| (0..tokens).map(move |j| if j < n { 1.0 } else { 0.0 }))
+            .collect();
+        let padding = Tensor::from_vec(mask, (batch, 1, 1, tokens), &device)?
+            .affine(-(f32::MIN / 2.0) as f64, (f32::MIN / 2.0) as f64)?;
+        let window: Vec<f32> = (0..tokens)
+            .flat_map(|i| {
+                (0..tokens).map(move |j| {
+                    if i.abs_diff(j) <= half_window {
+                        0.0
+                    } else {
+                        f32::MIN / 2.0
+                    }
+                })
+            })
+            .collect();
+        let window = Tensor::from_vec(window, (1, 1, tokens, tokens), &device)?;
+        let qkv = Tensor::randn(0f32, 1.0, (batch, tokens, 3 * heads * dim), &device)?;
+        let split = qkv
+            .reshape((batch, tokens, 3, heads, dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            split.get(0)?.contiguous()?,
+            split.get(1)?.contiguous()?,
+            split.get(2)?.contiguous()?,
+        );
+        let scores = q
+            .matmul(&k.t()?)?
+            .broadcast_add(&padding)?
+            .broadcast_add(&window)?;
+        let want = softmax_last_dim(&scores)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, heads * dim))?;
+        let got = attention_windowed(&qkv, &padding, heads, Some(half_window))?;
+        for (row, &n) in lengths.iter().enumerate() {
+            let diff = (got.get(row)?.narrow(0, 0, n)? - want.get(row)?.narrow(0, 0, n)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5,
+                "row {row}: windowed attention differs by {diff}"
+            );
+        }
         Ok(())
     }
 }

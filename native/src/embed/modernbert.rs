@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::activation::Activation;
 use super::encoder::{Encoder, Loaded};
+use super::kernels;
 use super::q8::Dense;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
@@ -242,25 +243,48 @@ impl ModernBert {
         &self,
         layer: &Layer,
         x: &Tensor,
-        bias: &Tensor,
+        biases: &Biases,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let (batch, tokens, hidden) = x.dims3()?;
         let head_dim = hidden / self.heads;
-        let qkv = layer
-            .wqkv
-            .forward(x)?
-            .reshape((batch, tokens, 3, self.heads, head_dim))?;
+        let qkv = layer.wqkv.forward(x)?;
+        let (cos, sin) = rope;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // The fused kernel reads q, k and v from one [b, t, 3·h] tensor, queries
+            // pre-scaled: rotate q and k in the token-major layout, then join them again.
+            let rotate = |i: usize| -> Result<Tensor> {
+                let part = qkv
+                    .narrow(2, i * hidden, hidden)?
+                    .reshape((batch, tokens, self.heads, head_dim))?
+                    .contiguous()?;
+                candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((batch, tokens, hidden))
+            };
+            let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
+            let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(2, 2 * hidden, hidden)?], 2)?;
+            let window = (!layer.global).then_some(self.half_window);
+            return layer.wo.forward(&kernels::attention_windowed(
+                &fused,
+                &biases.padding,
+                self.heads,
+                window,
+            )?);
+        }
+        let qkv = qkv.reshape((batch, tokens, 3, self.heads, head_dim))?;
         let part = |i: usize| {
             qkv.narrow(2, i, 1)?
                 .squeeze(2)?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (cos, sin) = rope;
         let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
         let v = part(2)?;
+        let bias = if layer.global {
+            &biases.global
+        } else {
+            &biases.local
+        };
         layer.wo.forward(&attend(&q, &k, &v, bias)?)
     }
 
@@ -274,6 +298,14 @@ impl ModernBert {
     }
 }
 
+/// The additive attention biases of one batch: padding alone (the fused CPU kernel
+/// applies the window itself), and for candle's path per kind of layer.
+struct Biases {
+    padding: Tensor,
+    global: Tensor,
+    local: Tensor,
+}
+
 impl Encoder for ModernBert {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let tokens = ids.dim(1)?;
@@ -282,8 +314,11 @@ impl Encoder for ModernBert {
         let window = pair_bias(tokens, device, self.dtype, |i, j| {
             i.abs_diff(j) <= self.half_window
         })?;
-        let global_bias = padding.to_dtype(self.dtype)?;
-        let local_bias = padding.broadcast_add(&window)?.to_dtype(self.dtype)?;
+        let biases = Biases {
+            global: padding.to_dtype(self.dtype)?,
+            local: padding.broadcast_add(&window)?.to_dtype(self.dtype)?,
+            padding,
+        };
         let global_rope = self.global_rope.tables(tokens, device, self.dtype)?;
         let local_rope = self.local_rope.tables(tokens, device, self.dtype)?;
 
@@ -291,16 +326,16 @@ impl Encoder for ModernBert {
             .embeddings_norm
             .forward(&self.embeddings.forward(ids)?)?;
         for layer in &self.layers {
-            let (bias, rope) = if layer.global {
-                (&global_bias, &global_rope)
+            let rope = if layer.global {
+                &global_rope
             } else {
-                (&local_bias, &local_rope)
+                &local_rope
             };
             let normed = match &layer.attn_norm {
                 Some(norm) => norm.forward(&x)?,
                 None => x.clone(),
             };
-            x = (&x + self.attention(layer, &normed, bias, rope)?)?;
+            x = (&x + self.attention(layer, &normed, &biases, rope)?)?;
             x = (&x + self.feed_forward(layer, &layer.mlp_norm.forward(&x)?)?)?;
         }
         self.final_norm.forward(&x)

@@ -376,7 +376,7 @@ mod tests {
         let b = Tensor::randn(0f32, 0.1, 70, &device)?;
         let x = Tensor::randn(0f32, 1.0, (7, 150), &device)?;
         let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
-        let got = QuantizedLinear::new(&w, &b)?.forward(&x)?;
+        let got = QuantizedLinear::new(&w, Some(&b))?.forward(&x)?;
         let error = (&got - &want)?
             .sqr()?
             .sum_all()?
