@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from kafka_helpers import FlowTopics, avro_event
-from sink_helpers import comparable, expected_store, random_stream
+from sink_helpers import comparable, expected_store, random_stream, record
 from test_stores import apply, rows
 
 from flows.settings import Settings
@@ -304,3 +304,47 @@ def test_the_sink_waits_out_a_database_restart(kafka_bootstrap, postgres_dsn):
     assert proc.returncode == 0, log[-3000:]
     assert "store unavailable" in log
     assert rows(postgres_dsn) == comparable([{"chunk_id": c, **r} for c, r in expected_store(stream).items()])
+
+
+def test_search_embeds_the_query_with_the_tables_model_and_its_query_prompt(tmp_path):
+    import numpy as np
+    from conftest import DATA
+    from sink_helpers import manifest
+
+    from flows.search import search
+    from operators import Embedder
+
+    model_dir = DATA / "tiny-prompted"  # prompts: document "passage: ", query "query: "
+    embedder = Embedder.load(model_dir)
+    texts = [
+        "Kafka topics hold events.",
+        "Vectors live in a store.",
+        "Chunks are small.",
+        "Tokens cost time.",
+    ]
+    vectors = embedder.embed(texts)  # the model's default prompt: "document"
+    lineage = {"model_id": embedder.model_id, "model_revision": embedder.model_revision, "dtype": "f32"}
+    stream = []
+    for i, (text, vector) in enumerate(zip(texts, vectors)):
+        r = record(f"d{i}", i, 0, 1, text, model={**lineage, "prompt_name": "document"}, dim=embedder.dim)
+        r["embedding"] = [float(x) for x in vector]
+        stream += [("VectorRecord", r), ("DocManifest", manifest([r]))]
+    store = f"lancedb:{tmp_path / 'lance'}"
+    apply(store, stream)
+
+    query = "where do vectors go?"
+    hits = search(query, k=4, store=store, model=str(model_dir))
+    q = embedder.embed([query], prompt_name="query")[0]
+    want = sorted(
+        ((float(q @ v / np.linalg.norm(v) / np.linalg.norm(q)), f"d{i}") for i, v in enumerate(vectors))
+    )[::-1]
+    assert [h.doc_id for h in hits] == [d for _, d in want]
+    assert [h.score for h in hits] == pytest.approx([s for s, _ in want], abs=1e-5)
+    plain = embedder.embed([query], prompt="")[0]
+    assert not np.allclose(q, plain, atol=1e-3)  # the prompt made a difference that search kept
+
+    # Without --model the table's model, "tiny-prompted" by its id, is not found here: the error says so.
+    missing = cli("search", query, "--store", store)
+    assert missing.returncode == 2
+    assert "tiny-prompted" in missing.stderr and embedder.model_revision in missing.stderr
+    assert "--model" in missing.stderr

@@ -189,3 +189,17 @@ def test_lancedb_indexes_a_table_once_it_is_large_enough(tmp_path, monkeypatch):
     target = record("d42", 42, 1, 2, "text 42 b")["embedding"]
     assert store.search(SPEC, target, 1, {})[0].doc_id == "d42"
     assert rows(url) == expected(stream)
+
+
+def test_search_returns_k_hits_past_the_indexes_default_candidate_list(store_url):
+    stream = []
+    for i in range(120):
+        stream += version(f"d{i}", i, [f"text {i}"], metadata={"half": str(i % 2)})
+    apply(store_url, stream)
+    store = open_store(store_url)
+    try:
+        target = record("d5", 5, 0, 1, "text 5")["embedding"]
+        assert len(store.search(SPEC, target, 100, {})) == 100  # pgvector's HNSW default gives 40
+        assert len(store.search(SPEC, target, 50, {"half": "1"})) == 50
+    finally:
+        store.close()

@@ -299,7 +299,14 @@ class PostgresStore:
             """SELECT doc_id, page, chunk_index, text, metadata, 1 - (embedding <=> %s::vector) AS score
                FROM {t} WHERE {where} ORDER BY embedding <=> %s::vector LIMIT %s"""
         ).format(t=sql.Identifier(spec.name), where=where)
-        rows = self._run(lambda c: c.execute(query, params).fetchall())
+        def run(conn):
+            # HNSW returns at most ef_search candidates, filtered afterwards: ask for
+            # enough that k hits survive a filter (pgvector's default is 40).
+            ef_search = min(max(100, 4 * k), 1000)
+            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search)))
+            return conn.execute(query, params).fetchall()
+
+        rows = self._run(run)
         return [Hit(i, float(r[5]), r[0], r[1], r[2], r[3], r[4]) for i, r in enumerate(rows, 1)]
 
     def close(self) -> None:
