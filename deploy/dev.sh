@@ -48,7 +48,7 @@ quickstart() {
     step "dead letters on $dlq"
     "$es" tail --topic "$dlq" -n 50 --timeout 3
     step "the sink: $out into the embedded LanceDB store $store"
-    "$es" sink --output-topic "$out" --store "$store" --group-id quickstart.sink --from beginning --until-end
+    "$es" sink --output-topic "$out" --store "$store" --group-id quickstart.sink --from beginning --until-end --metrics-port 0
     step "search: \"how are long documents split?\""
     "$es" search "how are long documents split?" --store "$store" --k 3
     step "search: \"what happens to files that cannot be read?\""

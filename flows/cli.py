@@ -297,7 +297,10 @@ def cmd_sink(args: argparse.Namespace) -> int:
         tail=False if args.until_end else None,
         log_format=args.log_format,
     )
+    from flows import metrics
+
     logs.configure(settings.log_format)
+    metrics.serve(args.metrics_port)
     logging.getLogger("embedstream").info("sink settings: %s", settings.sink_view())
     check_exist(settings, [settings.output_topic])
     try:
@@ -515,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
     sink.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
     sink.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    sink.add_argument(
+        "--metrics-port", type=int, default=9401, help="Prometheus /metrics port (default 9401; 0: off)"
+    )
     kafka_flags(sink)
     sink.set_defaults(func=cmd_sink)
 

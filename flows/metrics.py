@@ -30,6 +30,16 @@ CONSUMER_LAG = Gauge(
     "embedstream_consumer_lag", "Messages not yet handed over, per input partition", ["topic", "partition"]
 )
 
+# `embedstream sink`
+SINK_MESSAGES = Counter("embedstream_sink_messages", "Vector-topic messages written, by type", ["type"])
+SINK_DEAD_LETTERS = Counter("embedstream_sink_dead_letters", "Sink dead letters by reason", ["reason"])
+SINK_BATCH_SECONDS = Histogram(
+    "embedstream_sink_batch_seconds", "Time to plan and write one batch into the store", buckets=_LATENCY
+)
+SINK_STORE_RETRIES = Counter(
+    "embedstream_sink_store_retries", "Writes retried while the store was unavailable"
+)
+
 
 def serve(port: int) -> None:
     """Serves ``/metrics`` from a daemon thread; port 0 turns it off."""

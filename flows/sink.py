@@ -25,7 +25,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from flows import codecs
+from flows import codecs, metrics
 from flows.kafka.io import DeliveryError, InputMessage, KafkaInput
 from flows.settings import Settings
 from flows.stores import (
@@ -44,6 +44,10 @@ from flows.stores import (
 )
 
 log = logging.getLogger("embedstream.sink")
+
+
+#: How the log and the metrics name each operation.
+_KINDS = {RecordOp: "records", ManifestOp: "manifests", DeleteOp: "deletes"}
 
 
 class Rejected(Exception):
@@ -118,7 +122,8 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
             {**kafka, "group.id": settings.sink_group_id, "enable.auto.commit": "false"}
         )
         self.failures: list[str] = []
-        self.written = 0
+        #: Messages written by type, and dead letters.
+        self.counts = dict.fromkeys([*_KINDS.values(), "dead letters"], 0)
         # Confluent-framed records name their schema by a registry id.
         self.registry = None
         if settings.schema_registry_url:
@@ -137,10 +142,19 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
                 continue
             if found is not None:
                 ops.append((m, found))
-        letters += self._write(ops)
+        with metrics.SINK_BATCH_SECONDS.time():
+            letters += self._write(ops)
         self._dead_letters(letters)
         self._commit(messages)
-        self.written += len(ops)
+        rejected = {id(m) for m, _, _ in letters}
+        for m, o in ops:
+            if id(m) not in rejected:
+                kind = _KINDS[type(o)]
+                self.counts[kind] += 1
+                metrics.SINK_MESSAGES.labels(kind).inc()
+        for _, reason, _ in letters:
+            self.counts["dead letters"] += 1
+            metrics.SINK_DEAD_LETTERS.labels(reason).inc()
 
     def _write(self, ops: list[tuple[InputMessage, Op]]) -> list[tuple[InputMessage, str, str]]:
         """Writes all ops as one batch, waiting out an unavailable store. A batch the
@@ -179,6 +193,7 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
                 if waited >= self.retry_s:
                     raise
                 log.warning("store unavailable (%s); retrying in %.1f s", e, delay)
+                metrics.SINK_STORE_RETRIES.inc()
                 time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 10.0)
@@ -235,6 +250,7 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
         # Not fatal: the store is ahead of the offsets, and a replay changes nothing.
 
     def close(self) -> None:
+        log.info("sink worker done: %s", ", ".join(f"{n} {kind}" for kind, n in self.counts.items()))
         self.producer.flush(30)
         self.committer.close()
         self.store.close()

@@ -123,3 +123,34 @@ def test_image_recipe_and_dashboard():
         metrics.END_TO_END_SECONDS,
     ):
         assert metric._name in exprs, metric._name
+
+
+def test_the_sink_runs_alone_with_its_store_secret_and_metrics():
+    from flows.cli import build_parser
+    from flows.settings import Settings, redact_url
+
+    sink = load("sink-deployment.yaml")
+    assert sink["spec"]["replicas"] == 1 and sink["spec"]["strategy"]["type"] == "Recreate"
+    [worker] = sink["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(worker["args"])  # the CLI takes exactly these arguments
+    assert args.command == "sink"
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert ports["metrics"] == args.metrics_port
+    assert sink["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    secret = load("store-secret.example.yaml")
+    assert {"secretRef": {"name": secret["metadata"]["name"]}} in worker["envFrom"]
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    settings = Settings.from_env(
+        {
+            **load("configmap.yaml")["data"],
+            **load("secret.example.yaml")["stringData"],
+            **secret["stringData"],
+            **env,
+        }
+    )
+    assert settings.store.startswith("postgresql://") and settings.sink_group_id == "embedstream-sink"
+    assert "change-me" not in json.dumps(settings.sink_view()) and "change-me" not in redact_url(
+        settings.store
+    )

@@ -43,6 +43,8 @@ def run_sink(topics: FlowTopics, store: str, *args: str) -> subprocess.Completed
         store,
         "--group-id",
         f"{topics.prefix}-sink",
+        "--metrics-port",
+        "0",
         *args,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -142,7 +144,10 @@ def test_records_the_sink_cannot_write_become_sink_dead_letters(kafka_bootstrap,
     producer.produce(topics.output, codecs.encode_single_object("VectorRecord", wrong), b"b")
     assert producer.flush(30) == 0
     store = f"lancedb:{tmp_path / 'lance'}"
-    run_sink(topics, store, "--from", "beginning")
+    done = run_sink(topics, store, "--from", "beginning")
+    assert "sink worker done: 1 records, 1 manifests, 0 deletes, 2 dead letters" in done.stderr, done.stderr[
+        -2000:
+    ]
     letters = [r for kind, r, _ in topics.read(f"{topics.output}.sink-dlq") if kind == "DeadLetter"]
     assert sorted((r["stage"], r["reason"], r["offset"]) for r in letters) == [
         ("sink", "bad_payload", 2),
@@ -191,6 +196,8 @@ def test_kill_9_at_any_moment_leaves_the_store_of_an_uninterrupted_run(kafka_boo
         store_url,
         "--group-id",
         f"{topics.prefix}-sink",
+        "--metrics-port",
+        "0",
     ]
     env = {**os.environ, "EMBEDSTREAM_SINK_BATCH_SIZE": "50"}  # many small commits to land in
     kills = 0
@@ -294,6 +301,7 @@ def test_the_sink_waits_out_a_database_restart(kafka_bootstrap, postgres_dsn):
         args = [
             sys.executable, "-m", "flows.cli", "sink", "--until-end", "--brokers", kafka_bootstrap,
             "--output-topic", topics.output, "--store", postgres_dsn, "--group-id", f"{topics.prefix}-sink",
+            "--metrics-port", "0",
         ]  # fmt: skip
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(8)
