@@ -25,6 +25,7 @@ class SchemaRegistry:
         self.client = client
         self._ids: dict[str, int] = {}
         self._writers: dict[int, Any] = {}
+        self._plain_writers: dict[int, Any] = {}
 
     @classmethod
     def from_url(cls, url: str) -> SchemaRegistry:
@@ -56,7 +57,13 @@ class SchemaRegistry:
         return fastavro.schemaless_reader(io.BytesIO(datum), self._writer(schema_id), reader)
 
     def decode_any(self, data: bytes) -> tuple[str, dict[str, Any]]:
+        """Any output record, resolved to our schema of its name, timestamps as epoch
+        milliseconds (as the single-object decoder gives them)."""
         schema_id, datum = codecs.confluent_unframe(data)
-        writer = self._writer(schema_id)
-        name = writer["name"].rsplit(".", 1)[-1]
-        return name, fastavro.schemaless_reader(io.BytesIO(datum), writer, writer)
+        name = self._writer(schema_id)["name"].rsplit(".", 1)[-1]
+        if schema_id not in self._plain_writers:
+            raw = json.loads(self.client.get_schema(schema_id).schema_str)
+            self._plain_writers[schema_id] = parse_schema(codecs._without_logical_types(raw))
+        writer = self._plain_writers[schema_id]
+        reader = codecs.schema(name).reader if name in codecs.RECORD_TYPES else writer
+        return name, fastavro.schemaless_reader(io.BytesIO(datum), writer, reader)

@@ -203,3 +203,18 @@ def test_search_returns_k_hits_past_the_indexes_default_candidate_list(store_url
         assert len(store.search(SPEC, target, 50, {"half": "1"})) == 50
     finally:
         store.close()
+
+
+def test_confluent_framed_records_become_the_same_operations(tmp_path):
+    from test_codecs import InMemoryRegistry
+
+    from flows.registry import SchemaRegistry
+
+    registry = SchemaRegistry(InMemoryRegistry())
+    stream = [*version("a", 0, ["one", "two"]), ("DeleteMarker", delete("b", 1))]
+    framed = [
+        dataclasses.replace(m, value=registry.encode(kind, r))
+        for m, (kind, r) in zip(messages(stream), stream)
+    ]
+    assert all(m.value[:1] == b"\x00" for m in framed)
+    assert [to_op(m, registry) for m in framed] == [to_op(m) for m in messages(stream)]
