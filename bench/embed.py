@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine
 from corpus import paragraphs
 
 import operators
@@ -83,7 +83,7 @@ def measure(model: str, texts: list[str], repeat: int, dtype: str, peers: set[st
         "texts": len(texts),
         "tokens": tokens,
         "avg_tokens": round(tokens / len(texts), 1),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": machine.describe(),
     }
 
     def ours(warmup: bool = False):

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine
 from corpus import paragraphs
 from embed import measure
 
@@ -264,22 +264,12 @@ def main() -> None:
             {
                 "benchmark": "families",
                 "unit": "tokens/s; ratio = ours / sentence-transformers, same run",
-                "machine": {"cpus": os.cpu_count(), "processor": _cpu_name()},
+                "machine": machine.describe(),
                 "families": rows,
             },
             indent=2,
         )
     )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

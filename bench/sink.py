@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine
 from sink_helpers import manifest, messages
 
 from flows.sink import apply_ops, to_op
@@ -205,16 +205,6 @@ def search_latency(url: str, spec: TableSpec, queries: np.ndarray, k: int = 10) 
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20_000)
@@ -232,7 +222,7 @@ def main() -> None:
     spec = TableSpec(MODEL["model_id"], MODEL["model_revision"], DIM)
     result: dict[str, object] = {
         "benchmark": "sink",
-        "machine": {"cpus": os.cpu_count(), "processor": cpu_name()},
+        "machine": machine.describe(),
         "records": n_records,
         "dimension": DIM,
         "batch": args.batch,

@@ -93,6 +93,16 @@ def _in_list(values) -> str:
     return ", ".join(_quote(v) for v in values)
 
 
+def _rows_of_docs(table, doc_ids: list[str]) -> list[dict[str, Any]]:
+    """The rows of ``table`` whose ``doc_id`` is one of ``doc_ids`` (a thousand per query,
+    to keep each filter short)."""
+    rows = []
+    for start in range(0, len(doc_ids), 1000):
+        where = f"doc_id IN ({_in_list(doc_ids[start : start + 1000])})"
+        rows.extend(table.search().where(where).limit(None).to_arrow().to_pylist())
+    return rows
+
+
 class LanceStore:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
@@ -151,14 +161,11 @@ class LanceStore:
         documents = self._table(DOCUMENTS)
         if documents is None or not keys:
             return {}
-        doc_ids = sorted({d for _, d in keys})
         found = {}
-        for start in range(0, len(doc_ids), 1000):
-            where = f"doc_id IN ({_in_list(doc_ids[start : start + 1000])})"
-            for r in documents.search().where(where).limit(None).to_arrow().to_pylist():
-                key = (r["table_name"], r["doc_id"])
-                if key in keys:
-                    found[key] = DocState(Version(r["topic"], r["partition"], r["offset"]), r["deleted"])
+        for r in _rows_of_docs(documents, sorted({d for _, d in keys})):
+            key = (r["table_name"], r["doc_id"])
+            if key in keys:
+                found[key] = DocState(Version(r["topic"], r["partition"], r["offset"]), r["deleted"])
         return found
 
     def write(self, changes: list[TableChanges]) -> None:
@@ -234,13 +241,7 @@ class LanceStore:
                     open_table.optimize(cleanup_older_than=KEEP_VERSIONS)
 
     def _doc_rows(self, table, doc_ids: list[str]) -> list[dict[str, Any]]:
-        rows = []
-        for start in range(0, len(doc_ids), 1000):
-            where = f"doc_id IN ({_in_list(doc_ids[start : start + 1000])})"
-            rows.extend(
-                _from_lance(r) for r in table.search().where(where).limit(None).to_arrow().to_pylist()
-            )
-        return rows
+        return [_from_lance(r) for r in _rows_of_docs(table, doc_ids)]
 
     # --- reading -----------------------------------------------------------------------------
 
