@@ -9,7 +9,7 @@
 # First: a CUDA build of the native core may need its libraries loaded before import.
 from . import _cuda_libs  # noqa: F401
 from .document import Document, Image, Limits
-from .embed import Chunk, Chunker, Embedder
+from .embed import Chunk, Chunker, ChunkStrategy, Embedder
 from .errors import (
     EXTRACTION_REASONS,
     EmbeddingError,
@@ -27,6 +27,7 @@ __all__ = [
     "EXTRACTION_REASONS",
     "SUPPORTED_TYPES",
     "Chunk",
+    "ChunkStrategy",
     "Chunker",
     "Document",
     "Embedder",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 
@@ -17,6 +17,12 @@ def resolve_device(device: str) -> str:
     """What ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``) names on this
     machine, e.g. ``"cuda:0"``; raises ``ModelError`` if it cannot be used here."""
     return _native.resolve_device(device)
+
+
+#: How a chunker places its cuts: ``"greedy"`` fills every chunk as far as it can;
+#: ``"stable"`` chooses among the last boundaries that fit by the text around them, so
+#: that an edit changes the chunks near it and not every chunk after it.
+ChunkStrategy = Literal["greedy", "stable"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,12 @@ class Chunk:
 
 class Chunker:
     """Cuts text into chunks of at most ``max_tokens`` model tokens, at the strongest
-    boundary that fits: heading, paragraph, line, sentence, word. Deterministic."""
+    boundary that fits: heading, paragraph, line, sentence, word. Deterministic.
+
+    ``strategy`` ``"stable"`` (for incremental updates) ends each chunk among the last
+    boundaries of that strength by a hash of the text around them: an edited paragraph
+    changes about one chunk, where greedy packing changes every chunk after it, at the
+    price of chunks a little shorter (see ``bench/incremental.py``)."""
 
     def __init__(self, native: _native.Chunker) -> None:
         self._native = native
@@ -48,6 +59,10 @@ class Chunker:
     def overlap_tokens(self) -> int:
         return self._native.overlap_tokens
 
+    @property
+    def strategy(self) -> ChunkStrategy:
+        return self._native.strategy
+
     def chunk(self, doc: Union[Document, str]) -> list[Chunk]:
         if isinstance(doc, Document):
             text, pages = doc.text, (doc.pages if doc.paged else None)
@@ -59,6 +74,7 @@ class Chunker:
         ]
 
     def settings(self) -> dict[str, int]:
+        """The sizes recorded with each vector (``VectorRecord.chunker``)."""
         return {"max_tokens": self.max_tokens, "overlap_tokens": self.overlap_tokens}
 
 
@@ -159,10 +175,12 @@ class Embedder:
         overlap_tokens: int = 0,
         prompt_name: Optional[str] = None,
         prompt: Optional[str] = None,
+        strategy: ChunkStrategy = "greedy",
     ) -> Chunker:
         """A chunker counting this model's tokens; ``max_tokens`` defaults to the model's
         limit. The prompt that ``embed`` would put before each chunk (same arguments)
-        counts against it, so that prompt and chunk together are never truncated."""
+        counts against it, so that prompt and chunk together are never truncated.
+        ``strategy`` is ``"greedy"`` or ``"stable"`` (see :class:`Chunker`)."""
         limit = self.max_tokens if max_tokens is None else max_tokens
         if limit > self.max_tokens:
             from .errors import UnsupportedError
@@ -172,7 +190,7 @@ class Embedder:
         if text:
             with_prompt, without = self._native.count_tokens([text, ""])
             limit -= with_prompt - without
-        return Chunker(self._native.chunker(limit, overlap_tokens))
+        return Chunker(self._native.chunker(limit, overlap_tokens, strategy))
 
     @property
     def model_id(self) -> str:

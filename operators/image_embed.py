@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _native
 from .document import Image
-from .embed import Chunker
+from .embed import Chunker, ChunkStrategy
 
 ImageInput = Union[Image, bytes]
 
@@ -65,9 +65,11 @@ class ImageEmbedder:
         values = np.asarray(self._native.pixel_values((width, height, data)), dtype=np.float32)
         return values.reshape(3, -1, int(np.sqrt(values.size // 3)))
 
-    def chunker(self, max_tokens: Optional[int] = None, overlap_tokens: int = 0) -> Chunker:
+    def chunker(
+        self, max_tokens: Optional[int] = None, overlap_tokens: int = 0, strategy: ChunkStrategy = "greedy"
+    ) -> Chunker:
         """A chunker counting CLIP tokens (for text documents embedded by the text tower)."""
-        return Chunker(self._native.chunker(max_tokens or self.max_tokens, overlap_tokens))
+        return Chunker(self._native.chunker(max_tokens or self.max_tokens, overlap_tokens, strategy))
 
     def text_embedder(self) -> ClipTextEmbedder:
         """This model's text tower with the ``Embedder`` interface the flow uses."""
@@ -110,5 +112,7 @@ class ClipTextEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self.clip.embed_texts(texts, normalize=True)
 
-    def chunker(self, max_tokens: Optional[int] = None, overlap_tokens: int = 0) -> Chunker:
-        return self.clip.chunker(max_tokens, overlap_tokens)
+    def chunker(
+        self, max_tokens: Optional[int] = None, overlap_tokens: int = 0, strategy: ChunkStrategy = "greedy"
+    ) -> Chunker:
+        return self.clip.chunker(max_tokens, overlap_tokens, strategy)

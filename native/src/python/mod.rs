@@ -15,7 +15,7 @@ use crate::embed::{self, LoadOptions};
 use crate::extract as core_extract;
 use crate::extract::RgbImage;
 use crate::limits::Limits;
-use errors::{run_extraction, run_model};
+use errors::{embed_error, run_extraction, run_model};
 
 /// `(max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms)`.
 type LimitsTuple = (usize, usize, u64, u64, u64);
@@ -128,15 +128,18 @@ impl PyEmbedder {
         })
     }
 
+    #[pyo3(signature = (max_tokens, overlap_tokens, strategy="greedy"))]
     fn chunker(
         &self,
         py: Python<'_>,
         max_tokens: usize,
         overlap_tokens: usize,
+        strategy: &str,
     ) -> PyResult<PyChunker> {
         let tokenizer = self.inner.counting_tokenizer();
+        let strategy = chunk::Strategy::parse(strategy).map_err(|e| embed_error(py, e))?;
         let inner = run_model(py, || {
-            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens)
+            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens, strategy)
         })?;
         Ok(PyChunker { inner })
     }
@@ -276,15 +279,18 @@ impl PyImageEmbedder {
         Ok(py.detach(|| self.inner.preprocessor.pixel_values(&image)))
     }
 
+    #[pyo3(signature = (max_tokens, overlap_tokens, strategy="greedy"))]
     fn chunker(
         &self,
         py: Python<'_>,
         max_tokens: usize,
         overlap_tokens: usize,
+        strategy: &str,
     ) -> PyResult<PyChunker> {
         let tokenizer = self.inner.counting_tokenizer();
+        let strategy = chunk::Strategy::parse(strategy).map_err(|e| embed_error(py, e))?;
         let inner = run_model(py, || {
-            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens)
+            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens, strategy)
         })?;
         Ok(PyChunker { inner })
     }
@@ -341,6 +347,10 @@ impl PyChunker {
     #[getter]
     fn overlap_tokens(&self) -> usize {
         self.inner.overlap_tokens
+    }
+    #[getter]
+    fn strategy(&self) -> &'static str {
+        self.inner.strategy.name()
     }
 }
 
