@@ -203,6 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         input_topic=args.input_topic,
         output_topic=args.output_topic,
         dlq_topic=args.dlq_topic,
+        group_id=args.group_id,
         model=args.model,
         device=args.device,
         dtype=args.dtype,
@@ -213,6 +214,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         truncate_dim=args.truncate_dim,
         max_tokens=args.max_tokens,
         overlap_tokens=args.overlap_tokens,
+        incremental=args.incremental,
+        chunking=args.chunking,
+        state_topic=args.state_topic,
         output_format=args.format,
         start_from=args.start_from,
         batch_size=args.batch_size,
@@ -453,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input-topic")
     run.add_argument("--output-topic")
     run.add_argument("--dlq-topic")
+    run.add_argument(
+        "--group-id", help="consumer group whose committed offsets mark progress (default: embedstream)"
+    )
     run.add_argument("--model", help="model directory or hub id (default: MiniLM)")
     run.add_argument(
         "--image-model", help="CLIP directory: embed image documents instead of dead-lettering them"
@@ -471,6 +478,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--truncate-dim", type=int, help="keep the first N dimensions (Matryoshka models)")
     run.add_argument("--max-tokens", type=int, help="chunk size in model tokens (default: the model's limit)")
     run.add_argument("--overlap-tokens", type=int)
+    run.add_argument(
+        "--incremental",
+        action="store_true",
+        default=None,
+        help="embed only the chunks an update changed; consumers must apply the newest DocManifest",
+    )
+    run.add_argument(
+        "--chunking",
+        choices=["greedy", "stable"],
+        help="greedy: chunks as full as possible; stable: an edit changes only nearby chunks "
+        "(default: stable with --incremental, else greedy)",
+    )
+    run.add_argument(
+        "--state-topic",
+        help="compacted changelog of --incremental's chunk ids (default: <group id>.chunk-state)",
+    )
     run.add_argument(
         "--format", choices=["avro", "json", "confluent"], help="output encoding (default: avro)"
     )

@@ -58,9 +58,7 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     batches = op.map("chunk", batches, lambda batch: pipeline().chunk(batch))
     batches = op.map("embed", batches, lambda batch: pipeline().embed(batch))
     records = op.flat_map("encode", batches, lambda batch: pipeline().encode(batch))
-    op.output(
-        "kafka", records, KafkaOutput(kafka, group_id=settings.group_id, runtime_config=sink_limits)
-    )
+    op.output("kafka", records, KafkaOutput(kafka, group_id=settings.group_id, runtime_config=sink_limits))
     return flow
 
 

@@ -5,13 +5,19 @@ The source's batch travels from step to step as one item, so the embed step sees
 every chunk of it and makes one model call per batch, and no event ever waits in a
 buffer that a snapshot cannot see. Every input message ends as vector records, a
 delete marker or exactly one dead letter; outputs keep the input order, so within a
-partition a DELETE is published after the records of an earlier UPSERT of the same
+partition, a DELETE is published after the records of an earlier UPSERT of the same
 document.
+
+In incremental mode (``Settings.incremental``) the chunk step also decides which chunks
+are new: chunk ids derive from content (:func:`flows.chunk_state.chunk_ids`), and only
+ids the document's previous version lacked are embedded and published; the DocManifest
+still lists every chunk. The ids of each version are remembered per input partition
+(:class:`flows.chunk_state.ChunkState`) and written to a compacted changelog once the
+batch's records are delivered.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -25,6 +31,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from flows import codecs, metrics
+from flows.chunk_state import ChunkState, chunk_ids, lineage_key, pack, prefix, unpack
 from flows.kafka.io import InputMessage, OutputMessage
 from flows.settings import Settings
 from operators import (
@@ -51,11 +58,6 @@ class Failure(Exception):
         self.stage, self.reason, self.message = stage, reason, message
 
 
-def chunk_id(doc_id: str, model_id: str, model_revision: str, index: int) -> str:
-    """Deterministic across hosts and runs: a replay rewrites the same ids."""
-    return hashlib.sha256(f"{doc_id}\x00{model_id}\x00{model_revision}\x00{index}".encode()).hexdigest()
-
-
 @dataclass
 class Work:
     """What one input message became so far."""
@@ -64,7 +66,13 @@ class Work:
     event: Optional[dict[str, Any]] = None
     document: Optional[Document] = None
     chunks: list[Chunk] = field(default_factory=list)
+    #: Content-derived id of each chunk (of the image, for an image).
+    ids: list[str] = field(default_factory=list)
+    #: Which chunks need a vector: all of them, but in incremental mode only those
+    #: the document's previous version did not have.
+    fresh: list[bool] = field(default_factory=list)
     is_image: bool = False
+    #: One row per fresh chunk, in order.
     vectors: Optional[np.ndarray] = None
     failure: Optional[Failure] = None
 
@@ -80,6 +88,7 @@ class Counters:
     deletes: int = 0
     dead_letters: int = 0
     chunks: int = 0
+    reused: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -87,7 +96,8 @@ class Counters:
         s = max(time.monotonic() - self.started, 1e-9)
         return (
             f"{self.events} events ({self.documents} embedded, {self.deletes} deleted, "
-            f"{self.dead_letters} dead letters), {self.chunks} chunks; "
+            f"{self.dead_letters} dead letters), {self.chunks} chunks embedded"
+            f"{f', {self.reused} kept' if self.reused else ''}; "
             f"{self.documents / s:.1f} docs/s, {self.chunks / s:.1f} chunks/s, "
             f"{self.tokens / s:,.0f} tokens/s"
         )
@@ -104,6 +114,7 @@ class Pipeline:
         registry: Any = None,
         max_message_bytes: int = 1_000_000,
         image_embedder: Optional[ImageEmbedder] = None,
+        state: Optional[ChunkState] = None,
     ) -> None:
         self.settings = settings
         self.image_embedder = image_embedder
@@ -115,8 +126,24 @@ class Pipeline:
         self.prompt_options = {"prompt_name": settings.prompt_name} if settings.prompt_name else {}
         self.prompt_name = settings.prompt_name or getattr(embedder, "default_prompt_name", None)
         self.chunker: Chunker = embedder.chunker(
-            settings.max_tokens, settings.overlap_tokens, **self.prompt_options
+            settings.max_tokens,
+            settings.overlap_tokens,
+            **self.prompt_options,
+            strategy=settings.chunk_strategy(),
         )
+        # Everything but the text that decides a vector goes into the chunk ids.
+        self.text_lineage = lineage_key(
+            embedder.model_id, embedder.model_revision, embedder.dtype, self.prompt_name, embedder.dim
+        )
+        self.image_lineage = (
+            lineage_key(
+                image_embedder.model_id, image_embedder.model_revision, "f32", None, image_embedder.dim
+            )
+            if image_embedder is not None
+            else ""
+        )
+        #: Incremental mode's chunk ids per document (None in full mode).
+        self.state = state if state is not None or not settings.incremental else ChunkState(settings)
         self.pool = pool or ExtractorPool(settings.extract_workers)
         self.threads = ThreadPoolExecutor(max(self.pool.size, 1), thread_name_prefix="extract")
         self.registry = registry
@@ -156,6 +183,7 @@ class Pipeline:
         with metrics.STAGE_SECONDS.labels("chunk").time():
             for w in _upserts(batch):
                 self._guard(w, self._chunk)
+            self._mark_fresh(batch)
         return batch
 
     def embed(self, batch: Batch) -> Batch:
@@ -171,6 +199,8 @@ class Pipeline:
         to its topic, so a dead letter's offset is committed in order with the rest."""
         with metrics.STAGE_SECONDS.labels("encode").time():
             out = self._encode_all(batch)
+        if self.state is not None:
+            out.extend(self._remember(batch))
         self._count(batch)
         return out
 
@@ -272,6 +302,10 @@ class Pipeline:
             if self.image_embedder is None:
                 raise Failure("embed", "no_model_for_type", f"no image model configured for {doc.mime_type}")
             w.is_image = True
+            image = doc.image
+            w.ids = chunk_ids(
+                w.event["doc_id"], [b"%dx%d:" % (image.width, image.height) + image.data], self.image_lineage
+            )
             return
         try:
             w.chunks = self.chunker.chunk(doc)
@@ -283,10 +317,31 @@ class Pipeline:
             raise Failure(
                 "chunk", "too_large", f"{len(w.chunks)} chunks, over the limit of {self.settings.max_chunks}"
             )
+        w.ids = chunk_ids(w.event["doc_id"], [c.text.encode() for c in w.chunks], self.text_lineage)
+
+    def _mark_fresh(self, batch: Batch) -> None:
+        """Which chunks need vectors. In incremental mode, those whose ids the state does
+        not hold for the document; a document seen earlier in this batch is embedded
+        whole, since what that earlier event leaves behind is not known yet."""
+        seen: set[str] = set()
+        for w in batch:
+            w.fresh = [True] * len(w.ids)
+            if self.state is None or w.event is None:
+                continue
+            doc_id = w.event["doc_id"]
+            if w.failure is None and w.event["op"] == "UPSERT" and doc_id not in seen:
+                packed = self.state.partition(w.message.topic, w.message.partition).get(doc_id)
+                if packed is not None:
+                    known = unpack(packed)
+                    w.fresh = [prefix(i) not in known for i in w.ids]
+            seen.add(doc_id)
 
     def _embed(self, ready: list[Work]) -> None:
-        """All chunks of the batch in one call: the embedder packs them into token-budget batches."""
-        texts = [c.text for w in ready for c in w.chunks]
+        """All fresh chunks of the batch in one call: the embedder packs them into
+        token-budget batches."""
+        texts = [c.text for w in ready for c in _fresh(w)]
+        for w in ready:
+            w.vectors = np.zeros((0, self.embedder.dim), dtype=np.float32)
         if not texts:
             return
         try:
@@ -295,16 +350,19 @@ class Pipeline:
             # Find the document that fails; the others still get their vectors.
             for w in ready:
                 try:
-                    w.vectors = self.embedder.embed([c.text for c in w.chunks], **self.prompt_options)
+                    if any(w.fresh):
+                        w.vectors = self.embedder.embed([c.text for c in _fresh(w)], **self.prompt_options)
                 except EmbedstreamError as e:
                     w.failure = Failure("embed", "model_error", str(e))
             return
         at = 0
         for w in ready:
-            w.vectors = vectors[at : at + len(w.chunks)]
-            at += len(w.chunks)
+            n = sum(w.fresh)
+            w.vectors = vectors[at : at + n]
+            at += n
 
     def _embed_images(self, ready: list[Work]) -> None:
+        ready = [w for w in ready if w.fresh[0]]
         if not ready:
             return
         try:
@@ -357,18 +415,33 @@ class Pipeline:
             }
             return [self._message(w, s.output_topic, self._key(w), "DeleteMarker", marker)]
         if w.is_image:
-            record = self._image_record(w)
             topic = self.settings.image_output_topic or self.settings.output_topic
-            return self._with_manifest(w, topic, [record])
+            e = self.image_embedder
+            lineage = (e.model_id, e.model_revision, "f32", e.dim, None)
+            entries = [{"chunk_id": w.ids[0], "chunk_index": 0, "char_start": 0, "char_end": 0, "page": None}]
+            records = [self._image_record(w)] if w.fresh[0] else []
+            return self._with_manifest(w, topic, records, entries, lineage, "image")
         e = self.embedder
         metadata = self._metadata(w)
         embedded_at = codecs.now_ms()
         chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
+        lineage = (e.model_id, e.model_revision, e.dtype, e.dim, self.prompt_name)
+        entries = [
+            {
+                "chunk_id": cid,
+                "chunk_index": c.index,
+                "char_start": c.char_start,
+                "char_end": c.char_end,
+                "page": c.page,
+            }
+            for c, cid in zip(w.chunks, w.ids)
+        ]
         records = []
-        for chunk, vector in zip(w.chunks, w.vectors):
+        fresh = [(c, cid) for c, cid, f in zip(w.chunks, w.ids, w.fresh) if f]
+        for (chunk, cid), vector in zip(fresh, w.vectors):
             records.append(
                 {
-                    "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, chunk.index),
+                    "chunk_id": cid,
                     "doc_id": event["doc_id"],
                     "doc_version": self._position(w),
                     "chunk_index": chunk.index,
@@ -390,29 +463,68 @@ class Pipeline:
                     "dimension": e.dim,
                 }
             )
-        return self._with_manifest(w, s.output_topic, records)
+        return self._with_manifest(w, s.output_topic, records, entries, lineage, "text")
 
-    def _with_manifest(self, w: Work, topic: str, records: list[dict[str, Any]]) -> list[OutputMessage]:
-        """The version's records, then its DocManifest on the same topic and key, so it
-        follows them in the partition: a consumer that applies it has every record."""
-        first = records[0]
+    def _with_manifest(
+        self,
+        w: Work,
+        topic: str,
+        records: list[dict[str, Any]],
+        entries: list[dict[str, Any]],
+        lineage: tuple[str, str, str, int, Optional[str]],
+        modality: str,
+    ) -> list[OutputMessage]:
+        """The version's records, then its DocManifest (every chunk of the version, also
+        those not sent again) on the same topic and key, so it follows them in the
+        partition: a consumer that applies it has every record."""
+        model_id, model_revision, dtype, dimension, prompt_name = lineage
         manifest = {
-            "doc_id": first["doc_id"],
-            "doc_version": first["doc_version"],
-            **{k: first[k] for k in ("model_id", "model_revision", "dtype", "dimension", "prompt_name")},
-            "modality": first["modality"],
-            "metadata": first["metadata"],
-            "event_time": first["event_time"],
+            "doc_id": w.event["doc_id"],
+            "doc_version": self._position(w),
+            "model_id": model_id,
+            "model_revision": model_revision,
+            "dtype": dtype,
+            "dimension": dimension,
+            "prompt_name": prompt_name,
+            "modality": modality,
+            "metadata": self._metadata(w),
+            "event_time": w.event["event_time"],
             "emitted_at": codecs.now_ms(),
-            "chunks": [
-                {k: r[k] for k in ("chunk_id", "chunk_index", "char_start", "char_end", "page")}
-                for r in records
-            ],
+            "chunks": entries,
         }
         key = self._key(w)
         out = [self._message(w, topic, key, "VectorRecord", r) for r in records]
         out.append(self._message(w, topic, key, "DocManifest", manifest))
         return out
+
+    def _remember(self, batch: Batch) -> list[OutputMessage]:
+        """Each document's ids after the batch, in memory now and, once the batch's
+        records are delivered, in the changelog (messages the sink produces last)."""
+        topic = self.state.topic
+        latest: dict[tuple[str, int, str], tuple[Work, Optional[bytes]]] = {}
+        for w in batch:
+            if w.failure is not None:
+                continue  # the document keeps what it had
+            m, doc_id = w.message, w.event["doc_id"]
+            docs = self.state.partition(m.topic, m.partition)
+            if w.event["op"] == "DELETE":
+                docs.pop(doc_id, None)
+                value = None
+            else:
+                value = docs[doc_id] = pack(w.ids)
+            latest[(m.topic, m.partition, doc_id)] = (w, value)
+        metrics.STATE_DOCUMENTS.set(self.state.documents())
+        return [
+            OutputMessage(
+                topic,
+                doc_id.encode(),
+                value,
+                source=(w.message.topic, w.message.partition, w.message.offset),
+                partition=partition,
+                after_delivery=True,
+            )
+            for (_, partition, doc_id), (w, value) in latest.items()
+        ]
 
     def _metadata(self, w: Work) -> dict[str, str]:
         doc = w.document
@@ -427,7 +539,7 @@ class Pipeline:
     def _image_record(self, w: Work) -> dict[str, Any]:
         event, e = w.event, self.image_embedder
         return {
-            "chunk_id": chunk_id(event["doc_id"], e.model_id, e.model_revision, 0),
+            "chunk_id": w.ids[0],
             "doc_id": event["doc_id"],
             "doc_version": self._position(w),
             "chunk_index": 0,
@@ -485,13 +597,17 @@ class Pipeline:
                 c.deletes += 1
                 metrics.EVENTS.labels("deleted").inc()
             else:
+                embedded = sum(w.fresh)
+                tokens = sum(ch.n_tokens for ch, f in zip(w.chunks, w.fresh) if f)
                 metrics.EVENTS.labels("embedded").inc()
                 metrics.DOCUMENTS.inc()
-                metrics.CHUNKS.inc(len(w.chunks) or int(w.is_image))
-                metrics.TOKENS.inc(sum(ch.n_tokens for ch in w.chunks))
+                metrics.CHUNKS.inc(embedded)
+                metrics.CHUNKS_REUSED.inc(len(w.fresh) - embedded)
+                metrics.TOKENS.inc(tokens)
                 c.documents += 1
-                c.chunks += len(w.chunks) or int(w.is_image)
-                c.tokens += sum(ch.n_tokens for ch in w.chunks)
+                c.chunks += embedded
+                c.reused += len(w.fresh) - embedded
+                c.tokens += tokens
         now = time.monotonic()
         if now - self._last_report >= self.settings.report_every_s:
             self._last_report = now
@@ -500,6 +616,10 @@ class Pipeline:
     def close(self) -> None:
         self.threads.shutdown()
         self.pool.close()
+
+
+def _fresh(w: Work) -> list[Chunk]:
+    return [c for c, f in zip(w.chunks, w.fresh) if f]
 
 
 def _upserts(batch: Batch) -> list[Work]:

@@ -11,6 +11,13 @@ EVENTS = Counter("embedstream_events", "Input events by outcome", ["outcome"])
 DOCUMENTS = Counter("embedstream_documents", "Documents embedded")
 CHUNKS = Counter("embedstream_chunks", "Chunks embedded")
 TOKENS = Counter("embedstream_tokens", "Model tokens embedded")
+CHUNKS_REUSED = Counter(
+    "embedstream_chunks_reused", "Chunks an incremental update kept without embedding them again"
+)
+STATE_RESTORES = Counter(
+    "embedstream_state_restores", "Input partitions whose chunk state was read back from the changelog"
+)
+STATE_DOCUMENTS = Gauge("embedstream_state_documents", "Documents in the incremental chunk state")
 DEAD_LETTERS = Counter("embedstream_dead_letters", "Dead letters by stage and reason", ["stage", "reason"])
 BATCH_EVENTS = Histogram(
     "embedstream_batch_events", "Events per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)

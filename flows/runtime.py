@@ -51,11 +51,18 @@ def pipeline(settings: Settings) -> Pipeline:
                 dtype=settings.dtype,
                 truncate_dim=settings.truncate_dim,
             )
+            state = None
+            if settings.incremental:
+                from flows.chunk_state import ChunkState, ensure_topic
+
+                ensure_topic(settings)
+                state = ChunkState(settings)
             _pipeline = Pipeline(
                 settings,
                 embedder,
                 registry=registry,
                 max_message_bytes=max_message_bytes,
                 image_embedder=image_embedder,
+                state=state,
             )
         return _pipeline

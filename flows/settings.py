@@ -63,6 +63,15 @@ class Settings:
     #: Chunk size in model tokens (None: the model's limit).
     max_tokens: Optional[int] = None
     overlap_tokens: int = 0
+    #: Re-embed only the chunks an UPSERT changed: VectorRecords for new chunk ids only,
+    #: and a DocManifest listing every chunk. Consumers must apply the newest manifest.
+    incremental: bool = False
+    #: Where chunks are cut: "greedy" (as full as possible) or "stable" (an edit changes
+    #: the chunks near it only). None: stable in incremental mode, else greedy.
+    chunking: Optional[str] = None
+    #: Incremental mode's compacted changelog of per-document chunk ids, one partition per
+    #: input partition (None: "<group_id>.chunk-state"; created if missing).
+    state_topic: Optional[str] = None
     #: Most events the source hands over as one micro-batch, per partition (None: 512 on
     #: the CPU, 2048 on a GPU, whose larger batches keep it busy).
     batch_size: Optional[int] = None
@@ -149,6 +158,8 @@ class Settings:
             raise ValueError("prompt_name and truncate_dim apply to the text model, not to CLIP's text tower")
         if self.truncate_dim is not None and self.truncate_dim <= 0:
             raise ValueError("truncate_dim must be positive")
+        if self.chunking not in (None, "greedy", "stable"):
+            raise ValueError("chunking must be greedy or stable")
         if self.output_format == "confluent" and not self.schema_registry_url:
             raise ValueError("output_format 'confluent' needs schema_registry_url")
         if self.batch_size is not None and self.batch_size <= 0:
@@ -162,6 +173,13 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+    def chunk_strategy(self) -> str:
+        """How the flow cuts chunks: the setting, else stable cuts for incremental mode."""
+        return self.chunking or ("stable" if self.incremental else "greedy")
+
+    def chunk_state_topic(self) -> str:
+        return self.state_topic or f"{self.group_id}.chunk-state"
 
     def sink_dlq(self) -> str:
         return self.sink_dlq_topic or f"{self.output_topic}.sink-dlq"

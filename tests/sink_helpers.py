@@ -118,21 +118,32 @@ def random_stream(seed: int, docs: int = 12, events: int = 60) -> list[tuple[str
 
 def expected_store(stream: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """What the store must hold: for each document, the chunks of its newest manifest
-    (by hand, independently of flows.stores.plan)."""
+    (by hand, independently of flows.stores.plan). A listed chunk's vector and text come
+    from its newest record up to the manifest's version, which in incremental mode may
+    belong to an earlier version; a delete forgets the records before it."""
     newest: dict[str, tuple[int, Optional[dict]]] = {}
-    records: dict[tuple[str, int], dict[str, dict]] = {}
+    records: dict[str, dict[str, dict]] = {}
     for kind, r in stream:
-        offset = r["doc_version"]["offset"]
+        doc_id, offset = r["doc_id"], r["doc_version"]["offset"]
         if kind == "VectorRecord":
-            records.setdefault((r["doc_id"], offset), {})[r["chunk_id"]] = r
-        elif offset >= newest.get(r["doc_id"], (-1, None))[0]:
-            newest[r["doc_id"]] = (offset, r if kind == "DocManifest" else None)
+            known = records.setdefault(doc_id, {}).get(r["chunk_id"])
+            if known is None or known["doc_version"]["offset"] <= offset:
+                records[doc_id][r["chunk_id"]] = r
+            continue
+        if kind == "DeleteMarker":
+            records[doc_id] = {
+                c: rec for c, rec in records.get(doc_id, {}).items() if rec["doc_version"]["offset"] > offset
+            }
+        if offset >= newest.get(doc_id, (-1, None))[0]:
+            newest[doc_id] = (offset, r if kind == "DocManifest" else None)
     rows = {}
     for doc_id, (offset, m) in newest.items():
         if m is None:
             continue
         for entry in m["chunks"]:
-            r = records[(doc_id, offset)][entry["chunk_id"]]
+            r = records.get(doc_id, {}).get(entry["chunk_id"])
+            if r is None or r["doc_version"]["offset"] > offset:
+                continue  # never delivered: the sink has nothing to keep
             rows[entry["chunk_id"]] = {
                 "doc_id": doc_id,
                 "doc_version": offset,

@@ -76,8 +76,11 @@ def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
         streamed = np.array([r["embedding"] for r in records], dtype=np.float32)
         cos = (direct * streamed).sum(1) / np.linalg.norm(direct, axis=1) / np.linalg.norm(streamed, axis=1)
         assert cos.min() >= 0.9999
+        lineage = f"{minilm.model_id}\x00{minilm.model_revision}\x00f32\x00\x00384"
         for r in records:
-            key = f"{name}\x00{minilm.model_id}\x00{minilm.model_revision}\x00{r['chunk_index']}"
+            # Content-derived: doc_id, the text's digest, its occurrence (texts here are unique).
+            text_digest = hashlib.sha256(r["text"].encode()).hexdigest()
+            key = f"{name}\x00{text_digest}\x000\x00{lineage}"
             assert r["chunk_id"] == hashlib.sha256(key.encode()).hexdigest()
             assert r["metadata"]["team"] == "docs"
             assert r["metadata"]["doc.mime_type"] == doc.mime_type

@@ -49,10 +49,15 @@ class InputMessage:
 class OutputMessage:
     topic: str
     key: Optional[bytes]
-    value: bytes
+    value: Optional[bytes]
     headers: tuple[tuple[str, bytes], ...] = ()
     #: (topic, partition, offset) of the input event it came from, for offset commits.
     source: Optional[tuple[str, int, int]] = None
+    #: A partition of its own choosing (None: by key).
+    partition: Optional[int] = None
+    #: Produced only once every other message of its batch is confirmed (the chunk-state
+    #: changelog must never get ahead of the records).
+    after_delivery: bool = False
 
 
 class DeliveryError(RuntimeError):
@@ -269,7 +274,14 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
             self.failures.append(f"{msg.topic()}: {err}")
 
     def write_batch(self, items: list[OutputMessage]) -> None:
+        self._deliver([i for i in items if not i.after_delivery])
+        self._deliver([i for i in items if i.after_delivery])
+        self._commit(items)
+
+    def _deliver(self, items: list[OutputMessage]) -> None:
+        """Produces ``items`` and returns once Kafka confirmed every one."""
         for item in items:
+            extra = {} if item.partition is None else {"partition": item.partition}
             while True:
                 try:
                     self.producer.produce(
@@ -278,6 +290,7 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
                         item.key,
                         headers=list(item.headers),
                         on_delivery=self._on_delivery,
+                        **extra,
                     )
                     break
                 except BufferError:
@@ -294,7 +307,6 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         if self.failures:
             failures, self.failures = self.failures, []
             raise DeliveryError(f"{len(failures)} records were not delivered: {failures[:3]}")
-        self._commit(items)
 
     def _commit(self, items: list[OutputMessage]) -> None:
         """Everything up to these events is in Kafka now: record it under the group.

@@ -299,6 +299,7 @@ class PostgresStore:
             """SELECT doc_id, page, chunk_index, text, metadata, 1 - (embedding <=> %s::vector) AS score
                FROM {t} WHERE {where} ORDER BY embedding <=> %s::vector LIMIT %s"""
         ).format(t=sql.Identifier(spec.name), where=where)
+
         def run(conn):
             # HNSW returns at most ef_search candidates, filtered afterwards: ask for
             # enough that k hits survive a filter (pgvector's default is 40).
