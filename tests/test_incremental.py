@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from kafka_helpers import FlowTopics, avro_event, log_tail, start_flow
 
-from flows.chunk_state import ID_PREFIX_BYTES, chunk_ids, lineage_key, unpack
+from flows.chunk_state import ID_PREFIX_BYTES, chunk_ids, lineage_key, pack, unpack
 from flows.kafka.topics import create
 from flows.settings import Settings
 from flows.stores import open_store
@@ -146,6 +146,25 @@ def by_version(messages: list) -> dict[tuple[str, int], dict[str, list]]:
         if kind in ("VectorRecord", "DocManifest"):
             found[(record["doc_id"], record["doc_version"]["offset"])][kind].append(record)
     return found
+
+
+def test_chunk_ids_follow_content_occurrence_and_lineage():
+    lineage = lineage_key("m", "r1", "f32", None, 384)
+    ids = chunk_ids("doc", [b"a", b"b", b"a"], lineage)
+    assert len(set(ids)) == 3  # the second "a" is another chunk
+    assert chunk_ids("doc", [b"b", b"a"], lineage) == [ids[1], ids[0]]  # positions do not matter
+    assert chunk_ids("other", [b"a"], lineage)[0] != ids[0]
+    for changed in (
+        ("m2", "r1", "f32", None, 384),
+        ("m", "r1", "q8", None, 384),
+        ("m", "r1", "f32", "doc", 384),
+    ):
+        assert chunk_ids("doc", [b"a"], lineage_key(*changed))[0] != ids[0]
+    assert chunk_ids("doc", [b"a"], lineage_key("m", "r1", "f32", None, 128))[0] != ids[0]
+    packed = pack(ids)
+    assert len(packed) == 1 + 3 * ID_PREFIX_BYTES
+    assert unpack(packed) == {bytes.fromhex(i[: 2 * ID_PREFIX_BYTES]) for i in ids}
+    assert unpack(b"\x09" + packed[1:]) == set()  # a layout this release cannot read: embed again
 
 
 def test_an_update_embeds_only_its_new_chunks_and_the_store_equals_a_full_run(
