@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from flows import codecs
 from flows.kafka.topics import create
@@ -98,7 +98,7 @@ class FlowTopics:
             partitions = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
             ends = {}
             for p in partitions:
-                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                _low, high = _watermarks(consumer, TopicPartition(topic, p), timeout)
                 if high > 0:
                     ends[p] = high
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
@@ -121,6 +121,28 @@ class FlowTopics:
         finally:
             consumer.close()
         return sorted(found, key=lambda f: (f[2].partition(), f[2].offset()))
+
+
+_TRANSIENT = (
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+)
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """A restarted broker answers "not leader" for a moment: retried until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=timeout)
+        except KafkaException as e:
+            error = e.args[0]
+            transient = error.retriable() or error.code() in _TRANSIENT
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def avro_event(

@@ -3,6 +3,7 @@ delete markers as the flow writes them) and store fixtures on the real stores.""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import uuid
 from typing import Any, Optional
@@ -29,7 +30,11 @@ def record(
     partition: int = 0,
     model: Optional[dict] = None,
 ) -> dict[str, Any]:
-    rng = np.random.default_rng(abs(hash((doc_id, text))) % 2**32)
+    # Seeded from the content (not hash(), which changes per process): the same
+    # record gets the same vector in every run.
+    rng = np.random.default_rng(
+        int.from_bytes(hashlib.sha256(f"{doc_id}\x00{text}".encode()).digest()[:4], "big")
+    )
     vector = rng.normal(size=dim).astype(np.float32)
     return {
         "chunk_id": chunk_id or f"{doc_id}#{index}",

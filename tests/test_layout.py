@@ -62,6 +62,7 @@ def test_moved_modules_live_only_in_flows():
         "EXTRACTION_REASONS",
         "SUPPORTED_TYPES",
         "Chunk",
+        "ChunkStrategy",
         "Chunker",
         "Document",
         "Embedder",

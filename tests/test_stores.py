@@ -187,7 +187,9 @@ def test_lancedb_indexes_a_table_once_it_is_large_enough(tmp_path, monkeypatch):
     assert [(i.name, i.columns) for i in indices] == [("embedding_idx", ["embedding"])]
     assert indices[0].index_details["metric_type"] == "COSINE"
     target = record("d42", 42, 1, 2, "text 42 b")["embedding"]
-    assert store.search(SPEC, target, 1, {})[0].doc_id == "d42"
+    # The index quantizes (SQ): among 4-dimensional vectors the exact match may trade
+    # places with a near one, but it is never far down the list.
+    assert "d42" in [h.doc_id for h in store.search(SPEC, target, 3, {})]
     assert rows(url) == expected(stream)
 
 
