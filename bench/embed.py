@@ -64,10 +64,23 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--dtype", default="f32")
     parser.add_argument(
+        "--flops-per-token",
+        type=float,
+        default=23e6,
+        help="the model's multiply-adds x2 per token, for the sgemm limit (MiniLM: 23 MFLOP)",
+    )
+    parser.add_argument(
         "--peers", default="sentence-transformers,embed-anything", help="comma-separated peers to run"
     )
     args = parser.parse_args()
     result = measure(args.model, paragraphs(args.texts), args.repeat, args.dtype, set(args.peers.split(",")))
+    # What f32 could reach if every FLOP ran at numpy's sgemm speed on this machine.
+    gflops = machine.sgemm_gflops()
+    limit = gflops * 1e9 / args.flops_per_token
+    ours = result["embedstream"]
+    result["machine"]["sgemm_gflops"] = gflops
+    ours["sgemm_limit_tokens_per_s"] = round(limit, 1)
+    ours["fraction_of_sgemm_limit"] = round(ours["tokens_per_s"] / limit, 3)
     print(json.dumps(result, indent=2))
 
 

@@ -19,6 +19,13 @@ def resolve_device(device: str) -> str:
     return _native.resolve_device(device)
 
 
+def cpu_kernels() -> tuple[str, str]:
+    """``(in force, the best this CPU runs)``, each ``"portable"``, ``"avx2"`` or
+    ``"avx512"``. ``EMBEDSTREAM_CPU_KERNELS`` (``auto`` by default) forces a path; it
+    is read at every model load and holds for the whole process."""
+    return _native.cpu_kernels()
+
+
 #: How a chunker places its cuts: ``"greedy"`` fills every chunk as far as it can;
 #: ``"stable"`` chooses among the last boundaries that fit by the text around them, so
 #: that an edit changes the chunks near it and not every chunk after it.
@@ -109,8 +116,9 @@ class Embedder:
 
         ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the first GPU when
         the wheel was built with CUDA and one answers, else the CPU). ``dtype``:
-        ``"f32"``; ``"q8"`` (int8 linear layers, on CPUs with AVX-512 VNNI: about 2.2
-        times f32's speed, cosine >= 0.995 to f32); on a GPU ``"f16"`` or ``"bf16"``.
+        ``"f32"``; ``"q8"`` (int8 linear layers, on CPUs with AVX2, through AVX-512 VNNI
+        where there is: about 2.2 times f32's speed there, cosine >= 0.995 to f32); on a
+        GPU ``"f16"`` or ``"bf16"``.
         ``max_batch_tokens``: most tokens, padding included, in one forward pass
         (default: 2,048 on the CPU, 16,384 on a GPU). ``truncate_dim``: keep the first
         dimensions of every vector (Matryoshka models), as sentence-transformers does:

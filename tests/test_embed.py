@@ -41,13 +41,59 @@ def test_q8_stays_within_its_documented_accuracy(minilm_reference):
     try:
         q8 = Embedder.load(dtype="q8")
     except operators.UnsupportedError as error:
-        assert "AVX-512 VNNI" in str(error)
-        pytest.skip("this CPU has no AVX-512 VNNI")
+        assert "AVX2" in str(error)
+        pytest.skip("this CPU has no AVX2")
     _, texts, expected = minilm_reference
     assert q8.dtype == "q8"
     assert cosine(q8.embed(texts), expected).min() >= 0.995
     # Row order and batching must not matter in q8 either.
     assert cosine(q8.embed(texts[::-1])[::-1], expected).min() >= 0.995
+
+
+KERNEL_PATHS = ["portable", "avx2", "avx512"]
+
+
+@pytest.fixture
+def forced_kernels(monkeypatch):
+    """Sets EMBEDSTREAM_CPU_KERNELS for the test; afterwards a load puts auto back."""
+    yield lambda path: monkeypatch.setenv("EMBEDSTREAM_CPU_KERNELS", path)
+    monkeypatch.delenv("EMBEDSTREAM_CPU_KERNELS", raising=False)
+    Embedder.load(str(DATA / "tiny-bert-cls"))
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_every_kernel_path_this_cpu_runs_matches_sentence_transformers(
+    path, forced_kernels, minilm_reference
+):
+    from operators.embed import cpu_kernels
+
+    forced_kernels(path)
+    best = cpu_kernels()[1]
+    if KERNEL_PATHS.index(path) > KERNEL_PATHS.index(best):
+        with pytest.raises(operators.UnsupportedError, match=f"at most the {best} kernels"):
+            Embedder.load()
+        pytest.skip(f"this CPU runs at most the {best} kernels")
+    _, texts, expected = minilm_reference
+    f32 = Embedder.load()
+    assert cpu_kernels()[0] == path
+    assert cosine(f32.embed(texts), expected).min() >= 0.999
+    if path == "portable":
+        with pytest.raises(operators.UnsupportedError, match="AVX2"):
+            Embedder.load(dtype="q8")
+        return
+    q8 = Embedder.load(dtype="q8")
+    got = q8.embed(texts)
+    assert cosine(got, expected).min() >= 0.995
+    # The int8 products are exact on both paths: they agree to float rounding.
+    if path == "avx2" and best == "avx512":
+        forced_kernels("avx512")
+        assert np.abs(Embedder.load(dtype="q8").embed(texts) - got).max() < 1e-4
+
+
+def test_unknown_kernel_paths_are_refused(forced_kernels):
+    forced_kernels("neon")
+    with pytest.raises(operators.UnsupportedError, match="auto, portable, avx2 or avx512"):
+        Embedder.load()
 
 
 def test_minilm_matches_one_by_one(minilm, minilm_reference):

@@ -367,8 +367,8 @@ def test_q8_quantizes_every_family_within_its_accuracy(directory):
     try:
         q8 = Embedder.load(directory, dtype="q8")
     except operators.UnsupportedError as error:
-        assert "AVX-512 VNNI" in str(error)
-        pytest.skip("this CPU has no AVX-512 VNNI")
+        assert "AVX2" in str(error)
+        pytest.skip("this CPU has no AVX2")
     rows = [r for r in reference(directory) if np.linalg.norm(r["embedding"]) > 0]
     texts, expected = [r["text"] for r in rows], np.array([r["embedding"] for r in rows])
     got = q8.embed(texts)

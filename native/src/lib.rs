@@ -6,6 +6,7 @@
 //! knows about PyO3.
 
 pub mod chunk;
+pub mod cpu;
 pub mod embed;
 pub mod error;
 pub mod extract;

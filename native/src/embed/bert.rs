@@ -85,7 +85,7 @@ pub struct Bert {
 
 impl Bert {
     /// Loads weights saved by transformers, under one of `layout.prefixes` or none.
-    /// `quantize`: int8 linear layers (CPU, AVX-512 VNNI) around float embeddings and norms.
+    /// `quantize`: int8 linear layers (CPU: AVX2, or AVX-512 VNNI) around float embeddings and norms.
     pub fn load(
         vb: VarBuilder,
         config: &BertConfig,

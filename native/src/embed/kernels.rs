@@ -137,7 +137,7 @@ mod simd {
 
     pub fn gelu(src: &[f32], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if crate::cpu::current() >= crate::cpu::Kernels::Avx2 {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { gelu_avx2(src, dst) };
         }
@@ -152,7 +152,7 @@ mod simd {
         out: &mut [f32],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if crate::cpu::current() >= crate::cpu::Kernels::Avx2 {
             // SAFETY: as above.
             return unsafe { attention_avx2(qkv, bias, heads, half_window, out) };
         }

@@ -104,8 +104,10 @@ fn cuda_device(index: usize) -> Result<Device, EmbedError> {
 /// Parses a dtype name for `device` into the float dtype of the weights and whether
 /// the linear layers are quantized: f32 everywhere; f16 and bf16 on GPUs only, since
 /// candle's CPU kernels for them are slower than f32; q8 (int8 linear layers, f32
-/// elsewhere) on CPUs with AVX-512 VNNI.
+/// elsewhere) on CPUs with AVX2 (AVX-512 VNNI where there is). Reads
+/// `EMBEDSTREAM_CPU_KERNELS` for this and every later kernel call.
 pub fn select_dtype(name: &str, device: &Device) -> Result<(DType, bool), EmbedError> {
+    crate::cpu::configure()?;
     let dtype = match name {
         "f32" => DType::F32,
         "f16" => DType::F16,

@@ -11,12 +11,19 @@
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, so activations travel as
 //! `q + 128`; the extra `128 · Σ_k w` per output is subtracted at the end.
+//!
+//! Without VNNI, AVX2 does the same products with `vpmaddubsw` (u8 × i8 pairs summed
+//! into i16) and `vpmaddwd` (pairs of i16 into i32). `vpmaddubsw` saturates, so the
+//! activations are read back as signed codes and their signs moved onto the weights
+//! (`vpsignb`): |q| · ±w, both at most 127, sums a pair to at most 32,258, exact.
+//! Which path runs is `crate::cpu::current()`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
 use rayon::prelude::*;
 
 use super::kernels::contiguous_f32;
+use crate::cpu::{self, Kernels};
 use crate::error::EmbedError;
 
 /// Output columns per packed block: four 16-lane i32 accumulators per row.
@@ -67,33 +74,39 @@ pub struct QuantizedLinear {
     /// like `packed`, so one output block's offsets are one slice.
     offsets: Vec<i32>,
     bias: Vec<f32>,
+    /// AVX-512 VNNI or AVX2, as in force when the layer was built.
+    kernels: Kernels,
 }
 
-/// Whether this CPU runs the q8 kernels.
+/// Whether the kernels in force run q8: AVX2 or AVX-512 VNNI.
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    cpu::current() >= Kernels::Avx2
 }
 
 pub fn check_supported() -> std::result::Result<(), EmbedError> {
     if supported() {
         Ok(())
     } else {
-        Err(EmbedError::Unsupported(
-            "dtype \"q8\" needs a CPU with AVX-512 VNNI; use \"f32\" on this machine".into(),
-        ))
+        Err(EmbedError::Unsupported(format!(
+            "dtype \"q8\" needs a CPU with AVX2 (the {} kernels are in force); use \"f32\" here",
+            cpu::current().name()
+        )))
     }
 }
 
 impl QuantizedLinear {
     /// Quantizes a float linear layer: `weight` is `[out, in]`, `bias` `[out]` or none.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        Self::with_kernels(weight, bias, cpu::current())
+    }
+
+    fn with_kernels(weight: &Tensor, bias: Option<&Tensor>, kernels: Kernels) -> Result<Self> {
+        if kernels < Kernels::Avx2 || kernels > Kernels::detected() {
+            candle_core::bail!(
+                "q8 needs the AVX2 or AVX-512 kernels, not {}",
+                kernels.name()
+            );
+        }
         let (out_features, in_features) = weight.dims2()?;
         let weight = weight.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
         let bias = match bias {
@@ -126,6 +139,7 @@ impl QuantizedLinear {
             scales,
             offsets,
             bias,
+            kernels,
         })
     }
 
@@ -152,12 +166,18 @@ impl QuantizedLinear {
         let blocks = kp / BLOCK_K;
         let mut quantized = vec![128u8; rows * kp];
         let mut row_scales = vec![0f32; rows * blocks];
+        let vnni = self.kernels == Kernels::Avx512;
         quantized
             .par_chunks_mut(kp)
             .zip(row_scales.par_chunks_mut(blocks))
             .zip(input.par_chunks(k))
-            // SAFETY: `supported()` was checked when the layer was built.
-            .for_each(|((q, scales), x)| unsafe { kernel::quantize_row(x, scales, q) });
+            // SAFETY: the layer was built with these kernels in force.
+            .for_each(|((q, scales), x)| unsafe {
+                match vnni {
+                    true => kernel::quantize_row(x, scales, q),
+                    false => kernel::quantize_row_avx2(x, scales, q),
+                }
+            });
         let mut out = vec![0f32; rows * n];
         out.par_chunks_mut(TASK_M * n)
             .enumerate()
@@ -187,10 +207,17 @@ impl QuantizedLinear {
             for (tile, x) in x.chunks(TILE_M * kp).enumerate() {
                 let tile_rows = x.len() / kp;
                 let scales = &row_scales[tile * TILE_M * blocks..][..tile_rows * blocks];
-                // SAFETY: `supported()` was checked when the layer was built, and the
+                // SAFETY: the layer was built with these kernels in force, and the
                 // kernel reads `tile_rows` rows of `kp` bytes, `kp / 4` × 256 bytes of
                 // weights and `blocks` scales and offsets per row, all inside the slices.
-                unsafe { kernel::tile(x, kp, weights, scales, offsets, tile_rows, &mut acc) };
+                unsafe {
+                    match self.kernels {
+                        Kernels::Avx512 => {
+                            kernel::tile(x, kp, weights, scales, offsets, tile_rows, &mut acc)
+                        }
+                        _ => kernel::tile_avx2(x, kp, weights, scales, tile_rows, &mut acc),
+                    }
+                };
                 for (r, acc) in acc.iter().enumerate().take(tile_rows) {
                     let m = tile * TILE_M + r;
                     let columns = block * BLOCK_N..((block + 1) * BLOCK_N).min(n);
@@ -286,6 +313,117 @@ mod kernel {
         }
     }
 
+    /// `quantize_row` on AVX2: the same codes (round half to even, + 128).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_row_avx2(x: &[f32], scales: &mut [f32], out: &mut [u8]) {
+        let abs_mask = _mm256_set1_ps(f32::from_bits(0x7fff_ffff));
+        for ((x, scale), out) in x.chunks(BLOCK_K).zip(scales).zip(out.chunks_mut(BLOCK_K)) {
+            if x.len() < BLOCK_K {
+                let max = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                for (q, &v) in out.iter_mut().zip(x) {
+                    *q = ((v / *scale).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
+                }
+                continue;
+            }
+            let p = x.as_ptr();
+            let v: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+            let mut max = _mm256_setzero_ps();
+            for v in &v {
+                max = _mm256_max_ps(max, _mm256_and_ps(*v, abs_mask));
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), max);
+            let max = lanes.iter().fold(0f32, |m, &l| m.max(l));
+            *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let inverse = _mm256_set1_ps(1.0 / *scale);
+            let shift = _mm256_set1_epi32(128);
+            // Rounding (to nearest even), + 128, then i32 → i16 → u8, in lane order.
+            let codes: [__m256i; 8] = std::array::from_fn(|i| {
+                _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)), shift)
+            });
+            for half in 0..2 {
+                let c = &codes[4 * half..];
+                let words01 =
+                    _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0b11_01_10_00);
+                let words23 =
+                    _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0b11_01_10_00);
+                let bytes =
+                    _mm256_permute4x64_epi64(_mm256_packus_epi16(words01, words23), 0b11_01_10_00);
+                _mm256_storeu_si256(out.as_mut_ptr().add(32 * half) as *mut __m256i, bytes);
+            }
+        }
+    }
+
+    /// The VNNI tile's contract on AVX2 (offsets unused: codes are read back as signed).
+    pub unsafe fn tile_avx2(
+        x: &[u8],
+        stride: usize,
+        weights: &[i8],
+        scales: &[f32],
+        rows: usize,
+        acc: &mut [[f32; BLOCK_N]; TILE_M],
+    ) {
+        let blocks = stride / BLOCK_K;
+        for r in (0..rows).step_by(2) {
+            let (x, scales) = (&x[r * stride..], &scales[r * blocks..]);
+            let acc = &mut acc[r..];
+            match rows - r {
+                1 => tile_rows_avx2::<1>(x, stride, weights, scales, acc),
+                _ => tile_rows_avx2::<2>(x, stride, weights, scales, acc),
+            }
+        }
+    }
+
+    /// `R` rows against 64 outputs, in two halves of 32 (four 8-lane accumulators
+    /// per row: with the weights they fill the 16 registers).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_rows_avx2<const R: usize>(
+        x: &[u8],
+        stride: usize,
+        weights: &[i8],
+        scales: &[f32],
+        acc: &mut [[f32; BLOCK_N]],
+    ) {
+        let blocks = stride / BLOCK_K;
+        debug_assert!(x.len() >= (R - 1) * stride + stride && weights.len() >= stride * BLOCK_N);
+        let (w, x) = (weights.as_ptr(), x.as_ptr());
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        for row in acc.iter_mut().take(R) {
+            *row = [0.0; BLOCK_N];
+        }
+        for half in 0..2 {
+            for b in 0..blocks {
+                let mut sums = [[_mm256_setzero_si256(); 4]; R];
+                for g in b * BLOCK_K / 4..(b + 1) * BLOCK_K / 4 {
+                    let wg = w.add(g * 4 * BLOCK_N + 128 * half);
+                    let wv =
+                        [0, 32, 64, 96].map(|o| _mm256_loadu_si256(wg.add(o) as *const __m256i));
+                    for (r, sums) in sums.iter_mut().enumerate() {
+                        let codes = (x.add(r * stride + g * 4) as *const i32).read_unaligned();
+                        // u8 code − 128 = the signed code: flip the top bit.
+                        let a = _mm256_xor_si256(_mm256_set1_epi32(codes), flip);
+                        let magnitude = _mm256_sign_epi8(a, a);
+                        for (s, &wj) in sums.iter_mut().zip(&wv) {
+                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wj, a));
+                            *s = _mm256_add_epi32(*s, _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                }
+                for (r, sums) in sums.iter().enumerate() {
+                    let scale = _mm256_set1_ps(*scales.get_unchecked(r * blocks + b));
+                    for (j, s) in sums.iter().enumerate() {
+                        let out = acc[r][32 * half + 8 * j..].as_mut_ptr();
+                        let total =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, _mm256_loadu_ps(out));
+                        _mm256_storeu_ps(out, total);
+                    }
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile_rows<const R: usize>(
         x: &[u8],
@@ -346,12 +484,27 @@ mod kernel {
         unreachable!("q8 is refused at load time on this architecture")
     }
 
+    pub unsafe fn quantize_row_avx2(_: &[f32], _: &mut [f32], _: &mut [u8]) {
+        unreachable!("q8 is refused at load time on this architecture")
+    }
+
     pub unsafe fn tile(
         _: &[u8],
         _: usize,
         _: &[i8],
         _: &[f32],
         _: &[i32],
+        _: usize,
+        _: &mut [[f32; BLOCK_N]; TILE_M],
+    ) {
+        unreachable!("q8 is refused at load time on this architecture")
+    }
+
+    pub unsafe fn tile_avx2(
+        _: &[u8],
+        _: usize,
+        _: &[i8],
+        _: &[f32],
         _: usize,
         _: &mut [[f32; BLOCK_N]; TILE_M],
     ) {
@@ -365,25 +518,37 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn matches_the_float_product() -> Result<()> {
-        if !supported() {
-            eprintln!("skipped: no AVX-512 VNNI");
-            return Ok(());
+    fn matches_the_float_product_on_every_path_this_cpu_runs() -> Result<()> {
+        for kernels in [Kernels::Avx2, Kernels::Avx512] {
+            if kernels <= Kernels::detected() {
+                matches_the_float_product(kernels)?;
+            } else {
+                eprintln!("skipped: this CPU has no {} kernels", kernels.name());
+            }
         }
+        Ok(())
+    }
+
+    fn matches_the_float_product(kernels: Kernels) -> Result<()> {
         let device = Device::Cpu;
         // Sizes off every block boundary: 70 outputs, 150 inputs (3 blocks), 7 rows.
         let w = Tensor::randn(0f32, 0.1, (70, 150), &device)?;
         let b = Tensor::randn(0f32, 0.1, 70, &device)?;
         let x = Tensor::randn(0f32, 1.0, (7, 150), &device)?;
         let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
-        let got = QuantizedLinear::new(&w, Some(&b))?.forward(&x)?;
+        let got = QuantizedLinear::with_kernels(&w, Some(&b), kernels)?.forward(&x)?;
         let error = (&got - &want)?
             .sqr()?
             .sum_all()?
             .sqrt()?
             .to_scalar::<f32>()?;
         let norm = want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-        assert!(error / norm < 0.01, "relative error {}", error / norm);
+        assert!(
+            error / norm < 0.01,
+            "{}: relative error {}",
+            kernels.name(),
+            error / norm
+        );
         Ok(())
     }
 }

@@ -354,12 +354,22 @@ impl PyChunker {
     }
 }
 
+/// `(kernels in force, best kernels of this CPU)`: "portable", "avx2" or "avx512".
+#[pyfunction]
+fn cpu_kernels() -> (&'static str, &'static str) {
+    (
+        crate::cpu::current().name(),
+        crate::cpu::Kernels::detected().name(),
+    )
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(extract, m)?)?;
     m.add_function(wrap_pyfunction!(sniff, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_built, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_class::<PyEmbedder>()?;
     m.add_class::<PyChunker>()?;
     m.add_class::<PyImageEmbedder>()?;
