@@ -118,6 +118,7 @@ def test_image_recipe_and_dashboard():
         metrics.EVENTS,
         metrics.DEAD_LETTERS,
         metrics.TOKENS,
+        metrics.CHUNKS_REUSED,
         metrics.CONSUMER_LAG,
         metrics.STAGE_SECONDS,
         metrics.END_TO_END_SECONDS,
