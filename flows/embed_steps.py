@@ -419,8 +419,9 @@ class Pipeline:
             e = self.image_embedder
             lineage = (e.model_id, e.model_revision, "f32", e.dim, None)
             entries = [{"chunk_id": w.ids[0], "chunk_index": 0, "char_start": 0, "char_end": 0, "page": None}]
-            records = [self._image_record(w)] if w.fresh[0] else []
-            return self._with_manifest(w, topic, records, entries, lineage, "image")
+            metadata = self._metadata(w)
+            records = [self._image_record(w, metadata)] if w.fresh[0] else []
+            return self._with_manifest(w, topic, records, entries, lineage, "image", metadata)
         e = self.embedder
         metadata = self._metadata(w)
         embedded_at = codecs.now_ms()
@@ -463,7 +464,7 @@ class Pipeline:
                     "dimension": e.dim,
                 }
             )
-        return self._with_manifest(w, s.output_topic, records, entries, lineage, "text")
+        return self._with_manifest(w, s.output_topic, records, entries, lineage, "text", metadata)
 
     def _with_manifest(
         self,
@@ -473,6 +474,7 @@ class Pipeline:
         entries: list[dict[str, Any]],
         lineage: tuple[str, str, str, int, Optional[str]],
         modality: str,
+        metadata: dict[str, str],
     ) -> list[OutputMessage]:
         """The version's records, then its DocManifest (every chunk of the version, also
         those not sent again) on the same topic and key, so it follows them in the
@@ -487,7 +489,7 @@ class Pipeline:
             "dimension": dimension,
             "prompt_name": prompt_name,
             "modality": modality,
-            "metadata": self._metadata(w),
+            "metadata": metadata,
             "event_time": w.event["event_time"],
             "emitted_at": codecs.now_ms(),
             "chunks": entries,
@@ -536,7 +538,7 @@ class Pipeline:
             metadata[f"doc.{k}"] = v
         return metadata
 
-    def _image_record(self, w: Work) -> dict[str, Any]:
+    def _image_record(self, w: Work, metadata: dict[str, str]) -> dict[str, Any]:
         event, e = w.event, self.image_embedder
         return {
             "chunk_id": w.ids[0],
@@ -553,7 +555,7 @@ class Pipeline:
             "model_revision": e.model_revision,
             "dtype": "f32",
             "chunker": {"max_tokens": 0, "overlap_tokens": 0},
-            "metadata": self._metadata(w),
+            "metadata": metadata,
             "event_time": event["event_time"],
             "embedded_at": codecs.now_ms(),
             "modality": "image",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka_helpers import FlowTopics, avro_event, log_tail, start_flow
+from kafka_helpers import FlowTopics, avro_event, log_tail, run_args, start_flow
 
 from flows.chunk_state import ID_PREFIX_BYTES, chunk_ids, lineage_key, pack, unpack
 from flows.kafka.topics import create
@@ -298,26 +298,7 @@ def test_a_changelog_with_fewer_partitions_than_the_input_is_a_clear_error(kafka
     create(Settings(brokers=kafka_bootstrap), state_topic, partitions)
     topics.produce([upsert("doc-0", doc_text(0))])
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "run",
-            "--until-end",
-            "--incremental",
-            "--state-topic",
-            state_topic,
-            "--brokers",
-            kafka_bootstrap,
-            "--input-topic",
-            topics.input,
-            "--output-topic",
-            topics.output,
-            "--dlq-topic",
-            topics.dlq,
-            "--metrics-port",
-            "0",
-        ],
+        run_args(topics, "--until-end", "--incremental", "--state-topic", state_topic),
         capture_output=True,
         text=True,
         timeout=240,

@@ -278,6 +278,16 @@ mod kernel {
         }
     }
 
+    /// A block shorter than 64 inputs, in plain Rust; returns its scale.
+    fn quantize_partial_block(x: &[f32], out: &mut [u8]) -> f32 {
+        let max = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        for (q, &v) in out.iter_mut().zip(x) {
+            *q = ((v / scale).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
+        }
+        scale
+    }
+
     /// Quantizes one token row, per block of 64 inputs: scales out, u8 codes (+128)
     /// out. `x` may end mid-block (the padding keeps code 128, i.e. zero).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -286,11 +296,7 @@ mod kernel {
         for ((x, scale), out) in x.chunks(BLOCK_K).zip(scales).zip(out.chunks_mut(BLOCK_K)) {
             if x.len() < BLOCK_K {
                 // The last, partial block of an input width that is not a multiple of 64.
-                let max = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-                for (q, &v) in out.iter_mut().zip(x) {
-                    *q = ((v / *scale).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
-                }
+                *scale = quantize_partial_block(x, out);
                 continue;
             }
             let p = x.as_ptr();
@@ -319,11 +325,8 @@ mod kernel {
         let abs_mask = _mm256_set1_ps(f32::from_bits(0x7fff_ffff));
         for ((x, scale), out) in x.chunks(BLOCK_K).zip(scales).zip(out.chunks_mut(BLOCK_K)) {
             if x.len() < BLOCK_K {
-                let max = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-                for (q, &v) in out.iter_mut().zip(x) {
-                    *q = ((v / *scale).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
-                }
+                // The last, partial block of an input width that is not a multiple of 64.
+                *scale = quantize_partial_block(x, out);
                 continue;
             }
             let p = x.as_ptr();
