@@ -204,6 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output_topic=args.output_topic,
         dlq_topic=args.dlq_topic,
         group_id=args.group_id,
+        scaling=args.scaling,
         model=args.model,
         device=args.device,
         dtype=args.dtype,
@@ -227,17 +228,50 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         log_format=args.log_format,
     )
+    import dataclasses
+    import os
+
+    process_id, addresses = settings.cluster()
+    if args.addresses or os.environ.get("BYTEWAX_ADDRESSES"):
+        addresses = (args.addresses or os.environ["BYTEWAX_ADDRESSES"]).split(";")
+        process_id = (
+            args.process_id if args.process_id is not None else int(os.environ.get("BYTEWAX_PROCESS_ID", 0))
+        )
+    mode = settings.scaling_mode(addresses)
+    if mode == "group" and addresses:
+        print("embedstream: -a/-i name a Bytewax cluster: use --scaling cluster with them", file=sys.stderr)
+        return 2
+    try:
+        settings = dataclasses.replace(settings, scaling=mode)
+        settings.validate()
+    except ValueError as e:
+        print(f"embedstream: {e}", file=sys.stderr)
+        return 2
     from flows import logs, metrics
 
     logs.configure(settings.log_format)
     metrics.serve(settings.metrics_port)
-    logging.getLogger("embedstream").info("settings: %s", settings.redacted())
+    log = logging.getLogger("embedstream")
+    log.info("settings: %s", settings.redacted())
     from flows.kafka.topics import check_exist
 
     topics_used = [settings.input_topic, settings.output_topic, settings.dlq_topic]
     check_exist(
         settings, topics_used + ([settings.image_output_topic] if settings.image_output_topic else [])
     )
+    if mode == "cluster":
+        from flows.kafka.topics import group_members
+
+        members = group_members(settings, settings.group_id)
+        if members:
+            # A cluster does not join the group: both would read every partition.
+            print(
+                f"embedstream: consumer group {settings.group_id} has {members} live member(s), "
+                "group-mode workers: a cluster under the same group id would process their "
+                "partitions again. Stop them, or give the cluster another --group-id.",
+                file=sys.stderr,
+            )
+            return 2
     import signal
 
     from bytewax.recovery import RecoveryConfig, init_db_dir
@@ -251,12 +285,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             store.mkdir(parents=True, exist_ok=True)
             init_db_dir(store, settings.recovery_partitions)
         recovery = RecoveryConfig(store, timedelta(seconds=settings.backup_s))
-    process_id, addresses = settings.cluster()
-    if args.process_id is not None:
-        process_id, addresses = args.process_id, args.addresses.split(";") if args.addresses else None
-    if process_id is not None:
-        logging.getLogger("embedstream").info("cluster process %d of %s", process_id, addresses)
-    # SIGTERM drains: the sources stop, the batch in hand is finished, flushed and snapshotted.
+    if mode == "group":
+        log.info("group mode: a member of consumer group %s on %s", settings.group_id, settings.input_topic)
+    elif process_id is not None:
+        log.info("cluster process %d of %s", process_id, addresses)
+    # SIGTERM drains: the sources stop, the batch in hand is finished, flushed and
+    # committed (group mode) or snapshotted (cluster mode).
     signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     # SIGUSR1 prints every thread's stack: for a worker that seems stuck.
     import faulthandler
@@ -460,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--group-id", help="consumer group whose committed offsets mark progress (default: embedstream)"
     )
+    run.add_argument(
+        "--scaling",
+        choices=["group", "cluster"],
+        help="group: this process joins the consumer group, start and stop any number; cluster: "
+        "a fixed Bytewax cluster (-i, -a) with a recovery store (default: cluster when -a is "
+        "given, else group)",
+    )
     run.add_argument("--model", help="model directory or hub id (default: MiniLM)")
     run.add_argument(
         "--image-model", help="CLIP directory: embed image documents instead of dead-lettering them"
@@ -498,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=["avro", "json", "confluent"], help="output encoding (default: avro)"
     )
     run.add_argument(
-        "--from", dest="start_from", help="beginning | latest | epoch ms, without recovery state"
+        "--from",
+        dest="start_from",
+        help="beginning | latest | epoch ms, where there is no saved progress (the group's committed "
+        "offsets; cluster mode: the recovery store)",
     )
     run.add_argument("--device", help="cpu | cuda | cuda:N | auto: the first GPU if any (default: cpu)")
     run.add_argument(
@@ -512,11 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
     run.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
-    run.add_argument("-i", "--process-id", type=int, help="this process's index in a cluster (0-based)")
-    run.add_argument("-a", "--addresses", help="host:port of every cluster process, ';'-separated, in order")
+    run.add_argument(
+        "-i", "--process-id", type=int, help="this process's index in a cluster (0-based; --scaling cluster)"
+    )
+    run.add_argument(
+        "-a",
+        "--addresses",
+        help="host:port of every cluster process, ';'-separated, in order (--scaling cluster)",
+    )
     run.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400; 0: off)")
     run.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
-    run.add_argument("--recovery-dir", help="Bytewax recovery store (created with 4 partitions if empty)")
+    run.add_argument(
+        "--recovery-dir",
+        help="Bytewax recovery store of --scaling cluster (created with 4 partitions if empty)",
+    )
     run.add_argument(
         "--snapshot-s",
         "--epoch-s",

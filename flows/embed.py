@@ -7,8 +7,14 @@ draws them) over one whole micro-batch: the first step turns the batch the sourc
 hands over into a single item, so the embed step makes one model call per source
 batch and no event waits in a buffer outside the recovery snapshot. Dead letters
 leave through the same sink as the records, routed by topic, so offsets are
-committed in input order. Configured by ``EMBEDSTREAM_*`` variables (see
-:class:`flows.settings.Settings`); the steps live in :mod:`flows.embed_steps`.
+committed in input order.
+
+The source depends on ``scaling``: in group mode (the default) each worker is a
+member of the consumer group (:mod:`flows.kafka.group`) and commits its offsets
+itself; in cluster mode a fixed Bytewax cluster shares the partitions
+(:class:`flows.kafka.io.KafkaInput`) and resumes from its recovery store. Configured
+by ``EMBEDSTREAM_*`` variables (see :class:`flows.settings.Settings`); the steps live
+in :mod:`flows.embed_steps`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from bytewax.dataflow import Dataflow
 
 from flows import runtime
 from flows.embed_steps import Pipeline
+from flows.kafka import group
+from flows.kafka.group import GroupInput
 from flows.kafka.io import KafkaInput, KafkaOutput
 from flows.settings import Settings
 
@@ -39,26 +47,32 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
         # The producer must not refuse what the output topics accept.
         return {"message.max.bytes": str(max(runtime.output_limit(settings), 1_000_000))}
 
-    flow = Dataflow("embedstream")
-    events = op.input(
-        "documents",
-        flow,
-        KafkaInput(
-            {**kafka, "group.id": settings.group_id},
-            settings.input_topic,
-            start_from=settings.start_from,
-            tail=settings.tail,
-            batch_size=settings.batch_size,
-            batch_bytes=settings.batch_bytes,
-            poll_ms=settings.poll_ms,
-        ),
+    consumer = {**kafka, "group.id": settings.group_id}
+    options = dict(
+        start_from=settings.start_from,
+        tail=settings.tail,
+        batch_size=settings.batch_size,
+        batch_bytes=settings.batch_bytes,
+        poll_ms=settings.poll_ms,
     )
+    group_mode = settings.scaling_mode() == "group"
+    if group_mode:
+        source = GroupInput(consumer, settings.input_topic, on_moved=runtime.forget_state, **options)
+    else:
+        source = KafkaInput(consumer, settings.input_topic, **options)
+
+    flow = Dataflow("embedstream")
+    events = op.input("documents", flow, source)
     batches = op.flat_map_batch("decode", events, lambda messages: pipeline().decode(messages))
     batches = op.map("fetch_extract", batches, lambda batch: pipeline().fetch_and_extract(batch))
     batches = op.map("chunk", batches, lambda batch: pipeline().chunk(batch))
     batches = op.map("embed", batches, lambda batch: pipeline().embed(batch))
     records = op.flat_map("encode", batches, lambda batch: pipeline().encode(batch))
-    op.output("kafka", records, KafkaOutput(kafka, group_id=settings.group_id, runtime_config=sink_limits))
+    if group_mode:
+        sink = KafkaOutput(kafka, runtime_config=sink_limits, commit=group.commit)
+    else:
+        sink = KafkaOutput(kafka, group_id=settings.group_id, runtime_config=sink_limits)
+    op.output("kafka", records, sink)
     return flow
 
 

@@ -36,6 +36,22 @@ END_TO_END_SECONDS = Histogram(
 CONSUMER_LAG = Gauge(
     "embedstream_consumer_lag", "Messages not yet handed over, per input partition", ["topic", "partition"]
 )
+# Group mode (`--scaling group`)
+ASSIGNED_PARTITIONS = Gauge("embedstream_assigned_partitions", "Input partitions this process owns")
+REBALANCES = Counter(
+    "embedstream_partition_moves",
+    "Input partitions assigned to, revoked from or lost by this process",
+    ["kind"],
+)
+
+
+def forget_lag(topic: str, partition: int) -> None:
+    """Stops reporting lag for a partition this process no longer owns."""
+    try:
+        CONSUMER_LAG.remove(topic, str(partition))
+    except KeyError:
+        pass
+
 
 # `embedstream sink`
 SINK_MESSAGES = Counter("embedstream_sink_messages", "Vector-topic messages written, by type", ["type"])

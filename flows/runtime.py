@@ -66,3 +66,12 @@ def pipeline(settings: Settings) -> Pipeline:
                 state=state,
             )
         return _pipeline
+
+
+def forget_state(topic: str, partitions: list[int]) -> None:
+    """Group mode moved these input partitions (assigned, revoked or lost): per-document
+    state cached for them may be stale, so it is read back from the changelog on the
+    partition's next batch."""
+    if _pipeline is not None and _pipeline.state is not None:
+        for p in partitions:
+            _pipeline.state.drop(topic, p)

@@ -39,10 +39,18 @@ class Settings:
     input_topic: str = "documents"
     output_topic: str = "vectors"
     dlq_topic: str = "documents.dlq"
-    #: Consumer group under which processed offsets are committed (for lag tooling).
+    #: The consumer group: in group mode the workers are its members; in cluster mode
+    #: processed offsets are committed under it (for lag tooling).
     group_id: str = "embedstream"
-    #: Where to start without recovery state: "committed" (the group's committed offsets,
-    #: else the beginning), "beginning", "latest", or epoch milliseconds.
+    #: "group": each process is an independent member of the consumer group (start and
+    #: stop any number; Kafka moves partitions). "cluster": a fixed-size Bytewax cluster.
+    #: None: cluster when cluster addresses are given (-a, BYTEWAX_ADDRESSES, or a
+    #: StatefulSet's), else group.
+    scaling: Optional[str] = None
+    #: Where to start without saved progress: "committed" (the group's committed offsets,
+    #: else the beginning), "beginning", "latest", or epoch milliseconds. Saved progress
+    #: is the recovery store in cluster mode and the group's committed offsets in group
+    #: mode, where this applies to partitions the group never committed.
     start_from: str = "committed"
     #: Keep reading for new events (True) or stop at the end offsets seen at start.
     tail: bool = True
@@ -158,6 +166,13 @@ class Settings:
             raise ValueError("prompt_name and truncate_dim apply to the text model, not to CLIP's text tower")
         if self.truncate_dim is not None and self.truncate_dim <= 0:
             raise ValueError("truncate_dim must be positive")
+        if self.scaling not in (None, "group", "cluster"):
+            raise ValueError("scaling must be group or cluster")
+        if self.scaling == "group" and self.recovery_dir:
+            raise ValueError(
+                "recovery_dir is for scaling=cluster: group-mode workers resume from the "
+                "consumer group's committed offsets"
+            )
         if self.chunking not in (None, "greedy", "stable"):
             raise ValueError("chunking must be greedy or stable")
         if self.output_format == "confluent" and not self.schema_registry_url:
@@ -207,6 +222,15 @@ class Settings:
             raise ValueError(f"pod {pod} is outside replicas={self.replicas}")
         addresses = [f"{base}-{i}.{self.service}:{self.cluster_port}" for i in range(self.replicas)]
         return int(ordinal), addresses
+
+    def scaling_mode(self, addresses: Optional[list[str]] = None) -> str:
+        """``scaling`` if set, else cluster when cluster addresses are given (``addresses``,
+        ``BYTEWAX_ADDRESSES``, or a StatefulSet's) and group otherwise."""
+        if self.scaling:
+            return self.scaling
+        if addresses or os.environ.get("BYTEWAX_ADDRESSES") or self.cluster()[0] is not None:
+            return "cluster"
+        return "group"
 
     def kafka_common(self) -> dict[str, Any]:
         """Client settings every consumer, producer and admin client starts from. Their

@@ -30,6 +30,13 @@ class FlowTopics:
             create(settings, name, self.partitions)
 
     @property
+    def group(self) -> str:
+        """The consumer group of the flows run on these topics (unless a test names
+        another): a member that a test kills lingers in its group for a session timeout,
+        and must not hold up the next test's rebalance."""
+        return self.prefix
+
+    @property
     def input(self) -> str:
         return f"{self.prefix}.documents"
 
@@ -73,7 +80,7 @@ class FlowTopics:
             self.dlq,
             "--metrics-port",
             "0",
-            *args,
+            *_group(self, args),
         ]
         result = subprocess.run(
             cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
@@ -194,8 +201,12 @@ def run_args(topics: FlowTopics, *args: str) -> list[str]:
         topics.output,
         "--dlq-topic",
         topics.dlq,
-        *args,
+        *_group(topics, args),
     ]
+
+
+def _group(topics: FlowTopics, args: tuple[str, ...]) -> tuple[str, ...]:
+    return args if "--group-id" in args else (*args, "--group-id", topics.group)
 
 
 def start_flow(topics: FlowTopics, *args: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen:

@@ -96,7 +96,8 @@ def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
     from flows.settings import Settings
 
     create(Settings(brokers=kafka_bootstrap), f"{topics.prefix}.replay", 2)
-    topics.run("--max-tokens", "48", "--from", "beginning", output=f"{topics.prefix}.replay")
+    replay = ("--from", "beginning", "--group-id", f"{topics.group}.replay")  # a group with no progress
+    topics.run("--max-tokens", "48", *replay, output=f"{topics.prefix}.replay")
     again = by_doc(topics.read(f"{topics.prefix}.replay"))
     for name in files:
         a = sorted((r["chunk_id"], r["text"], r["char_start"]) for r in got[name])

@@ -77,8 +77,8 @@ def check_every_event_accounted(topics: FlowTopics, ids: list[str]) -> None:
         assert chunks == set(range(len(chunks))), f"{doc_id}: every chunk present"
 
 
-def committed(topics: FlowTopics, partitions: int, group: str = "embedstream") -> list[int]:
-    consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+def committed(topics: FlowTopics, partitions: int) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": topics.group})
     try:
         parts = consumer.committed([TopicPartition(topics.input, p) for p in range(partitions)], timeout=30)
     finally:
@@ -104,7 +104,8 @@ def test_kill_9_loses_nothing(kafka_bootstrap, tmp_path):
     topics = FlowTopics(kafka_bootstrap, partitions=2)
     batch = events(60)
     topics.produce(batch)
-    args = ("--recovery-dir", str(tmp_path / "recovery"), "--snapshot-s", "0.5", "--batch-size", "2")
+    args = ("--scaling", "cluster", "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-s", "0.5")
+    args += ("--batch-size", "2")
     worker = start_flow(topics, *args)
     try:
         assert wait_for(lambda: count(topics) >= 8, timeout=120), "the worker made no progress"
@@ -121,7 +122,8 @@ def test_sigterm_drains_and_exits_cleanly(kafka_bootstrap, tmp_path):
     topics = FlowTopics(kafka_bootstrap, partitions=2)
     batch = events(40)
     topics.produce(batch)
-    args = ("--recovery-dir", str(tmp_path / "recovery"), "--snapshot-s", "1", "--batch-size", "2")
+    args = ("--scaling", "cluster", "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-s", "1")
+    args += ("--batch-size", "2")
     worker = start_flow(topics, *args)
     assert wait_for(lambda: count(topics) >= 5, timeout=120)
     worker.send_signal(signal.SIGTERM)

@@ -1,8 +1,10 @@
 """Kafka source and sink for Bytewax, written for the guarantees we promise.
 
-Source: one consumer per partition (``assign``, no group rebalancing: Bytewax owns
-the partition-to-worker mapping), batches bounded in count and bytes with a maximum
-poll wait, and a snapshot that is the next offset to hand over.
+Source (cluster mode, ``--scaling cluster``): one consumer per partition (``assign``,
+no group rebalancing: Bytewax owns the partition-to-worker mapping), batches bounded in
+count and bytes with a maximum poll wait, and a snapshot that is the next offset to hand
+over. Group mode's source, a consumer-group member per worker, is in
+:mod:`flows.kafka.group`.
 
 Sink: an idempotent producer that checks every delivery report and flushes each batch
 before returning, so a snapshot never covers a record that is not in Kafka. A full
@@ -60,6 +62,24 @@ class OutputMessage:
     after_delivery: bool = False
 
 
+def input_message(msg) -> InputMessage:
+    """A consumed confluent-kafka message as the flow sees it."""
+    return InputMessage(
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        msg.key(),
+        msg.value(),
+        msg.timestamp()[1],
+        tuple(msg.headers() or ()),
+    )
+
+
+#: Group mode's offset commit: delivered offsets (next offset per topic-partition) in,
+#: those no group member of this process handed over out.
+CommitFn = Callable[[dict[tuple[str, int], int]], dict[tuple[str, int], int]]
+
+
 class DeliveryError(RuntimeError):
     """Kafka did not confirm a record; the worker stops so that nothing is lost."""
 
@@ -99,17 +119,7 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
             for msg in self.consumer.consume(self.batch_size - len(self.pending), self.poll_s):
                 err = msg.error()
                 if err is None:
-                    self.pending.append(
-                        InputMessage(
-                            msg.topic(),
-                            msg.partition(),
-                            msg.offset(),
-                            msg.key(),
-                            msg.value(),
-                            msg.timestamp()[1],
-                            tuple(msg.headers() or ()),
-                        )
-                    )
+                    self.pending.append(input_message(msg))
                 elif err.code() == KafkaError._PARTITION_EOF:
                     if self.next_offset is None:
                         self.next_offset = msg.offset()
@@ -252,7 +262,13 @@ class KafkaInput(FixedPartitionedSource[InputMessage, int]):
 
 
 class _SinkPartition(StatelessSinkPartition[OutputMessage]):
-    def __init__(self, config: dict, flush_timeout_s: float, group_id: Optional[str]) -> None:
+    def __init__(
+        self,
+        config: dict,
+        flush_timeout_s: float,
+        group_id: Optional[str],
+        commit: Optional[CommitFn] = None,
+    ) -> None:
         self.producer = Producer(
             {
                 "enable.idempotence": "true",
@@ -264,9 +280,13 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         )
         self.flush_timeout_s = flush_timeout_s
         self.failures: list[str] = []
-        # Commits consumer-group offsets for lag tooling; never subscribes or consumes.
+        self.commit = commit
+        # Cluster mode: commits consumer-group offsets for lag tooling; never subscribes
+        # or consumes. (Group mode commits through the members, ``commit``.)
         self.committer = (
-            Consumer({**config, "group.id": group_id, "enable.auto.commit": "false"}) if group_id else None
+            Consumer({**config, "group.id": group_id, "enable.auto.commit": "false"})
+            if group_id and commit is None
+            else None
         )
 
     def _on_delivery(self, err, msg) -> None:
@@ -309,16 +329,22 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
             raise DeliveryError(f"{len(failures)} records were not delivered: {failures[:3]}")
 
     def _commit(self, items: list[OutputMessage]) -> None:
-        """Everything up to these events is in Kafka now: record it under the group.
-        Recovery snapshots stay the source of truth for resuming; this is for lag."""
-        if self.committer is None:
-            return
+        """Everything up to these events is in Kafka now: record it under the group. In
+        cluster mode recovery snapshots stay the source of truth for resuming and this is
+        for lag; in group mode the committed offsets are where the next owner starts."""
         done: dict[tuple[str, int], int] = {}
         for item in items:
             if item.source is not None:
                 topic, partition, offset = item.source
                 done[(topic, partition)] = max(done.get((topic, partition), -1), offset + 1)
         if not done:
+            return
+        if self.commit is not None:
+            orphans = self.commit(done)
+            if orphans:
+                log.warning("delivered events no group member of this process handed over: %s", orphans)
+            return
+        if self.committer is None:
             return
         try:
             self.committer.commit(
@@ -344,12 +370,14 @@ class KafkaOutput(DynamicSink[OutputMessage]):
         flush_timeout_s: float = 300.0,
         group_id: Optional[str] = None,
         runtime_config: Optional[Callable[[], dict]] = None,
+        commit: Optional[CommitFn] = None,
     ) -> None:
         self.config = config
         self.flush_timeout_s = flush_timeout_s
         self.group_id = group_id
         self.runtime_config = runtime_config
+        self.commit = commit
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
         config = {**(self.runtime_config() if self.runtime_config else {}), **self.config}
-        return _SinkPartition(config, self.flush_timeout_s, self.group_id)
+        return _SinkPartition(config, self.flush_timeout_s, self.group_id, self.commit)

@@ -54,6 +54,13 @@ def check_exist(settings: Settings, names: Sequence[str]) -> None:
         )
 
 
+def group_members(settings: Settings, group_id: str) -> int:
+    """How many live members the consumer group has (0 for a group that never ran)."""
+    admin = AdminClient(settings.kafka_common())
+    described = admin.describe_consumer_groups([group_id])[group_id].result(timeout=30)
+    return len(described.members)
+
+
 def delete(settings: Settings, names: Sequence[str]) -> list[str]:
     """Deletes topics that exist; returns the names deleted."""
     admin = AdminClient(settings.kafka_common())

@@ -1,0 +1,327 @@
+"""Group mode: each worker is one member of the Kafka consumer group.
+
+Workers start and stop independently and Kafka moves partitions between them
+(cooperative-sticky assignment: a rebalance moves only the partitions that change
+owner; the others keep flowing). What makes that safe:
+
+- **One batch in hand at a time.** The source hands a batch over, then does not poll
+  again until the sink has delivered every record of it and committed its offsets
+  through this member's own consumer (the broker accepts commits of a live group only
+  from its members). Rebalance callbacks run only inside a poll, so when partitions
+  are revoked nothing of theirs is in flight: the batch in hand was finished, flushed
+  and committed before they go.
+- **Revoked partitions leave nothing behind.** Messages fetched but not yet handed over
+  are dropped (the next owner starts at the committed offset), offsets delivered but not
+  yet committed are committed in the revoke callback, and the partition's per-document
+  state is forgotten (``on_moved``); the next owner reads it back from its changelog.
+- **Lost partitions** (this member was too slow and the group went on without it) are
+  dropped without committing: their next owner processes the uncommitted events again,
+  with identical records.
+
+Bytewax runs the dataflow unchanged: :class:`GroupInput` is a ``DynamicSource``, one
+member per worker thread, and the sink finds the member of each partition through
+:func:`commit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Optional
+
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
+from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+from flows import metrics
+from flows.kafka.io import STOP, InputMessage, input_message
+
+log = logging.getLogger("embedstream.group")
+
+#: Called with (topic, partitions) when partitions are assigned, revoked or lost: the
+#: flow forgets their per-document state then.
+OnMoved = Callable[[str, list[int]], None]
+
+_members: list[GroupMember] = []
+_members_lock = threading.Lock()
+
+
+class GroupMember:
+    """One subscribing consumer and the bookkeeping that keeps rebalances exact."""
+
+    def __init__(
+        self,
+        config: dict,
+        topic: str,
+        *,
+        start_from: str = "committed",
+        tail: bool = True,
+        batch_size: int = 64,
+        batch_bytes: int = 16 << 20,
+        poll_ms: int = 100,
+        on_moved: Optional[OnMoved] = None,
+    ) -> None:
+        self.topic = topic
+        self.start_from = start_from
+        self.batch_size, self.batch_bytes, self.poll_s = batch_size, batch_bytes, poll_ms / 1000
+        self.on_moved = on_moved
+        self._lock = threading.RLock()
+        #: Partitions this member owns; None until the group first assigned it some (or none).
+        self.owned: Optional[set[int]] = None
+        #: Per partition: the offset after the last event handed over and not yet delivered.
+        self.in_flight: dict[int, int] = {}
+        #: Per partition: offsets delivered whose commit has not succeeded yet.
+        self.uncommitted: dict[int, int] = {}
+        #: Per partition: the next offset this member would hand over (for ``tail=False``).
+        self.position: dict[int, int] = {}
+        self.pending: list[InputMessage] = []
+        reset = "latest" if start_from == "latest" else "earliest"
+        self.consumer = Consumer(
+            {
+                **config,
+                "enable.auto.commit": "false",
+                "enable.partition.eof": "true",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "auto.offset.reset": reset,
+            }
+        )
+        #: With ``tail=False``: each partition's end offset when the worker started.
+        self.ends: Optional[dict[int, int]] = None if tail else self._end_offsets()
+        self.consumer.subscribe(
+            [topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+        with _members_lock:
+            _members.append(self)
+
+    # --- the source side -----------------------------------------------------------------
+
+    def next_batch(self) -> list[InputMessage]:
+        """The next micro-batch, or [] while the previous one is still on its way."""
+        with self._lock:
+            if self.in_flight:
+                return []
+            self._commit_uncommitted()
+            if STOP.is_set() or self.finished():
+                raise StopIteration
+            if len(self.pending) < self.batch_size:
+                self._fetch(self.batch_size - len(self.pending))
+            batch = self._take()
+            for m in batch:
+                self.in_flight[m.partition] = m.offset + 1
+                self.position[m.partition] = m.offset + 1
+            if batch:
+                self._report_lag({m.partition for m in batch})
+            return batch
+
+    def _fetch(self, wanted: int) -> None:
+        # Rebalance callbacks run inside this call, on this thread.
+        for msg in self.consumer.consume(wanted, self.poll_s):
+            err = msg.error()
+            if err is None:
+                if self.owned is not None and msg.partition() not in self.owned:
+                    continue  # fetched just before its partition was revoked
+                if self.ends is not None and msg.offset() >= self.ends.get(msg.partition(), 0):
+                    # Past the end seen at start: left for the next run, uncommitted.
+                    self.position[msg.partition()] = max(self.position.get(msg.partition(), 0), msg.offset())
+                    continue
+                self.pending.append(input_message(msg))
+            elif err.code() == KafkaError._PARTITION_EOF:
+                if not any(m.partition == msg.partition() for m in self.pending):
+                    p = msg.partition()
+                    self.position[p] = max(self.position.get(p, 0), msg.offset())
+            elif err.fatal():
+                raise KafkaException(err)
+            else:  # transient (broker down, leader moved): librdkafka retries
+                log.warning("group member of %s: %s", self.topic, err)
+
+    def _take(self) -> list[InputMessage]:
+        batch, size = [], 0
+        while self.pending and len(batch) < self.batch_size:
+            if batch and size + self.pending[0].size > self.batch_bytes:
+                break
+            msg = self.pending.pop(0)
+            batch.append(msg)
+            size += msg.size
+        return batch
+
+    def finished(self) -> bool:
+        """With ``tail=False``: every partition this member owns is done up to the end
+        offset seen at start (partitions it does not own are another member's)."""
+        if self.ends is None or self.owned is None or self.pending or self.in_flight:
+            return False
+        return all(self.position.get(p, -1) >= self.ends.get(p, 0) for p in self.owned)
+
+    # --- the sink side -------------------------------------------------------------------
+
+    def delivered(self, offsets: dict[int, int]) -> None:
+        """Every record up to these offsets (next offset per partition) is in Kafka:
+        commit them, and let the source hand over the next batch."""
+        with self._lock:
+            for p, offset in offsets.items():
+                if self.uncommitted.get(p, -1) < offset:
+                    self.uncommitted[p] = offset
+                if self.in_flight.get(p, offset + 1) <= offset:
+                    del self.in_flight[p]
+            self._commit_uncommitted()
+
+    def _commit_uncommitted(self, partitions: Optional[Iterable[int]] = None) -> None:
+        wanted = set(self.uncommitted) if partitions is None else set(partitions) & set(self.uncommitted)
+        if not wanted:
+            return
+        offsets = [KafkaTopicPartition(self.topic, p, self.uncommitted[p]) for p in sorted(wanted)]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as e:
+            # A rebalance in progress refuses commits for a moment: kept and retried before
+            # the next poll, and in the revoke callback if the partition leaves.
+            log.warning("commit of %s[%s] deferred: %s", self.topic, sorted(wanted), e.args[0])
+            return
+        for p in wanted:
+            self.uncommitted.pop(p, None)
+
+    # --- rebalance callbacks (inside consume, on the source's thread) -------------------
+
+    def _assigned(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
+        if not parts:  # a cooperative rebalance that gave this member nothing new
+            with self._lock:
+                self.owned = self.owned or set()
+            return
+        with self._lock:
+            self.owned = (self.owned or set()) | set(parts)
+            for p in parts:
+                self.position.pop(p, None)
+        if self.start_from.isdigit() and partitions:
+            self._start_at_time(consumer, partitions)
+        metrics.REBALANCES.labels("assigned").inc(len(parts))
+        metrics.ASSIGNED_PARTITIONS.inc(len(parts))
+        log.info("assigned %s%s; now owning %s", self.topic, sorted(parts), sorted(self.owned))
+        self._moved(parts)  # state cached from an earlier ownership may be stale
+
+    def _revoked(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
+        if not parts:
+            return
+        with self._lock:
+            self._commit_uncommitted(parts)
+            self._forget(parts)
+        metrics.REBALANCES.labels("revoked").inc(len(parts))
+        log.info("revoked %s%s; now owning %s", self.topic, sorted(parts), sorted(self.owned or ()))
+
+    def _lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
+        with self._lock:
+            for p in parts:
+                self.uncommitted.pop(p, None)
+            self._forget(parts)
+        metrics.REBALANCES.labels("lost").inc(len(parts))
+        log.warning(
+            "lost %s%s (this member missed the group's deadline): their next owner "
+            "processes the uncommitted events again",
+            self.topic,
+            sorted(parts),
+        )
+
+    def _forget(self, parts: list[int]) -> None:
+        metrics.ASSIGNED_PARTITIONS.dec(len(set(parts) & (self.owned or set())))
+        self.owned = (self.owned or set()) - set(parts)
+        self.pending = [m for m in self.pending if m.partition not in parts]
+        for p in parts:
+            self.in_flight.pop(p, None)
+            self.position.pop(p, None)
+            metrics.forget_lag(self.topic, p)
+        self._moved(parts)
+
+    def _moved(self, parts: list[int]) -> None:
+        if self.on_moved is not None and parts:
+            self.on_moved(self.topic, parts)
+
+    def _start_at_time(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        """``start_from`` epoch ms: partitions without a committed offset start at the
+        first event at or after that time."""
+        committed = consumer.committed(partitions, timeout=30)
+        fresh = [
+            KafkaTopicPartition(self.topic, tp.partition, int(self.start_from))
+            for tp in committed
+            if tp.offset < 0
+        ]
+        found = (
+            {tp.partition: tp.offset for tp in consumer.offsets_for_times(fresh, timeout=30)} if fresh else {}
+        )
+        consumer.incremental_assign(
+            [
+                KafkaTopicPartition(self.topic, tp.partition, found.get(tp.partition, tp.offset))
+                for tp in committed
+            ]
+        )
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _end_offsets(self) -> dict[int, int]:
+        meta = self.consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
+        if meta is None or meta.error is not None:
+            raise RuntimeError(f"input topic {self.topic!r} is not available: {meta.error if meta else ''}")
+        ends = {}
+        for p in meta.partitions:
+            _low, high = self.consumer.get_watermark_offsets(KafkaTopicPartition(self.topic, p), timeout=30)
+            ends[p] = high
+        return ends
+
+    def _report_lag(self, partitions: set[int]) -> None:
+        for p in partitions:
+            try:
+                _low, high = self.consumer.get_watermark_offsets(
+                    KafkaTopicPartition(self.topic, p), cached=True
+                )
+            except KafkaException:
+                continue
+            if high >= 0:
+                metrics.CONSUMER_LAG.labels(self.topic, str(p)).set(max(high - self.position[p], 0))
+
+    def close(self) -> None:
+        with _members_lock:
+            if self in _members:
+                _members.remove(self)
+        with self._lock:
+            self._commit_uncommitted()
+        started = time.monotonic()
+        self.consumer.close()  # leaves the group: the revoke callback runs first
+        log.info("left the group of %s in %.2f s", self.topic, time.monotonic() - started)
+
+
+def commit(offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+    """Hands delivered offsets (next offset per topic-partition) to the members that
+    handed those events over; returns those no member of this process owns."""
+    left = dict(offsets)
+    with _members_lock:
+        members = list(_members)
+    for member in members:
+        mine = {p: o for (t, p), o in left.items() if t == member.topic and p in member.in_flight}
+        if mine:
+            member.delivered(mine)
+            for p in mine:
+                left.pop((member.topic, p))
+    return left
+
+
+class _GroupPartition(StatelessSourcePartition[InputMessage]):
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
+
+    def next_batch(self) -> list[InputMessage]:
+        return self.member.next_batch()
+
+    def close(self) -> None:
+        self.member.close()
+
+
+class GroupInput(DynamicSource[InputMessage]):
+    """The input topic read as a consumer group: one member per worker thread."""
+
+    def __init__(self, config: dict, topic: str, *, on_moved: Optional[OnMoved] = None, **options) -> None:
+        self.config, self.topic, self.on_moved, self.options = config, topic, on_moved, options
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _GroupPartition:
+        return _GroupPartition(GroupMember(self.config, self.topic, on_moved=self.on_moved, **self.options))
