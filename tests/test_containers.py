@@ -57,9 +57,10 @@ def test_worker_image_runs_the_flow_healthy_and_drains_on_sigterm(
     name = f"embedstream-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
     args = ["--brokers", kafka_bootstrap, "--input-topic", topics.input, "--output-topic", topics.output]
-    args += ["--dlq-topic", topics.dlq, "--from", "beginning"]
+    args += ["--dlq-topic", topics.dlq, "--from", "beginning", "--group-id", topics.group]
     # The host's network: the local broker listens on loopback. The metrics port by
-    # variable, as the manifests set it: the image's health check reads it too.
+    # variable, as the manifests set it: the image's health check reads it too. Locked
+    # down as the Deployment's security context asks.
     engine.run(
         "run",
         "-d",
@@ -69,12 +70,16 @@ def test_worker_image_runs_the_flow_healthy_and_drains_on_sigterm(
         "host",
         "-e",
         f"EMBEDSTREAM_METRICS_PORT={port}",
+        *hardening_flags(),
         worker_image,
         "run",
         *args,
     )
     try:
         assert engine.run("inspect", "--format", "{{.Config.User}}", name).stdout.strip() == "10001"
+        assert (
+            engine.run("inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", name).stdout.strip() == "true"
+        )
         assert wait_for(
             lambda: count(topics) >= 1 and engine.health(name) == "healthy", timeout=300, every=2
         ), engine.run("logs", name, check=False).stderr[-3000:]
@@ -97,6 +102,30 @@ def test_worker_image_runs_the_flow_healthy_and_drains_on_sigterm(
     # Nothing lost: a worker resuming from the committed offsets accounts for every event.
     topics.run()
     assert _embedded(topics) == set(TEXT_SAMPLES) | set(late)
+
+
+def hardening_flags() -> list[str]:
+    """The Deployment's container security context as engine flags: a read-only root
+    with its emptyDir volumes as the only writable paths, no capabilities, no privilege
+    escalation, the engine's default seccomp profile."""
+    import yaml
+
+    manifest = yaml.safe_load(
+        (Path(__file__).resolve().parent.parent / "deploy/k8s/deployment.yaml").read_text()
+    )
+    pod = manifest["spec"]["template"]["spec"]
+    [worker] = pod["containers"]
+    ctx = worker["securityContext"]
+    assert ctx["seccompProfile"]["type"] == "RuntimeDefault"  # the engine's default profile
+    flags = ["--user", str(pod["securityContext"]["runAsUser"])]
+    if ctx["readOnlyRootFilesystem"]:
+        flags.append("--read-only")
+    if not ctx["allowPrivilegeEscalation"]:
+        flags += ["--security-opt", "no-new-privileges"]
+    flags += [f"--cap-drop={c}" for c in ctx["capabilities"]["drop"]]
+    scratch = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    flags += [f"--tmpfs={m['mountPath']}" for m in worker["volumeMounts"] if m["name"] in scratch]
+    return flags
 
 
 def _embedded(topics: FlowTopics) -> set[str]:

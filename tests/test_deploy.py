@@ -1,4 +1,6 @@
-"""No cluster runs here: the manifests are parsed and their wiring checked."""
+"""No cluster runs here: the manifests are validated against the Kubernetes and KEDA
+schemas (``kubernetes-validate``'s bundled schemas; KEDA's CRDs from its release on the
+Go module proxy, in ``tests/data/k8s``), and their wiring and policies are checked."""
 
 from __future__ import annotations
 
@@ -73,7 +75,8 @@ def test_config_and_secrets_reach_the_worker(sts):
     config, secret = load("configmap.yaml"), load("secret.example.yaml")
     assert {"configMapRef": {"name": config["metadata"]["name"]}} in refs
     assert {"secretRef": {"name": secret["metadata"]["name"]}} in refs
-    assert all(k.startswith("EMBEDSTREAM_") for k in [*config["data"], *secret["stringData"]])
+    assert all(k.startswith("EMBEDSTREAM_") for k in config["data"])
+    assert all(k.startswith(("EMBEDSTREAM_", "KEDA_")) for k in secret["stringData"])
     assert not any(re.search("password|secret", k, re.I) for k in config["data"]), (
         "secrets belong in the Secret"
     )
@@ -86,10 +89,9 @@ def test_recovery_store_is_shared_and_mounted(sts):
     pvc = load("recovery-pvc.yaml")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # survives a reschedule to another node
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
-    mounts = {m["name"]: m["mountPath"] for m in container(sts)["volumeMounts"]}
-    [(name, path)] = mounts.items()
+    mounts = {m["mountPath"]: m["name"] for m in container(sts)["volumeMounts"]}
+    name = mounts[env(sts)["EMBEDSTREAM_RECOVERY_DIR"]]
     assert volumes[name]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-    assert path == load("configmap.yaml")["data"]["EMBEDSTREAM_RECOVERY_DIR"]
     assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60  # room to drain
 
 
@@ -120,6 +122,8 @@ def test_image_recipe_and_dashboard():
         metrics.TOKENS,
         metrics.CHUNKS_REUSED,
         metrics.CONSUMER_LAG,
+        metrics.ASSIGNED_PARTITIONS,
+        metrics.REBALANCES,
         metrics.STAGE_SECONDS,
         metrics.END_TO_END_SECONDS,
     ):
@@ -155,3 +159,248 @@ def test_the_sink_runs_alone_with_its_store_secret_and_metrics():
     assert "change-me" not in json.dumps(settings.sink_view()) and "change-me" not in redact_url(
         settings.store
     )
+
+
+# --- schemas, hardening, network policies, autoscaling ------------------------------------
+
+#: The oldest and newest Kubernetes minor versions the manifests are checked against.
+K8S_VERSIONS = ("1.30", "1.37")
+KEDA_CRDS = Path(__file__).resolve().parent / "data" / "k8s" / "keda-v2.21.0"
+
+
+def all_manifests() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        found += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return found
+
+
+def _closed(schema):
+    """An OpenAPI schema of a CRD, closed as the API server's pruning makes it: a field
+    it does not declare is an error here instead of silently dropped."""
+    if isinstance(schema, dict):
+        schema = {k: _closed(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    return schema
+
+
+def keda_validator(kind: str):
+    import jsonschema
+
+    for path in KEDA_CRDS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd["spec"]["names"]["kind"] == kind:
+            [version] = [v for v in crd["spec"]["versions"] if v["served"]]
+            schema = _closed(version["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = {"type": "object"}
+            return jsonschema.Draft7Validator(schema), f"{crd['spec']['group']}/{version['name']}"
+    raise AssertionError(f"no KEDA CRD for {kind}")
+
+
+def validate(doc: dict, k8s_version: str) -> None:
+    """Raises a jsonschema ValidationError if ``doc`` does not fit its schema."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    if doc["apiVersion"].startswith("keda.sh/"):
+        validator, api_version = keda_validator(doc["kind"])
+        assert doc["apiVersion"] == api_version
+        validator.validate(doc)
+    else:
+        kubernetes_validate.validate(doc, k8s_version, strict=True)
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_every_manifest_fits_the_kubernetes_and_keda_schemas(k8s_version):
+    manifests = all_manifests()
+    kinds = {doc["kind"] for _, doc in manifests}
+    assert {"StatefulSet", "Deployment", "ScaledObject", "TriggerAuthentication", "NetworkPolicy"} <= kinds
+    for name, doc in manifests:
+        try:
+            validate(doc, k8s_version)
+        except Exception as e:
+            raise AssertionError(f"{name}: {doc['kind']} {doc['metadata']['name']}: {e}") from None
+
+
+@pytest.mark.parametrize(
+    "name, kind, path, value",
+    [
+        (
+            "deployment.yaml",
+            "Deployment",
+            "spec.template.spec.containers.0.securityContext.readOnlyRootFileSystem",
+            True,
+        ),
+        ("statefulset.yaml", "StatefulSet", "spec.template.spec.securityContext.seccompProfile.type", 1),
+        ("networkpolicy.yaml", "NetworkPolicy", "spec.ingress.0.ports.0.protocol", ["TCP"]),
+        ("keda-scaledobject.yaml", "ScaledObject", "spec.maxReplicaCount", "eight"),
+        ("keda-scaledobject.yaml", "ScaledObject", "spec.triggers.0.lagThreshold", "2000"),
+        ("keda-scaledobject.yaml", "TriggerAuthentication", "spec.secretTargetRef.0.secret", "x"),
+    ],
+)
+def test_the_schemas_catch_a_broken_manifest(name, kind, path, value):
+    import copy
+
+    import jsonschema
+
+    doc = next(d for n, d in all_manifests() if n == name and d["kind"] == kind)
+    broken = copy.deepcopy(doc)
+    *parents, leaf = path.split(".")
+    node = broken
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[leaf] = value
+    validate(doc, K8S_VERSIONS[-1])
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken, K8S_VERSIONS[-1])
+
+
+def worker_pods() -> dict[str, dict]:
+    """Pod templates of every workload: the two kinds of worker and the sink."""
+    return {
+        f"{name}/{doc['metadata']['name']}": doc["spec"]["template"]
+        for name, doc in all_manifests()
+        if doc["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def test_every_container_is_locked_down():
+    pods = worker_pods()
+    assert len(pods) == 3
+    for name, pod in pods.items():
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert spec["automountServiceAccountToken"] is False, name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"]:
+            ctx = c["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] is True, name
+            assert ctx["allowPrivilegeEscalation"] is False and ctx["privileged"] is False, name
+            assert ctx["capabilities"] == {"drop": ["ALL"]}, name
+            assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, name
+            # Writable only where a volume is mounted: /tmp always, scratch or a claim.
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+            assert "emptyDir" in mounts["/tmp"], name
+            assert all("emptyDir" in v or "persistentVolumeClaim" in v for v in mounts.values()), name
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_matches(peer: dict, labels: dict, namespace: str, own_namespace: str) -> bool:
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    if "namespaceSelector" in peer:
+        if not _matches(peer["namespaceSelector"], ns_labels):
+            return False
+    elif namespace != own_namespace:
+        return False  # a bare podSelector means the policy's own namespace
+    return _matches(peer.get("podSelector", {}), labels)
+
+
+def admits(policies, direction: str, pod: dict, peer: dict, peer_namespace: str, port: int, protocol="TCP"):
+    """What Kubernetes NetworkPolicy semantics say about one connection: ``pod`` (labels,
+    in namespace "apps") receives from (Ingress) or opens to (Egress) ``peer``."""
+    selecting = [
+        p["spec"]
+        for p in policies
+        if direction in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], pod)
+    ]
+    if not selecting:
+        return True  # not isolated in this direction
+    for spec in selecting:
+        for rule in spec.get(direction.lower(), []):
+            peers = rule.get("from" if direction == "Ingress" else "to")
+            ports = rule.get("ports")
+            port_ok = ports is None or any(
+                p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
+            )
+            peer_ok = peers is None or any(_peer_matches(x, peer, peer_namespace, "apps") for x in peers)
+            if port_ok and peer_ok:
+                return True
+    return False
+
+
+def test_network_policies_admit_only_the_cluster_peers_monitoring_brokers_and_dns():
+    policies = [doc for _, doc in all_manifests() if doc["kind"] == "NetworkPolicy"]
+    pods = {
+        doc["kind"]: doc["spec"]["template"]["metadata"]["labels"]
+        for _, doc in all_manifests()
+        if doc["kind"] in ("Deployment", "StatefulSet") and doc["metadata"]["name"] != "embedstream-sink"
+    }
+    cluster, group = pods["StatefulSet"], pods["Deployment"]
+    stranger = {"app": "something-else"}
+    dns = {"k8s-app": "kube-dns"}
+    cluster_port = next(
+        p["containerPort"] for p in container(load("statefulset.yaml"))["ports"] if p["name"] == "cluster"
+    )
+    metrics_port = int(load("configmap.yaml")["data"]["EMBEDSTREAM_METRICS_PORT"])
+    broker_port = int(load("configmap.yaml")["data"]["EMBEDSTREAM_BROKERS"].rsplit(":", 1)[1])
+    broker_ns = load("configmap.yaml")["data"]["EMBEDSTREAM_BROKERS"].split(".")[1]
+
+    # The cluster port: only the StatefulSet's own pods, in and out.
+    assert admits(policies, "Ingress", cluster, cluster, "apps", cluster_port)
+    assert admits(policies, "Egress", cluster, cluster, "apps", cluster_port)
+    for who, ns in ((group, "apps"), (stranger, "apps"), (cluster, "other"), (stranger, "monitoring")):
+        assert not admits(policies, "Ingress", cluster, who, ns, cluster_port), (who, ns)
+    assert not admits(policies, "Egress", group, cluster, "apps", cluster_port)
+    assert not admits(policies, "Ingress", group, group, "apps", cluster_port)
+    # Metrics: the monitoring namespace only, for both kinds of worker.
+    for pod in (cluster, group):
+        assert admits(policies, "Ingress", pod, stranger, "monitoring", metrics_port)
+        assert not admits(policies, "Ingress", pod, stranger, "apps", metrics_port)
+        assert not admits(policies, "Ingress", pod, stranger, "default", metrics_port)
+        assert not admits(policies, "Ingress", pod, stranger, "monitoring", 22)
+        # Egress: the brokers and the DNS, nothing else.
+        assert admits(policies, "Egress", pod, stranger, broker_ns, broker_port)
+        assert admits(policies, "Egress", pod, dns, "kube-system", 53, "UDP")
+        assert admits(policies, "Egress", pod, dns, "kube-system", 53, "TCP")
+        assert not admits(policies, "Egress", pod, stranger, broker_ns, 22)
+        assert not admits(policies, "Egress", pod, stranger, "kube-system", 53, "UDP")
+        assert not admits(policies, "Egress", pod, stranger, "default", 443)
+        assert not admits(policies, "Egress", pod, stranger, "apps", metrics_port)
+
+
+def test_keda_scales_the_group_workers_on_their_groups_lag():
+    from flows.settings import Settings
+
+    scaled = next(doc for _, doc in all_manifests() if doc["kind"] == "ScaledObject")
+    auth = next(doc for _, doc in all_manifests() if doc["kind"] == "TriggerAuthentication")
+    deployment = load("deployment.yaml")
+    config = load("configmap.yaml")["data"]
+    secret = load("secret.example.yaml")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert meta["topic"] == config["EMBEDSTREAM_INPUT_TOPIC"]
+    assert meta["consumerGroup"] == config["EMBEDSTREAM_GROUP_ID"]
+    assert meta["bootstrapServers"] == config["EMBEDSTREAM_BROKERS"]
+    assert meta["allowIdleConsumers"] == "false"  # never more members than partitions
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    keda_sasl = {"plaintext": "PLAIN", "scram_sha256": "SCRAM-SHA-256", "scram_sha512": "SCRAM-SHA-512"}
+    assert keda_sasl[secret["stringData"]["KEDA_KAFKA_SASL"]] == config["EMBEDSTREAM_KAFKA_SASL_MECHANISM"]
+    # The Deployment runs group mode, the StatefulSet cluster mode, from the same settings.
+    [worker] = deployment["spec"]["template"]["spec"]["containers"]
+    [cluster_worker] = load("statefulset.yaml")["spec"]["template"]["spec"]["containers"]
+    assert (worker["image"], worker["args"], worker["envFrom"]) == (
+        cluster_worker["image"],
+        cluster_worker["args"],
+        cluster_worker["envFrom"],
+    )
+    group_env = {e["name"]: e["value"] for e in worker["env"]}
+    assert Settings.from_env({**config, **group_env}).scaling_mode() == "group"
+    cluster_env = {e["name"]: e.get("value") for e in cluster_worker["env"] if "value" in e}
+    settings = Settings.from_env({**config, **cluster_env})
+    assert settings.scaling_mode() == "cluster" and settings.recovery_dir
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60  # room to drain
