@@ -42,7 +42,7 @@ quickstart() {
     step "publishing the sample documents (flows/samples)"
     "$es" publish flows/samples --topic "$in"
     step "running the flow until the input is drained"
-    "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end --from beginning --snapshot-s 1 --metrics-port 0
+    "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end --from beginning --metrics-port 0
     step "vector records on $out"
     "$es" tail --topic "$out" -n 50 --timeout 3
     step "dead letters on $dlq"

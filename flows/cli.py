@@ -554,7 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, help="events per micro-batch (default: 512 on the CPU, 2048 on a GPU)"
     )
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
-    run.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
+    run.add_argument(
+        "--until-end",
+        action="store_true",
+        help="stop at the end offsets seen at start (group mode: once the group committed them all)",
+    )
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
     run.add_argument(
         "-i", "--process-id", type=int, help="this process's index in a cluster (0-based; --scaling cluster)"

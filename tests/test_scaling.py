@@ -76,7 +76,7 @@ def test_workers_join_leave_and_die_while_every_event_ends_once(kafka_bootstrap)
         workers["w3"].send_signal(signal.SIGTERM)  # drains: finishes, flushes, commits, leaves
         assert workers["w3"].wait(timeout=120) == 0, log_tail(workers["w3"])
         progress(2900)
-        workers["w4"] = start_flow(topics, *args)
+        workers["w4"] = start_flow(topics, *args, "-w", "2")  # two members in one process
         progress(len(events))
     finally:
         for w in workers.values():

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Optional
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics
@@ -74,7 +74,7 @@ class GroupMember:
         self.in_flight: dict[int, int] = {}
         #: Per partition: offsets delivered whose commit has not succeeded yet.
         self.uncommitted: dict[int, int] = {}
-        #: Per partition: the next offset this member would hand over (for ``tail=False``).
+        #: Per partition: the next offset this member would hand over (for the lag metric).
         self.position: dict[int, int] = {}
         self.pending: list[InputMessage] = []
         reset = "latest" if start_from == "latest" else "earliest"
@@ -82,13 +82,14 @@ class GroupMember:
             {
                 **config,
                 "enable.auto.commit": "false",
-                "enable.partition.eof": "true",
                 "partition.assignment.strategy": "cooperative-sticky",
                 "auto.offset.reset": reset,
             }
         )
-        #: With ``tail=False``: each partition's end offset when the worker started.
+        #: With ``tail=False``: each partition's first and end offsets when the worker started.
+        self.starts: dict[int, int] = {}
         self.ends: Optional[dict[int, int]] = None if tail else self._end_offsets()
+        self._next_drain_check = 0.0
         self.consumer.subscribe(
             [topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
         )
@@ -107,6 +108,11 @@ class GroupMember:
                 raise StopIteration
             if len(self.pending) < self.batch_size:
                 self._fetch(self.batch_size - len(self.pending))
+            if self.uncommitted:
+                # The broker refused the last commit (a rebalance in progress): the poll
+                # above served the rebalance; hand nothing new over until it succeeds, so
+                # never more than one batch is delivered but uncommitted.
+                return []
             batch = self._take()
             for m in batch:
                 self.in_flight[m.partition] = m.offset + 1
@@ -123,14 +129,8 @@ class GroupMember:
                 if self.owned is not None and msg.partition() not in self.owned:
                     continue  # fetched just before its partition was revoked
                 if self.ends is not None and msg.offset() >= self.ends.get(msg.partition(), 0):
-                    # Past the end seen at start: left for the next run, uncommitted.
-                    self.position[msg.partition()] = max(self.position.get(msg.partition(), 0), msg.offset())
-                    continue
+                    continue  # past the end seen at start: left for the next run, uncommitted
                 self.pending.append(input_message(msg))
-            elif err.code() == KafkaError._PARTITION_EOF:
-                if not any(m.partition == msg.partition() for m in self.pending):
-                    p = msg.partition()
-                    self.position[p] = max(self.position.get(p, 0), msg.offset())
             elif err.fatal():
                 raise KafkaException(err)
             else:  # transient (broker down, leader moved): librdkafka retries
@@ -147,11 +147,27 @@ class GroupMember:
         return batch
 
     def finished(self) -> bool:
-        """With ``tail=False``: every partition this member owns is done up to the end
-        offset seen at start (partitions it does not own are another member's)."""
-        if self.ends is None or self.owned is None or self.pending or self.in_flight:
+        """With ``tail=False``: the group has committed every partition up to the end
+        offset seen at start. Asked of the broker (at most twice a second) only while
+        this member has nothing to do: a member that owns nothing, or has drained its
+        partitions, stays until a rebalance gives it more or the others are done too."""
+        if self.ends is None or self.owned is None or self.pending or self.in_flight or self.uncommitted:
             return False
-        return all(self.position.get(p, -1) >= self.ends.get(p, 0) for p in self.owned)
+        now = time.monotonic()
+        if now < self._next_drain_check:
+            return False
+        self._next_drain_check = now + 0.5
+        try:
+            found = self.consumer.committed(
+                [KafkaTopicPartition(self.topic, p) for p in self.ends], timeout=10
+            )
+        except KafkaException as e:
+            log.warning("committed offsets of %s not available: %s", self.topic, e.args[0])
+            return False
+        return all(
+            tp.offset >= self.ends[tp.partition] or self.starts[tp.partition] >= self.ends[tp.partition]
+            for tp in found
+        )
 
     # --- the sink side -------------------------------------------------------------------
 
@@ -265,8 +281,8 @@ class GroupMember:
             raise RuntimeError(f"input topic {self.topic!r} is not available: {meta.error if meta else ''}")
         ends = {}
         for p in meta.partitions:
-            _low, high = self.consumer.get_watermark_offsets(KafkaTopicPartition(self.topic, p), timeout=30)
-            ends[p] = high
+            low, high = self.consumer.get_watermark_offsets(KafkaTopicPartition(self.topic, p), timeout=30)
+            self.starts[p], ends[p] = low, high
         return ends
 
     def _report_lag(self, partitions: set[int]) -> None:
