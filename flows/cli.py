@@ -48,7 +48,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
             failures += 1
             print(f"{path.name}: FAILED {e.reason}: {e.message}")
             continue
-        what = f"{doc.image.width}x{doc.image.height} image" if doc.image else f"{len(doc.text)} chars"
+        if doc.image:
+            what = f"{doc.image.width}x{doc.image.height} image"
+        elif doc.audio:
+            what = f"{doc.audio.duration_ms / 1000:.1f} s of audio"
+        else:
+            what = f"{len(doc.text)} chars"
         print(f"{path.name}: {doc.mime_type}, {what}, {len(doc.pages)} page(s), title={doc.title!r}")
         if doc.text:
             print(f"    {_short(doc.text)}")
@@ -71,6 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             continue
         if doc.image is not None:
             print(f"\n{path.name}: {doc.image.width}x{doc.image.height} image: no image model configured")
+            continue
+        if doc.audio is not None:
+            print(f"\n{path.name}: {doc.audio.duration_ms / 1000:.1f} s of audio: no audio model configured")
             continue
         chunks = chunker.chunk(doc)
         vectors = embedder.embed([c.text for c in chunks])

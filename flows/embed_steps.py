@@ -298,6 +298,8 @@ class Pipeline:
 
     def _chunk(self, w: Work) -> None:
         doc = w.document
+        if doc.audio is not None:
+            raise Failure("embed", "no_model_for_type", f"no audio model configured for {doc.mime_type}")
         if doc.image is not None:
             if self.image_embedder is None:
                 raise Failure("embed", "no_model_for_type", f"no image model configured for {doc.mime_type}")

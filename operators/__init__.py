@@ -8,7 +8,7 @@
 
 # First: a CUDA build of the native core may need its libraries loaded before import.
 from . import _cuda_libs  # noqa: F401
-from .document import Document, Image, Limits
+from .document import Audio, Document, Image, Limits
 from .embed import Chunk, Chunker, ChunkStrategy, Embedder
 from .errors import (
     EXTRACTION_REASONS,
@@ -26,6 +26,7 @@ from .isolation import ExtractorPool
 __all__ = [
     "EXTRACTION_REASONS",
     "SUPPORTED_TYPES",
+    "Audio",
     "Chunk",
     "ChunkStrategy",
     "Chunker",

@@ -48,11 +48,14 @@ def main() -> None:
         except MemoryError:
             write_frame(stdout, {"error": "too_large", "message": "extraction ran out of memory"})
             continue
-        image = raw.pop("image")
+        image, audio = raw.pop("image"), raw.pop("audio")
         body = b""
         if image is not None:
             raw["image"] = [image[0], image[1]]
             body = image[2]
+        elif audio is not None:
+            raw["audio"] = audio[0]  # the sample rate; the samples are the body
+            body = audio[1]
         write_frame(stdout, raw, body)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -23,14 +25,18 @@ class Limits:
     timeout_ms: int = 30_000
     #: Address-space limit of an isolated extraction process, on top of what it uses at start.
     max_memory_bytes: int = 2 * 1024 * 1024 * 1024
+    #: Longest audio, declared by its container or decoded, in seconds. Decoded audio
+    #: also counts against ``max_decompressed_bytes`` (4 bytes per sample at its own rate).
+    max_audio_seconds: int = 3_600
 
-    def native(self) -> tuple[int, int, int, int, int]:
+    def native(self) -> tuple[int, int, int, int, int, int]:
         return (
             self.max_input_bytes,
             self.max_pages,
             self.max_decompressed_bytes,
             self.max_image_pixels,
             self.timeout_ms,
+            self.max_audio_seconds,
         )
 
 
@@ -44,12 +50,29 @@ class Image:
 
 
 @dataclass(frozen=True)
+class Audio:
+    """Decoded audio: mono float32 samples in [-1, 1] at ``sample_rate`` (16 kHz,
+    what speech models take, whatever the file's own rate)."""
+
+    samples: np.ndarray = field(repr=False)
+    sample_rate: int
+
+    @property
+    def duration_ms(self) -> int:
+        return len(self.samples) * 1000 // self.sample_rate
+
+    @classmethod
+    def from_bytes(cls, sample_rate: int, data: bytes) -> Audio:
+        return cls(np.frombuffer(data, dtype="<f4"), sample_rate)
+
+
+@dataclass(frozen=True)
 class Document:
     """Extracted text of one document.
 
     Offsets in ``pages`` are ``str`` indices (code points): ``text[a:b]`` is a page.
     PDFs have one span per page; other formats one span. Images have empty ``text``
-    and their pixels in ``image``.
+    and their pixels in ``image``; audio has empty ``text`` and its samples in ``audio``.
     """
 
     text: str
@@ -58,6 +81,7 @@ class Document:
     title: Optional[str] = None
     metadata: dict[str, str] = field(default_factory=dict)
     image: Optional[Image] = None
+    audio: Optional[Audio] = None
 
     @property
     def paged(self) -> bool:
@@ -66,7 +90,7 @@ class Document:
 
     @classmethod
     def from_native(cls, raw: dict) -> Document:
-        image = raw.get("image")
+        image, audio = raw.get("image"), raw.get("audio")
         return cls(
             text=raw["text"],
             mime_type=raw["mime_type"],
@@ -74,4 +98,5 @@ class Document:
             title=raw.get("title"),
             metadata=dict(raw.get("metadata") or {}),
             image=Image(image[0], image[1], bytes(image[2])) if image else None,
+            audio=Audio.from_bytes(audio[0], audio[1]) if audio else None,
         )

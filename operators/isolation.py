@@ -29,7 +29,7 @@ import threading
 import time
 from typing import IO, Optional
 
-from .document import Document, Image, Limits
+from .document import Audio, Document, Image, Limits
 from .errors import ExtractionError
 
 #: Seconds a child gets beyond the document's own time budget before it is killed.
@@ -186,7 +186,7 @@ class ExtractorPool:
             self._idle.put(worker if worker is not None and worker.alive() else None)
         if "error" in reply:
             raise ExtractionError(reply["error"], reply["message"])
-        image = reply.pop("image", None)
+        image, audio_rate = reply.pop("image", None), reply.pop("audio", None)
         return Document(
             text=reply["text"],
             mime_type=reply["mime_type"],
@@ -194,6 +194,7 @@ class ExtractorPool:
             title=reply["title"],
             metadata=reply["metadata"],
             image=Image(image[0], image[1], body) if image else None,
+            audio=Audio.from_bytes(audio_rate, body) if audio_rate else None,
         )
 
     def close(self) -> None:

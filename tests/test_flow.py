@@ -105,6 +105,26 @@ def test_every_text_format_end_to_end(kafka_bootstrap, minilm):
         assert a == b
 
 
+def tiny_wav() -> bytes:
+    """0.1 s of a 440 Hz tone, 8 kHz 16-bit mono: small enough for any payload limit."""
+    import io
+    import math
+    import struct
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(
+            b"".join(
+                struct.pack("<h", int(8000 * math.sin(i * 440 * 2 * math.pi / 8000))) for i in range(800)
+            )
+        )
+    return buf.getvalue()
+
+
 #: JSON metadata of every type, and what the schema's map<string,string> holds of it.
 LOOSE = {"s": "text", "n": 1, "f": 2.5, "t": True, "null": None, "o": {"b": 1}, "a": [1, "x"], "u": "é"}
 LOOSE_AS_STRINGS = {"s": "text", "n": "1", "f": "2.5", "t": "true", "o": '{"b":1}', "a": '[1,"x"]', "u": "é"}
@@ -131,6 +151,7 @@ def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
         "missing": avro_event("missing", uri=(allowed / "nope.txt").as_uri()),
         "http": avro_event("http", uri="http://example.com/doc.pdf"),
         "image": avro_event("image", content=docgen.make_png(4, 4), filename="i.png"),
+        "audio": avro_event("audio", content=tiny_wav(), filename="a.wav"),
         "encrypted": avro_event("encrypted", content=docgen.make_pdf(["x"], user_password="pw")),
         "rot13": json.dumps({"doc_id": "rot13", "content": "grkg", "content_encoding": "rot13"}).encode(),
         "both": avro_event("both", content=b"inline", uri=(allowed / "ok.md").as_uri()),
@@ -160,6 +181,7 @@ def test_bad_input_ends_in_the_dead_letter_topic(kafka_bootstrap, tmp_path):
         "missing": ("fetch", "not_found"),
         "http": ("fetch", "uri_not_allowed"),
         "image": ("embed", "no_model_for_type"),
+        "audio": ("embed", "no_model_for_type"),
         "encrypted": ("extract", "encrypted"),
         "rot13": ("decode", "bad_payload"),
         "both": ("decode", "bad_payload"),

@@ -61,6 +61,7 @@ def test_moved_modules_live_only_in_flows():
     assert set(operators.__all__) == {
         "EXTRACTION_REASONS",
         "SUPPORTED_TYPES",
+        "Audio",
         "Chunk",
         "ChunkStrategy",
         "Chunker",

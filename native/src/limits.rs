@@ -19,6 +19,8 @@ pub struct Limits {
     pub max_image_pixels: u64,
     /// Time budget of one document in milliseconds (default 30 s).
     pub timeout_ms: u64,
+    /// Longest audio accepted, declared or decoded, in seconds (default 1 hour).
+    pub max_audio_seconds: u64,
 }
 
 impl Default for Limits {
@@ -29,6 +31,7 @@ impl Default for Limits {
             max_decompressed_bytes: 256 << 20,
             max_image_pixels: 40_000_000,
             timeout_ms: 30_000,
+            max_audio_seconds: 3_600,
         }
     }
 }

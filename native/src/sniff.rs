@@ -9,13 +9,23 @@ pub const PNG: &str = "image/png";
 pub const JPEG: &str = "image/jpeg";
 pub const GIF: &str = "image/gif";
 pub const WEBP: &str = "image/webp";
+pub const WAV: &str = "audio/wav";
+pub const FLAC: &str = "audio/flac";
+pub const MP3: &str = "audio/mpeg";
+pub const OGG: &str = "audio/ogg";
+pub const M4A: &str = "audio/mp4";
 pub const ZIP: &str = "application/zip";
 pub const OCTET_STREAM: &str = "application/octet-stream";
 /// OLE compound file: legacy Office formats, and password-protected OOXML.
 pub const CFB: &str = "application/x-cfb";
 
+/// The audio types [`crate::extract::extract`] decodes.
+pub const AUDIO: [&str; 5] = [WAV, FLAC, MP3, OGG, M4A];
+
 /// The media types [`crate::extract::extract`] understands.
-pub const SUPPORTED: [&str; 9] = [PLAIN, MARKDOWN, HTML, PDF, DOCX, PNG, JPEG, GIF, WEBP];
+pub const SUPPORTED: [&str; 14] = [
+    PLAIN, MARKDOWN, HTML, PDF, DOCX, PNG, JPEG, GIF, WEBP, WAV, FLAC, MP3, OGG, M4A,
+];
 
 /// A caller-declared type reduced to its canonical essence, aliases folded in.
 /// Returns the essence and the `charset` parameter, if any.
@@ -33,6 +43,11 @@ pub fn normalize(declared: &str) -> (String, Option<String>) {
         "application/xhtml+xml" => HTML.to_string(),
         "image/jpg" => JPEG.to_string(),
         "application/x-pdf" => PDF.to_string(),
+        "audio/x-wav" | "audio/wave" | "audio/vnd.wave" => WAV.to_string(),
+        "audio/x-flac" => FLAC.to_string(),
+        "audio/mp3" | "audio/x-mp3" | "audio/mpeg3" => MP3.to_string(),
+        "audio/vorbis" | "application/ogg" => OGG.to_string(),
+        "audio/x-m4a" | "audio/m4a" | "audio/aac" => M4A.to_string(),
         _ => essence,
     };
     (essence, charset)
@@ -50,6 +65,7 @@ pub fn sniff(data: &[u8], filename: Option<&str>) -> &'static str {
         Some("md" | "markdown" | "mdown" | "mkd") => return MARKDOWN,
         Some("html" | "htm" | "xhtml") => return HTML,
         Some("txt" | "text" | "log" | "csv" | "tsv" | "rst") => return PLAIN,
+        Some("mp3") => return MP3,
         _ => {}
     }
     if looks_like_html(data) {
@@ -71,6 +87,16 @@ fn by_magic(data: &[u8]) -> Option<&'static str> {
         Some(GIF)
     } else if data.len() >= 12 && &data[..4] == b"RIFF" && &data[8..12] == b"WEBP" {
         Some(WEBP)
+    } else if data.len() >= 12 && &data[..4] == b"RIFF" && &data[8..12] == b"WAVE" {
+        Some(WAV)
+    } else if data.starts_with(b"fLaC") {
+        Some(FLAC)
+    } else if data.starts_with(b"OggS") {
+        Some(OGG)
+    } else if data.len() >= 12 && &data[4..8] == b"ftyp" && is_audio_brand(&data[8..12]) {
+        Some(M4A)
+    } else if data.starts_with(b"ID3") || is_mpeg_audio_frame(data) {
+        Some(MP3)
     } else if find(head, b"%PDF-").is_some() {
         // The spec allows junk before the header; readers accept it within 1 KiB.
         Some(PDF)
@@ -86,6 +112,28 @@ fn by_magic(data: &[u8]) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// MP4 brands of audio files (and general-purpose ones, whose audio track is used).
+fn is_audio_brand(brand: &[u8]) -> bool {
+    matches!(
+        brand,
+        b"M4A " | b"M4B " | b"M4P " | b"mp41" | b"mp42" | b"isom" | b"iso2" | b"dash"
+    )
+}
+
+/// An MPEG Layer III frame header: 11 sync bits, a valid version, bit rate and sample
+/// rate (MP3 files without an ID3 tag start with one). Layer I is left out: its
+/// header can be `FF FE`, a UTF-16 byte-order mark.
+fn is_mpeg_audio_frame(data: &[u8]) -> bool {
+    if data.len() < 4 || data[0] != 0xFF || data[1] & 0xE0 != 0xE0 {
+        return false;
+    }
+    let version = (data[1] >> 3) & 0b11;
+    let layer = (data[1] >> 1) & 0b11;
+    let bitrate = data[2] >> 4;
+    let rate = (data[2] >> 2) & 0b11;
+    version != 0b01 && layer == 0b01 && bitrate != 0 && bitrate != 0xF && rate != 0b11
 }
 
 fn looks_like_html(data: &[u8]) -> bool {
@@ -129,6 +177,17 @@ mod tests {
         assert_eq!(sniff(b"  <!DOCTYPE html><p>x", None), HTML);
         assert_eq!(sniff(b"hello", None), PLAIN);
         assert_eq!(sniff(b"\x00\x01\x02binary", None), OCTET_STREAM);
+    }
+
+    #[test]
+    fn audio_by_magic_and_a_utf16_bom_is_not_an_mp3_frame() {
+        assert_eq!(sniff(b"RIFF\x24\0\0\0WAVEfmt ", None), WAV);
+        assert_eq!(sniff(b"fLaC\0\0\0\x22", None), FLAC);
+        assert_eq!(sniff(b"OggS\0\x02", None), OGG);
+        assert_eq!(sniff(b"\0\0\0\x20ftypM4A \0\0\0\0", None), M4A);
+        assert_eq!(sniff(b"ID3\x04\0\0", None), MP3);
+        assert_eq!(sniff(&[0xFF, 0xFB, 0x90, 0x64, 0, 0], None), MP3);
+        assert_eq!(sniff(&[0xFF, 0xFE, b'h', 0, b'i', 0], None), PLAIN);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Bytes in, text out: one module per format, one entry point.
 
+pub mod audio;
 mod docx;
 mod html;
 mod image;
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use crate::error::{ExtractError, Reason};
 use crate::limits::{Budget, Limits};
 use crate::sniff;
+pub use audio::Audio;
 
 /// A decoded image, always 8-bit RGB, row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +26,7 @@ pub struct RgbImage {
 
 /// The result of extraction. Offsets in `pages` count Unicode code points, the way
 /// Python indexes `str`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Document {
     pub text: String,
     pub mime_type: String,
@@ -32,6 +34,8 @@ pub struct Document {
     pub title: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub image: Option<RgbImage>,
+    /// Decoded audio (audio documents, whose `text` is empty until transcribed).
+    pub audio: Option<Audio>,
 }
 
 impl Document {
@@ -44,6 +48,7 @@ impl Document {
             title: None,
             metadata: BTreeMap::new(),
             image: None,
+            audio: None,
         }
     }
 }
@@ -87,6 +92,7 @@ pub fn extract(
         sniff::PDF => pdf::extract(data, limits, &budget)?,
         sniff::DOCX => docx::extract(data, limits, &budget)?,
         sniff::PNG | sniff::JPEG | sniff::GIF | sniff::WEBP => image::extract(data, kind, limits)?,
+        kind if audio::is_audio(kind) => audio::extract(data, kind, limits, &budget)?,
         other => {
             return Err(ExtractError::new(
                 Reason::UnsupportedType,
@@ -97,7 +103,7 @@ pub fn extract(
             ))
         }
     };
-    if doc.image.is_none() && doc.text.trim().is_empty() {
+    if doc.image.is_none() && doc.audio.is_none() && doc.text.trim().is_empty() {
         return Err(ExtractError::new(
             Reason::Empty,
             format!("no text found in {} document", doc.mime_type),

@@ -17,8 +17,9 @@ use crate::extract::RgbImage;
 use crate::limits::Limits;
 use errors::{embed_error, run_extraction, run_model};
 
-/// `(max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms)`.
-type LimitsTuple = (usize, usize, u64, u64, u64);
+/// `(max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms,
+/// max_audio_seconds)`.
+type LimitsTuple = (usize, usize, u64, u64, u64, u64);
 
 #[pyfunction]
 #[pyo3(signature = (data, mime_type, filename, limits))]
@@ -29,13 +30,21 @@ fn extract<'py>(
     filename: Option<&str>,
     limits: LimitsTuple,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms) = limits;
+    let (
+        max_input_bytes,
+        max_pages,
+        max_decompressed_bytes,
+        max_image_pixels,
+        timeout_ms,
+        max_audio_seconds,
+    ) = limits;
     let limits = Limits {
         max_input_bytes,
         max_pages,
         max_decompressed_bytes,
         max_image_pixels,
         timeout_ms,
+        max_audio_seconds,
     };
     let mime_type = mime_type.map(str::to_owned);
     let filename = filename.map(str::to_owned);
@@ -52,6 +61,12 @@ fn extract<'py>(
         .image
         .map(|i| (i.width, i.height, PyBytes::new(py, &i.data)));
     out.set_item("image", image)?;
+    // Samples as little-endian f32 bytes: one copy, and the isolation pool's frame body.
+    let audio = doc.audio.map(|a| {
+        let bytes: Vec<u8> = a.samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        (a.sample_rate, PyBytes::new(py, &bytes))
+    });
+    out.set_item("audio", audio)?;
     Ok(out)
 }
 
