@@ -12,6 +12,7 @@ pub mod error;
 pub mod extract;
 pub mod limits;
 pub mod sniff;
+pub mod speech;
 
 #[cfg(feature = "python")]
 mod python;

@@ -70,6 +70,27 @@ fn extract<'py>(
     Ok(out)
 }
 
+/// Whisper's log-mel features of the first 30 s of 16 kHz mono `samples`:
+/// `[n_mels, 3000]`, as transformers' `WhisperFeatureExtractor` computes them.
+#[pyfunction]
+#[pyo3(signature = (samples, n_mels=80))]
+fn log_mel<'py>(
+    py: Python<'py>,
+    samples: numpy::PyReadonlyArray1<'py, f32>,
+    n_mels: usize,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    if !(1..=256).contains(&n_mels) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "n_mels must be between 1 and 256 (Whisper uses 80 or 128), not {n_mels}"
+        )));
+    }
+    let samples = samples.as_slice()?.to_vec();
+    let features = py.detach(|| crate::speech::mel::log_mel(&samples, n_mels));
+    let array = Array2::from_shape_vec((n_mels, crate::speech::mel::N_FRAMES), features)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    Ok(array.into_pyarray(py))
+}
+
 #[pyfunction]
 #[pyo3(signature = (data, filename=None))]
 fn sniff(data: &[u8], filename: Option<&str>) -> &'static str {
@@ -382,6 +403,7 @@ fn cpu_kernels() -> (&'static str, &'static str) {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(extract, m)?)?;
     m.add_function(wrap_pyfunction!(sniff, m)?)?;
+    m.add_function(wrap_pyfunction!(log_mel, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_built, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
