@@ -42,7 +42,10 @@ quickstart() {
     step "publishing the sample documents (flows/samples)"
     "$es" publish flows/samples --topic "$in"
     step "running the flow until the input is drained"
-    "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end --from beginning --metrics-port 0
+    # A new consumer group each time: the topics are new, and a group keeps the offsets
+    # it committed for their names (group mode resumes from committed offsets).
+    "$es" run --input-topic "$in" --output-topic "$out" --dlq-topic "$dlq" --until-end \
+        --group-id "quickstart-$(date +%s)" --metrics-port 0
     step "vector records on $out"
     "$es" tail --topic "$out" -n 50 --timeout 3
     step "dead letters on $dlq"

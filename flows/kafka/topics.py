@@ -61,14 +61,21 @@ def group_members(settings: Settings, group_id: str) -> int:
     return len(described.members)
 
 
-def delete(settings: Settings, names: Sequence[str]) -> list[str]:
-    """Deletes topics that exist; returns the names deleted."""
+def delete(settings: Settings, names: Sequence[str], patience_s: float = 60.0) -> list[str]:
+    """Deletes topics that exist and waits until the brokers no longer list them, so a
+    topic created again under the same name right after is a new one; returns the
+    names deleted."""
+    import time
+
     admin = AdminClient(settings.kafka_common())
     existing = set(admin.list_topics(timeout=30).topics)
     doomed = [n for n in names if n in existing]
     if doomed:
         for future in admin.delete_topics(doomed, operation_timeout=30).values():
             future.result(timeout=60)
+        deadline = time.monotonic() + patience_s
+        while set(doomed) & set(admin.list_topics(timeout=30).topics) and time.monotonic() < deadline:
+            time.sleep(0.2)
     return doomed
 
 
