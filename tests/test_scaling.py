@@ -216,3 +216,18 @@ def test_settings_that_belong_to_cluster_mode_are_clear_errors_in_group_mode(kaf
     ):
         result = subprocess.run(run_args(topics, *args), capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and says in result.stderr, result.stderr[-2000:]
+
+
+def test_until_end_from_latest_finishes_and_commits_the_end(kafka_bootstrap):
+    """A new group told to start at the latest offsets has nothing to do before them:
+    it commits where it stands (so the group is caught up) and stops."""
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    topics.produce(churn_events(10))
+    topics.run("--from", "latest", timeout=120)
+    assert topics.read(topics.output) == [] and topics.read(topics.dlq) == []
+    consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": topics.group})
+    try:
+        found = consumer.committed([TopicPartition(topics.input, p) for p in range(2)], timeout=30)
+    finally:
+        consumer.close()
+    assert sum(tp.offset for tp in found) == 10

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Optional
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics
@@ -77,11 +77,14 @@ class GroupMember:
         #: Per partition: the next offset this member would hand over (for the lag metric).
         self.position: dict[int, int] = {}
         self.pending: list[InputMessage] = []
+        #: Per partition: where the fetcher last found its end (nothing after it then).
+        self.eof: dict[int, int] = {}
         reset = "latest" if start_from == "latest" else "earliest"
         self.consumer = Consumer(
             {
                 **config,
                 "enable.auto.commit": "false",
+                "enable.partition.eof": "true",
                 "partition.assignment.strategy": "cooperative-sticky",
                 "auto.offset.reset": reset,
             }
@@ -131,6 +134,9 @@ class GroupMember:
                 if self.ends is not None and msg.offset() >= self.ends.get(msg.partition(), 0):
                     continue  # past the end seen at start: left for the next run, uncommitted
                 self.pending.append(input_message(msg))
+            elif err.code() == KafkaError._PARTITION_EOF:
+                if self.owned is not None and msg.partition() in self.owned:
+                    self.eof[msg.partition()] = msg.offset()
             elif err.fatal():
                 raise KafkaException(err)
             else:  # transient (broker down, leader moved): librdkafka retries
@@ -163,6 +169,19 @@ class GroupMember:
             )
         except KafkaException as e:
             log.warning("committed offsets of %s not available: %s", self.topic, e.args[0])
+            return False
+        # Where the fetcher found a partition's end ahead of the group's commit with
+        # nothing in hand (this member started at `latest`, or its commit vanished),
+        # there was nothing to do there: commit that, capped at the end seen at start,
+        # so the group can finish.
+        committed = {tp.partition: tp.offset for tp in found}
+        for p in self.owned:
+            if p in self.eof:
+                target = min(self.eof[p], self.ends.get(p, 0))
+                if target > committed.get(p, -1):
+                    self.uncommitted[p] = target
+        if self.uncommitted:
+            self._commit_uncommitted()
             return False
         return all(
             tp.offset >= self.ends[tp.partition] or self.starts[tp.partition] >= self.ends[tp.partition]
@@ -209,6 +228,7 @@ class GroupMember:
             self.owned = (self.owned or set()) | set(parts)
             for p in parts:
                 self.position.pop(p, None)
+                self.eof.pop(p, None)
         if self.start_from.isdigit() and partitions:
             self._start_at_time(consumer, partitions)
         metrics.REBALANCES.labels("assigned").inc(len(parts))
@@ -247,6 +267,7 @@ class GroupMember:
         for p in parts:
             self.in_flight.pop(p, None)
             self.position.pop(p, None)
+            self.eof.pop(p, None)
             metrics.forget_lag(self.topic, p)
         self._moved(parts)
 
