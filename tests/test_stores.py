@@ -138,6 +138,34 @@ def test_search_ranks_by_cosine_and_filters_on_metadata(store_url):
         store.close()
 
 
+def test_vectors_are_stored_bit_exact(store_url):
+    stream = version("a", 0, ["one", "two", "three"])
+    apply(store_url, stream)
+    store = open_store(store_url)
+    try:
+        stored = {r["chunk_id"]: np.float32(r["embedding"]) for r in store.rows(SPEC)}
+    finally:
+        store.close()
+    sent = {r["chunk_id"]: np.float32(r["embedding"]) for kind, r in stream if kind == "VectorRecord"}
+    assert stored.keys() == sent.keys()
+    assert all(np.array_equal(stored[c], sent[c]) for c in sent)
+
+
+def test_postgres_refuses_a_nan_vector_as_data_not_as_an_outage(postgres_dsn):
+    """pgvector refuses NaN; the sink must see a refusal of the data (which it turns
+    into a dead letter), not a StoreError (which it waits out forever)."""
+    from flows.stores import StoreConfigError, StoreError
+
+    bad = record("n", 0, 0, 1, "not a number")
+    bad["embedding"][0] = float("nan")
+    with pytest.raises(Exception) as e:
+        apply(postgres_dsn, [("VectorRecord", bad)])
+    assert not isinstance(e.value, (StoreError, StoreConfigError))
+    assert "NaN" in str(e.value)
+    apply(postgres_dsn, version("fine", 1, ["fine"]))  # the store goes on working
+    assert [r["text"] for r in rows(postgres_dsn).values()] == ["fine"]
+
+
 def test_undecodable_and_inconsistent_records_are_rejected_with_a_reason():
     [bad] = messages(version("a", 0, ["x"])[:1])
     with pytest.raises(Rejected) as e:
