@@ -22,6 +22,7 @@ from .errors import (
 from .extract import SUPPORTED_TYPES, extract
 from .image_embed import ImageEmbedder
 from .isolation import ExtractorPool
+from .transcribe import Segment, Transcriber, Transcript
 
 __all__ = [
     "EXTRACTION_REASONS",
@@ -41,6 +42,9 @@ __all__ = [
     "Limits",
     "ModelError",
     "ModelNotFoundError",
+    "Segment",
+    "Transcriber",
+    "Transcript",
     "UnsupportedError",
     "extract",
 ]

@@ -82,6 +82,8 @@ class Document:
     metadata: dict[str, str] = field(default_factory=dict)
     image: Optional[Image] = None
     audio: Optional[Audio] = None
+    #: Transcripts: the start and end milliseconds of each span in ``pages``.
+    times: Optional[list[tuple[int, int]]] = None
 
     @property
     def paged(self) -> bool:

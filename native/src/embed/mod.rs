@@ -1,7 +1,7 @@
 //! Sentence embeddings with candle: tokenize, pack length-sorted batches under a
 //! token budget, run the encoder, pool, normalise.
 
-mod activation;
+pub(crate) mod activation;
 mod bert;
 pub mod clip;
 mod clip_towers;

@@ -1,6 +1,7 @@
 //! PyO3 bindings: conversions only. The typed API users see is in `operators/`.
 
 mod errors;
+mod speech;
 
 use std::path::PathBuf;
 
@@ -410,6 +411,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEmbedder>()?;
     m.add_class::<PyChunker>()?;
     m.add_class::<PyImageEmbedder>()?;
+    m.add_class::<speech::PyTranscriber>()?;
     m.add(
         "REASONS",
         crate::error::Reason::ALL.map(|r| r.as_str()).to_vec(),

@@ -1,4 +1,6 @@
-//! Speech: what turns decoded audio into model input (Whisper's log-mel features).
-//! The Whisper model itself comes next, in its own module.
+//! Speech: Whisper's log-mel features of decoded audio, the Whisper model on candle,
+//! and transcription with timestamps over windows of 30 s.
 
 pub mod mel;
+pub mod transcribe;
+pub mod whisper;

@@ -1,0 +1,134 @@
+"""Whisper on candle against transformers' WhisperForConditionalGeneration: a tiny
+random model (tests/data/tiny-whisper, made by tests/fixtures/make_tiny_whisper.py)
+with its reference outputs on three clips: encoder outputs, the detected language, the
+greedy tokens of the first steps, and generate()'s tokens with timestamps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import operators
+from operators.audio import log_mel
+
+DATA = Path(__file__).parent / "data"
+MODEL = DATA / "tiny-whisper"
+REFERENCE = json.loads((MODEL / "reference.json").read_text())
+CLIPS = list(REFERENCE["clips"])
+
+
+@pytest.fixture(scope="module")
+def transcriber() -> operators.Transcriber:
+    return operators.Transcriber.load(MODEL)
+
+
+@pytest.fixture(scope="module")
+def native(transcriber):
+    return transcriber._native
+
+
+def features(name: str) -> np.ndarray:
+    return log_mel(operators.extract((DATA / "audio" / name).read_bytes()).audio, 80)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_encoder_outputs_match_transformers(native, clip):
+    expected = np.load(MODEL / "encoder_outputs.npz")[clip].astype(np.float32)
+    got = native.encode(features(clip))
+    assert got.shape == expected.shape == (1500, 64)
+    assert cosine_rows(got, expected).min() >= 0.9999
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.parametrize("kind", ["timestamps", "notimestamps"])
+def test_greedy_tokens_equal_transformers(native, clip, kind):
+    reference = REFERENCE["clips"][clip]
+    # The reference logged its closest call: a gap this wide cannot flip in f32.
+    assert reference["min_logit_gap"] > 1e-3
+    expected = reference["greedy"][kind]
+    prompt = native.prompt("en", "transcribe", kind == "timestamps")
+    assert prompt == expected[: len(prompt)]
+    assert native.greedy(features(clip), prompt, REFERENCE["steps"]) == expected
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_language_detection_matches_transformers(native, clip):
+    assert native.detect_language(features(clip)) == REFERENCE["clips"][clip]["language"]
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_the_timestamp_rules_decode_a_window_as_generate_does(native, clip):
+    """generate(return_timestamps=True) with its logits processors: the same tokens in
+    the first 30 s window, cut into the same segments, and the next window started
+    at the same place."""
+    window = REFERENCE["clips"][clip]["first_window"]
+    prompt = native.prompt("en", "transcribe", True)
+    ours = native.decode_window(features(clip), prompt, REFERENCE["steps"])
+    assert ours == window["tokens"]
+    segments, advance = native.segments(ours, 0, 3000)
+    assert [[a, b] for a, b, _ in segments] == window["segments_ms"]
+    assert advance * 10 == window["next_seek_ms"]
+
+
+def test_transcribe_gives_ordered_segments_within_the_recording(transcriber):
+    doc = operators.extract((DATA / "audio" / "speech.wav").read_bytes())
+    transcript = transcriber.transcribe(doc, language="en", max_new_tokens=40)
+    assert transcript.language == "en"
+    assert transcript.duration_ms == doc.audio.duration_ms
+    assert transcript.segments, "a random model still emits text"
+    for s in transcript.segments:
+        assert 0 <= s.start_ms <= s.end_ms <= transcript.duration_ms
+        assert s.text.strip()
+    starts = [s.start_ms for s in transcript.segments]
+    assert starts == sorted(starts)
+
+
+def test_long_audio_is_transcribed_window_by_window(transcriber):
+    """75 s of audio: three windows, every segment inside the recording, and the
+    detected language reported."""
+    clip = operators.extract((DATA / "audio" / "speech.wav").read_bytes()).audio.samples
+    long = np.concatenate([clip] * int(np.ceil(75 * 16_000 / len(clip))))[: 75 * 16_000]
+    transcript = transcriber.transcribe(long, max_new_tokens=12)
+    assert transcript.language in transcriber.languages
+    assert transcript.duration_ms == 75_000
+    assert transcript.segments
+    assert max(s.end_ms for s in transcript.segments) > 30_000, "the seek went past the first window"
+    assert all(0 <= s.start_ms <= s.end_ms <= 75_000 for s in transcript.segments)
+
+
+def test_a_transcript_becomes_a_document_whose_spans_are_its_segments():
+    transcript = operators.Transcript(
+        segments=[
+            operators.Segment(0, 1500, " Hello there."),
+            operators.Segment(1500, 4000, " General Kenobi."),
+        ],
+        language="en",
+        duration_ms=4000,
+    )
+    doc = transcript.document()
+    assert doc.text == "Hello there.\nGeneral Kenobi."
+    assert [doc.text[a:b] for a, b in doc.pages] == ["Hello there.", "General Kenobi."]
+    assert doc.times == [(0, 1500), (1500, 4000)]
+    assert doc.metadata["language"] == "en"
+
+
+def test_errors_are_typed(transcriber, tmp_path):
+    with pytest.raises(operators.ModelNotFoundError):
+        operators.Transcriber.load(tmp_path)
+    with pytest.raises(operators.ModelError, match="not a Whisper model"):
+        operators.Transcriber.load(DATA / "tiny-qwen3")
+    with pytest.raises(operators.UnsupportedError, match="not one of this model's"):
+        transcriber.transcribe(np.zeros(16_000, np.float32), language="xx")
+    with pytest.raises(operators.UnsupportedError, match="GPU"):
+        operators.Transcriber.load(MODEL, dtype="f16")
+    with pytest.raises(ValueError, match="no audio"):
+        transcriber.transcribe(operators.extract(b"just text", filename="a.txt"))
+    with pytest.raises(ValueError, match="shape"):
+        transcriber._native.encode(np.zeros((80, 100), np.float32))
