@@ -76,6 +76,9 @@ def test_moved_modules_live_only_in_flows():
         "Limits",
         "ModelError",
         "ModelNotFoundError",
+        "Segment",
+        "Transcriber",
+        "Transcript",
         "UnsupportedError",
         "extract",
     }
