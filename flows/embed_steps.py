@@ -44,6 +44,7 @@ from operators import (
     ExtractorPool,
     ImageEmbedder,
     Limits,
+    Transcriber,
     extract,
 )
 
@@ -114,10 +115,12 @@ class Pipeline:
         registry: Any = None,
         max_message_bytes: int = 1_000_000,
         image_embedder: Optional[ImageEmbedder] = None,
+        transcriber: Optional[Transcriber] = None,
         state: Optional[ChunkState] = None,
     ) -> None:
         self.settings = settings
         self.image_embedder = image_embedder
+        self.transcriber = transcriber
         if settings.text_with_image_model and image_embedder is not None:
             embedder = image_embedder.text_embedder()  # one space for text and images
         self.embedder = embedder
@@ -299,7 +302,9 @@ class Pipeline:
     def _chunk(self, w: Work) -> None:
         doc = w.document
         if doc.audio is not None:
-            raise Failure("embed", "no_model_for_type", f"no audio model configured for {doc.mime_type}")
+            if self.transcriber is None:
+                raise Failure("embed", "no_model_for_type", f"no audio model configured for {doc.mime_type}")
+            doc = w.document = self._transcribe(doc)
         if doc.image is not None:
             if self.image_embedder is None:
                 raise Failure("embed", "no_model_for_type", f"no image model configured for {doc.mime_type}")
@@ -320,6 +325,18 @@ class Pipeline:
                 "chunk", "too_large", f"{len(w.chunks)} chunks, over the limit of {self.settings.max_chunks}"
             )
         w.ids = chunk_ids(w.event["doc_id"], [c.text.encode() for c in w.chunks], self.text_lineage)
+
+    def _transcribe(self, doc: Document) -> Document:
+        """The recording as a text Document whose spans are its transcript's segments."""
+        try:
+            transcript = self.transcriber.transcribe(doc, language=self.settings.audio_language)
+        except EmbedstreamError as e:
+            raise Failure("embed", "internal_error", f"transcription failed: {e}") from None
+        metrics.AUDIO_SECONDS.inc(transcript.duration_ms / 1000)
+        text = transcript.document(mime_type=doc.mime_type)
+        if not text.text.strip():
+            raise Failure("chunk", "empty", "no speech was recognised in the recording")
+        return text
 
     def _mark_fresh(self, batch: Batch) -> None:
         """Which chunks need vectors. In incremental mode, those whose ids the state does
@@ -436,6 +453,8 @@ class Pipeline:
                 "char_start": c.char_start,
                 "char_end": c.char_end,
                 "page": c.page,
+                "time_start_ms": c.time_start_ms,
+                "time_end_ms": c.time_end_ms,
             }
             for c, cid in zip(w.chunks, w.ids)
         ]
@@ -464,6 +483,8 @@ class Pipeline:
                     "modality": "text",
                     "prompt_name": self.prompt_name,
                     "dimension": e.dim,
+                    "time_start_ms": chunk.time_start_ms,
+                    "time_end_ms": chunk.time_end_ms,
                 }
             )
         return self._with_manifest(w, s.output_topic, records, entries, lineage, "text", metadata)

@@ -11,6 +11,7 @@ EVENTS = Counter("embedstream_events", "Input events by outcome", ["outcome"])
 DOCUMENTS = Counter("embedstream_documents", "Documents embedded")
 CHUNKS = Counter("embedstream_chunks", "Chunks embedded")
 TOKENS = Counter("embedstream_tokens", "Model tokens embedded")
+AUDIO_SECONDS = Counter("embedstream_audio_seconds", "Seconds of audio transcribed")
 CHUNKS_REUSED = Counter(
     "embedstream_chunks_reused", "Chunks an incremental update kept without embedding them again"
 )

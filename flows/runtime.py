@@ -45,6 +45,11 @@ def pipeline(settings: Settings) -> Pipeline:
                 from operators.image_embed import ImageEmbedder
 
                 image_embedder = ImageEmbedder.load(settings.image_model, device=settings.device)
+            transcriber = None
+            if settings.audio_model:
+                from operators.transcribe import Transcriber
+
+                transcriber = Transcriber.load(settings.audio_model, device=settings.device)
             embedder = Embedder.load(
                 settings.model,
                 device=settings.device,
@@ -63,6 +68,7 @@ def pipeline(settings: Settings) -> Pipeline:
                 registry=registry,
                 max_message_bytes=max_message_bytes,
                 image_embedder=image_embedder,
+                transcriber=transcriber,
                 state=state,
             )
         return _pipeline

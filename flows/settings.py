@@ -63,6 +63,11 @@ class Settings:
     image_output_topic: Optional[str] = None
     #: Embed text documents with the image model's text tower too, so one space holds both.
     text_with_image_model: bool = False
+    #: A Whisper directory: audio documents are transcribed, and the transcript chunked
+    #: (at segment boundaries) and embedded like text, instead of dead-lettered.
+    audio_model: Optional[str] = None
+    #: The language of the audio (a code such as "en"; None: detected per recording).
+    audio_language: Optional[str] = None
     #: The model's prompt for documents (e.g. "document", "passage"; None: the model's
     #: default prompt, if it has one).
     prompt_name: Optional[str] = None

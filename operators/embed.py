@@ -44,6 +44,9 @@ class Chunk:
     page: Optional[int]
     #: Tokens the model sees, special tokens included; never above the chunker's max_tokens.
     n_tokens: int
+    #: Transcripts: the milliseconds of the recording the chunk's segments cover.
+    time_start_ms: Optional[int] = None
+    time_end_ms: Optional[int] = None
 
 
 class Chunker:
@@ -71,13 +74,48 @@ class Chunker:
         return self._native.strategy
 
     def chunk(self, doc: Union[Document, str]) -> list[Chunk]:
+        """Chunks of a Document or a string. A transcript (a Document with ``times``)
+        is cut at segment boundaries only: consecutive segments share a chunk while
+        they fit, and only a segment too long for one chunk is cut inside."""
         if isinstance(doc, Document):
+            if doc.times is not None:
+                return self._chunk_segments(doc)
             text, pages = doc.text, (doc.pages if doc.paged else None)
         else:
             text, pages = doc, None
         return [
             Chunk(text[start:end], index, start, end, page, n_tokens)
             for index, start, end, page, n_tokens in self._native.chunk(text, pages)
+        ]
+
+    def _chunk_segments(self, doc: Document) -> list[Chunk]:
+        times = doc.times or []
+        if len(times) != len(doc.pages):
+            raise ValueError(f"{len(doc.pages)} spans but {len(times)} times")
+        pieces: list[tuple[int, int, int, int, int]] = []  # start, end, n_tokens, t0, t1
+        group: Optional[tuple[int, int, int, int, int]] = None
+        for (start, end), (t0, t1) in zip(doc.pages, times):
+            alone = self._native.chunk(doc.text[start:end], None)
+            if not alone:
+                continue  # a segment without text
+            if len(alone) > 1:  # too long for one chunk: cut inside it, times kept
+                if group:
+                    pieces.append(group)
+                    group = None
+                pieces += [(start + a, start + b, n, t0, t1) for _, a, b, _, n in alone]
+                continue
+            if group is not None:
+                joined = self._native.chunk(doc.text[group[0] : end], None)
+                if len(joined) == 1:
+                    group = (group[0], end, joined[0][4], group[3], t1)
+                    continue
+                pieces.append(group)
+            group = (start, end, alone[0][4], t0, t1)
+        if group is not None:
+            pieces.append(group)
+        return [
+            Chunk(doc.text[a:b], index, a, b, None, n, t0, t1)
+            for index, (a, b, n, t0, t1) in enumerate(pieces)
         ]
 
     def settings(self) -> dict[str, int]:

