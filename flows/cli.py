@@ -390,8 +390,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         print("no hits")
     for h in hits:
         page = f" p{h.page}" if h.page else ""
+        if h.time_start_ms is not None and h.time_end_ms is not None:
+            page += f" @{_clock(h.time_start_ms)}-{_clock(h.time_end_ms)}"
         print(f"{h.rank:>2}. {h.score:.4f}  {h.doc_id}{page} #{h.chunk_index}  {_short(h.text, 90)}")
     return 0
+
+
+def _clock(ms: int) -> str:
+    """Milliseconds as m:ss.s (h:mm:ss.s past an hour), for audio hits."""
+    minutes, seconds = divmod(ms / 1000, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{seconds:04.1f}" if hours else f"{minutes}:{seconds:04.1f}"
 
 
 def cmd_redrive(args: argparse.Namespace) -> int:

@@ -70,7 +70,11 @@ def manifest(records: list[dict[str, Any]]) -> dict[str, Any]:
         "event_time": first["event_time"],
         "emitted_at": first["embedded_at"],
         "chunks": [
-            {k: r[k] for k in ("chunk_id", "chunk_index", "char_start", "char_end", "page")} for r in records
+            {
+                **{k: r[k] for k in ("chunk_id", "chunk_index", "char_start", "char_end", "page")},
+                **{k: r.get(k) for k in ("time_start_ms", "time_end_ms")},
+            }
+            for r in records
         ],
     }
 
@@ -156,6 +160,8 @@ def expected_store(stream: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[s
                 "char_start": entry["char_start"],
                 "char_end": entry["char_end"],
                 "page": entry["page"],
+                "time_start_ms": entry.get("time_start_ms"),
+                "time_end_ms": entry.get("time_end_ms"),
                 "text": r["text"],
                 "metadata": m["metadata"],
                 "embedding": r["embedding"],

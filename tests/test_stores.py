@@ -14,6 +14,7 @@ from sink_helpers import (
     comparable,
     delete,
     expected_store,
+    manifest,
     messages,
     random_stream,
     record,
@@ -248,3 +249,42 @@ def test_confluent_framed_records_become_the_same_operations(tmp_path):
     ]
     assert all(m.value[:1] == b"\x00" for m in framed)
     assert [to_op(m, registry) for m in framed] == [to_op(m) for m in messages(stream)]
+
+
+def test_audio_chunks_keep_their_times_and_search_returns_them(store_url):
+    records = [record("call", 0, i, 2, f"spoken part {i}") for i in range(2)]
+    for i, r in enumerate(records):
+        r["time_start_ms"], r["time_end_ms"] = 1000 * i, 1000 * i + 900
+    stream = [("VectorRecord", r) for r in records] + [("DocManifest", manifest(records))]
+    apply(store_url, stream + version("text", 1, ["no times here"]))
+    got = rows(store_url)
+    assert got == expected(stream + version("text", 1, ["no times here"]))
+    assert got["call#1"]["time_start_ms"] == 1000 and got["call#1"]["time_end_ms"] == 1900
+    assert got["text#0"]["time_start_ms"] is None
+    store = open_store(store_url)
+    try:
+        [hit] = store.search(SPEC, records[1]["embedding"], 1, {})
+    finally:
+        store.close()
+    assert (hit.doc_id, hit.time_start_ms, hit.time_end_ms) == ("call", 1000, 1900)
+
+
+def test_tables_from_before_the_time_columns_get_them(store_url):
+    """A table written before schema v1.5 has no time columns: the sink adds them."""
+    apply(store_url, version("old", 0, ["written before"]))
+    if store_url.startswith("lancedb:"):
+        import lancedb
+
+        lancedb.connect(store_url[len("lancedb:") :]).open_table(SPEC.name).drop_columns(
+            ["time_start_ms", "time_end_ms"]
+        )
+    else:
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            conn.execute(f'ALTER TABLE "{SPEC.name}" DROP COLUMN time_start_ms, DROP COLUMN time_end_ms')
+    r = record("new", 1, 0, 1, "written after")
+    r["time_start_ms"], r["time_end_ms"] = 0, 500
+    apply(store_url, [("VectorRecord", r), ("DocManifest", manifest([r]))])
+    got = rows(store_url)
+    assert got["new#0"]["time_end_ms"] == 500 and got["old#0"]["time_start_ms"] is None

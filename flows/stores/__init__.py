@@ -25,6 +25,8 @@ COLUMNS = (
     "page",
     "char_start",
     "char_end",
+    "time_start_ms",
+    "time_end_ms",
     "text",
     "metadata",
     "embedded_at",
@@ -168,6 +170,8 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "page": record.get("page"),
         "char_start": int(record["char_start"]),
         "char_end": int(record["char_end"]),
+        "time_start_ms": record.get("time_start_ms"),
+        "time_end_ms": record.get("time_end_ms"),
         "text": record["text"],
         "metadata": dict(record.get("metadata") or {}),
         "embedded_at": int(record["embedded_at"]),
@@ -245,6 +249,8 @@ def apply_final(rows: dict[str, dict[str, Any]], final: Final) -> dict[str, dict
             "page": entry.get("page"),
             "char_start": int(entry["char_start"]),
             "char_end": int(entry["char_end"]),
+            "time_start_ms": entry.get("time_start_ms"),
+            "time_end_ms": entry.get("time_end_ms"),
             "metadata": dict(final.metadata),
         }
     return kept
@@ -259,6 +265,9 @@ class Hit:
     chunk_index: int
     text: str
     metadata: dict[str, str]
+    #: Audio: the milliseconds of the recording the chunk's speech covers.
+    time_start_ms: Optional[int] = None
+    time_end_ms: Optional[int] = None
 
 
 class Store(Protocol):

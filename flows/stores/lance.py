@@ -77,6 +77,8 @@ def chunk_schema(dimension: int) -> pa.Schema:
             ("page", pa.int32()),
             ("char_start", pa.int32()),
             ("char_end", pa.int32()),
+            ("time_start_ms", pa.int64()),
+            ("time_end_ms", pa.int64()),
             ("text", pa.string()),
             ("metadata", pa.string()),
             ("embedded_at", pa.timestamp("ms", tz="UTC")),
@@ -110,6 +112,8 @@ class LanceStore:
         self.db = lancedb.connect(self.path)
         self._open: dict[str, Any] = {}
         self._indexed: set[str] = set()
+        #: Tables whose columns are known to be current.
+        self._current: set[str] = set()
         self._last_optimize = time.monotonic()
         self._wrote = False
 
@@ -146,6 +150,13 @@ class LanceStore:
 
     def _ensure(self, spec: TableSpec):
         table = self._table(spec.name)
+        if table is not None and spec.name not in self._current:
+            # Tables from before v1.5 of the schemas lack the time columns.
+            missing = [c for c in ("time_start_ms", "time_end_ms") if c not in table.schema.names]
+            if missing:
+                table.add_columns({c: "CAST(NULL AS BIGINT)" for c in missing})
+                log.info("%s: added columns %s", spec.name, ", ".join(missing))
+            self._current.add(spec.name)
         if table is None:
             table = self._table(spec.name, chunk_schema(spec.dimension))
             catalog = self._table(CATALOG, CATALOG_SCHEMA)
@@ -277,6 +288,8 @@ class LanceStore:
                     r["chunk_index"],
                     r["text"],
                     json.loads(r["metadata"]),
+                    r.get("time_start_ms"),
+                    r.get("time_end_ms"),
                 )
             )
         return hits

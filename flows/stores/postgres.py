@@ -59,13 +59,14 @@ CREATE TABLE IF NOT EXISTS embedstream_documents (
 """
 
 _UPSERT = """
-INSERT INTO {t} (chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end, text,
-                 metadata, embedded_at, embedding)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, to_timestamp(%s / 1000.0), %b)
+INSERT INTO {t} (chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end,
+                 time_start_ms, time_end_ms, text, metadata, embedded_at, embedding)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, to_timestamp(%s / 1000.0), %b)
 ON CONFLICT (chunk_id) DO UPDATE SET
     doc_id = EXCLUDED.doc_id, doc_version = EXCLUDED.doc_version,
     chunk_index = EXCLUDED.chunk_index, page = EXCLUDED.page,
-    char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end, text = EXCLUDED.text,
+    char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end,
+    time_start_ms = EXCLUDED.time_start_ms, time_end_ms = EXCLUDED.time_end_ms, text = EXCLUDED.text,
     metadata = EXCLUDED.metadata, embedded_at = EXCLUDED.embedded_at, embedding = EXCLUDED.embedding
 """
 
@@ -156,12 +157,21 @@ class PostgresStore:
                     page integer,
                     char_start integer NOT NULL,
                     char_end integer NOT NULL,
+                    time_start_ms bigint,
+                    time_end_ms bigint,
                     text text NOT NULL,
                     metadata jsonb NOT NULL,
                     embedded_at timestamptz NOT NULL,
                     embedding vector({d}) NOT NULL
                 )"""
             ).format(t=t, d=sql.Literal(spec.dimension))
+        )
+        # Tables from before v1.5 of the schemas lack the time columns.
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS time_start_ms bigint, "
+                "ADD COLUMN IF NOT EXISTS time_end_ms bigint"
+            ).format(t=t)
         )
         conn.execute(
             sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (doc_id)").format(
@@ -278,14 +288,18 @@ class PostgresStore:
         cur.execute(
             sql.SQL(
                 """UPDATE {t} AS c SET doc_version = m.doc_version, chunk_index = m.chunk_index,
-                       page = m.page, char_start = m.char_start, char_end = m.char_end, metadata = m.metadata
+                       page = m.page, char_start = m.char_start, char_end = m.char_end,
+                       time_start_ms = m.time_start_ms, time_end_ms = m.time_end_ms, metadata = m.metadata
                    FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::int[], %s::int[], %s::int[],
-                               %s::int[], %s::jsonb[])
-                        AS m(doc_id, chunk_id, doc_version, chunk_index, page, char_start, char_end, metadata)
+                               %s::int[], %s::bigint[], %s::bigint[], %s::jsonb[])
+                        AS m(doc_id, chunk_id, doc_version, chunk_index, page, char_start, char_end,
+                             time_start_ms, time_end_ms, metadata)
                    WHERE c.chunk_id = m.chunk_id AND c.doc_id = m.doc_id
-                     AND (c.doc_version, c.chunk_index, c.page, c.char_start, c.char_end, c.metadata)
+                     AND (c.doc_version, c.chunk_index, c.page, c.char_start, c.char_end,
+                          c.time_start_ms, c.time_end_ms, c.metadata)
                          IS DISTINCT FROM
-                         (m.doc_version, m.chunk_index, m.page, m.char_start, m.char_end, m.metadata)"""
+                         (m.doc_version, m.chunk_index, m.page, m.char_start, m.char_end,
+                          m.time_start_ms, m.time_end_ms, m.metadata)"""
             ).format(t=t),
             (
                 *listed,
@@ -294,6 +308,8 @@ class PostgresStore:
                 [c.get("page") for _, _, c in entries],
                 [c["char_start"] for _, _, c in entries],
                 [c["char_end"] for _, _, c in entries],
+                [c.get("time_start_ms") for _, _, c in entries],
+                [c.get("time_end_ms") for _, _, c in entries],
                 [json.dumps(f.metadata) for _, f, _ in entries],
             ),
         )
@@ -304,8 +320,8 @@ class PostgresStore:
         def read(conn):
             cur = conn.execute(
                 sql.SQL(
-                    """SELECT chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end, text,
-                              metadata,
+                    """SELECT chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end,
+                              time_start_ms, time_end_ms, text, metadata,
                               (extract(epoch FROM embedded_at) * 1000)::bigint, embedding::real[] FROM {t}"""
                 ).format(t=sql.Identifier(spec.name))
             )
@@ -323,14 +339,16 @@ class PostgresStore:
                         "page",
                         "char_start",
                         "char_end",
+                        "time_start_ms",
+                        "time_end_ms",
                         "text",
                         "metadata",
                         "embedded_at",
                     ),
-                    r[:10],
+                    r[:12],
                 )
             )
-            row["embedding"] = list(r[10])
+            row["embedding"] = list(r[12])
             out.append(row)
         return out
 
@@ -345,7 +363,8 @@ class PostgresStore:
             params += [key, value]
         params += [_vector(vector), k]
         query = sql.SQL(
-            """SELECT doc_id, page, chunk_index, text, metadata, 1 - (embedding <=> %s::vector) AS score
+            """SELECT doc_id, page, chunk_index, text, metadata, 1 - (embedding <=> %s::vector) AS score,
+                      time_start_ms, time_end_ms
                FROM {t} WHERE {where} ORDER BY embedding <=> %s::vector LIMIT %s"""
         ).format(t=sql.Identifier(spec.name), where=where)
 
@@ -357,7 +376,7 @@ class PostgresStore:
             return conn.execute(query, params).fetchall()
 
         rows = self._run(run)
-        return [Hit(i, float(r[5]), r[0], r[1], r[2], r[3], r[4]) for i, r in enumerate(rows, 1)]
+        return [Hit(i, float(r[5]), r[0], r[1], r[2], r[3], r[4], r[6], r[7]) for i, r in enumerate(rows, 1)]
 
     def close(self) -> None:
         if self.conn is not None:
@@ -376,6 +395,8 @@ def _params(r: dict[str, Any]) -> tuple:
         r["page"],
         r["char_start"],
         r["char_end"],
+        r.get("time_start_ms"),
+        r.get("time_end_ms"),
         r["text"],
         json.dumps(r["metadata"]),
         r["embedded_at"],
