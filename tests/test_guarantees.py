@@ -322,3 +322,20 @@ def test_throttled_output_applies_backpressure(kafka_bootstrap):
         if throttled:
             quota(None)
     assert {k.decode() for k, _ in batch} <= {record["doc_id"] for _, record, _ in topics.read(topics.output)}
+
+
+def test_a_micro_batch_is_bounded_by_count_and_bytes_but_never_empty():
+    from flows.kafka.io import InputMessage, take_batch
+
+    def msgs(*sizes):
+        return [InputMessage("t", 0, i, None, b"x" * n, None) for i, n in enumerate(sizes)]
+
+    pending = msgs(10, 10, 10, 10)
+    assert [m.offset for m in take_batch(pending, 3, 1000)] == [0, 1, 2]
+    assert [m.offset for m in pending] == [3]
+    pending = msgs(10, 10, 10)
+    assert [m.offset for m in take_batch(pending, 10, 25)] == [0, 1]  # 30 bytes would be over
+    pending = msgs(500, 1)
+    assert [m.offset for m in take_batch(pending, 10, 100)] == [0]  # too big, but goes alone
+    assert [m.offset for m in take_batch(pending, 10, 100)] == [1]
+    assert take_batch(pending, 10, 100) == [] and pending == []

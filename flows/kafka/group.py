@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics
-from flows.kafka.io import STOP, InputMessage, input_message
+from flows.kafka.io import STOP, InputMessage, input_message, take_batch
 
 log = logging.getLogger("embedstream.group")
 
@@ -116,7 +116,7 @@ class GroupMember:
                 # above served the rebalance; hand nothing new over until it succeeds, so
                 # never more than one batch is delivered but uncommitted.
                 return []
-            batch = self._take()
+            batch = take_batch(self.pending, self.batch_size, self.batch_bytes)
             for m in batch:
                 self.in_flight[m.partition] = m.offset + 1
                 self.position[m.partition] = m.offset + 1
@@ -141,16 +141,6 @@ class GroupMember:
                 raise KafkaException(err)
             else:  # transient (broker down, leader moved): librdkafka retries
                 log.warning("group member of %s: %s", self.topic, err)
-
-    def _take(self) -> list[InputMessage]:
-        batch, size = [], 0
-        while self.pending and len(batch) < self.batch_size:
-            if batch and size + self.pending[0].size > self.batch_bytes:
-                break
-            msg = self.pending.pop(0)
-            batch.append(msg)
-            size += msg.size
-        return batch
 
     def finished(self) -> bool:
         """With ``tail=False``: the group has committed every partition up to the end

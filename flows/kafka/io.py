@@ -75,6 +75,21 @@ def input_message(msg) -> InputMessage:
     )
 
 
+def take_batch(pending: list[InputMessage], count: int, max_bytes: int) -> list[InputMessage]:
+    """Takes a micro-batch off the front of ``pending``: at most ``count`` messages and
+    ``max_bytes`` of payload, but always at least one (a message larger than the
+    bound goes alone rather than never)."""
+    size, n = 0, 0
+    while n < len(pending) and n < count:
+        if n and size + pending[n].size > max_bytes:
+            break
+        size += pending[n].size
+        n += 1
+    batch = pending[:n]
+    del pending[:n]
+    return batch
+
+
 #: Group mode's offset commit: delivered offsets (next offset per topic-partition) in,
 #: those no group member of this process handed over out.
 CommitFn = Callable[[dict[tuple[str, int], int]], dict[tuple[str, int], int]]
@@ -129,13 +144,7 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
                     log.warning("consumer %s[%d]: %s", self.topic, self.partition, err)
         if self.end is not None:
             self.pending = [m for m in self.pending if m.offset < self.end]
-        batch, size = [], 0
-        while self.pending and len(batch) < self.batch_size:
-            if batch and size + self.pending[0].size > self.batch_bytes:
-                break
-            msg = self.pending.pop(0)
-            batch.append(msg)
-            size += msg.size
+        batch = take_batch(self.pending, self.batch_size, self.batch_bytes)
         if batch:
             self.next_offset = batch[-1].offset + 1
             self._report_lag()
