@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -175,6 +176,31 @@ def avro_event(
             "event_time": 1_700_000_000_000,
         },
     )
+
+
+def mixed_events(
+    n: int, text: Callable[[int, str], str], prefix: str = "doc", dead_every: int = 10
+) -> list[tuple[bytes, bytes]]:
+    """``(key, event)`` of ``n`` documents: one in ``dead_every`` a broken PDF (a dead
+    letter, at ``i % dead_every == 7``), every tenth else a DELETE (``i % 10 == 9``),
+    the rest plain text ``text(i, doc_id)``."""
+    out = []
+    for i in range(n):
+        doc_id = f"{prefix}-{i}"
+        if i % dead_every == 7:
+            value = avro_event(doc_id, content=b"%PDF-1.4 broken", filename="x.pdf")
+        elif i % 10 == 9:
+            value = avro_event(doc_id, op="DELETE")
+        else:
+            value = avro_event(doc_id, content=text(i, doc_id).encode(), filename="a.txt")
+        out.append((doc_id.encode(), value))
+    return out
+
+
+def mixed_outcome(doc_id: str, dead_every: int = 10) -> str:
+    """What :func:`mixed_events` makes of a document: its last message's type."""
+    i = int(doc_id.rsplit("-", 1)[1])
+    return "DeadLetter" if i % dead_every == 7 else "DeleteMarker" if i % 10 == 9 else "DocManifest"
 
 
 def free_port() -> int:

@@ -19,6 +19,8 @@ from kafka_helpers import (
     count,
     free_port,
     log_tail,
+    mixed_events,
+    mixed_outcome,
     run_args,
     start_flow,
     wait_for,
@@ -28,22 +30,12 @@ BODY = " ".join(f"Sentence {i} of a long document about stream processing and re
 
 
 def events(n: int, prefix: str = "doc") -> list[tuple[bytes, bytes]]:
-    out = []
-    for i in range(n):
-        doc_id = f"{prefix}-{i}"
-        if i % 10 == 7:
-            value = avro_event(doc_id, content=b"%PDF-1.4 broken", filename="x.pdf")  # a dead letter
-        elif i % 10 == 9:
-            value = avro_event(doc_id, op="DELETE")
-        else:
-            value = avro_event(doc_id, content=f"{doc_id}: {BODY}".encode(), filename="a.txt")
-        out.append((doc_id.encode(), value))
-    return out
+    return mixed_events(n, lambda i, doc_id: f"{doc_id}: {BODY}", prefix)
 
 
 def expected_kind(doc_id: str) -> str:
-    i = int(doc_id.rsplit("-", 1)[1])
-    return {7: "DeadLetter", 9: "DeleteMarker"}.get(i % 10, "VectorRecord")
+    kind = mixed_outcome(doc_id)
+    return "VectorRecord" if kind == "DocManifest" else kind
 
 
 def check_every_event_accounted(topics: FlowTopics, ids: list[str]) -> None:

@@ -11,7 +11,15 @@ from collections import Counter, defaultdict
 
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
-from kafka_helpers import FlowTopics, avro_event, log_tail, run_args, start_flow, wait_for
+from kafka_helpers import (
+    FlowTopics,
+    log_tail,
+    mixed_events,
+    mixed_outcome,
+    run_args,
+    start_flow,
+    wait_for,
+)
 
 PARTITIONS = 8
 BATCH = 16
@@ -19,28 +27,20 @@ BATCH = 16
 FAST_GROUP = ("--kafka", "session.timeout.ms=6000", "--kafka", "heartbeat.interval.ms=1000")
 
 
+def churn_text(i: int, doc_id: str) -> str:
+    return (
+        f"Document {i} is about partition {i % PARTITIONS} and worker churn. "
+        f"Consumer groups move partition {i % 13} between members while batch {i // BATCH} runs. "
+        f"Offsets are committed after delivery, number {i * 7919 % 10007}."
+    )
+
+
 def churn_events(n: int) -> list[tuple[bytes, bytes]]:
-    out = []
-    for i in range(n):
-        doc_id = f"doc-{i}"
-        if i % 50 == 7:
-            value = avro_event(doc_id, content=b"%PDF-1.4 broken", filename="x.pdf")  # a dead letter
-        elif i % 10 == 9:
-            value = avro_event(doc_id, op="DELETE")
-        else:
-            text = (
-                f"Document {i} is about partition {i % PARTITIONS} and worker churn. "
-                f"Consumer groups move partition {i % 13} between members while batch {i // BATCH} runs. "
-                f"Offsets are committed after delivery, number {i * 7919 % 10007}."
-            )
-            value = avro_event(doc_id, content=text.encode(), filename="a.txt")
-        out.append((doc_id.encode(), value))
-    return out
+    return mixed_events(n, churn_text, dead_every=50)
 
 
 def expected(doc_id: str) -> str:
-    i = int(doc_id.rsplit("-", 1)[1])
-    return "DeadLetter" if i % 50 == 7 else "DeleteMarker" if i % 10 == 9 else "DocManifest"
+    return mixed_outcome(doc_id, dead_every=50)
 
 
 def committed_total(topics: FlowTopics) -> int:
