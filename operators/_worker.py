@@ -41,7 +41,7 @@ def main() -> None:
             return  # parent closed the pipe or died: nothing left to do
         request = json.loads(head)
         try:
-            raw = _native.extract(data, request["mime_type"], request["filename"], tuple(request["limits"]))
+            raw = _native.extract(data, request["mime_type"], request["filename"], request["limits"])
         except ExtractionError as e:
             write_frame(stdout, {"error": e.reason, "message": e.message})
             continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -29,15 +29,10 @@ class Limits:
     #: also counts against ``max_decompressed_bytes`` (4 bytes per sample at its own rate).
     max_audio_seconds: int = 3_600
 
-    def native(self) -> tuple[int, int, int, int, int, int]:
-        return (
-            self.max_input_bytes,
-            self.max_pages,
-            self.max_decompressed_bytes,
-            self.max_image_pixels,
-            self.timeout_ms,
-            self.max_audio_seconds,
-        )
+    def native(self) -> dict[str, int]:
+        """The limits the extractors apply, by name (``native/src/limits.rs``); the
+        memory limit is the isolation pool's."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "max_memory_bytes"}
 
 
 @dataclass(frozen=True)

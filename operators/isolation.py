@@ -176,7 +176,7 @@ class ExtractorPool:
                 worker = _Worker(limits.max_memory_bytes)
                 with self._lock:
                     self._all.append(worker)
-            header = {"mime_type": mime_type, "filename": filename, "limits": list(limits.native())}
+            header = {"mime_type": mime_type, "filename": filename, "limits": limits.native()}
             try:
                 reply, body = worker.request(bytes(data), header, limits.timeout_ms / 1000 + GRACE_SECONDS)
             except ExtractionError:

@@ -6,7 +6,9 @@ use crate::error::{ExtractError, Reason};
 
 /// Upper bounds applied while extracting one document. Every limit that trips ends
 /// the extraction with [`Reason::TooLarge`] (or [`Reason::Timeout`] for the budget).
+/// From Python it arrives as a dict of these field names (`operators.Limits.native()`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "python", derive(pyo3::FromPyObject), pyo3(from_item_all))]
 pub struct Limits {
     /// Largest input accepted, in bytes (default 64 MiB).
     pub max_input_bytes: usize,

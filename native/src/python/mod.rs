@@ -18,10 +18,6 @@ use crate::extract::RgbImage;
 use crate::limits::Limits;
 use errors::{embed_error, run_extraction, run_model};
 
-/// `(max_input_bytes, max_pages, max_decompressed_bytes, max_image_pixels, timeout_ms,
-/// max_audio_seconds)`.
-type LimitsTuple = (usize, usize, u64, u64, u64, u64);
-
 #[pyfunction]
 #[pyo3(signature = (data, mime_type, filename, limits))]
 fn extract<'py>(
@@ -29,24 +25,8 @@ fn extract<'py>(
     data: &[u8],
     mime_type: Option<&str>,
     filename: Option<&str>,
-    limits: LimitsTuple,
+    limits: Limits,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (
-        max_input_bytes,
-        max_pages,
-        max_decompressed_bytes,
-        max_image_pixels,
-        timeout_ms,
-        max_audio_seconds,
-    ) = limits;
-    let limits = Limits {
-        max_input_bytes,
-        max_pages,
-        max_decompressed_bytes,
-        max_image_pixels,
-        timeout_ms,
-        max_audio_seconds,
-    };
     let mime_type = mime_type.map(str::to_owned);
     let filename = filename.map(str::to_owned);
     let doc = run_extraction(py, || {
