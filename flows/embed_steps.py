@@ -121,6 +121,13 @@ class Pipeline:
         self.settings = settings
         self.image_embedder = image_embedder
         self.transcriber = transcriber
+        if transcriber is not None and settings.audio_language:
+            known = transcriber.languages or ["en"]  # English-only models know one
+            if settings.audio_language not in known:
+                raise ValueError(
+                    f"audio_language {settings.audio_language!r} is not one of the audio model's "
+                    f"languages: {', '.join(known)}"
+                )
         if settings.text_with_image_model and image_embedder is not None:
             embedder = image_embedder.text_embedder()  # one space for text and images
         self.embedder = embedder

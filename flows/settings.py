@@ -165,6 +165,8 @@ class Settings:
             raise ValueError("output_format must be avro, json or confluent")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be text or json")
+        if self.audio_language and not self.audio_model:
+            raise ValueError("audio_language needs audio_model (a Whisper directory)")
         if self.text_with_image_model and not self.image_model:
             raise ValueError("text_with_image_model needs image_model")
         if self.text_with_image_model and (self.prompt_name or self.truncate_dim):

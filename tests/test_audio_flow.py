@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from kafka_helpers import FlowTopics, avro_event
 
 import operators
@@ -84,3 +85,12 @@ def test_segments_share_a_chunk_while_they_fit_and_a_long_one_is_cut_inside():
     assert all(c.n_tokens <= 16 for c in chunks)
     assert all(doc.text[c.char_start : c.char_end] == c.text for c in chunks)
     assert [c.index for c in chunks] == list(range(len(chunks)))
+
+
+def test_an_audio_language_the_model_does_not_know_is_refused_at_start():
+    from flows.embed_steps import Pipeline
+    from flows.settings import Settings
+
+    settings = Settings.from_env({}, audio_model=str(WHISPER), audio_language="xx")
+    with pytest.raises(ValueError, match="not one of the audio model's languages: en, zh, de"):
+        Pipeline(settings, operators.Embedder.load(), transcriber=operators.Transcriber.load(WHISPER))

@@ -56,6 +56,7 @@ def test_secrets_are_masked():
         ({"EMBEDSTREAM_START_FROM": "yesterday"}, "start_from"),
         ({"EMBEDSTREAM_BATCH_SIZE": "0"}, "batch_size"),
         ({"EMBEDSTREAM_TAIL": "maybe"}, "boolean"),
+        ({"EMBEDSTREAM_AUDIO_LANGUAGE": "en"}, "audio_model"),
     ],
 )
 def test_invalid_settings_are_refused(env, message):
