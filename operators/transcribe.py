@@ -73,7 +73,8 @@ class Transcriber:
     @classmethod
     def load(cls, model: Union[str, os.PathLike], *, device: str = "cpu", dtype: str = "f32") -> Transcriber:
         """``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; ``dtype``:
-        ``"f32"``, or ``"f16"``/``"bf16"`` on a GPU."""
+        ``"f32"``; ``"q8"`` (int8 linear layers and output projection, on CPUs with
+        AVX2); ``"f16"``/``"bf16"`` on a GPU."""
         return cls(_native.Transcriber(models.resolve(model), device, dtype))
 
     @property

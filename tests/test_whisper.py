@@ -177,6 +177,22 @@ def test_real_whisper_transcribes_synthetic_speech(tiny_en, clip):
     assert transcript.language == "en" and tiny_en.languages == []
 
 
+def test_q8_whisper_stays_close_and_transcribes_as_well(native, tiny_en):
+    from operators import models
+
+    if operators.embed.cpu_kernels()[1] == "portable":
+        pytest.skip("q8 needs AVX2")
+    q8 = operators.Transcriber.load(MODEL, dtype="q8")._native
+    for clip in CLIPS:
+        expected = native.encode(features(clip))
+        got = q8.encode(features(clip))
+        assert cosine_rows(got, expected).min() >= 0.99
+        assert not np.array_equal(got, expected)  # the int8 path really ran
+    real = operators.Transcriber.load(models.pull_whisper(), dtype="q8")
+    doc = operators.extract((DATA / "audio" / "speech.wav").read_bytes())
+    assert word_error_rate(SPOKEN, real.transcribe(doc, language="en").text) <= 0.34
+
+
 def test_an_english_only_model_refuses_another_language(tiny_en):
     with pytest.raises(operators.UnsupportedError, match="English-only"):
         tiny_en.transcribe(np.zeros(16_000, np.float32), language="de")

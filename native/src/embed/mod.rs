@@ -10,7 +10,7 @@ mod image_prep;
 mod kernels;
 pub mod model_dir;
 mod modernbert;
-mod q8;
+pub(crate) mod q8;
 mod qwen3;
 mod resample;
 mod rotary;

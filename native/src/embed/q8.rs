@@ -18,6 +18,8 @@
 //! (`vpsignb`): |q| · ±w, both at most 127, sums a pair to at most 32,258, exact.
 //! Which path runs is `crate::cpu::current()`.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
 use rayon::prelude::*;
@@ -34,6 +36,8 @@ const TILE_M: usize = 4;
 const TASK_M: usize = 32;
 /// Inputs per activation scale: 16 `vpdpbusd` steps between rescales.
 const BLOCK_K: usize = 64;
+/// Output blocks per parallel task when there is a single row.
+const TASK_BLOCKS: usize = 16;
 
 /// A linear layer in the model's float dtype, or quantized to int8 (`dtype="q8"`):
 /// what every encoder builds its projections from, so one flag quantizes them all.
@@ -179,6 +183,18 @@ impl QuantizedLinear {
                 }
             });
         let mut out = vec![0f32; rows * n];
+        let all_blocks = self.scales.len() / BLOCK_N;
+        if rows == 1 {
+            // One token (a decoder step): the work is in the columns, so split those.
+            out.par_chunks_mut(TASK_BLOCKS * BLOCK_N)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    let first = task * TASK_BLOCKS;
+                    let blocks = first..(first + TASK_BLOCKS).min(all_blocks);
+                    self.task(&quantized, &row_scales, out, blocks);
+                });
+            return out;
+        }
         out.par_chunks_mut(TASK_M * n)
             .enumerate()
             .for_each(|(task, out)| {
@@ -189,19 +205,21 @@ impl QuantizedLinear {
                     x,
                     &row_scales[first * blocks..(first + count) * blocks],
                     out,
+                    0..all_blocks,
                 );
             });
         out
     }
 
-    /// Rows `x` (`[m, kp]` u8, scales `[m, kp / 64]`) against every output block,
-    /// into `out` (`[m, n]`).
-    fn task(&self, x: &[u8], row_scales: &[f32], out: &mut [f32]) {
+    /// Rows `x` (`[m, kp]` u8, scales `[m, kp / 64]`) against the output blocks
+    /// `blocks`, into `out`: `[m, columns of those blocks]`.
+    fn task(&self, x: &[u8], row_scales: &[f32], out: &mut [f32], blocks_range: Range<usize>) {
         let (kp, n) = (self.padded_k, self.out_features);
         let blocks = kp / BLOCK_K;
-        let padded_n = self.scales.len();
+        let first_column = blocks_range.start * BLOCK_N;
+        let width = (blocks_range.end * BLOCK_N).min(n) - first_column;
         let mut acc = [[0f32; BLOCK_N]; TILE_M];
-        for block in 0..padded_n / BLOCK_N {
+        for block in blocks_range {
             let weights = &self.packed[block * BLOCK_N * kp..(block + 1) * BLOCK_N * kp];
             let offsets = &self.offsets[block * blocks * BLOCK_N..(block + 1) * blocks * BLOCK_N];
             for (tile, x) in x.chunks(TILE_M * kp).enumerate() {
@@ -221,7 +239,8 @@ impl QuantizedLinear {
                 for (r, acc) in acc.iter().enumerate().take(tile_rows) {
                     let m = tile * TILE_M + r;
                     let columns = block * BLOCK_N..((block + 1) * BLOCK_N).min(n);
-                    let out = &mut out[m * n + columns.start..m * n + columns.end];
+                    let start = m * width + columns.start - first_column;
+                    let out = &mut out[start..start + columns.len()];
                     for (j, o) in out.iter_mut().enumerate() {
                         let c = block * BLOCK_N + j;
                         *o = acc[j] * self.scales[c] + self.bias[c];
@@ -528,6 +547,26 @@ mod tests {
             } else {
                 eprintln!("skipped: this CPU has no {} kernels", kernels.name());
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_single_row_split_by_columns_equals_that_row_in_a_batch() -> Result<()> {
+        if !supported() {
+            eprintln!("skipped: no q8 kernels on this CPU");
+            return Ok(());
+        }
+        let device = Device::Cpu;
+        // 2,100 outputs: 33 blocks, so three column tasks, the last one partial.
+        let w = Tensor::from_vec(uniform(2100 * 150, 4, 0.17), (2100, 150), &device)?;
+        let b = Tensor::from_vec(uniform(2100, 5, 0.17), 2100, &device)?;
+        let x = Tensor::from_vec(uniform(3 * 150, 6, 1.7), (3, 150), &device)?;
+        let layer = QuantizedLinear::new(&w, Some(&b))?;
+        let batched = layer.forward(&x)?.to_vec2::<f32>()?;
+        for (r, want) in batched.iter().enumerate() {
+            let single = layer.forward(&x.narrow(0, r, 1)?)?.to_vec2::<f32>()?;
+            assert_eq!(&single[0], want, "row {r}");
         }
         Ok(())
     }

@@ -55,12 +55,7 @@ impl PyTranscriber {
         let inner = run_model(py, || {
             let (device, _) = embed::select_device(&device)?;
             let (dtype, quantized) = embed::select_dtype(&dtype, &device)?;
-            if quantized {
-                return Err(EmbedError::Unsupported(
-                    "Whisper runs in \"f32\" on the CPU (no \"q8\" yet)".into(),
-                ));
-            }
-            Transcriber::load(&path, &device, dtype)
+            Transcriber::load(&path, &device, dtype, quantized)
         })?;
         Ok(Self { inner })
     }

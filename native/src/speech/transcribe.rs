@@ -155,7 +155,8 @@ pub struct Transcriber {
 }
 
 impl Transcriber {
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, EmbedError> {
+    /// `q8`: int8 linear layers and output projection (CPU only, `dtype` F32).
+    pub fn load(dir: &Path, device: &Device, dtype: DType, q8: bool) -> Result<Self, EmbedError> {
         let config = model_dir::read_json(&dir.join("config.json"))?.ok_or_else(|| {
             EmbedError::ModelNotFound(format!("{} has no config.json", dir.display()))
         })?;
@@ -194,7 +195,7 @@ impl Transcriber {
             specials.languages.clear();
         }
         let rules = GenerationRules::from_json(generation.as_ref());
-        let model = Whisper::load(dir, config, device, dtype)?;
+        let model = Whisper::load(dir, config, device, dtype, q8)?;
         Ok(Self {
             model,
             tokenizer,

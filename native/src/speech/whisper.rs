@@ -6,10 +6,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
 use serde_json::Value;
 
 use crate::embed::activation::Activation;
+use crate::embed::q8::{Dense, QuantizedLinear};
 use crate::error::EmbedError;
 
 /// What the model needs from `config.json`.
@@ -85,20 +86,28 @@ impl WhisperConfig {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Dense,
+    k_proj: Dense,
+    v_proj: Dense,
+    out_proj: Dense,
     heads: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, d: usize, heads: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, d: usize, heads: usize, q8: bool) -> Result<Self> {
+        let dense = |name: &str, bias: bool| {
+            let linear = if bias {
+                candle_nn::linear(d, d, vb.pp(name))?
+            } else {
+                candle_nn::linear_no_bias(d, d, vb.pp(name))?
+            };
+            Dense::new(linear, q8)
+        };
         Ok(Self {
-            q_proj: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_no_bias(d, d, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q_proj: dense("q_proj", true)?,
+            k_proj: dense("k_proj", false)?,
+            v_proj: dense("v_proj", true)?,
+            out_proj: dense("out_proj", true)?,
             heads,
         })
     }
@@ -134,16 +143,22 @@ impl Attention {
 }
 
 struct FeedForward {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     activation: Activation,
 }
 
 impl FeedForward {
-    fn load(vb: VarBuilder, d: usize, inner: usize, activation: Activation) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        d: usize,
+        inner: usize,
+        activation: Activation,
+        q8: bool,
+    ) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(d, inner, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(inner, d, vb.pp("fc2"))?,
+            fc1: Dense::new(candle_nn::linear(d, inner, vb.pp("fc1"))?, q8)?,
+            fc2: Dense::new(candle_nn::linear(inner, d, vb.pp("fc2"))?, q8)?,
             activation,
         })
     }
@@ -177,6 +192,9 @@ pub struct Whisper {
     encoder_layers: Vec<EncoderLayer>,
     encoder_norm: LayerNorm,
     embed_tokens: Tensor,
+    /// q8: the output projection (the token embedding, transposed) in int8. It is read
+    /// whole for every token, and is most of a decoder step's memory traffic.
+    logits_q8: Option<QuantizedLinear>,
     decoder_positions: Tensor,
     decoder_layers: Vec<DecoderLayer>,
     decoder_norm: LayerNorm,
@@ -189,12 +207,13 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 
 impl Whisper {
     /// Loads `model.safetensors` of a transformers Whisper checkpoint in `dir`.
-    /// `dtype`: F32, or F16/BF16 on a GPU.
+    /// `dtype`: F32, or F16/BF16 on a GPU; `q8`: int8 linear layers (CPU, F32).
     pub fn load(
         dir: &Path,
         config: WhisperConfig,
         device: &Device,
         dtype: DType,
+        q8: bool,
     ) -> std::result::Result<Self, EmbedError> {
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {
@@ -212,10 +231,15 @@ impl Whisper {
         } else {
             vb
         };
-        Ok(Self::from_var_builder(vb, config, device)?)
+        Ok(Self::from_var_builder(vb, config, device, q8)?)
     }
 
-    fn from_var_builder(vb: VarBuilder, c: WhisperConfig, device: &Device) -> Result<Self> {
+    fn from_var_builder(
+        vb: VarBuilder,
+        c: WhisperConfig,
+        device: &Device,
+        q8: bool,
+    ) -> Result<Self> {
         let d = c.d_model;
         let norm = |vb: VarBuilder| candle_nn::layer_norm(d, LAYER_NORM_EPS, vb);
         let enc = vb.pp("encoder");
@@ -228,9 +252,9 @@ impl Whisper {
             .map(|i| {
                 let vb = enc.pp(format!("layers.{i}"));
                 Ok(EncoderLayer {
-                    self_attn: Attention::load(vb.pp("self_attn"), d, c.encoder_heads)?,
+                    self_attn: Attention::load(vb.pp("self_attn"), d, c.encoder_heads, q8)?,
                     self_attn_layer_norm: norm(vb.pp("self_attn_layer_norm"))?,
-                    ffn: FeedForward::load(vb.clone(), d, c.encoder_ffn_dim, c.activation)?,
+                    ffn: FeedForward::load(vb.clone(), d, c.encoder_ffn_dim, c.activation, q8)?,
                     final_layer_norm: norm(vb.pp("final_layer_norm"))?,
                 })
             })
@@ -240,22 +264,28 @@ impl Whisper {
             .map(|i| {
                 let vb = dec.pp(format!("layers.{i}"));
                 Ok(DecoderLayer {
-                    self_attn: Attention::load(vb.pp("self_attn"), d, c.decoder_heads)?,
+                    self_attn: Attention::load(vb.pp("self_attn"), d, c.decoder_heads, q8)?,
                     self_attn_layer_norm: norm(vb.pp("self_attn_layer_norm"))?,
-                    encoder_attn: Attention::load(vb.pp("encoder_attn"), d, c.decoder_heads)?,
+                    encoder_attn: Attention::load(vb.pp("encoder_attn"), d, c.decoder_heads, q8)?,
                     encoder_attn_layer_norm: norm(vb.pp("encoder_attn_layer_norm"))?,
-                    ffn: FeedForward::load(vb.clone(), d, c.decoder_ffn_dim, c.activation)?,
+                    ffn: FeedForward::load(vb.clone(), d, c.decoder_ffn_dim, c.activation, q8)?,
                     final_layer_norm: norm(vb.pp("final_layer_norm"))?,
                 })
             })
             .collect::<Result<_>>()?;
+        let embed_tokens = dec.get((c.vocab_size, d), "embed_tokens.weight")?;
+        let logits_q8 = match q8 {
+            true => Some(QuantizedLinear::new(&embed_tokens, None)?),
+            false => None,
+        };
         Ok(Self {
             conv1: candle_nn::conv1d(c.num_mel_bins, d, 3, conv(1), enc.pp("conv1"))?,
             conv2: candle_nn::conv1d(d, d, 3, conv(2), enc.pp("conv2"))?,
             encoder_positions: enc.get((c.max_source_positions, d), "embed_positions.weight")?,
             encoder_layers,
             encoder_norm: norm(enc.pp("layer_norm"))?,
-            embed_tokens: dec.get((c.vocab_size, d), "embed_tokens.weight")?,
+            embed_tokens,
+            logits_q8,
             decoder_positions: dec.get((c.max_target_positions, d), "embed_positions.weight")?,
             decoder_layers,
             decoder_norm: norm(dec.pp("layer_norm"))?,
@@ -353,7 +383,10 @@ impl Decoder<'_> {
         }
         self.position += n;
         let last = m.decoder_norm.forward(&x.i((0, n - 1..n))?)?;
-        let logits = last.matmul(&m.embed_tokens.t()?)?;
+        let logits = match &m.logits_q8 {
+            Some(projection) => projection.forward(&last)?,
+            None => last.matmul(&m.embed_tokens.t()?)?,
+        };
         logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()
     }
 }
