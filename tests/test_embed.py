@@ -84,10 +84,13 @@ def test_every_kernel_path_this_cpu_runs_matches_sentence_transformers(
     q8 = Embedder.load(dtype="q8")
     got = q8.embed(texts)
     assert cosine(got, expected).min() >= 0.995
-    # The int8 products are exact on both paths: they agree to float rounding.
+    # AVX2 quantizes the weights its own way (codes in ±64, a scale per block of 64
+    # inputs); the two paths land close to each other, not on the same vectors.
     if path == "avx2" and best == "avx512":
         forced_kernels("avx512")
-        assert np.abs(Embedder.load(dtype="q8").embed(texts) - got).max() < 1e-4
+        vnni = Embedder.load(dtype="q8").embed(texts)
+        assert cosine(vnni, got).min() >= 0.99
+        assert np.abs(vnni - got).max() > 1e-4
 
 
 def test_unknown_kernel_paths_are_refused(forced_kernels):

@@ -11,8 +11,8 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::activation::Activation;
+use super::dense::Dense;
 use super::kernels;
-use super::q8::Dense;
 use crate::error::EmbedError;
 
 /// The fields of a Hugging Face BERT `config.json` that inference needs.
@@ -225,13 +225,13 @@ impl Bert {
         let context = kernels::attention(&layer.qkv.forward(x)?, bias, self.heads)?;
         let attended = layer
             .attention_norm
-            .forward(&(layer.attention_out.forward(&context)? + x)?)?;
-        let inner = self
-            .activation
-            .apply(&layer.intermediate.forward(&attended)?)?;
+            .forward(&layer.attention_out.forward_plus(&context, x)?)?;
+        let inner = layer
+            .intermediate
+            .forward_activated(&attended, self.activation)?;
         layer
             .output_norm
-            .forward(&(layer.output.forward(&inner)? + attended)?)
+            .forward(&layer.output.forward_plus(&inner, &attended)?)
     }
 }
 

@@ -113,6 +113,13 @@ impl CustomOp2 for Attention {
     }
 }
 
+/// Exact GELU in place, on the CPU path's kernels: the end of fused dense layers.
+pub(crate) fn gelu_in_place(values: &mut [f32]) {
+    values
+        .par_chunks_mut(TASK_ELEMENTS)
+        .for_each(simd::gelu_in_place);
+}
+
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -142,6 +149,15 @@ mod simd {
             return unsafe { gelu_avx2(src, dst) };
         }
         gelu_body(src, dst)
+    }
+
+    pub fn gelu_in_place(values: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::current() >= crate::cpu::Kernels::Avx2 {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { gelu_in_place_avx2(values) };
+        }
+        gelu_in_place_body(values)
     }
 
     pub fn attention_row(
@@ -265,10 +281,28 @@ mod simd {
         gelu_body(src, dst)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gelu_in_place_avx2(values: &mut [f32]) {
+        gelu_in_place_body(values)
+    }
+
+    #[inline(always)]
+    fn gelu_in_place_body(values: &mut [f32]) {
+        for v in values.iter_mut() {
+            *v = gelu_one(*v);
+        }
+    }
+
+    #[inline(always)]
+    fn gelu_one(x: f32) -> f32 {
+        0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+
     #[inline(always)]
     fn gelu_body(src: &[f32], dst: &mut [f32]) {
         for (d, &x) in dst.iter_mut().zip(src) {
-            *d = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            *d = gelu_one(x);
         }
     }
 
@@ -306,7 +340,11 @@ mod simd {
             * r
             + 0.5;
         let y = p * z + r + 1.0;
-        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        // 2^n without a float-to-int cast, which Rust saturates and the compiler then
+        // leaves scalar: n + 127 (1 to 254) lands in the low bits of a float in
+        // [2^23, 2^24), and shifting those into the exponent field builds 2^n.
+        let biased = (n + 127.0 + 8_388_608.0).to_bits();
+        y * f32::from_bits(biased << 23)
     }
 
     /// erf(x), absolute error under 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free.

@@ -5,6 +5,7 @@ pub(crate) mod activation;
 mod bert;
 pub mod clip;
 mod clip_towers;
+pub(crate) mod dense;
 mod encoder;
 mod image_prep;
 mod kernels;

@@ -10,9 +10,9 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
+use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
 use super::kernels;
-use super::q8::Dense;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -239,10 +239,12 @@ impl ModernBert {
         })
     }
 
+    /// `residual` plus the attention output of the normed `x`.
     fn attention(
         &self,
         layer: &Layer,
         x: &Tensor,
+        residual: &Tensor,
         biases: &Biases,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
@@ -263,12 +265,8 @@ impl ModernBert {
             let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
             let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(2, 2 * hidden, hidden)?], 2)?;
             let window = (!layer.global).then_some(self.half_window);
-            return layer.wo.forward(&kernels::attention_windowed(
-                &fused,
-                &biases.padding,
-                self.heads,
-                window,
-            )?);
+            let context = kernels::attention_windowed(&fused, &biases.padding, self.heads, window)?;
+            return layer.wo.forward_plus(&context, residual);
         }
         let qkv = qkv.reshape((batch, tokens, 3, self.heads, head_dim))?;
         let part = |i: usize| {
@@ -285,16 +283,17 @@ impl ModernBert {
         } else {
             &biases.local
         };
-        layer.wo.forward(&attend(&q, &k, &v, bias)?)
+        layer.wo.forward_plus(&attend(&q, &k, &v, bias)?, residual)
     }
 
-    fn feed_forward(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+    /// `residual` plus the feed-forward output of the normed `x`.
+    fn feed_forward(&self, layer: &Layer, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let inner = layer.wi.forward(x)?;
         let input = inner.narrow(2, 0, self.intermediate)?;
         let gate = inner.narrow(2, self.intermediate, self.intermediate)?;
         layer
             .mlp_wo
-            .forward(&(self.activation.apply(&input)? * gate)?)
+            .forward_plus(&(self.activation.apply(&input)? * gate)?, residual)
     }
 }
 
@@ -335,8 +334,8 @@ impl Encoder for ModernBert {
                 Some(norm) => norm.forward(&x)?,
                 None => x.clone(),
             };
-            x = (&x + self.attention(layer, &normed, &biases, rope)?)?;
-            x = (&x + self.feed_forward(layer, &layer.mlp_norm.forward(&x)?)?)?;
+            x = self.attention(layer, &normed, &x, &biases, rope)?;
+            x = self.feed_forward(layer, &layer.mlp_norm.forward(&x)?, &x)?;
         }
         self.final_norm.forward(&x)
     }

@@ -12,18 +12,19 @@
 //! `vpdpbusd` multiplies unsigned by signed bytes, so activations travel as
 //! `q + 128`; the extra `128 · Σ_k w` per output is subtracted at the end.
 //!
-//! Without VNNI, AVX2 does the same products with `vpmaddubsw` (u8 × i8 pairs summed
-//! into i16) and `vpmaddwd` (pairs of i16 into i32). `vpmaddubsw` saturates, so the
-//! activations are read back as signed codes and their signs moved onto the weights
-//! (`vpsignb`): |q| · ±w, both at most 127, sums a pair to at most 32,258, exact.
-//! Which path runs is `crate::cpu::current()`.
+//! Without VNNI, AVX2 does the products with `vpmaddubsw` (u8 × i8 pairs summed into
+//! i16) and `vpmaddwd` (pairs of i16 into i32). `vpmaddubsw` saturates, so there the
+//! weights are codes in ±64 (2 · 255 · 64 fits an i16: exact) with one scale per output
+//! and block of 64 inputs. The first version kept 8-bit weights exact by moving the
+//! activations' signs onto them (`vpsignb`), one more shuffle-port instruction per
+//! product that made it no faster than f32. Which path runs is `crate::cpu::current()`.
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
-use candle_nn::Linear;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::dense::finish;
 use super::kernels::contiguous_f32;
 use crate::cpu::{self, Kernels};
 use crate::error::EmbedError;
@@ -39,30 +40,6 @@ const BLOCK_K: usize = 64;
 /// Output blocks per parallel task when there is a single row.
 const TASK_BLOCKS: usize = 16;
 
-/// A linear layer in the model's float dtype, or quantized to int8 (`dtype="q8"`):
-/// what every encoder builds its projections from, so one flag quantizes them all.
-pub enum Dense {
-    Float(Linear),
-    Int8(QuantizedLinear),
-}
-
-impl Dense {
-    pub fn new(linear: Linear, quantize: bool) -> Result<Self> {
-        Ok(if quantize {
-            Self::Int8(QuantizedLinear::new(linear.weight(), linear.bias())?)
-        } else {
-            Self::Float(linear)
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Float(linear) => linear.forward(x),
-            Self::Int8(linear) => linear.forward(x),
-        }
-    }
-}
-
 pub struct QuantizedLinear {
     /// Output features (before padding to `BLOCK_N`).
     out_features: usize,
@@ -71,12 +48,15 @@ pub struct QuantizedLinear {
     padded_k: usize,
     /// `[n / 64][k / 4][64][4]`: one 64-byte load gives 16 outputs × 4 inputs.
     packed: Vec<i8>,
-    /// Per output: the weight scale.
+    /// Per output: the weight scale (VNNI).
     scales: Vec<f32>,
     /// `[n / 64][k / 64][64]`: 128 · Σ of the quantized weights over each input
     /// block, what the +128 shift of the activations adds to the products; laid out
     /// like `packed`, so one output block's offsets are one slice.
     offsets: Vec<i32>,
+    /// AVX2 only, laid out like `offsets`: the weight scale of each output and block
+    /// of 64 inputs (`scales` are then 1).
+    block_scales: Vec<f32>,
     bias: Vec<f32>,
     /// AVX-512 VNNI or AVX2, as in force when the layer was built.
     kernels: Kernels,
@@ -120,19 +100,44 @@ impl QuantizedLinear {
         let padded_k = in_features.div_ceil(BLOCK_K) * BLOCK_K;
         let padded_n = out_features.div_ceil(BLOCK_N) * BLOCK_N;
         let groups = padded_k / 4;
+        let k_blocks = padded_k / BLOCK_K;
+        // VNNI: one scale per output, 8-bit codes. AVX2: codes in ±64, so that a u8
+        // activation pair times them stays inside vpmaddubsw's i16 (2 · 255 · 64 =
+        // 32,640), with one scale per output and block of 64 inputs to win back the
+        // precision (a block's largest weight sits nearer its typical one than a row's).
+        let avx2 = kernels == Kernels::Avx2;
+        let levels = if avx2 { 64.0 } else { 127.0 };
         let mut packed = vec![0i8; padded_n * padded_k];
-        let mut scales = vec![0f32; padded_n];
-        let mut offsets = vec![0i32; padded_k / BLOCK_K * padded_n];
+        let mut scales = vec![1f32; padded_n];
+        let mut offsets = vec![0i32; k_blocks * padded_n];
+        let mut block_scales = vec![1f32; if avx2 { k_blocks * padded_n } else { 0 }];
+        let scale_of = |values: &[f32]| {
+            let max = values.iter().fold(0f32, |m, &w| m.max(w.abs()));
+            if max > 0.0 {
+                max / levels
+            } else {
+                1.0
+            }
+        };
         for (n, row) in weight.iter().enumerate() {
-            let max = row.iter().fold(0f32, |m, &w| m.max(w.abs()));
-            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            scales[n] = scale;
             let (block, lane) = (n / BLOCK_N, n % BLOCK_N);
-            for (k, &w) in row.iter().enumerate() {
-                let q = (w / scale).round().clamp(-127.0, 127.0) as i8;
-                offsets[(block * (padded_k / BLOCK_K) + k / BLOCK_K) * BLOCK_N + lane] +=
-                    128 * q as i32;
-                packed[((block * groups + k / 4) * BLOCK_N + lane) * 4 + k % 4] = q;
+            if !avx2 {
+                scales[n] = scale_of(row);
+            }
+            for (b, inputs) in row.chunks(BLOCK_K).enumerate() {
+                let at = (block * k_blocks + b) * BLOCK_N + lane;
+                let scale = if avx2 {
+                    block_scales[at] = scale_of(inputs);
+                    block_scales[at]
+                } else {
+                    scales[n]
+                };
+                for (i, &w) in inputs.iter().enumerate() {
+                    let k = b * BLOCK_K + i;
+                    let q = (w / scale).round().clamp(-levels, levels) as i8;
+                    offsets[at] += 128 * q as i32;
+                    packed[((block * groups + k / 4) * BLOCK_N + lane) * 4 + k % 4] = q;
+                }
             }
         }
         Ok(Self {
@@ -142,14 +147,40 @@ impl QuantizedLinear {
             packed,
             scales,
             offsets,
+            block_scales,
             bias,
             kernels,
         })
     }
 
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
     /// `x` is `[.., in]` f32 on the CPU; returns `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
+        self.forward_then(x, None, false)
+    }
+
+    /// [`Self::forward`], then `+ residual` (`[.., out]` f32) and GELU, fused.
+    pub fn forward_then(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        gelu: bool,
+    ) -> Result<Tensor> {
+        let op = Int8Op { layer: self, gelu };
+        match residual {
+            Some(residual) => x
+                .contiguous()?
+                .apply_op2_no_bwd(&residual.contiguous()?, &op),
+            None => x.contiguous()?.apply_op1_no_bwd(&op),
+        }
+    }
+
+    /// The output dims of an input of `layout`, or an error if its width is wrong.
+    fn output_dims(&self, layout: &Layout) -> Result<Vec<usize>> {
+        let mut dims = layout.dims().to_vec();
         let last = dims.pop().unwrap_or(0);
         if last != self.in_features {
             candle_core::bail!(
@@ -157,14 +188,11 @@ impl QuantizedLinear {
                 self.in_features
             );
         }
-        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let rows = input.len() / self.in_features.max(1);
-        let out = self.matmul(&input, rows);
         dims.push(self.out_features);
-        Tensor::from_vec(out, dims, x.device())
+        Ok(dims)
     }
 
-    fn matmul(&self, input: &[f32], rows: usize) -> Vec<f32> {
+    fn matmul(&self, input: &[f32], rows: usize, residual: Option<&[f32]>, gelu: bool) -> Vec<f32> {
         let (k, kp, n) = (self.in_features, self.padded_k, self.out_features);
         // Symmetric quantization per token and input block, shifted to u8 for vpdpbusd.
         let blocks = kp / BLOCK_K;
@@ -191,7 +219,9 @@ impl QuantizedLinear {
                 .for_each(|(task, out)| {
                     let first = task * TASK_BLOCKS;
                     let blocks = first..(first + TASK_BLOCKS).min(all_blocks);
+                    let columns = blocks.start * BLOCK_N..blocks.start * BLOCK_N + out.len();
                     self.task(&quantized, &row_scales, out, blocks);
+                    finish(out, residual.map(|r| &r[columns]), gelu);
                 });
             return out;
         }
@@ -206,6 +236,11 @@ impl QuantizedLinear {
                     &row_scales[first * blocks..(first + count) * blocks],
                     out,
                     0..all_blocks,
+                );
+                finish(
+                    out,
+                    residual.map(|r| &r[first * n..(first + count) * n]),
+                    gelu,
                 );
             });
         out
@@ -233,7 +268,20 @@ impl QuantizedLinear {
                         Kernels::Avx512 => {
                             kernel::tile(x, kp, weights, scales, offsets, tile_rows, &mut acc)
                         }
-                        _ => kernel::tile_avx2(x, kp, weights, scales, tile_rows, &mut acc),
+                        _ => {
+                            let weight_scales = &self.block_scales
+                                [block * blocks * BLOCK_N..(block + 1) * blocks * BLOCK_N];
+                            kernel::tile_avx2(
+                                x,
+                                kp,
+                                weights,
+                                scales,
+                                offsets,
+                                weight_scales,
+                                tile_rows,
+                                &mut acc,
+                            )
+                        }
                     }
                 };
                 for (r, acc) in acc.iter().enumerate().take(tile_rows) {
@@ -251,23 +299,46 @@ impl QuantizedLinear {
     }
 }
 
-impl CustomOp1 for QuantizedLinear {
+/// A q8 layer's product with its fused ending, as a candle op.
+struct Int8Op<'a> {
+    layer: &'a QuantizedLinear,
+    gelu: bool,
+}
+
+impl CustomOp1 for Int8Op<'_> {
     fn name(&self) -> &'static str {
         "embedstream-q8-linear"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut dims = layout.dims().to_vec();
-        let last = dims.pop().unwrap_or(0);
-        if last != self.in_features {
-            candle_core::bail!(
-                "q8 linear: expected {} input features, got {last}",
-                self.in_features
-            );
-        }
+        let dims = self.layer.output_dims(layout)?;
         let input = contiguous_f32(storage, layout, "q8 linear", "input")?;
-        let out = self.matmul(input, input.len() / self.in_features.max(1));
-        dims.push(self.out_features);
+        let rows = input.len() / self.layer.in_features.max(1);
+        let out = self.layer.matmul(input, rows, None, self.gelu);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+impl CustomOp2 for Int8Op<'_> {
+    fn name(&self) -> &'static str {
+        "embedstream-q8-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.layer.output_dims(l1)?;
+        let input = contiguous_f32(s1, l1, "q8 linear", "input")?;
+        let residual = contiguous_f32(s2, l2, "q8 linear", "residual")?;
+        let rows = input.len() / self.layer.in_features.max(1);
+        if residual.len() != rows * self.layer.out_features {
+            candle_core::bail!("q8 linear: the residual is not the output's shape");
+        }
+        let out = self.layer.matmul(input, rows, Some(residual), self.gelu);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
@@ -377,12 +448,16 @@ mod kernel {
         }
     }
 
-    /// The VNNI tile's contract on AVX2 (offsets unused: codes are read back as signed).
+    /// The VNNI tile's contract on AVX2, where the weights are codes in ±64 with a
+    /// scale per output and block (`weight_scales`, laid out like `offsets`).
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_avx2(
         x: &[u8],
         stride: usize,
         weights: &[i8],
         scales: &[f32],
+        offsets: &[i32],
+        weight_scales: &[f32],
         rows: usize,
         acc: &mut [[f32; BLOCK_N]; TILE_M],
     ) {
@@ -391,26 +466,30 @@ mod kernel {
             let (x, scales) = (&x[r * stride..], &scales[r * blocks..]);
             let acc = &mut acc[r..];
             match rows - r {
-                1 => tile_rows_avx2::<1>(x, stride, weights, scales, acc),
-                _ => tile_rows_avx2::<2>(x, stride, weights, scales, acc),
+                1 => tile_rows_avx2::<1>(x, stride, weights, scales, offsets, weight_scales, acc),
+                _ => tile_rows_avx2::<2>(x, stride, weights, scales, offsets, weight_scales, acc),
             }
         }
     }
 
     /// `R` rows against 64 outputs, in two halves of 32 (four 8-lane accumulators
-    /// per row: with the weights they fill the 16 registers).
+    /// per row: with the weights they fill the 16 registers). Per step: u8 codes
+    /// (`q + 128`) times weights in ±64 through `vpmaddubsw`, pairs summed to i32 by
+    /// `vpmaddwd`; the `128 · Σ w` the shift adds comes off once per block.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_rows_avx2<const R: usize>(
         x: &[u8],
         stride: usize,
         weights: &[i8],
         scales: &[f32],
+        offsets: &[i32],
+        weight_scales: &[f32],
         acc: &mut [[f32; BLOCK_N]],
     ) {
         let blocks = stride / BLOCK_K;
         debug_assert!(x.len() >= (R - 1) * stride + stride && weights.len() >= stride * BLOCK_N);
+        debug_assert!(offsets.len() >= blocks * BLOCK_N && weight_scales.len() >= blocks * BLOCK_N);
         let (w, x) = (weights.as_ptr(), x.as_ptr());
-        let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
         for row in acc.iter_mut().take(R) {
             *row = [0.0; BLOCK_N];
@@ -424,21 +503,29 @@ mod kernel {
                         [0, 32, 64, 96].map(|o| _mm256_loadu_si256(wg.add(o) as *const __m256i));
                     for (r, sums) in sums.iter_mut().enumerate() {
                         let codes = (x.add(r * stride + g * 4) as *const i32).read_unaligned();
-                        // u8 code − 128 = the signed code: flip the top bit.
-                        let a = _mm256_xor_si256(_mm256_set1_epi32(codes), flip);
-                        let magnitude = _mm256_sign_epi8(a, a);
+                        let a = _mm256_set1_epi32(codes);
                         for (s, &wj) in sums.iter_mut().zip(&wv) {
-                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wj, a));
+                            let pairs = _mm256_maddubs_epi16(a, wj);
                             *s = _mm256_add_epi32(*s, _mm256_madd_epi16(pairs, ones));
                         }
                     }
                 }
+                let lanes = b * BLOCK_N + 32 * half;
                 for (r, sums) in sums.iter().enumerate() {
                     let scale = _mm256_set1_ps(*scales.get_unchecked(r * blocks + b));
                     for (j, s) in sums.iter().enumerate() {
+                        let offset = _mm256_loadu_si256(
+                            offsets.as_ptr().add(lanes + 8 * j) as *const __m256i
+                        );
+                        let weight_scale =
+                            _mm256_loadu_ps(weight_scales.as_ptr().add(lanes + 8 * j));
+                        let exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(*s, offset));
                         let out = acc[r][32 * half + 8 * j..].as_mut_ptr();
-                        let total =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, _mm256_loadu_ps(out));
+                        let total = _mm256_fmadd_ps(
+                            exact,
+                            _mm256_mul_ps(scale, weight_scale),
+                            _mm256_loadu_ps(out),
+                        );
                         _mm256_storeu_ps(out, total);
                     }
                 }
@@ -522,10 +609,13 @@ mod kernel {
         unreachable!("q8 is refused at load time on this architecture")
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_avx2(
         _: &[u8],
         _: usize,
         _: &[i8],
+        _: &[f32],
+        _: &[i32],
         _: &[f32],
         _: usize,
         _: &mut [[f32; BLOCK_N]; TILE_M],

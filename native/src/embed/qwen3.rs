@@ -9,8 +9,8 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
+use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
-use super::q8::Dense;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -200,10 +200,12 @@ impl Qwen3 {
         })
     }
 
+    /// `residual` plus the attention output of the normed `x`.
     fn attention(
         &self,
         layer: &Layer,
         x: &Tensor,
+        residual: &Tensor,
         bias: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
@@ -234,7 +236,9 @@ impl Qwen3 {
                 .reshape((batch, self.heads, tokens, d))
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        layer.o_proj.forward(&attend(&q, &k, &v, bias)?)
+        layer
+            .o_proj
+            .forward_plus(&attend(&q, &k, &v, bias)?, residual)
     }
 }
 
@@ -251,12 +255,12 @@ impl Encoder for Qwen3 {
 
         let mut x = self.embed_tokens.forward(ids)?;
         for layer in &self.layers {
-            let attended = self.attention(layer, &layer.input_norm.forward(&x)?, &bias, &rope)?;
-            x = (x + attended)?;
+            let normed = layer.input_norm.forward(&x)?;
+            x = self.attention(layer, &normed, &x, &bias, &rope)?;
             let normed = layer.post_attention_norm.forward(&x)?;
-            let gated = (silu.apply(&layer.gate_proj.forward(&normed)?)?
+            let gated = (layer.gate_proj.forward_activated(&normed, silu)?
                 * layer.up_proj.forward(&normed)?)?;
-            x = (&x + layer.down_proj.forward(&gated)?)?;
+            x = layer.down_proj.forward_plus(&gated, &x)?;
         }
         self.norm.forward(&x)
     }

@@ -14,8 +14,8 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde_json::Value;
 
 use super::activation::Activation;
+use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
-use super::q8::Dense;
 use super::rotary::{attend, padding_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -349,6 +349,7 @@ impl RotaryBert {
         })
     }
 
+    /// `x` plus its attention output: what the post-norm normalises.
     fn attention(
         &self,
         layer: &Layer,
@@ -368,7 +369,7 @@ impl RotaryBert {
         let q = candle_nn::rotary_emb::rope(&heads(&layer.q)?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&heads(&layer.k)?, cos, sin)?;
         let v = heads(&layer.v)?;
-        layer.o.forward(&attend(&q, &k, &v, bias)?)
+        layer.o.forward_plus(&attend(&q, &k, &v, bias)?, x)
     }
 }
 
@@ -384,12 +385,12 @@ impl Encoder for RotaryBert {
         for layer in &self.layers {
             x = layer
                 .attention_norm
-                .forward(&(&x + self.attention(layer, &x, &bias, &rope)?)?)?;
+                .forward(&self.attention(layer, &x, &bias, &rope)?)?;
             let gated =
-                (self.activation.apply(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?;
+                (layer.gate.forward_activated(&x, self.activation)? * layer.up.forward(&x)?)?;
             x = layer
                 .mlp_norm
-                .forward(&(&x + layer.down.forward(&gated)?)?)?;
+                .forward(&layer.down.forward_plus(&gated, &x)?)?;
         }
         Ok(x)
     }

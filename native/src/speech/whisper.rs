@@ -10,7 +10,8 @@ use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
 use serde_json::Value;
 
 use crate::embed::activation::Activation;
-use crate::embed::q8::{Dense, QuantizedLinear};
+use crate::embed::dense::Dense;
+use crate::embed::q8::QuantizedLinear;
 use crate::error::EmbedError;
 
 /// What the model needs from `config.json`.
@@ -165,7 +166,7 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2
-            .forward(&self.activation.apply(&self.fc1.forward(x)?)?)
+            .forward(&self.fc1.forward_activated(x, self.activation)?)
     }
 }
 
