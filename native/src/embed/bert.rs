@@ -196,6 +196,59 @@ impl Bert {
     /// Hidden states `[batch, tokens, hidden]` in the model's dtype. `ids` and `mask`
     /// are `[batch, tokens]` u32; mask is 1 for real tokens, 0 for padding.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if ids.device().is_cpu() && self.dtype == DType::F32 {
+            return self.forward_unpadded(ids, mask);
+        }
+        self.forward_padded(ids, mask)
+    }
+
+    /// The CPU path: the batch's real tokens packed back to back, so no product runs
+    /// on padding (5 % of the rows of length-sorted 2,048-token MiniLM batches on the
+    /// bench corpus), then laid out padded again for pooling (zeros at padding).
+    fn forward_unpadded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, tokens) = ids.dims2()?;
+        let device = ids.device();
+        // Rows are right-padded: real tokens come first.
+        let lengths: Vec<usize> = mask
+            .to_vec2::<u32>()?
+            .iter()
+            .map(|row| row.iter().take_while(|&&m| m != 0).count())
+            .collect();
+        let mut packed_ids = Vec::with_capacity(lengths.iter().sum());
+        let mut positions = Vec::with_capacity(packed_ids.capacity());
+        for (row, &length) in ids.to_vec2::<u32>()?.iter().zip(&lengths) {
+            packed_ids.extend_from_slice(&row[..length]);
+            positions.extend((0..length as u32).map(|p| p + self.position_offset));
+        }
+        let total = packed_ids.len();
+        let hidden = self.word_embeddings.hidden_size();
+        if total == 0 {
+            return Tensor::zeros((batch, tokens, hidden), self.dtype, device);
+        }
+        let packed_ids = Tensor::from_vec(packed_ids, total, device)?;
+        let positions = Tensor::from_vec(positions, total, device)?;
+        let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
+        let embedded = (self.word_embeddings.forward(&packed_ids)?
+            + self.position_embeddings.forward(&positions)?)?
+        .broadcast_add(&token_type)?;
+        let mut x = self.embeddings_norm.forward(&embedded)?;
+        for layer in &self.layers {
+            let context = kernels::attention_packed(&layer.qkv.forward(&x)?, &lengths, self.heads)?;
+            x = self.after_attention(layer, &context, &x)?;
+        }
+        let packed = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut padded = vec![0f32; batch * tokens * hidden];
+        let mut start = 0;
+        for (row, &length) in lengths.iter().enumerate() {
+            padded[row * tokens * hidden..][..length * hidden]
+                .copy_from_slice(&packed[start..start + length * hidden]);
+            start += length * hidden;
+        }
+        Tensor::from_vec(padded, (batch, tokens, hidden), device)
+    }
+
+    /// Every device and dtype: the padded batch as it comes.
+    fn forward_padded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (batch, tokens) = ids.dims2()?;
         // Rows are right-padded: real tokens sit at the first positions of each row.
         let offset = self.position_offset;
@@ -216,16 +269,17 @@ impl Bert {
             .to_dtype(self.dtype)?
             .reshape((batch, 1, 1, tokens))?;
         for layer in &self.layers {
-            x = self.layer(layer, &x, &bias)?;
+            let context = kernels::attention(&layer.qkv.forward(&x)?, &bias, self.heads)?;
+            x = self.after_attention(layer, &context, &x)?;
         }
         Ok(x)
     }
 
-    fn layer(&self, layer: &Layer, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let context = kernels::attention(&layer.qkv.forward(x)?, bias, self.heads)?;
+    /// The rest of a layer once attention gave `context` for the layer's input `x`.
+    fn after_attention(&self, layer: &Layer, context: &Tensor, x: &Tensor) -> Result<Tensor> {
         let attended = layer
             .attention_norm
-            .forward(&layer.attention_out.forward_plus(&context, x)?)?;
+            .forward(&layer.attention_out.forward_plus(context, x)?)?;
         let inner = layer
             .intermediate
             .forward_activated(&attended, self.activation)?;
@@ -241,5 +295,99 @@ pub(super) fn finite_min(dtype: DType) -> f64 {
         DType::F16 => -65504.0,
         DType::BF16 => -3.389_531_389_251_535_5e38,
         _ => f32::MIN as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use candle_core::Device;
+
+    /// A random two-layer BERT with every weight transformers would save.
+    fn tiny_bert() -> Result<(Bert, BertConfig)> {
+        let config: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 32,
+            "max_position_embeddings": 24, "hidden_act": "gelu"
+        }))
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let device = Device::Cpu;
+        let mut tensors = HashMap::new();
+        let mut add = |name: String, shape: &[usize]| -> Result<()> {
+            tensors.insert(name, Tensor::randn(0f32, 0.3, shape, &device)?);
+            Ok(())
+        };
+        add("embeddings.word_embeddings.weight".into(), &[50, 16])?;
+        add("embeddings.position_embeddings.weight".into(), &[24, 16])?;
+        add("embeddings.token_type_embeddings.weight".into(), &[2, 16])?;
+        for part in ["embeddings.LayerNorm"]
+            .into_iter()
+            .map(String::from)
+            .chain((0..2).flat_map(|l| {
+                [
+                    format!("encoder.layer.{l}.attention.output.LayerNorm"),
+                    format!("encoder.layer.{l}.output.LayerNorm"),
+                ]
+            }))
+        {
+            add(format!("{part}.weight"), &[16])?;
+            add(format!("{part}.bias"), &[16])?;
+        }
+        for l in 0..2 {
+            let layer = format!("encoder.layer.{l}");
+            for (name, out, inp) in [
+                ("attention.self.query", 16, 16),
+                ("attention.self.key", 16, 16),
+                ("attention.self.value", 16, 16),
+                ("attention.output.dense", 16, 16),
+                ("intermediate.dense", 32, 16),
+                ("output.dense", 16, 32),
+            ] {
+                add(format!("{layer}.{name}.weight"), &[out, inp])?;
+                add(format!("{layer}.{name}.bias"), &[out])?;
+            }
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let model = Bert::load(vb, &config, &Layout::BERT, false)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((model, config))
+    }
+
+    #[test]
+    fn the_unpadded_cpu_path_matches_the_padded_one() -> Result<()> {
+        let (model, _) = tiny_bert()?;
+        let device = Device::Cpu;
+        let lengths = [7usize, 4, 1, 6];
+        let tokens = 7;
+        let mut ids = vec![0u32; lengths.len() * tokens];
+        let mut mask = vec![0u32; lengths.len() * tokens];
+        for (row, &length) in lengths.iter().enumerate() {
+            for t in 0..length {
+                ids[row * tokens + t] = ((row * 11 + t * 7) % 50) as u32;
+                mask[row * tokens + t] = 1;
+            }
+        }
+        let shape = (lengths.len(), tokens);
+        let ids = Tensor::from_vec(ids, shape, &device)?;
+        let mask = Tensor::from_vec(mask, shape, &device)?;
+        let unpadded = model.forward(&ids, &mask)?;
+        let padded = model.forward_padded(&ids, &mask)?;
+        assert_eq!(unpadded.dims(), padded.dims());
+        for (row, &length) in lengths.iter().enumerate() {
+            let diff = (unpadded.get(row)?.narrow(0, 0, length)?
+                - padded.get(row)?.narrow(0, 0, length)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "row {row}: differs by {diff}");
+            if length < tokens {
+                let rest = unpadded.get(row)?.narrow(0, length, tokens - length)?;
+                assert_eq!(rest.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+            }
+        }
+        Ok(())
     }
 }
