@@ -154,6 +154,16 @@ pub(crate) fn finish(out: &mut [f32], residual: Option<&[f32]>, gelu: bool) {
     }
 }
 
+/// `values` as the floats they now hold.
+///
+/// # Safety
+/// Every element must have been written.
+pub(crate) unsafe fn assume_written(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller vouches every element
+    // is initialised.
+    unsafe { &mut *(values as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// The float product on the CPU; the weight is `[out, in]` f32, the input `[.., in]`.
 struct FloatOp<'a> {
     weight: &'a Tensor,
@@ -256,7 +266,7 @@ fn float_matmul(
             }
         }
         // SAFETY: every element of `out` was written just above.
-        let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        let out = unsafe { assume_written(out) };
         // SAFETY: `out` is `[count, n]` row-major, `x` from row `first` is `[count, k]`
         // and `weight` is `[n, k]`, all row-major: every index the strides reach lies
         // inside the slices.

@@ -19,12 +19,13 @@
 //! activations' signs onto them (`vpsignb`), one more shuffle-port instruction per
 //! product that made it no faster than f32. Which path runs is `crate::cpu::current()`.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dense::finish;
+use super::dense::{assume_written, finish};
 use super::kernels::contiguous_f32;
 use crate::cpu::{self, Kernels};
 use crate::error::EmbedError;
@@ -210,45 +211,57 @@ impl QuantizedLinear {
                     false => kernel::quantize_row_avx2(x, scales, q),
                 }
             });
-        let mut out = vec![0f32; rows * n];
+        // Every task writes each of its outputs once: no zeroing first.
+        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+        let spare = &mut out.spare_capacity_mut()[..rows * n];
         let all_blocks = self.scales.len() / BLOCK_N;
         if rows == 1 {
             // One token (a decoder step): the work is in the columns, so split those.
-            out.par_chunks_mut(TASK_BLOCKS * BLOCK_N)
+            spare
+                .par_chunks_mut(TASK_BLOCKS * BLOCK_N)
                 .enumerate()
                 .for_each(|(task, out)| {
                     let first = task * TASK_BLOCKS;
                     let blocks = first..(first + TASK_BLOCKS).min(all_blocks);
                     let columns = blocks.start * BLOCK_N..blocks.start * BLOCK_N + out.len();
                     self.task(&quantized, &row_scales, out, blocks);
+                    // SAFETY: `task` wrote every element of `out`.
+                    let out = unsafe { assume_written(out) };
                     finish(out, residual.map(|r| &r[columns]), gelu);
                 });
-            return out;
+        } else {
+            spare
+                .par_chunks_mut(TASK_M * n)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    let first = task * TASK_M;
+                    let count = out.len() / n;
+                    let x = &quantized[first * kp..(first + count) * kp];
+                    let scales = &row_scales[first * blocks..(first + count) * blocks];
+                    self.task(x, scales, out, 0..all_blocks);
+                    // SAFETY: `task` wrote every element of `out`.
+                    let out = unsafe { assume_written(out) };
+                    finish(
+                        out,
+                        residual.map(|r| &r[first * n..(first + count) * n]),
+                        gelu,
+                    );
+                });
         }
-        out.par_chunks_mut(TASK_M * n)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first = task * TASK_M;
-                let count = out.len() / n;
-                let x = &quantized[first * kp..(first + count) * kp];
-                self.task(
-                    x,
-                    &row_scales[first * blocks..(first + count) * blocks],
-                    out,
-                    0..all_blocks,
-                );
-                finish(
-                    out,
-                    residual.map(|r| &r[first * n..(first + count) * n]),
-                    gelu,
-                );
-            });
+        // SAFETY: the tasks cover all `rows · n` outputs and wrote each one.
+        unsafe { out.set_len(rows * n) };
         out
     }
 
     /// Rows `x` (`[m, kp]` u8, scales `[m, kp / 64]`) against the output blocks
     /// `blocks`, into `out`: `[m, columns of those blocks]`.
-    fn task(&self, x: &[u8], row_scales: &[f32], out: &mut [f32], blocks_range: Range<usize>) {
+    fn task(
+        &self,
+        x: &[u8],
+        row_scales: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        blocks_range: Range<usize>,
+    ) {
         let (kp, n) = (self.padded_k, self.out_features);
         let blocks = kp / BLOCK_K;
         let first_column = blocks_range.start * BLOCK_N;
@@ -289,9 +302,9 @@ impl QuantizedLinear {
                     let columns = block * BLOCK_N..((block + 1) * BLOCK_N).min(n);
                     let start = m * width + columns.start - first_column;
                     let out = &mut out[start..start + columns.len()];
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let c = block * BLOCK_N + j;
-                        *o = acc[j] * self.scales[c] + self.bias[c];
+                    let (scales, bias) = (&self.scales[columns.clone()], &self.bias[columns]);
+                    for (((o, &a), &s), &b) in out.iter_mut().zip(acc).zip(scales).zip(bias) {
+                        o.write(a * s + b);
                     }
                 }
             }
