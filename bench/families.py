@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument(
         "--families", default=",".join(FAMILIES), help="comma-separated, of: " + ", ".join(FAMILIES)
     )
-    parser.add_argument("--dtypes", default="f32,q8", help="ours in each; q8 needs AVX-512 VNNI")
+    parser.add_argument("--dtypes", default="f32,q8", help="ours in each; q8 needs AVX2")
     parser.add_argument(
         "--qwen3-texts", type=int, default=64, help="texts for the 0.6B decoder (slow on CPU)"
     )

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::activation::Activation;
 use super::dense::Dense;
 use super::kernels;
+use super::packed::Packed;
 use crate::error::EmbedError;
 
 /// The fields of a Hugging Face BERT `config.json` that inference needs.
@@ -202,49 +203,24 @@ impl Bert {
         self.forward_padded(ids, mask)
     }
 
-    /// The CPU path: the batch's real tokens packed back to back, so no product runs
-    /// on padding (5 % of the rows of length-sorted 2,048-token MiniLM batches on the
-    /// bench corpus), then laid out padded again for pooling (zeros at padding).
+    /// The CPU path: real tokens only (see [`Packed`]).
     fn forward_unpadded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (batch, tokens) = ids.dims2()?;
-        let device = ids.device();
-        // Rows are right-padded: real tokens come first.
-        let lengths: Vec<usize> = mask
-            .to_vec2::<u32>()?
-            .iter()
-            .map(|row| row.iter().take_while(|&&m| m != 0).count())
-            .collect();
-        let mut packed_ids = Vec::with_capacity(lengths.iter().sum());
-        let mut positions = Vec::with_capacity(packed_ids.capacity());
-        for (row, &length) in ids.to_vec2::<u32>()?.iter().zip(&lengths) {
-            packed_ids.extend_from_slice(&row[..length]);
-            positions.extend((0..length as u32).map(|p| p + self.position_offset));
+        let packed = Packed::new(ids, mask)?;
+        if packed.total() == 0 {
+            return packed.zeros(self.word_embeddings.hidden_size(), self.dtype);
         }
-        let total = packed_ids.len();
-        let hidden = self.word_embeddings.hidden_size();
-        if total == 0 {
-            return Tensor::zeros((batch, tokens, hidden), self.dtype, device);
-        }
-        let packed_ids = Tensor::from_vec(packed_ids, total, device)?;
-        let positions = Tensor::from_vec(positions, total, device)?;
         let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
-        let embedded = (self.word_embeddings.forward(&packed_ids)?
+        let positions = packed.position_ids(self.position_offset)?;
+        let embedded = (self.word_embeddings.forward(&packed.ids)?
             + self.position_embeddings.forward(&positions)?)?
         .broadcast_add(&token_type)?;
         let mut x = self.embeddings_norm.forward(&embedded)?;
         for layer in &self.layers {
-            let context = kernels::attention_packed(&layer.qkv.forward(&x)?, &lengths, self.heads)?;
+            let qkv = layer.qkv.forward(&x)?;
+            let context = kernels::attention_packed(&qkv, &packed.lengths, self.heads, None)?;
             x = self.after_attention(layer, &context, &x)?;
         }
-        let packed = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut padded = vec![0f32; batch * tokens * hidden];
-        let mut start = 0;
-        for (row, &length) in lengths.iter().enumerate() {
-            padded[row * tokens * hidden..][..length * hidden]
-                .copy_from_slice(&packed[start..start + length * hidden]);
-            start += length * hidden;
-        }
-        Tensor::from_vec(padded, (batch, tokens, hidden), device)
+        packed.unpack(&x)
     }
 
     /// Every device and dtype: the padded batch as it comes.

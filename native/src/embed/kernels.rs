@@ -113,16 +113,25 @@ impl CustomOp2 for Attention {
     }
 }
 
-/// [`attention`] over sequences packed back to back without padding, on the CPU in
-/// f32: `qkv` is `[Σ lengths, 3·h]`, the context `[Σ lengths, h]`.
-pub fn attention_packed(qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
-    qkv.contiguous()?
-        .apply_op1_no_bwd(&PackedAttention { heads, lengths })
+/// [`attention_windowed`] over sequences packed back to back without padding, on the
+/// CPU in f32: `qkv` is `[Σ lengths, 3·h]`, the context `[Σ lengths, h]`.
+pub fn attention_packed(
+    qkv: &Tensor,
+    lengths: &[usize],
+    heads: usize,
+    half_window: Option<usize>,
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1_no_bwd(&PackedAttention {
+        heads,
+        lengths,
+        half_window,
+    })
 }
 
 struct PackedAttention<'a> {
     heads: usize,
     lengths: &'a [usize],
+    half_window: Option<usize>,
 }
 
 impl CustomOp1 for PackedAttention<'_> {
@@ -153,7 +162,7 @@ impl CustomOp1 for PackedAttention<'_> {
             .filter(|(_, length, _)| *length > 0)
             .for_each(|(start, length, out)| {
                 let qkv = &qkv[start * width..(start + length) * width];
-                simd::attention_row(qkv, &no_bias[..length], self.heads, None, out);
+                simd::attention_row(qkv, &no_bias[..length], self.heads, self.half_window, out);
             });
         Ok((CpuStorage::F32(out), Shape::from((total, hidden))))
     }

@@ -11,6 +11,7 @@ mod image_prep;
 mod kernels;
 pub mod model_dir;
 mod modernbert;
+mod packed;
 pub(crate) mod q8;
 mod qwen3;
 mod resample;

@@ -13,6 +13,7 @@ use super::activation::Activation;
 use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
 use super::kernels;
+use super::packed::Packed;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -289,8 +290,9 @@ impl ModernBert {
     /// `residual` plus the feed-forward output of the normed `x`.
     fn feed_forward(&self, layer: &Layer, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let inner = layer.wi.forward(x)?;
-        let input = inner.narrow(2, 0, self.intermediate)?;
-        let gate = inner.narrow(2, self.intermediate, self.intermediate)?;
+        let last = inner.rank() - 1;
+        let input = inner.narrow(last, 0, self.intermediate)?;
+        let gate = inner.narrow(last, self.intermediate, self.intermediate)?;
         layer
             .mlp_wo
             .forward_plus(&(self.activation.apply(&input)? * gate)?, residual)
@@ -305,8 +307,61 @@ struct Biases {
     local: Tensor,
 }
 
+impl ModernBert {
+    /// The CPU path in f32: real tokens only (see [`Packed`]), each layer's window
+    /// applied by the attention kernel within each sequence.
+    fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let packed = Packed::new(ids, mask)?;
+        let (total, device) = (packed.total(), packed.device());
+        let hidden = self.embeddings.hidden_size();
+        if total == 0 {
+            return packed.zeros(hidden, self.dtype);
+        }
+        let head_dim = hidden / self.heads;
+        let global_rope = self
+            .global_rope
+            .tables_at(&packed.positions, device, self.dtype)?;
+        let local_rope = self
+            .local_rope
+            .tables_at(&packed.positions, device, self.dtype)?;
+        let mut x = self
+            .embeddings_norm
+            .forward(&self.embeddings.forward(&packed.ids)?)?;
+        for layer in &self.layers {
+            let (cos, sin) = if layer.global {
+                &global_rope
+            } else {
+                &local_rope
+            };
+            let normed = match &layer.attn_norm {
+                Some(norm) => norm.forward(&x)?,
+                None => x.clone(),
+            };
+            let qkv = layer.wqkv.forward(&normed)?;
+            let rotate = |i: usize| -> Result<Tensor> {
+                let part = qkv
+                    .narrow(1, i * hidden, hidden)?
+                    .reshape((1, total, self.heads, head_dim))?
+                    .contiguous()?;
+                candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
+            };
+            // The kernel takes queries pre-scaled.
+            let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
+            let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
+            let window = (!layer.global).then_some(self.half_window);
+            let context = kernels::attention_packed(&fused, &packed.lengths, self.heads, window)?;
+            x = layer.wo.forward_plus(&context, &x)?;
+            x = self.feed_forward(layer, &layer.mlp_norm.forward(&x)?, &x)?;
+        }
+        packed.unpack(&self.final_norm.forward(&x)?)
+    }
+}
+
 impl Encoder for ModernBert {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if ids.device().is_cpu() && self.dtype == DType::F32 {
+            return self.forward_packed(ids, mask);
+        }
         let tokens = ids.dim(1)?;
         let device = ids.device();
         let padding = padding_bias(mask, self.dtype)?;

@@ -23,10 +23,22 @@ impl Rotary {
     /// cos and sin `[tokens, head_dim / 2]` of positions `0..tokens`, for
     /// `candle_nn::rotary_emb::rope` (the rotate-half layout transformers uses).
     pub fn tables(&self, tokens: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let angles: Vec<f32> = (0..tokens)
-            .flat_map(|t| self.inv_freq.iter().map(move |f| t as f32 * f))
+        let positions: Vec<u32> = (0..tokens as u32).collect();
+        self.tables_at(&positions, device, dtype)
+    }
+
+    /// cos and sin `[positions, head_dim / 2]`, a row per position (packed sequences).
+    pub fn tables_at(
+        &self,
+        positions: &[u32],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let angles: Vec<f32> = positions
+            .iter()
+            .flat_map(|&t| self.inv_freq.iter().map(move |f| t as f32 * f))
             .collect();
-        let angles = Tensor::from_vec(angles, (tokens, self.inv_freq.len()), device)?;
+        let angles = Tensor::from_vec(angles, (positions.len(), self.inv_freq.len()), device)?;
         Ok((
             angles.cos()?.to_dtype(dtype)?,
             angles.sin()?.to_dtype(dtype)?,

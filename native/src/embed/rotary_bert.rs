@@ -16,6 +16,8 @@ use serde_json::Value;
 use super::activation::Activation;
 use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
+use super::kernels;
+use super::packed::Packed;
 use super::rotary::{attend, padding_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -373,8 +375,50 @@ impl RotaryBert {
     }
 }
 
+impl RotaryBert {
+    /// The CPU path in f32: real tokens only (see [`Packed`]), attention by our
+    /// kernel from one fused, rotated `[tokens, 3·h]` projection.
+    fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let packed = Packed::new(ids, mask)?;
+        let (total, device) = (packed.total(), packed.device());
+        if total == 0 {
+            return packed.zeros(self.word_embeddings.hidden_size(), self.dtype);
+        }
+        let (cos, sin) = self.rope.tables_at(&packed.positions, device, self.dtype)?;
+        let mut x = self.word_embeddings.forward(&packed.ids)?;
+        let hidden = x.dim(1)?;
+        let d = hidden / self.heads;
+        if let Some(token_type) = &self.token_type {
+            x = x.broadcast_add(token_type)?;
+        }
+        x = self.embeddings_norm.forward(&x)?;
+        for layer in &self.layers {
+            let rotate = |proj: &Dense| -> Result<Tensor> {
+                let heads = proj.forward(&x)?.reshape((1, total, self.heads, d))?;
+                candle_nn::rotary_emb::rope_thd(&heads, &cos, &sin)?.reshape((total, hidden))
+            };
+            // The kernel takes queries pre-scaled.
+            let q = (rotate(&layer.q)? * (d as f64).powf(-0.5))?;
+            let qkv = Tensor::cat(&[q, rotate(&layer.k)?, layer.v.forward(&x)?], 1)?;
+            let context = kernels::attention_packed(&qkv, &packed.lengths, self.heads, None)?;
+            x = layer
+                .attention_norm
+                .forward(&layer.o.forward_plus(&context, &x)?)?;
+            let gated =
+                (layer.gate.forward_activated(&x, self.activation)? * layer.up.forward(&x)?)?;
+            x = layer
+                .mlp_norm
+                .forward(&layer.down.forward_plus(&gated, &x)?)?;
+        }
+        packed.unpack(&x)
+    }
+}
+
 impl Encoder for RotaryBert {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if ids.device().is_cpu() && self.dtype == DType::F32 {
+            return self.forward_packed(ids, mask);
+        }
         let bias = padding_bias(mask, self.dtype)?.to_dtype(self.dtype)?;
         let rope = self.rope.tables(ids.dim(1)?, ids.device(), self.dtype)?;
         let mut x = self.word_embeddings.forward(ids)?;
