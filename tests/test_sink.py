@@ -6,6 +6,7 @@ documents by meaning."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -173,6 +174,16 @@ def _stream_to_topic(topics: FlowTopics, stream) -> None:
     assert producer.flush(60) == 0
 
 
+def _rows_so_far(url: str) -> dict[str, dict]:
+    """The store's rows; none before the sink has made its table."""
+    store = open_store(url)
+    try:
+        made = bool(store.tables())
+    finally:
+        store.close()
+    return rows(url) if made else {}
+
+
 def test_kill_9_at_any_moment_leaves_the_store_of_an_uninterrupted_run(kafka_bootstrap, store_url, tmp_path):
     topics = FlowTopics(kafka_bootstrap, partitions=3)
     stream = random_stream(seed=9, docs=60, events=2500)
@@ -200,10 +211,18 @@ def test_kill_9_at_any_moment_leaves_the_store_of_an_uninterrupted_run(kafka_boo
         "0",
     ]
     env = {**os.environ, "EMBEDSTREAM_SINK_BATCH_SIZE": "50"}  # many small commits to land in
+    # Each run dies at a moment set by its progress, not by the clock (a faster sink
+    # once finished the stream between two fixed delays): once its first writes show
+    # in the store, after a random pause of up to 0.3 s.
+    pauses = random.Random(9)
     kills = 0
-    for delay in (2.5, 3.0, 3.5, 4.0):  # the sink needs about 1.5 s to start
+    for _ in range(4):
+        before = _rows_so_far(store_url)
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(delay)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _rows_so_far(store_url) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(pauses.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

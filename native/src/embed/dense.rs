@@ -110,11 +110,7 @@ impl Dense {
                 rest(y, true)
             }
             Self::Int8(linear) if fusable => {
-                let y = match then.residual {
-                    Some(residual) => linear.forward_then(x, Some(residual), fused_gelu)?,
-                    None => linear.forward_then(x, None, fused_gelu)?,
-                };
-                rest(y, true)
+                rest(linear.forward_then(x, then.residual, fused_gelu)?, true)
             }
             _ => {
                 let y = match self {
