@@ -183,11 +183,8 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(storage, layout, "gelu_erf", "input")?;
-        let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(TASK_ELEMENTS)
-            .zip(src.par_chunks(TASK_ELEMENTS))
-            .for_each(|(dst, src)| simd::gelu(src, dst));
+        let mut out = contiguous_f32(storage, layout, "gelu_erf", "input")?.to_vec();
+        gelu_in_place(&mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -196,15 +193,6 @@ impl CustomOp1 for GeluErf {
 mod simd {
     /// A score no key within reach can come near: its weight underflows to zero.
     const OUT_OF_REACH: f32 = f32::MIN / 2.0;
-
-    pub fn gelu(src: &[f32], dst: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::cpu::current() >= crate::cpu::Kernels::Avx2 {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { gelu_avx2(src, dst) };
-        }
-        gelu_body(src, dst)
-    }
 
     pub fn gelu_in_place(values: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -330,12 +318,6 @@ mod simd {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn gelu_avx2(src: &[f32], dst: &mut [f32]) {
-        gelu_body(src, dst)
-    }
-
     /// Eight lanes at a time with FMA: the compiler vectorises [`gelu_one`] too, but
     /// may not contract its multiply-adds, which left GELU at 4 % of a MiniLM pass.
     #[cfg(target_arch = "x86_64")]
@@ -408,13 +390,6 @@ mod simd {
     #[inline(always)]
     fn gelu_one(x: f32) -> f32 {
         0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-    }
-
-    #[inline(always)]
-    fn gelu_body(src: &[f32], dst: &mut [f32]) {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = gelu_one(x);
-        }
     }
 
     #[inline(always)]

@@ -240,7 +240,8 @@ impl ModernBert {
         })
     }
 
-    /// `residual` plus the attention output of the normed `x`.
+    /// `residual` plus the attention output of the normed `x`, through candle's ops
+    /// (devices and dtypes other than the CPU's f32).
     fn attention(
         &self,
         layer: &Layer,
@@ -253,22 +254,6 @@ impl ModernBert {
         let head_dim = hidden / self.heads;
         let qkv = layer.wqkv.forward(x)?;
         let (cos, sin) = rope;
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            // The fused kernel reads q, k and v from one [b, t, 3·h] tensor, queries
-            // pre-scaled: rotate q and k in the token-major layout, then join them again.
-            let rotate = |i: usize| -> Result<Tensor> {
-                let part = qkv
-                    .narrow(2, i * hidden, hidden)?
-                    .reshape((batch, tokens, self.heads, head_dim))?
-                    .contiguous()?;
-                candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((batch, tokens, hidden))
-            };
-            let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
-            let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(2, 2 * hidden, hidden)?], 2)?;
-            let window = (!layer.global).then_some(self.half_window);
-            let context = kernels::attention_windowed(&fused, &biases.padding, self.heads, window)?;
-            return layer.wo.forward_plus(&context, residual);
-        }
         let qkv = qkv.reshape((batch, tokens, 3, self.heads, head_dim))?;
         let part = |i: usize| {
             qkv.narrow(2, i, 1)?
@@ -299,15 +284,38 @@ impl ModernBert {
     }
 }
 
-/// The additive attention biases of one batch: padding alone (the fused CPU kernel
-/// applies the window itself), and for candle's path per kind of layer.
+/// The additive attention biases of one padded batch, per kind of layer.
 struct Biases {
-    padding: Tensor,
     global: Tensor,
     local: Tensor,
 }
 
 impl ModernBert {
+    /// Runs every layer on the embeddings `x`, `attention` giving each one its
+    /// `residual` plus attention output (normed input, residual, rope tables).
+    fn layers(
+        &self,
+        mut x: Tensor,
+        global_rope: &(Tensor, Tensor),
+        local_rope: &(Tensor, Tensor),
+        attention: impl Fn(&Layer, &Tensor, &Tensor, &(Tensor, Tensor)) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        for layer in &self.layers {
+            let rope = if layer.global {
+                global_rope
+            } else {
+                local_rope
+            };
+            let normed = match &layer.attn_norm {
+                Some(norm) => norm.forward(&x)?,
+                None => x.clone(),
+            };
+            x = attention(layer, &normed, &x, rope)?;
+            x = self.feed_forward(layer, &layer.mlp_norm.forward(&x)?, &x)?;
+        }
+        self.final_norm.forward(&x)
+    }
+
     /// The CPU path in f32: real tokens only (see [`Packed`]), each layer's window
     /// applied by the attention kernel within each sequence.
     fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -324,36 +332,28 @@ impl ModernBert {
         let local_rope = self
             .local_rope
             .tables_at(&packed.positions, device, self.dtype)?;
-        let mut x = self
+        let x = self
             .embeddings_norm
             .forward(&self.embeddings.forward(&packed.ids)?)?;
-        for layer in &self.layers {
-            let (cos, sin) = if layer.global {
-                &global_rope
-            } else {
-                &local_rope
+        let attention =
+            |layer: &Layer, x: &Tensor, residual: &Tensor, (cos, sin): &(Tensor, Tensor)| {
+                let qkv = layer.wqkv.forward(x)?;
+                let rotate = |i: usize| -> Result<Tensor> {
+                    let part = qkv
+                        .narrow(1, i * hidden, hidden)?
+                        .reshape((1, total, self.heads, head_dim))?
+                        .contiguous()?;
+                    candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
+                };
+                // The kernel takes queries pre-scaled.
+                let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
+                let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
+                let window = (!layer.global).then_some(self.half_window);
+                let context =
+                    kernels::attention_packed(&fused, &packed.lengths, self.heads, window)?;
+                layer.wo.forward_plus(&context, residual)
             };
-            let normed = match &layer.attn_norm {
-                Some(norm) => norm.forward(&x)?,
-                None => x.clone(),
-            };
-            let qkv = layer.wqkv.forward(&normed)?;
-            let rotate = |i: usize| -> Result<Tensor> {
-                let part = qkv
-                    .narrow(1, i * hidden, hidden)?
-                    .reshape((1, total, self.heads, head_dim))?
-                    .contiguous()?;
-                candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
-            };
-            // The kernel takes queries pre-scaled.
-            let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
-            let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
-            let window = (!layer.global).then_some(self.half_window);
-            let context = kernels::attention_packed(&fused, &packed.lengths, self.heads, window)?;
-            x = layer.wo.forward_plus(&context, &x)?;
-            x = self.feed_forward(layer, &layer.mlp_norm.forward(&x)?, &x)?;
-        }
-        packed.unpack(&self.final_norm.forward(&x)?)
+        packed.unpack(&self.layers(x, &global_rope, &local_rope, attention)?)
     }
 }
 
@@ -371,27 +371,14 @@ impl Encoder for ModernBert {
         let biases = Biases {
             global: padding.to_dtype(self.dtype)?,
             local: padding.broadcast_add(&window)?.to_dtype(self.dtype)?,
-            padding,
         };
         let global_rope = self.global_rope.tables(tokens, device, self.dtype)?;
         let local_rope = self.local_rope.tables(tokens, device, self.dtype)?;
-
-        let mut x = self
+        let x = self
             .embeddings_norm
             .forward(&self.embeddings.forward(ids)?)?;
-        for layer in &self.layers {
-            let rope = if layer.global {
-                &global_rope
-            } else {
-                &local_rope
-            };
-            let normed = match &layer.attn_norm {
-                Some(norm) => norm.forward(&x)?,
-                None => x.clone(),
-            };
-            x = self.attention(layer, &normed, &x, &biases, rope)?;
-            x = self.feed_forward(layer, &layer.mlp_norm.forward(&x)?, &x)?;
-        }
-        self.final_norm.forward(&x)
+        self.layers(x, &global_rope, &local_rope, |layer, x, residual, rope| {
+            self.attention(layer, x, residual, &biases, rope)
+        })
     }
 }

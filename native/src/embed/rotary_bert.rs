@@ -376,6 +376,12 @@ impl RotaryBert {
 }
 
 impl RotaryBert {
+    /// The post-normed gated feed-forward layer with its residual.
+    fn feed_forward(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let gated = (layer.gate.forward_activated(x, self.activation)? * layer.up.forward(x)?)?;
+        layer.mlp_norm.forward(&layer.down.forward_plus(&gated, x)?)
+    }
+
     /// The CPU path in f32: real tokens only (see [`Packed`]), attention by our
     /// kernel from one fused, rotated `[tokens, 3·h]` projection.
     fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -404,11 +410,7 @@ impl RotaryBert {
             x = layer
                 .attention_norm
                 .forward(&layer.o.forward_plus(&context, &x)?)?;
-            let gated =
-                (layer.gate.forward_activated(&x, self.activation)? * layer.up.forward(&x)?)?;
-            x = layer
-                .mlp_norm
-                .forward(&layer.down.forward_plus(&gated, &x)?)?;
+            x = self.feed_forward(layer, &x)?;
         }
         packed.unpack(&x)
     }
@@ -430,11 +432,7 @@ impl Encoder for RotaryBert {
             x = layer
                 .attention_norm
                 .forward(&self.attention(layer, &x, &bias, &rope)?)?;
-            let gated =
-                (layer.gate.forward_activated(&x, self.activation)? * layer.up.forward(&x)?)?;
-            x = layer
-                .mlp_norm
-                .forward(&layer.down.forward_plus(&gated, &x)?)?;
+            x = self.feed_forward(layer, &x)?;
         }
         Ok(x)
     }
