@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine
 from corpus import paragraphs
+from flops import flops_per_token
 
 import operators
 from operators import models
@@ -64,19 +65,13 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--dtype", default="f32")
     parser.add_argument(
-        "--flops-per-token",
-        type=float,
-        default=23e6,
-        help="the model's multiply-adds x2 per token, for the sgemm limit (MiniLM: 23 MFLOP)",
-    )
-    parser.add_argument(
         "--peers", default="sentence-transformers,embed-anything", help="comma-separated peers to run"
     )
     args = parser.parse_args()
     result = measure(args.model, paragraphs(args.texts), args.repeat, args.dtype, set(args.peers.split(",")))
     # What f32 could reach if every FLOP ran at numpy's sgemm speed on this machine.
     gflops = machine.sgemm_gflops()
-    limit = gflops * 1e9 / args.flops_per_token
+    limit = gflops * 1e3 / result["mflop_per_token"]
     ours = result["embedstream"]
     result["machine"]["sgemm_gflops"] = gflops
     ours["sgemm_limit_tokens_per_s"] = round(limit, 1)
@@ -88,14 +83,15 @@ def measure(model: str, texts: list[str], repeat: int, dtype: str, peers: set[st
     """Ours and each peer on the same model files and texts, one after the other."""
     embedder = operators.Embedder.load(model, dtype=dtype)
     model_dir = models.resolve(model)
-    counts = embedder.count_tokens(texts)
-    tokens = sum(min(n, embedder.max_tokens) for n in counts)
+    lengths = [min(n, embedder.max_tokens) for n in embedder.count_tokens(texts)]
+    tokens = sum(lengths)
     result: dict[str, object] = {
         "benchmark": "embed",
         "model": embedder.model_id,
         "texts": len(texts),
         "tokens": tokens,
         "avg_tokens": round(tokens / len(texts), 1),
+        "mflop_per_token": round(flops_per_token(model_dir, lengths) / 1e6, 2),
         "machine": machine.describe(),
     }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::activation::Activation;
 use super::dense::Dense;
-use super::kernels;
+use super::kernels::{self, Heads, Reach};
 use super::packed::Packed;
 use crate::error::EmbedError;
 
@@ -217,7 +217,12 @@ impl Bert {
         let mut x = self.embeddings_norm.forward(&embedded)?;
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&x)?;
-            let context = kernels::attention_packed(&qkv, &packed.lengths, self.heads, None)?;
+            let context = kernels::attention_packed(
+                &qkv,
+                &packed.lengths,
+                Heads::all(self.heads),
+                Reach::All,
+            )?;
             x = self.after_attention(layer, &context, &x)?;
         }
         packed.unpack(&x)

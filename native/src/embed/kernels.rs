@@ -48,7 +48,7 @@ pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
     let (batch, tokens, width) = qkv.dims3()?;
     let hidden = width / 3;
     if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
-        return attention_windowed(qkv, bias, heads, None);
+        return attention_reaching(qkv, bias, Heads::all(heads), Reach::All);
     }
     let qkv = qkv
         .reshape((batch, tokens, 3, heads, hidden / heads))?
@@ -63,21 +63,60 @@ pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((batch, tokens, hidden))
 }
 
-/// [`attention`] on the CPU in f32 only, where each query may also be limited to the
-/// keys within `half_window` positions of it (ModernBERT's local layers).
-pub fn attention_windowed(
+/// Which keys of its sequence each query may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Every key (encoders).
+    All,
+    /// Keys within this many positions either side (ModernBERT's local layers).
+    Window(usize),
+    /// Keys at or before the query (decoders).
+    Causal,
+}
+
+/// The heads of a fused projection `[.., (query + 2·key_value)·d]`: queries, then
+/// keys, then values. With fewer key/value heads than query heads (grouped-query
+/// attention), each key/value head serves `query / key_value` consecutive query heads.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub query: usize,
+    pub key_value: usize,
+}
+
+impl Heads {
+    /// Multi-head attention: as many key/value heads as query heads.
+    pub fn all(heads: usize) -> Self {
+        Self {
+            query: heads,
+            key_value: heads,
+        }
+    }
+
+    /// `d`, where `width` is the fused projection's; `None` if it does not divide.
+    fn dim(self, width: usize) -> Option<usize> {
+        let columns = self.query + 2 * self.key_value;
+        (self.key_value > 0
+            && self.query.is_multiple_of(self.key_value)
+            && width.is_multiple_of(columns))
+        .then(|| width / columns)
+    }
+}
+
+/// [`attention`] on the CPU in f32 only, with grouped key/value heads and each query
+/// limited to the keys within its `reach`.
+pub fn attention_reaching(
     qkv: &Tensor,
     bias: &Tensor,
-    heads: usize,
-    half_window: Option<usize>,
+    heads: Heads,
+    reach: Reach,
 ) -> Result<Tensor> {
     qkv.contiguous()?
-        .apply_op2_no_bwd(&bias.contiguous()?, &Attention { heads, half_window })
+        .apply_op2_no_bwd(&bias.contiguous()?, &Attention { heads, reach })
 }
 
 struct Attention {
-    heads: usize,
-    half_window: Option<usize>,
+    heads: Heads,
+    reach: Reach,
 }
 
 impl CustomOp2 for Attention {
@@ -93,10 +132,13 @@ impl CustomOp2 for Attention {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, tokens, width) = l1.shape().dims3()?;
-        let hidden = width / 3;
-        if width % 3 != 0 || hidden % self.heads != 0 || l2.shape().elem_count() != batch * tokens {
-            candle_core::bail!("attention: expected qkv [b, t, 3·heads·d] and bias [b, 1, 1, t]");
+        let Some(dim) = self.heads.dim(width) else {
+            candle_core::bail!("attention: expected qkv [b, t, (heads + 2·kv_heads)·d]");
+        };
+        if l2.shape().elem_count() != batch * tokens {
+            candle_core::bail!("attention: expected a bias [b, 1, 1, t]");
         }
+        let hidden = self.heads.query * dim;
         let qkv = contiguous_f32(s1, l1, "attention", "qkv")?;
         let bias = contiguous_f32(s2, l2, "attention", "bias")?;
         let mut out = vec![0f32; batch * tokens * hidden];
@@ -106,32 +148,33 @@ impl CustomOp2 for Attention {
                 .for_each(|(row, out)| {
                     let qkv = &qkv[row * tokens * width..(row + 1) * tokens * width];
                     let bias = &bias[row * tokens..(row + 1) * tokens];
-                    simd::attention_row(qkv, bias, self.heads, self.half_window, out);
+                    simd::attention_row(qkv, bias, self.heads, self.reach, out);
                 });
         }
         Ok((CpuStorage::F32(out), Shape::from((batch, tokens, hidden))))
     }
 }
 
-/// [`attention_windowed`] over sequences packed back to back without padding, on the
-/// CPU in f32: `qkv` is `[Σ lengths, 3·h]`, the context `[Σ lengths, h]`.
+/// Attention over sequences packed back to back without padding, on the CPU in f32:
+/// `qkv` is `[Σ lengths, (heads.query + 2·heads.key_value)·d]` with the queries
+/// pre-scaled, the context `[Σ lengths, heads.query·d]`.
 pub fn attention_packed(
     qkv: &Tensor,
     lengths: &[usize],
-    heads: usize,
-    half_window: Option<usize>,
+    heads: Heads,
+    reach: Reach,
 ) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1_no_bwd(&PackedAttention {
         heads,
         lengths,
-        half_window,
+        reach,
     })
 }
 
 struct PackedAttention<'a> {
-    heads: usize,
+    heads: Heads,
     lengths: &'a [usize],
-    half_window: Option<usize>,
+    reach: Reach,
 }
 
 impl CustomOp1 for PackedAttention<'_> {
@@ -141,11 +184,15 @@ impl CustomOp1 for PackedAttention<'_> {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (total, width) = layout.shape().dims2()?;
-        let hidden = width / 3;
-        if width % 3 != 0 || hidden % self.heads != 0 || self.lengths.iter().sum::<usize>() != total
-        {
-            candle_core::bail!("packed attention: expected qkv [Σ lengths, 3·heads·d]");
+        let Some(dim) = self.heads.dim(width) else {
+            candle_core::bail!(
+                "packed attention: expected qkv [Σ lengths, (heads + 2·kv_heads)·d]"
+            );
+        };
+        if self.lengths.iter().sum::<usize>() != total {
+            candle_core::bail!("packed attention: the lengths do not add up to the {total} rows");
         }
+        let hidden = self.heads.query * dim;
         let qkv = contiguous_f32(storage, layout, "packed attention", "qkv")?;
         let mut out = vec![0f32; total * hidden];
         // Each sequence attends over its own tokens only: no padding, so no bias.
@@ -162,7 +209,7 @@ impl CustomOp1 for PackedAttention<'_> {
             .filter(|(_, length, _)| *length > 0)
             .for_each(|(start, length, out)| {
                 let qkv = &qkv[start * width..(start + length) * width];
-                simd::attention_row(qkv, &no_bias[..length], self.heads, self.half_window, out);
+                simd::attention_row(qkv, &no_bias[..length], self.heads, self.reach, out);
             });
         Ok((CpuStorage::F32(out), Shape::from((total, hidden))))
     }
@@ -191,6 +238,8 @@ impl CustomOp1 for GeluErf {
 
 /// The kernels proper: one portable body each, compiled twice.
 mod simd {
+    use super::{Heads, Reach};
+
     /// A score no key within reach can come near: its weight underflows to zero.
     const OUT_OF_REACH: f32 = f32::MIN / 2.0;
 
@@ -203,19 +252,13 @@ mod simd {
         gelu_in_place_body(values)
     }
 
-    pub fn attention_row(
-        qkv: &[f32],
-        bias: &[f32],
-        heads: usize,
-        half_window: Option<usize>,
-        out: &mut [f32],
-    ) {
+    pub fn attention_row(qkv: &[f32], bias: &[f32], heads: Heads, reach: Reach, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::current() >= crate::cpu::Kernels::Avx2 {
             // SAFETY: as above.
-            return unsafe { attention_avx2(qkv, bias, heads, half_window, out) };
+            return unsafe { attention_avx2(qkv, bias, heads, reach, out) };
         }
-        attention_body(qkv, bias, heads, half_window, out)
+        attention_body(qkv, bias, heads, reach, out)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -223,35 +266,33 @@ mod simd {
     unsafe fn attention_avx2(
         qkv: &[f32],
         bias: &[f32],
-        heads: usize,
-        half_window: Option<usize>,
+        heads: Heads,
+        reach: Reach,
         out: &mut [f32],
     ) {
-        attention_body(qkv, bias, heads, half_window, out)
+        attention_body(qkv, bias, heads, reach, out)
     }
 
-    /// One sequence: `qkv` is `[t, 3·h]`, `out` `[t, h]`. Per head, two small
-    /// products through `gemm` (strided straight out of `qkv`, no copies) around a
-    /// softmax; only the real (unpadded) query rows are computed.
+    /// One sequence: `qkv` is `[t, (heads.query + 2·heads.key_value)·d]`, `out`
+    /// `[t, heads.query·d]`. Per query head, two small products through `gemm`
+    /// (strided straight out of `qkv`, no copies) around a softmax; only the real
+    /// (unpadded) query rows are computed.
     #[inline(always)]
-    fn attention_body(
-        qkv: &[f32],
-        bias: &[f32],
-        heads: usize,
-        half_window: Option<usize>,
-        out: &mut [f32],
-    ) {
+    fn attention_body(qkv: &[f32], bias: &[f32], heads: Heads, reach: Reach, out: &mut [f32]) {
         let tokens = bias.len();
         let hidden = out.len() / tokens;
-        let dim = hidden / heads;
-        let row = 3 * hidden as isize;
+        let dim = hidden / heads.query;
+        let row = qkv.len() as isize / tokens as isize;
+        let group = heads.query / heads.key_value;
+        let (keys_at, values_at) = (hidden, hidden + heads.key_value * dim);
         // Real tokens come first; padding carries a large negative bias.
         let real = bias.iter().take_while(|&&b| b == 0.0).count().max(1);
         let mut scores = vec![0f32; real * tokens];
-        for head in 0..heads {
+        for head in 0..heads.query {
+            let shared = head / group;
             let query = qkv[head * dim..].as_ptr();
-            let key = qkv[hidden + head * dim..].as_ptr();
-            let value = qkv[2 * hidden + head * dim..].as_ptr();
+            let key = qkv[keys_at + shared * dim..].as_ptr();
+            let value = qkv[values_at + shared * dim..].as_ptr();
             // SAFETY: every index the strides reach lies inside `qkv`, `scores` and `out`:
             // rows < tokens of width 3·hidden, columns < dim within this head's slice.
             unsafe {
@@ -282,12 +323,14 @@ mod simd {
                 for (s, &b) in scores.iter_mut().zip(bias) {
                     *s += b;
                 }
-                if let Some(w) = half_window {
-                    // Keys out of reach weigh exactly nothing, as under a masking bias.
-                    let (lo, hi) = (i.saturating_sub(w), (i + w + 1).min(tokens));
-                    scores[..lo].fill(OUT_OF_REACH);
-                    scores[hi..].fill(OUT_OF_REACH);
-                }
+                // Keys out of reach weigh exactly nothing, as under a masking bias.
+                let (lo, hi) = match reach {
+                    Reach::All => (0, tokens),
+                    Reach::Window(w) => (i.saturating_sub(w), (i + w + 1).min(tokens)),
+                    Reach::Causal => (0, i + 1),
+                };
+                scores[..lo].fill(OUT_OF_REACH);
+                scores[hi..].fill(OUT_OF_REACH);
                 softmax_in_place(scores);
             }
             // SAFETY: as above.
@@ -582,7 +625,12 @@ mod tests {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((batch, tokens, heads * dim))?;
-        let got = attention_windowed(&qkv, &padding, heads, Some(half_window))?;
+        let got = attention_reaching(
+            &qkv,
+            &padding,
+            Heads::all(heads),
+            Reach::Window(half_window),
+        )?;
         for (row, &n) in lengths.iter().enumerate() {
             let diff = (got.get(row)?.narrow(0, 0, n)? - want.get(row)?.narrow(0, 0, n)?)?
                 .abs()?
@@ -592,6 +640,61 @@ mod tests {
                 diff < 1e-5,
                 "row {row}: windowed attention differs by {diff}"
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_causal_attention_with_grouped_heads_matches_candle() -> Result<()> {
+        let device = Device::Cpu;
+        let (heads, kv_heads, dim) = (4, 2, 8);
+        let lengths = [5usize, 1, 3];
+        let total: usize = lengths.iter().sum();
+        let width = (heads + 2 * kv_heads) * dim;
+        let qkv = Tensor::randn(0f32, 1.0, (total, width), &device)?;
+        let got = attention_packed(
+            &qkv,
+            &lengths,
+            Heads {
+                query: heads,
+                key_value: kv_heads,
+            },
+            Reach::Causal,
+        )?;
+        let mut start = 0;
+        for &n in &lengths {
+            let sequence = qkv.narrow(0, start, n)?;
+            let split = |at: usize, count: usize| -> Result<Tensor> {
+                sequence
+                    .narrow(1, at * dim, count * dim)?
+                    .reshape((n, count, dim))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            // Each key/value head serves heads / kv_heads consecutive query heads.
+            let repeat = |t: Tensor| -> Result<Tensor> {
+                t.unsqueeze(1)?
+                    .expand((kv_heads, heads / kv_heads, n, dim))?
+                    .reshape((heads, n, dim))
+            };
+            let q = split(0, heads)?;
+            let k = repeat(split(heads, kv_heads)?)?;
+            let v = repeat(split(heads + kv_heads, kv_heads)?)?;
+            let causal: Vec<f32> = (0..n)
+                .flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::MIN / 2.0 }))
+                .collect();
+            let causal = Tensor::from_vec(causal, (1, n, n), &device)?;
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&causal)?;
+            let want = softmax_last_dim(&scores)?
+                .matmul(&v)?
+                .transpose(0, 1)?
+                .reshape((n, heads * dim))?;
+            let diff = (got.narrow(0, start, n)? - want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "sequence of {n}: attention differs by {diff}");
+            start += n;
         }
         Ok(())
     }

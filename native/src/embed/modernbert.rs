@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::activation::Activation;
 use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
-use super::kernels;
+use super::kernels::{self, Heads, Reach};
 use super::packed::Packed;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
@@ -335,24 +335,30 @@ impl ModernBert {
         let x = self
             .embeddings_norm
             .forward(&self.embeddings.forward(&packed.ids)?)?;
-        let attention =
-            |layer: &Layer, x: &Tensor, residual: &Tensor, (cos, sin): &(Tensor, Tensor)| {
-                let qkv = layer.wqkv.forward(x)?;
-                let rotate = |i: usize| -> Result<Tensor> {
-                    let part = qkv
-                        .narrow(1, i * hidden, hidden)?
-                        .reshape((1, total, self.heads, head_dim))?
-                        .contiguous()?;
-                    candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
-                };
-                // The kernel takes queries pre-scaled.
-                let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
-                let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
-                let window = (!layer.global).then_some(self.half_window);
-                let context =
-                    kernels::attention_packed(&fused, &packed.lengths, self.heads, window)?;
-                layer.wo.forward_plus(&context, residual)
+        let attention = |layer: &Layer,
+                         x: &Tensor,
+                         residual: &Tensor,
+                         (cos, sin): &(Tensor, Tensor)| {
+            let qkv = layer.wqkv.forward(x)?;
+            let rotate = |i: usize| -> Result<Tensor> {
+                let part = qkv
+                    .narrow(1, i * hidden, hidden)?
+                    .reshape((1, total, self.heads, head_dim))?
+                    .contiguous()?;
+                candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
             };
+            // The kernel takes queries pre-scaled.
+            let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
+            let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
+            let reach = if layer.global {
+                Reach::All
+            } else {
+                Reach::Window(self.half_window)
+            };
+            let context =
+                kernels::attention_packed(&fused, &packed.lengths, Heads::all(self.heads), reach)?;
+            layer.wo.forward_plus(&context, residual)
+        };
         packed.unpack(&self.layers(x, &global_rope, &local_rope, attention)?)
     }
 }

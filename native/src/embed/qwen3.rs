@@ -11,6 +11,8 @@ use serde_json::Value;
 use super::activation::Activation;
 use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
+use super::kernels::{self, Heads, Reach};
+use super::packed::Packed;
 use super::rotary::{attend, padding_bias, pair_bias, Rotary};
 use crate::error::EmbedError;
 
@@ -103,11 +105,12 @@ impl Config {
 
 struct Layer {
     input_norm: RmsNorm,
-    q_proj: Dense,
-    k_proj: Dense,
-    v_proj: Dense,
+    /// q_proj, k_proj and v_proj as one product: `[.., (heads + 2·kv_heads)·d]`.
+    qkv: Dense,
     o_proj: Dense,
     q_norm: RmsNorm,
+    /// `q_norm` with 1/√d folded into its weight, for the CPU kernel's pre-scaled queries.
+    q_norm_scaled: RmsNorm,
     k_norm: RmsNorm,
     post_attention_norm: RmsNorm,
     gate_proj: Dense,
@@ -157,13 +160,27 @@ impl Qwen3 {
                 let vb = vb.pp(format!("layers.{i}"));
                 let attn = vb.pp("self_attn");
                 let mlp = vb.pp("mlp");
+                let projections = [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]
+                    .map(|(name, size)| candle_nn::linear_b(h, size, bias, attn.pp(name)));
+                let [q, k, v] = projections;
+                let (q, k, v) = (q?, k?, v?);
+                let qkv = candle_nn::Linear::new(
+                    Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?,
+                    match (q.bias(), k.bias(), v.bias()) {
+                        (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+                        _ => None,
+                    },
+                );
+                let q_norm = attn.pp("q_norm").get(d, "weight")?;
+                let q_norm_scaled =
+                    RmsNorm::new((&q_norm * (d as f64).powf(-0.5))?, c.rms_norm_eps);
+                let q_norm = RmsNorm::new(q_norm, c.rms_norm_eps);
                 Ok(Layer {
                     input_norm: candle_nn::rms_norm(h, c.rms_norm_eps, vb.pp("input_layernorm"))?,
-                    q_proj: dense(candle_nn::linear_b(h, q_size, bias, attn.pp("q_proj"))?)?,
-                    k_proj: dense(candle_nn::linear_b(h, kv_size, bias, attn.pp("k_proj"))?)?,
-                    v_proj: dense(candle_nn::linear_b(h, kv_size, bias, attn.pp("v_proj"))?)?,
+                    qkv: dense(qkv)?,
                     o_proj: dense(candle_nn::linear_b(q_size, h, bias, attn.pp("o_proj"))?)?,
-                    q_norm: candle_nn::rms_norm(d, c.rms_norm_eps, attn.pp("q_norm"))?,
+                    q_norm,
+                    q_norm_scaled,
                     k_norm: candle_nn::rms_norm(d, c.rms_norm_eps, attn.pp("k_norm"))?,
                     post_attention_norm: candle_nn::rms_norm(
                         h,
@@ -211,20 +228,19 @@ impl Qwen3 {
     ) -> Result<Tensor> {
         let (batch, tokens, _) = x.dims3()?;
         let d = self.head_dim;
-        let heads = |proj: &Dense, n: usize| -> Result<Tensor> {
-            proj.forward(x)?
+        let qkv = layer.qkv.forward(x)?;
+        let heads = |first: usize, n: usize| -> Result<Tensor> {
+            qkv.narrow(2, first * d, n * d)?
                 .reshape((batch, tokens, n, d))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let (cos, sin) = rope;
-        let q = layer.q_norm.forward(&heads(&layer.q_proj, self.heads)?)?;
-        let k = layer
-            .k_norm
-            .forward(&heads(&layer.k_proj, self.kv_heads)?)?;
+        let q = layer.q_norm.forward(&heads(0, self.heads)?)?;
+        let k = layer.k_norm.forward(&heads(self.heads, self.kv_heads)?)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let v = heads(&layer.v_proj, self.kv_heads)?;
+        let v = heads(self.heads + self.kv_heads, self.kv_heads)?;
         // Grouped queries: each key/value head serves heads / kv_heads query heads.
         let group = self.heads / self.kv_heads;
         let repeat = |t: Tensor| -> Result<Tensor> {
@@ -242,8 +258,66 @@ impl Qwen3 {
     }
 }
 
+impl Qwen3 {
+    /// The SwiGLU feed-forward layer of the normed `x`, plus `residual`.
+    fn feed_forward(&self, layer: &Layer, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let gated = (layer.gate_proj.forward_activated(x, Activation::Silu)?
+            * layer.up_proj.forward(x)?)?;
+        layer.down_proj.forward_plus(&gated, residual)
+    }
+
+    /// The CPU path in f32: real tokens only (see [`Packed`]), causal attention by our
+    /// kernel. Rotary attention depends only on distances between positions, so each
+    /// sequence counting from 0 gives what the padded batch gives.
+    fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let packed = Packed::new(ids, mask)?;
+        let (total, device) = (packed.total(), packed.device());
+        if total == 0 {
+            return packed.zeros(self.embed_tokens.hidden_size(), self.dtype);
+        }
+        let (cos, sin) = self.rope.tables_at(&packed.positions, device, self.dtype)?;
+        let d = self.head_dim;
+        let heads = Heads {
+            query: self.heads,
+            key_value: self.kv_heads,
+        };
+        let mut x = self.embed_tokens.forward(&packed.ids)?;
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&layer.input_norm.forward(&x)?)?;
+            let rotated = |first: usize, n: usize, norm: &RmsNorm| -> Result<Tensor> {
+                let part = qkv.narrow(1, first * d, n * d)?.reshape((1, total, n, d))?;
+                candle_nn::rotary_emb::rope_thd(&norm.forward(&part)?, &cos, &sin)?
+                    .reshape((total, n * d))
+            };
+            let fused = Tensor::cat(
+                &[
+                    rotated(0, self.heads, &layer.q_norm_scaled)?,
+                    rotated(self.heads, self.kv_heads, &layer.k_norm)?,
+                    qkv.narrow(1, (self.heads + self.kv_heads) * d, self.kv_heads * d)?,
+                ],
+                1,
+            )?;
+            let context = kernels::attention_packed(&fused, &packed.lengths, heads, Reach::Causal)?;
+            x = layer.o_proj.forward_plus(&context, &x)?;
+            x = self.feed_forward(layer, &layer.post_attention_norm.forward(&x)?, &x)?;
+        }
+        packed.unpack(&self.norm.forward(&x)?)
+    }
+}
+
 impl Encoder for Qwen3 {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if ids.device().is_cpu() && self.dtype == DType::F32 {
+            return self.forward_packed(ids, mask);
+        }
+        self.forward_padded(ids, mask)
+    }
+}
+
+impl Qwen3 {
+    /// Every device and dtype: the padded batch as it comes, under a causal and a
+    /// padding bias.
+    fn forward_padded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let tokens = ids.dim(1)?;
         let device = ids.device();
         let causal = pair_bias(tokens, device, self.dtype, |i, j| j <= i)?;
@@ -251,17 +325,90 @@ impl Encoder for Qwen3 {
             .broadcast_add(&causal)?
             .to_dtype(self.dtype)?;
         let rope = self.rope.tables(tokens, device, self.dtype)?;
-        let silu = Activation::Silu;
-
         let mut x = self.embed_tokens.forward(ids)?;
         for layer in &self.layers {
             let normed = layer.input_norm.forward(&x)?;
             x = self.attention(layer, &normed, &x, &bias, &rope)?;
-            let normed = layer.post_attention_norm.forward(&x)?;
-            let gated = (layer.gate_proj.forward_activated(&normed, silu)?
-                * layer.up_proj.forward(&normed)?)?;
-            x = layer.down_proj.forward_plus(&gated, &x)?;
+            x = self.feed_forward(layer, &layer.post_attention_norm.forward(&x)?, &x)?;
         }
         self.norm.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use candle_core::Device;
+
+    /// A random two-layer Qwen3 with grouped key/value heads.
+    fn tiny_qwen3() -> Result<Qwen3> {
+        let config = Config::parse(&serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, "max_position_embeddings": 32
+        }))
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let device = Device::Cpu;
+        let mut tensors = HashMap::new();
+        let mut add = |name: String, shape: &[usize]| -> Result<()> {
+            tensors.insert(name, Tensor::randn(0f32, 0.5, shape, &device)?);
+            Ok(())
+        };
+        add("embed_tokens.weight".into(), &[40, 16])?;
+        add("norm.weight".into(), &[16])?;
+        for l in 0..2 {
+            let layer = format!("layers.{l}");
+            for (name, shape) in [
+                ("input_layernorm", vec![16]),
+                ("post_attention_layernorm", vec![16]),
+                ("self_attn.q_norm", vec![8]),
+                ("self_attn.k_norm", vec![8]),
+                ("self_attn.q_proj", vec![32, 16]),
+                ("self_attn.k_proj", vec![16, 16]),
+                ("self_attn.v_proj", vec![16, 16]),
+                ("self_attn.o_proj", vec![16, 32]),
+                ("mlp.gate_proj", vec![24, 16]),
+                ("mlp.up_proj", vec![24, 16]),
+                ("mlp.down_proj", vec![16, 24]),
+            ] {
+                add(format!("{layer}.{name}.weight"), &shape)?;
+            }
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        Qwen3::load(vb, &config, false)
+    }
+
+    #[test]
+    fn the_packed_cpu_path_matches_the_padded_one() -> Result<()> {
+        let model = tiny_qwen3()?;
+        let device = Device::Cpu;
+        let lengths = [7usize, 4, 1, 6];
+        let tokens = 7;
+        let mut ids = vec![0u32; lengths.len() * tokens];
+        let mut mask = vec![0u32; lengths.len() * tokens];
+        for (row, &length) in lengths.iter().enumerate() {
+            for t in 0..length {
+                ids[row * tokens + t] = ((row * 11 + t * 7) % 40) as u32;
+                mask[row * tokens + t] = 1;
+            }
+        }
+        let shape = (lengths.len(), tokens);
+        let ids = Tensor::from_vec(ids, shape, &device)?;
+        let mask = Tensor::from_vec(mask, shape, &device)?;
+        let packed = model.forward(&ids, &mask)?;
+        let padded = model.forward_padded(&ids, &mask)?;
+        assert_eq!(packed.dims(), padded.dims());
+        for (row, &length) in lengths.iter().enumerate() {
+            let diff = (packed.get(row)?.narrow(0, 0, length)?
+                - padded.get(row)?.narrow(0, 0, length)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "row {row}: differs by {diff}");
+        }
+        Ok(())
     }
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::activation::Activation;
 use super::dense::Dense;
 use super::encoder::{Encoder, Loaded};
-use super::kernels;
+use super::kernels::{self, Heads, Reach};
 use super::packed::Packed;
 use super::rotary::{attend, padding_bias, Rotary};
 use crate::error::EmbedError;
@@ -406,7 +406,12 @@ impl RotaryBert {
             // The kernel takes queries pre-scaled.
             let q = (rotate(&layer.q)? * (d as f64).powf(-0.5))?;
             let qkv = Tensor::cat(&[q, rotate(&layer.k)?, layer.v.forward(&x)?], 1)?;
-            let context = kernels::attention_packed(&qkv, &packed.lengths, self.heads, None)?;
+            let context = kernels::attention_packed(
+                &qkv,
+                &packed.lengths,
+                Heads::all(self.heads),
+                Reach::All,
+            )?;
             x = layer
                 .attention_norm
                 .forward(&layer.o.forward_plus(&context, &x)?)?;
