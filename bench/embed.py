@@ -30,14 +30,20 @@ from operators import models
 REFERENCE = "all-MiniLM-L6-v2.sentence-transformers.jsonl"
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    fn(warmup=True)
-    times, result = [], None
+def timed_in_turn(runners: dict[str, object], repeat: int) -> dict[str, tuple[float, object]]:
+    """Median seconds and last result of each runner, warmed up once, then timed in
+    turn (ours, then each peer, `repeat` rounds): a slow spell of a shared machine
+    falls on every side alike instead of on whichever ran during it."""
+    for run in runners.values():
+        run(warmup=True)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    results: dict[str, object] = {}
     for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, run in runners.items():
+            start = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in runners}
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,7 +86,7 @@ def main() -> None:
 
 
 def measure(model: str, texts: list[str], repeat: int, dtype: str, peers: set[str]) -> dict[str, object]:
-    """Ours and each peer on the same model files and texts, one after the other."""
+    """Ours and each peer on the same model files and texts, timed in turn."""
     embedder = operators.Embedder.load(model, dtype=dtype)
     model_dir = models.resolve(model)
     lengths = [min(n, embedder.max_tokens) for n in embedder.count_tokens(texts)]
@@ -98,24 +104,7 @@ def measure(model: str, texts: list[str], repeat: int, dtype: str, peers: set[st
     def ours(warmup: bool = False):
         return embedder.embed(texts[:32] if warmup else texts)
 
-    seconds, ours_vectors = timed(ours, repeat)
-    result["embedstream"] = {
-        "dtype": dtype,
-        "seconds": round(seconds, 3),
-        "texts_per_s": round(len(texts) / seconds, 1),
-        "tokens_per_s": round(tokens / seconds, 1),
-    }
-
-    # Agreement with the reference vectors computed by sentence-transformers.
-    reference = Path(__file__).resolve().parent.parent / "tests" / "data" / REFERENCE
-    if model == "default" and reference.exists():
-        rows = [json.loads(line) for line in reference.read_text().splitlines()]
-        rows = [r for r in rows if "embedding" in r]
-        want = np.array([r["embedding"] for r in rows], dtype=np.float32)
-        result["embedstream"]["reference_cosine_min"] = round(
-            cosine_min(embedder.embed([r["text"] for r in rows]), want), 6
-        )
-
+    runners: dict[str, object] = {"embedstream": ours}
     try:
         if "sentence-transformers" not in peers:
             raise ImportError(name="sentence_transformers (not asked for)")
@@ -126,13 +115,7 @@ def measure(model: str, texts: list[str], repeat: int, dtype: str, peers: set[st
         def st(warmup: bool = False):
             return st_model.encode(texts[:32] if warmup else texts, batch_size=32, normalize_embeddings=True)
 
-        st_seconds, st_vectors = timed(st, repeat)
-        result["sentence_transformers"] = {
-            "seconds": round(st_seconds, 3),
-            "tokens_per_s": round(tokens / st_seconds, 1),
-            "cosine_min_vs_embedstream": round(cosine_min(np.asarray(st_vectors), ours_vectors), 6),
-        }
-        result["ratio_vs_sentence_transformers"] = round(st_seconds / seconds, 2)
+        runners["sentence_transformers"] = st
     except ImportError as e:
         result["sentence_transformers"] = f"not installed ({e.name})"
 
@@ -151,17 +134,37 @@ def measure(model: str, texts: list[str], repeat: int, dtype: str, peers: set[st
             batch = texts[:32] if warmup else texts
             return [e.embedding for e in embed_anything.embed_query(batch, embedder=ea_model)]
 
-        ea_seconds, ea_vectors = timed(ea, repeat)
-        result["embed_anything"] = {
-            "seconds": round(ea_seconds, 3),
-            "tokens_per_s": round(tokens / ea_seconds, 1),
-            "cosine_min_vs_embedstream": round(cosine_min(np.asarray(ea_vectors), ours_vectors), 6),
-        }
-        result["ratio_vs_embed_anything"] = round(ea_seconds / seconds, 2)
+        runners["embed_anything"] = ea
     except ImportError as e:
         result["embed_anything"] = f"not installed ({e.name})"
     except Exception as e:  # a peer's failure is a finding, not a crash of the benchmark
         result["embed_anything"] = f"failed: {type(e).__name__}: {e}"
+
+    timings = timed_in_turn(runners, repeat)
+    seconds, ours_vectors = timings.pop("embedstream")
+    result["embedstream"] = {
+        "dtype": dtype,
+        "seconds": round(seconds, 3),
+        "texts_per_s": round(len(texts) / seconds, 1),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
+    for name, (peer_seconds, vectors) in timings.items():
+        result[name] = {
+            "seconds": round(peer_seconds, 3),
+            "tokens_per_s": round(tokens / peer_seconds, 1),
+            "cosine_min_vs_embedstream": round(cosine_min(np.asarray(vectors), ours_vectors), 6),
+        }
+        result[f"ratio_vs_{name}"] = round(peer_seconds / seconds, 2)
+
+    # Agreement with the reference vectors computed by sentence-transformers.
+    reference = Path(__file__).resolve().parent.parent / "tests" / "data" / REFERENCE
+    if model == "default" and reference.exists():
+        rows = [json.loads(line) for line in reference.read_text().splitlines()]
+        rows = [r for r in rows if "embedding" in r]
+        want = np.array([r["embedding"] for r in rows], dtype=np.float32)
+        result["embedstream"]["reference_cosine_min"] = round(
+            cosine_min(embedder.embed([r["text"] for r in rows]), want), 6
+        )
 
     return result
 

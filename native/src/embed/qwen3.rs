@@ -2,7 +2,9 @@
 //! mask, grouped-query attention with an explicit `head_dim`, RMSNorm on each head's
 //! queries and keys before the rotary positions, and SwiGLU feed-forward layers. Its
 //! sentence-transformers files ask for last-token pooling, and its tokenizer appends
-//! the end-of-text token that pooling reads.
+//! the end-of-text token that pooling reads. On the CPU in f32 it runs on the batch's
+//! real tokens only, with causal, grouped-query attention in our kernel: 41 % of the
+//! rows of the families benchmark's padded Qwen3 batches were padding.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
@@ -160,10 +162,10 @@ impl Qwen3 {
                 let vb = vb.pp(format!("layers.{i}"));
                 let attn = vb.pp("self_attn");
                 let mlp = vb.pp("mlp");
-                let projections = [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]
-                    .map(|(name, size)| candle_nn::linear_b(h, size, bias, attn.pp(name)));
-                let [q, k, v] = projections;
-                let (q, k, v) = (q?, k?, v?);
+                let projection = |name, size| candle_nn::linear_b(h, size, bias, attn.pp(name));
+                let q = projection("q_proj", q_size)?;
+                let k = projection("k_proj", kv_size)?;
+                let v = projection("v_proj", kv_size)?;
                 let qkv = candle_nn::Linear::new(
                     Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?,
                     match (q.bias(), k.bias(), v.bias()) {
@@ -256,9 +258,7 @@ impl Qwen3 {
             .o_proj
             .forward_plus(&attend(&q, &k, &v, bias)?, residual)
     }
-}
 
-impl Qwen3 {
     /// The SwiGLU feed-forward layer of the normed `x`, plus `residual`.
     fn feed_forward(&self, layer: &Layer, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let gated = (layer.gate_proj.forward_activated(x, Activation::Silu)?
@@ -303,18 +303,7 @@ impl Qwen3 {
         }
         packed.unpack(&self.norm.forward(&x)?)
     }
-}
 
-impl Encoder for Qwen3 {
-    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        if ids.device().is_cpu() && self.dtype == DType::F32 {
-            return self.forward_packed(ids, mask);
-        }
-        self.forward_padded(ids, mask)
-    }
-}
-
-impl Qwen3 {
     /// Every device and dtype: the padded batch as it comes, under a causal and a
     /// padding bias.
     fn forward_padded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -332,6 +321,15 @@ impl Qwen3 {
             x = self.feed_forward(layer, &layer.post_attention_norm.forward(&x)?, &x)?;
         }
         self.norm.forward(&x)
+    }
+}
+
+impl Encoder for Qwen3 {
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if ids.device().is_cpu() && self.dtype == DType::F32 {
+            return self.forward_packed(ids, mask);
+        }
+        self.forward_padded(ids, mask)
     }
 }
 
