@@ -238,6 +238,9 @@ def main() -> None:
 
     from operators import UnsupportedError
 
+    # The shared machine's speed drifts: the faster of two sgemm readings, one on either
+    # side of the run, keeps every share of the limit on the safe side.
+    gflops_before = machine.sgemm_gflops()
     rows = {}
     for name in ["all-MiniLM-L6-v2", *args.families.split(",")]:
         model = "default" if name == "all-MiniLM-L6-v2" else str(build(name))
@@ -263,7 +266,7 @@ def main() -> None:
                 row[f"ratio_{dtype}"] = round(row[dtype] / row["sentence_transformers"], 2)
         rows[name] = row
         print(json.dumps({name: row}), file=sys.stderr, flush=True)
-    gflops = machine.sgemm_gflops()
+    gflops = max(gflops_before, machine.sgemm_gflops())
     _against_the_sgemm_limit(rows, gflops)
     print(
         json.dumps(

@@ -31,7 +31,7 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def sgemm_gflops(n: int = 1024, repeat: int = 5) -> float:
+def sgemm_gflops(n: int = 1024, repeat: int = 30) -> float:
     """numpy's float32 matrix product, best of ``repeat``: the f32 limit of this machine."""
     import time
 
