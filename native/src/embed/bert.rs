@@ -215,14 +215,10 @@ impl Bert {
             + self.position_embeddings.forward(&positions)?)?
         .broadcast_add(&token_type)?;
         let mut x = self.embeddings_norm.forward(&embedded)?;
+        let heads = Heads::all(self.heads);
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&x)?;
-            let context = kernels::attention_packed(
-                &qkv,
-                &packed.lengths,
-                Heads::all(self.heads),
-                Reach::All,
-            )?;
+            let context = kernels::attention_packed(&qkv, &packed.lengths, heads, Reach::All)?;
             x = self.after_attention(layer, &context, &x)?;
         }
         packed.unpack(&x)
@@ -284,6 +280,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::embed::packed::testing::assert_packed_matches_padded;
     use candle_core::Device;
 
     /// A random two-layer BERT with every weight transformers would save.
@@ -339,36 +336,11 @@ mod tests {
     #[test]
     fn the_unpadded_cpu_path_matches_the_padded_one() -> Result<()> {
         let (model, _) = tiny_bert()?;
-        let device = Device::Cpu;
-        let lengths = [7usize, 4, 1, 6];
-        let tokens = 7;
-        let mut ids = vec![0u32; lengths.len() * tokens];
-        let mut mask = vec![0u32; lengths.len() * tokens];
-        for (row, &length) in lengths.iter().enumerate() {
-            for t in 0..length {
-                ids[row * tokens + t] = ((row * 11 + t * 7) % 50) as u32;
-                mask[row * tokens + t] = 1;
-            }
-        }
-        let shape = (lengths.len(), tokens);
-        let ids = Tensor::from_vec(ids, shape, &device)?;
-        let mask = Tensor::from_vec(mask, shape, &device)?;
-        let unpadded = model.forward(&ids, &mask)?;
-        let padded = model.forward_padded(&ids, &mask)?;
-        assert_eq!(unpadded.dims(), padded.dims());
-        for (row, &length) in lengths.iter().enumerate() {
-            let diff = (unpadded.get(row)?.narrow(0, 0, length)?
-                - padded.get(row)?.narrow(0, 0, length)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "row {row}: differs by {diff}");
-            if length < tokens {
-                let rest = unpadded.get(row)?.narrow(0, length, tokens - length)?;
-                assert_eq!(rest.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
-            }
-        }
-        Ok(())
+        assert_packed_matches_padded(
+            &[7, 4, 1, 6],
+            50,
+            |ids, mask| model.forward(ids, mask),
+            |ids, mask| model.forward_padded(ids, mask),
+        )
     }
 }

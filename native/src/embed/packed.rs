@@ -77,3 +77,46 @@ impl Packed {
         Tensor::from_vec(padded, (self.batch, self.tokens, hidden), self.device())
     }
 }
+
+/// What the encoders' tests share: their packed CPU path checked against the padded one.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Result, Tensor};
+
+    /// Runs `packed` and `padded` over a right-padded batch of sequences of `lengths`
+    /// (ids below `vocab`) and asserts that they agree on every real token, and that
+    /// the packed path leaves zeros at padding.
+    pub fn assert_packed_matches_padded(
+        lengths: &[usize],
+        vocab: usize,
+        packed: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        padded: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let tokens = lengths.iter().copied().max().unwrap_or(0);
+        let mut ids = vec![0u32; lengths.len() * tokens];
+        let mut mask = vec![0u32; lengths.len() * tokens];
+        for (row, &length) in lengths.iter().enumerate() {
+            for t in 0..length {
+                ids[row * tokens + t] = ((row * 11 + t * 7) % vocab) as u32;
+                mask[row * tokens + t] = 1;
+            }
+        }
+        let shape = (lengths.len(), tokens);
+        let ids = Tensor::from_vec(ids, shape, &Device::Cpu)?;
+        let mask = Tensor::from_vec(mask, shape, &Device::Cpu)?;
+        let (got, want) = (packed(&ids, &mask)?, padded(&ids, &mask)?);
+        assert_eq!(got.dims(), want.dims());
+        for (row, &length) in lengths.iter().enumerate() {
+            let diff = (got.get(row)?.narrow(0, 0, length)?
+                - want.get(row)?.narrow(0, 0, length)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "row {row}: differs by {diff}");
+            let rest = got.get(row)?.narrow(0, length, tokens - length)?;
+            assert_eq!(rest.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        }
+        Ok(())
+    }
+}

@@ -338,6 +338,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::embed::packed::testing::assert_packed_matches_padded;
     use candle_core::Device;
 
     /// A random two-layer Qwen3 with grouped key/value heads.
@@ -381,32 +382,11 @@ mod tests {
     #[test]
     fn the_packed_cpu_path_matches_the_padded_one() -> Result<()> {
         let model = tiny_qwen3()?;
-        let device = Device::Cpu;
-        let lengths = [7usize, 4, 1, 6];
-        let tokens = 7;
-        let mut ids = vec![0u32; lengths.len() * tokens];
-        let mut mask = vec![0u32; lengths.len() * tokens];
-        for (row, &length) in lengths.iter().enumerate() {
-            for t in 0..length {
-                ids[row * tokens + t] = ((row * 11 + t * 7) % 40) as u32;
-                mask[row * tokens + t] = 1;
-            }
-        }
-        let shape = (lengths.len(), tokens);
-        let ids = Tensor::from_vec(ids, shape, &device)?;
-        let mask = Tensor::from_vec(mask, shape, &device)?;
-        let packed = model.forward(&ids, &mask)?;
-        let padded = model.forward_padded(&ids, &mask)?;
-        assert_eq!(packed.dims(), padded.dims());
-        for (row, &length) in lengths.iter().enumerate() {
-            let diff = (packed.get(row)?.narrow(0, 0, length)?
-                - padded.get(row)?.narrow(0, 0, length)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "row {row}: differs by {diff}");
-        }
-        Ok(())
+        assert_packed_matches_padded(
+            &[7, 4, 1, 6],
+            40,
+            |ids, mask| model.forward(ids, mask),
+            |ids, mask| model.forward_padded(ids, mask),
+        )
     }
 }

@@ -398,20 +398,16 @@ impl RotaryBert {
             x = x.broadcast_add(token_type)?;
         }
         x = self.embeddings_norm.forward(&x)?;
+        let heads = Heads::all(self.heads);
         for layer in &self.layers {
             let rotate = |proj: &Dense| -> Result<Tensor> {
-                let heads = proj.forward(&x)?.reshape((1, total, self.heads, d))?;
-                candle_nn::rotary_emb::rope_thd(&heads, &cos, &sin)?.reshape((total, hidden))
+                let split = proj.forward(&x)?.reshape((1, total, self.heads, d))?;
+                candle_nn::rotary_emb::rope_thd(&split, &cos, &sin)?.reshape((total, hidden))
             };
             // The kernel takes queries pre-scaled.
             let q = (rotate(&layer.q)? * (d as f64).powf(-0.5))?;
             let qkv = Tensor::cat(&[q, rotate(&layer.k)?, layer.v.forward(&x)?], 1)?;
-            let context = kernels::attention_packed(
-                &qkv,
-                &packed.lengths,
-                Heads::all(self.heads),
-                Reach::All,
-            )?;
+            let context = kernels::attention_packed(&qkv, &packed.lengths, heads, Reach::All)?;
             x = layer
                 .attention_norm
                 .forward(&layer.o.forward_plus(&context, &x)?)?;
