@@ -270,7 +270,12 @@ def main() -> None:
     parser.add_argument("--only", choices=["writes", "search"], help="one half of the benchmark")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="embedstream-bench-sink-"))
+    # The tables (about 1 GB of LanceDB at the defaults) go when the run ends.
+    with tempfile.TemporaryDirectory(prefix="embedstream-bench-sink-") as scratch:
+        print(json.dumps(measure(args, Path(scratch)), indent=2))
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     spec = TableSpec(MODEL["model_id"], MODEL["model_revision"], DIM)
     result: dict[str, object] = {
         "benchmark": "sink",
@@ -284,8 +289,7 @@ def main() -> None:
     # builds its vector index on the way); PostgreSQL as a bulk load is (rows first,
     # then the HNSW index), since row-by-row HNSW inserts would take most of an hour.
     if args.only == "writes":
-        print(json.dumps(result, indent=2))
-        return
+        return result
     result.setdefault("lancedb", {})
     result.setdefault("postgres", {})
     big = messages(stream(*synthetic(args.search_rows, seed=2)))
@@ -299,7 +303,7 @@ def main() -> None:
         result[name]["search_over"] = args.search_rows
         result[name]["search"] = search_latency(url, spec, queries)
         print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
