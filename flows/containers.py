@@ -109,6 +109,9 @@ class Engine:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # outlives this process, like the local broker
+                # ...so it runs from our directory, not the caller's: conmon fails ("Failed
+                # to get working directory") once a service's inherited directory is deleted.
+                cwd=CACHE / "podman",
             )
             deadline = time.monotonic() + 30
             while not _answers(sock):

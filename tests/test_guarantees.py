@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,9 @@ def test_broker_restart_is_waited_out(kafka_bootstrap):
         broker.stop()
         assert wait_for(lambda: worker.poll() is None, timeout=3)
         broker.start()
+        # The broker outlives whoever starts it, so it runs from its own directory, never
+        # from the caller's (a CI clone that may be deleted under it).
+        assert Path(os.readlink(f"/proc/{broker.pid()}/cwd")) == broker.home.resolve()
         second = events(10, prefix="after")
         topics.produce(second)
         ids = [k.decode() for k, _ in first + second]

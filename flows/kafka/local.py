@@ -110,7 +110,9 @@ class LocalKafka:
             str(self.lib / "*"),
             *args,
         ]
-        return subprocess.Popen(cmd, **kwargs)
+        # Run from our own directory: a broker that outlives its caller must not hold the
+        # caller's working directory (a CI clone, say), which may be deleted under it.
+        return subprocess.Popen(cmd, cwd=self.home, **kwargs)
 
     # --- lifecycle -------------------------------------------------------------------------
 
