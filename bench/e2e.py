@@ -27,7 +27,7 @@ from corpus import paragraphs  # noqa: E402
 from kafka_helpers import FlowTopics, avro_event, run_args  # noqa: E402
 
 import operators  # noqa: E402
-from flows.kafka.local import LocalKafka  # noqa: E402
+from flows.dev.kafka import LocalKafka  # noqa: E402
 
 
 def drain(topics: FlowTopics, *extra: str) -> float:

@@ -29,7 +29,7 @@ import machine  # noqa: E402
 from corpus import paragraphs  # noqa: E402
 from kafka_helpers import FlowTopics, avro_event, free_port, run_args  # noqa: E402
 
-from flows.kafka.local import LocalKafka  # noqa: E402
+from flows.dev.kafka import LocalKafka  # noqa: E402
 
 
 def drain(topics: FlowTopics, processes: int, scaling: str) -> float:

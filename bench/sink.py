@@ -85,7 +85,7 @@ def stream(texts: list[str], vectors: np.ndarray, chunks_per_doc: int = 10) -> l
 def postgres_dsn() -> str:
     import psycopg
 
-    from flows.stores import local_postgres
+    from flows.dev import postgres as local_postgres
 
     server = local_postgres.start()
     name = f"bench_{uuid.uuid4().hex[:8]}"

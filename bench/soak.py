@@ -28,7 +28,7 @@ import docgen  # noqa: E402
 from corpus import paragraphs  # noqa: E402
 from kafka_helpers import avro_event  # noqa: E402
 
-from flows.kafka.local import LocalKafka  # noqa: E402
+from flows.dev.kafka import LocalKafka  # noqa: E402
 from flows.kafka.topics import create  # noqa: E402
 from flows.settings import Settings  # noqa: E402
 

@@ -104,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
-    from flows.kafka.local import LocalKafka
+    from flows.dev.kafka import LocalKafka
 
     broker = LocalKafka()
     if args.action == "start":
@@ -117,7 +117,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_postgres(args: argparse.Namespace) -> int:
-    from flows.stores import local_postgres
+    from flows.dev import postgres as local_postgres
 
     if args.action == "start":
         print(f"PostgreSQL with pgvector ready: {local_postgres.start()}")
@@ -135,7 +135,7 @@ def cmd_postgres(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from flows.containers import Engine, image_name
+    from flows.dev.containers import Engine, image_name
 
     if args.action == "name":
         print(image_name(registry=args.registry))

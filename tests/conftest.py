@@ -33,7 +33,7 @@ def kafka_bootstrap():
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
-    from flows.kafka.local import LocalKafka
+    from flows.dev.kafka import LocalKafka
 
     broker = LocalKafka()
     was_running = broker.pid() is not None and broker.ready()
@@ -51,7 +51,7 @@ def postgres_server(tmp_path_factory):
     if os.environ.get("EMBEDSTREAM_TEST_POSTGRES"):
         yield os.environ["EMBEDSTREAM_TEST_POSTGRES"]
         return
-    from flows.stores import local_postgres
+    from flows.dev import postgres as local_postgres
 
     os.environ["EMBEDSTREAM_POSTGRES_DIR"] = str(tmp_path_factory.mktemp("postgres") / "data")
     yield local_postgres.start()

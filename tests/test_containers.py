@@ -1,5 +1,5 @@
 """The worker image and the testcontainers variant on a real container engine: Docker
-where one answers, else podman as flows.containers sets it up. Skipped, with the
+where one answers, else podman as flows.dev.containers sets it up. Skipped, with the
 reason, only where neither can run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from kafka_helpers import FlowTopics, avro_event, count, free_port, wait_for
 
-from flows.containers import ContainerError, Engine, image_name
+from flows.dev.containers import ContainerError, Engine, image_name
 
 SAMPLES = Path(__file__).resolve().parent.parent / "flows" / "samples"
 TEXT_SAMPLES = ["faq.html", "guide.md", "notes.txt", "onboarding.docx", "report.pdf"]

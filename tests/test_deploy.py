@@ -96,7 +96,7 @@ def test_recovery_store_is_shared_and_mounted(sts):
 
 
 def test_manifests_run_the_image_the_tooling_builds(sts):
-    from flows.containers import image_name
+    from flows.dev.containers import image_name
 
     [worker] = sts["spec"]["template"]["spec"]["containers"]
     assert worker["image"] == image_name(registry="")

@@ -128,7 +128,7 @@ def test_sigterm_drains_and_exits_cleanly(kafka_bootstrap, tmp_path):
 def test_broker_restart_is_waited_out(kafka_bootstrap):
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("restarts only the project's own local broker")
-    from flows.kafka.local import LocalKafka
+    from flows.dev.kafka import LocalKafka
 
     broker = LocalKafka()
     topics = FlowTopics(kafka_bootstrap, partitions=2)
@@ -259,7 +259,7 @@ def test_throttled_output_applies_backpressure(kafka_bootstrap):
     delivered) and its memory must not grow; lifting the quota drains the rest."""
     import uuid
 
-    from flows.kafka.local import LocalKafka
+    from flows.dev.kafka import LocalKafka
 
     tools = LocalKafka()
     client = f"throttled-{uuid.uuid4().hex[:8]}"

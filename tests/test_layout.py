@@ -174,7 +174,7 @@ def test_wheel_puts_schemas_samples_and_pom_inside_the_package(installed):
         assert (
             site / "flows" / "schemas" / avsc.relative_to(ROOT / "schemas")
         ).read_bytes() == avsc.read_bytes()
-    assert (site / "flows" / "kafka" / "pom.xml").is_file()
+    assert (site / "flows" / "dev" / "pom.xml").is_file()
     where = _run(
         installed,
         str(installed["python"]),
@@ -199,7 +199,7 @@ def test_installed_broker_manager_resolves_its_pom(installed, tmp_path):
     # The step of `embedstream kafka start` that reads the POM: Maven resolves the
     # broker's jars from it (from the local Maven repository once it is warm).
     script = (
-        "import sys; from pathlib import Path; from flows.kafka.local import LocalKafka; "
+        "import sys; from pathlib import Path; from flows.dev.kafka import LocalKafka; "
         "k = LocalKafka(home=Path(sys.argv[1])); k.ensure_jars(); "
         "print(len(list(k.lib.glob('kafka_2.13-*.jar'))))"
     )

@@ -308,7 +308,7 @@ def test_the_sink_reads_json_output_too(kafka_bootstrap, tmp_path, minilm):
 
 
 def test_the_sink_waits_out_a_database_restart(kafka_bootstrap, postgres_dsn):
-    from flows.stores import local_postgres
+    from flows.dev import postgres as local_postgres
 
     if os.environ.get("EMBEDSTREAM_TEST_POSTGRES"):
         pytest.skip("restarts the local server; $EMBEDSTREAM_TEST_POSTGRES points elsewhere")

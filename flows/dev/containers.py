@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 CACHE = Path(os.environ.get("EMBEDSTREAM_CONTAINERS_HOME", Path.home() / ".cache/embedstream/containers"))
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: The Python of both base images (python:3.11-slim and Debian bookworm's python3):
 #: the dependency wheels are fetched for it.
 IMAGE_PYTHON = "3.11"
@@ -192,7 +192,7 @@ class Engine:
         """``embedstream-kafka:<version>``: the broker jars that Maven resolved for the
         local broker, on a Debian base with a JRE. Listens (and advertises) on
         ``127.0.0.1:$KAFKA_PORT``: publish that port on the same host port."""
-        from flows.kafka.local import LocalKafka
+        from flows.dev.kafka import LocalKafka
 
         broker = LocalKafka()
         broker.ensure_jars()

@@ -1,7 +1,7 @@
 """A single-node Apache Kafka 4.x broker (KRaft) on loopback, for development and tests.
 
-The broker's jars come from Maven Central (``flows/kafka/pom.xml``, package data, resolved once into
-the cache with ``mvn dependency:copy-dependencies``); storage is formatted with
+The broker's jars come from Maven Central (``flows/dev/pom.xml``, package data, resolved once
+into the cache with ``mvn dependency:copy-dependencies``); storage is formatted with
 ``kafka.tools.StorageTool`` and the broker runs as ``java kafka.Kafka``. Needs only a
 JDK 17+ and Maven. Every step is idempotent.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 def pom() -> bytes:
     """The broker's Maven POM, shipped inside the package (a wheel has no deploy/)."""
-    return (files("flows.kafka") / "pom.xml").read_bytes()
+    return (files("flows.dev") / "pom.xml").read_bytes()
 
 
 @dataclass(frozen=True)
