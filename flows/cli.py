@@ -320,11 +320,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         epoch_interval=timedelta(seconds=settings.snapshot_s),
         recovery_config=recovery,
     )
-    from flows.runtime import _pipeline
+    from flows import runtime
 
-    if _pipeline is not None:
-        print(_pipeline.counters.line(), file=sys.stderr)
-        _pipeline.close()
+    pipeline = runtime.current()
+    if pipeline is not None:
+        print(pipeline.counters.line(), file=sys.stderr)
+        pipeline.close()
     return 0
 
 

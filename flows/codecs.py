@@ -77,7 +77,7 @@ class Schema:
         # timestamps stay epoch milliseconds instead of becoming datetimes.
         self.plain = parse_schema(json.loads(self.canonical))
         # As reader: the same, with the defaults that fill fields older writers lack.
-        self.reader = parse_schema(_without_logical_types(raw))
+        self.reader = parse_schema(without_logical_types(raw))
 
     def write(self, record: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
@@ -92,11 +92,12 @@ class Schema:
         return fastavro.schemaless_reader(io.BytesIO(data), writer.plain, self.reader)
 
 
-def _without_logical_types(node: Any) -> Any:
+def without_logical_types(node: Any) -> Any:
+    """A raw schema without its logical types: timestamps read as epoch milliseconds."""
     if isinstance(node, dict):
-        return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
+        return {k: without_logical_types(v) for k, v in node.items() if k != "logicalType"}
     if isinstance(node, list):
-        return [_without_logical_types(v) for v in node]
+        return [without_logical_types(v) for v in node]
     return node
 
 

@@ -63,7 +63,7 @@ class SchemaRegistry:
         name = self._writer(schema_id)["name"].rsplit(".", 1)[-1]
         if schema_id not in self._plain_writers:
             raw = json.loads(self.client.get_schema(schema_id).schema_str)
-            self._plain_writers[schema_id] = parse_schema(codecs._without_logical_types(raw))
+            self._plain_writers[schema_id] = parse_schema(codecs.without_logical_types(raw))
         writer = self._plain_writers[schema_id]
         reader = codecs.schema(name).reader if name in codecs.RECORD_TYPES else writer
         return name, fastavro.schemaless_reader(io.BytesIO(datum), writer, reader)

@@ -74,6 +74,11 @@ def pipeline(settings: Settings) -> Pipeline:
         return _pipeline
 
 
+def current() -> Optional[Pipeline]:
+    """This process's pipeline, once a worker built it (None before)."""
+    return _pipeline
+
+
 def forget_state(topic: str, partitions: list[int]) -> None:
     """Group mode moved these input partitions (assigned, revoked or lost): per-document
     state cached for them may be stale, so it is read back from the changelog on the
