@@ -26,7 +26,8 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import codecs, metrics
-from flows.kafka.io import DeliveryError, InputMessage, KafkaInput
+from flows.kafka.delivery import Delivery
+from flows.kafka.io import InputMessage, KafkaInput
 from flows.settings import Settings
 from flows.stores import (
     DeleteOp,
@@ -118,10 +119,10 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
         self.retry_s = retry_s
         kafka = settings.kafka_common()
         self.producer = Producer({"enable.idempotence": "true", "acks": "all", "linger.ms": "5", **kafka})
+        self.delivery = Delivery(self.producer, "sink dead letters")
         self.committer = Consumer(
             {**kafka, "group.id": settings.sink_group_id, "enable.auto.commit": "false"}
         )
-        self.failures: list[str] = []
         #: Messages written by type, and dead letters.
         self.counts = dict.fromkeys([*_KINDS.values(), "dead letters"], 0)
         # Confluent-framed records name their schema by a registry id.
@@ -217,20 +218,13 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
                 "doc_id": (m.key or b"").decode("utf-8", "replace") or None,
                 "failed_at": codecs.now_ms(),
             }
-            self.producer.produce(
+            self.delivery.produce(
                 topic,
                 codecs.encode_single_object("DeadLetter", letter),
                 m.key,
-                headers=[(codecs.TYPE_HEADER, b"DeadLetter")],
-                on_delivery=self._on_delivery,
+                headers=((codecs.TYPE_HEADER, b"DeadLetter"),),
             )
-        if self.producer.flush(300) > 0 or self.failures:
-            failures, self.failures = self.failures, []
-            raise DeliveryError(f"sink dead letters not delivered to {topic}: {failures[:3]}")
-
-    def _on_delivery(self, err, msg) -> None:
-        if err is not None:
-            self.failures.append(str(err))
+        self.delivery.confirm(300)
 
     def _commit(self, messages: list[InputMessage]) -> None:
         """The store has everything up to these messages: the sink resumes after them."""

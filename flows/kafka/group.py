@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics
-from flows.kafka.io import STOP, InputMessage, input_message, take_batch
+from flows.kafka.io import STOP, InputMessage, input_message, report_lag, take_batch
 
 log = logging.getLogger("embedstream.group")
 
@@ -121,7 +121,9 @@ class GroupMember:
                 self.in_flight[m.partition] = m.offset + 1
                 self.position[m.partition] = m.offset + 1
             if batch:
-                self._report_lag({m.partition for m in batch})
+                report_lag(
+                    self.consumer, self.topic, {m.partition: self.position[m.partition] for m in batch}
+                )
             return batch
 
     def _fetch(self, wanted: int) -> None:
@@ -295,17 +297,6 @@ class GroupMember:
             low, high = self.consumer.get_watermark_offsets(KafkaTopicPartition(self.topic, p), timeout=30)
             self.starts[p], ends[p] = low, high
         return ends
-
-    def _report_lag(self, partitions: set[int]) -> None:
-        for p in partitions:
-            try:
-                _low, high = self.consumer.get_watermark_offsets(
-                    KafkaTopicPartition(self.topic, p), cached=True
-                )
-            except KafkaException:
-                continue
-            if high >= 0:
-                metrics.CONSUMER_LAG.labels(self.topic, str(p)).set(max(high - self.position[p], 0))
 
     def close(self) -> None:
         with _members_lock:

@@ -7,9 +7,9 @@ over. Group mode's source, a consumer-group member per worker, is in
 :mod:`flows.kafka.group`.
 
 Sink: an idempotent producer that checks every delivery report and flushes each batch
-before returning, so a snapshot never covers a record that is not in Kafka. A full
-producer queue blocks (backpressure) instead of raising; a failed delivery raises, and
-the worker stops rather than lose a record.
+before returning (:mod:`flows.kafka.delivery`), so a snapshot never covers a record
+that is not in Kafka. A full producer queue blocks (backpressure) instead of raising; a
+failed or unconfirmed delivery raises, and the worker stops rather than lose a record.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+from flows.kafka.delivery import Delivery
 
 log = logging.getLogger("embedstream.kafka")
 
@@ -90,13 +92,23 @@ def take_batch(pending: list[InputMessage], count: int, max_bytes: int) -> list[
     return batch
 
 
+def report_lag(consumer: Consumer, topic: str, next_offsets: dict[int, int]) -> None:
+    """Sets the lag metric of each partition: its end offset as the consumer last saw it
+    (no request to the broker) less the next offset to hand over."""
+    from flows import metrics
+
+    for partition, offset in next_offsets.items():
+        try:
+            _low, high = consumer.get_watermark_offsets(KafkaTopicPartition(topic, partition), cached=True)
+        except KafkaException:
+            continue
+        if high >= 0:
+            metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(high - offset, 0))
+
+
 #: Group mode's offset commit: delivered offsets (next offset per topic-partition) in,
 #: those no group member of this process handed over out.
 CommitFn = Callable[[dict[tuple[str, int], int]], dict[tuple[str, int], int]]
-
-
-class DeliveryError(RuntimeError):
-    """Kafka did not confirm a record; the worker stops so that nothing is lost."""
 
 
 class _Partition(StatefulSourcePartition[InputMessage, int]):
@@ -147,22 +159,10 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         batch = take_batch(self.pending, self.batch_size, self.batch_bytes)
         if batch:
             self.next_offset = batch[-1].offset + 1
-            self._report_lag()
+            report_lag(self.consumer, self.topic, {self.partition: self.next_offset})
         elif self.end is not None and self.end == 0:
             raise StopIteration
         return batch
-
-    def _report_lag(self) -> None:
-        from flows import metrics
-
-        try:
-            _low, high = self.consumer.get_watermark_offsets(
-                KafkaTopicPartition(self.topic, self.partition), cached=True
-            )
-        except KafkaException:
-            return
-        if high >= 0 and self.next_offset is not None:
-            metrics.CONSUMER_LAG.labels(self.topic, str(self.partition)).set(max(high - self.next_offset, 0))
 
     def snapshot(self) -> int:
         # Messages still pending were not handed over: resume at the first of them.
@@ -287,8 +287,8 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
                 **config,
             }
         )
+        self.delivery = Delivery(self.producer, "records")
         self.flush_timeout_s = flush_timeout_s
-        self.failures: list[str] = []
         self.commit = commit
         # Cluster mode: commits consumer-group offsets for lag tooling; never subscribes
         # or consumes. (Group mode commits through the members, ``commit``.)
@@ -298,10 +298,6 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
             else None
         )
 
-    def _on_delivery(self, err, msg) -> None:
-        if err is not None:
-            self.failures.append(f"{msg.topic()}: {err}")
-
     def write_batch(self, items: list[OutputMessage]) -> None:
         self._deliver([i for i in items if not i.after_delivery])
         self._deliver([i for i in items if i.after_delivery])
@@ -310,32 +306,10 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
     def _deliver(self, items: list[OutputMessage]) -> None:
         """Produces ``items`` and returns once Kafka confirmed every one."""
         for item in items:
-            extra = {} if item.partition is None else {"partition": item.partition}
-            while True:
-                try:
-                    self.producer.produce(
-                        item.topic,
-                        item.value,
-                        item.key,
-                        headers=list(item.headers),
-                        on_delivery=self._on_delivery,
-                        **extra,
-                    )
-                    break
-                except BufferError:
-                    # The local queue is full: wait for the broker instead of growing memory.
-                    self.producer.poll(0.1)
-        deadline = time.monotonic() + self.flush_timeout_s
-        while self.producer.flush(1.0) > 0:
-            if time.monotonic() > deadline:
-                raise DeliveryError(
-                    f"{len(self.producer)} records not confirmed by Kafka in "
-                    f"{self.flush_timeout_s:.0f} s; stopping so that nothing is lost"
-                )
-            log.warning("waiting for Kafka to confirm %d records", len(self.producer))
-        if self.failures:
-            failures, self.failures = self.failures, []
-            raise DeliveryError(f"{len(failures)} records were not delivered: {failures[:3]}")
+            self.delivery.produce(
+                item.topic, item.value, item.key, headers=item.headers, partition=item.partition
+            )
+        self.delivery.confirm(self.flush_timeout_s)
 
     def _commit(self, items: list[OutputMessage]) -> None:
         """Everything up to these events is in Kafka now: record it under the group. In

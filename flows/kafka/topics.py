@@ -13,7 +13,11 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from flows import codecs
+from flows.kafka.delivery import Delivery
 from flows.settings import Settings
+
+#: How long ``publish`` and ``redrive`` wait for Kafka to confirm what they sent.
+CONFIRM_TIMEOUT_S = 60.0
 
 
 def create(settings: Settings, name: str, partitions: int = 1, replication: int = 1) -> bool:
@@ -137,7 +141,6 @@ def publish_files(
             "message.max.bytes": str(max(limit, 1_000_000)),
         }
     )
-    failures: list[str] = []
     for path, _ in [] if delete else files:
         # Envelope and headers take a few hundred bytes; leave room for them.
         if path.stat().st_size > limit - 1024:
@@ -148,24 +151,17 @@ def publish_files(
                 "Raise the topic's max.message.bytes, or publish a file:// uri instead of the content."
             )
 
-    def on_delivery(err, msg) -> None:
-        if err is not None:
-            failures.append(str(err))
-
+    delivery = Delivery(producer, "events")
     for i, (path, doc_id) in enumerate(files, 1):
         event = delete_event(doc_id) if delete else document_event(path, doc_id)
-        producer.produce(
-            topic, encode_event(event, json_format), event["doc_id"].encode(), on_delivery=on_delivery
-        )
+        delivery.produce(topic, encode_event(event, json_format), event["doc_id"].encode())
         producer.poll(0)
         if progress and sys.stderr.isatty():
             bar = "#" * (30 * i // len(files))
             print(f"\r[{bar:<30}] {i}/{len(files)} {path.name[:40]:<40}", end="", file=sys.stderr)
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
-    producer.flush(60)
-    if failures:
-        raise RuntimeError(f"{len(failures)} events were not delivered: {failures[:3]}")
+    delivery.confirm(CONFIRM_TIMEOUT_S)
     return len(files)
 
 
@@ -265,8 +261,8 @@ def redrive(
         }
     )
     producer = Producer({**settings.kafka_common(), "enable.idempotence": "true"})
+    delivery = Delivery(producer, "redriven events")
     stats = {"sent": 0, "reread": 0, "skipped": 0, "lost": 0}
-    failures: list[str] = []
     consumer.subscribe([settings.dlq_topic])
     try:
         while True:
@@ -287,14 +283,12 @@ def redrive(
                     continue
                 payload, key = original.value(), original.key()
                 stats["reread"] += 1
-            producer.produce(
-                target, payload, key, on_delivery=lambda err, m: err and failures.append(str(err))
-            )
+            delivery.produce(target, payload, key)
             stats["sent"] += 1
             producer.poll(0)
-        producer.flush(60)
-        if failures:
-            raise RuntimeError(f"{len(failures)} redriven events were not delivered: {failures[:3]}")
+        # Only once Kafka has every letter sent: progress past a letter not delivered
+        # would lose it.
+        delivery.confirm(CONFIRM_TIMEOUT_S)
         consumer.commit(asynchronous=False) if stats["sent"] + stats["skipped"] else None
     finally:
         consumer.close()
