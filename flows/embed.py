@@ -29,7 +29,7 @@ from flows import runtime
 from flows.embed_steps import Pipeline
 from flows.kafka import group
 from flows.kafka.group import GroupInput
-from flows.kafka.io import KafkaInput, KafkaOutput
+from flows.kafka.io import KafkaInput, KafkaOutput, ReadOptions
 from flows.settings import Settings
 
 
@@ -48,18 +48,12 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
         return {"message.max.bytes": str(max(runtime.output_limit(settings), 1_000_000))}
 
     consumer = {**kafka, "group.id": settings.group_id}
-    options = dict(
-        start_from=settings.start_from,
-        tail=settings.tail,
-        batch_size=settings.batch_size,
-        batch_bytes=settings.batch_bytes,
-        poll_ms=settings.poll_ms,
-    )
+    options = ReadOptions.of(settings, settings.batch_size)
     group_mode = settings.scaling_mode() == "group"
     if group_mode:
-        source = GroupInput(consumer, settings.input_topic, on_moved=runtime.forget_state, **options)
+        source = GroupInput(consumer, settings.input_topic, options, on_moved=runtime.forget_state)
     else:
-        source = KafkaInput(consumer, settings.input_topic, **options)
+        source = KafkaInput(consumer, settings.input_topic, options)
 
     flow = Dataflow("embedstream")
     events = op.input("documents", flow, source)

@@ -27,7 +27,7 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import codecs, metrics
 from flows.kafka.delivery import Delivery
-from flows.kafka.io import InputMessage, KafkaInput
+from flows.kafka.io import InputMessage, KafkaInput, ReadOptions
 from flows.settings import Settings
 from flows.stores import (
     DeleteOp,
@@ -268,11 +268,7 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
         KafkaInput(
             {**settings.kafka_common(), "group.id": settings.sink_group_id},
             settings.output_topic,
-            start_from=settings.start_from,
-            tail=settings.tail,
-            batch_size=settings.sink_batch_size,
-            batch_bytes=settings.batch_bytes,
-            poll_ms=settings.poll_ms,
+            ReadOptions.of(settings, settings.sink_batch_size),
         ),
     )
     op.output("store", messages, StoreOutput(settings))

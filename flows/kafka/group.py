@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics
-from flows.kafka.io import STOP, InputMessage, input_message, report_lag, take_batch
+from flows.kafka.io import STOP, InputMessage, ReadOptions, input_message, report_lag, take_batch
 
 log = logging.getLogger("embedstream.group")
 
@@ -55,17 +55,14 @@ class GroupMember:
         self,
         config: dict,
         topic: str,
+        options: ReadOptions,
         *,
-        start_from: str = "committed",
-        tail: bool = True,
-        batch_size: int = 64,
-        batch_bytes: int = 16 << 20,
-        poll_ms: int = 100,
         on_moved: Optional[OnMoved] = None,
     ) -> None:
         self.topic = topic
-        self.start_from = start_from
-        self.batch_size, self.batch_bytes, self.poll_s = batch_size, batch_bytes, poll_ms / 1000
+        self.start_from = options.start_from
+        self.batch_size, self.batch_bytes = options.batch_size, options.batch_bytes
+        self.poll_s = options.poll_ms / 1000
         self.on_moved = on_moved
         self._lock = threading.RLock()
         #: Partitions this member owns; None until the group first assigned it some (or none).
@@ -79,7 +76,7 @@ class GroupMember:
         self.pending: list[InputMessage] = []
         #: Per partition: where the fetcher last found its end (nothing after it then).
         self.eof: dict[int, int] = {}
-        reset = "latest" if start_from == "latest" else "earliest"
+        reset = "latest" if self.start_from == "latest" else "earliest"
         self.consumer = Consumer(
             {
                 **config,
@@ -91,7 +88,7 @@ class GroupMember:
         )
         #: With ``tail=False``: each partition's first and end offsets when the worker started.
         self.starts: dict[int, int] = {}
-        self.ends: Optional[dict[int, int]] = None if tail else self._end_offsets()
+        self.ends: Optional[dict[int, int]] = None if options.tail else self._end_offsets()
         self._next_drain_check = 0.0
         self.consumer.subscribe(
             [topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
@@ -338,8 +335,10 @@ class _GroupPartition(StatelessSourcePartition[InputMessage]):
 class GroupInput(DynamicSource[InputMessage]):
     """The input topic read as a consumer group: one member per worker thread."""
 
-    def __init__(self, config: dict, topic: str, *, on_moved: Optional[OnMoved] = None, **options) -> None:
-        self.config, self.topic, self.on_moved, self.options = config, topic, on_moved, options
+    def __init__(
+        self, config: dict, topic: str, options: ReadOptions, *, on_moved: Optional[OnMoved] = None
+    ) -> None:
+        self.config, self.topic, self.options, self.on_moved = config, topic, options, on_moved
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _GroupPartition:
-        return _GroupPartition(GroupMember(self.config, self.topic, on_moved=self.on_moved, **self.options))
+        return _GroupPartition(GroupMember(self.config, self.topic, self.options, on_moved=self.on_moved))

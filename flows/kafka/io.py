@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -26,6 +26,9 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows.kafka.delivery import Delivery
+
+if TYPE_CHECKING:
+    from flows.settings import Settings
 
 log = logging.getLogger("embedstream.kafka")
 
@@ -62,6 +65,25 @@ class OutputMessage:
     #: Produced only once every other message of its batch is confirmed (the chunk-state
     #: changelog must never get ahead of the records).
     after_delivery: bool = False
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a source reads its topic: where a partition without saved progress starts
+    (``start_from``), whether it keeps reading (``tail``) or stops at the end offsets
+    seen at start, and the bounds of each micro-batch: events, payload bytes, and the
+    longest wait for it to fill."""
+
+    start_from: str = "committed"
+    tail: bool = True
+    batch_size: int = 64
+    batch_bytes: int = 16 << 20
+    poll_ms: int = 100
+
+    @classmethod
+    def of(cls, settings: Settings, batch_size: int) -> ReadOptions:
+        """The options ``settings`` give, with the job's own micro-batch size."""
+        return cls(settings.start_from, settings.tail, batch_size, settings.batch_bytes, settings.poll_ms)
 
 
 def input_message(msg) -> InputMessage:
@@ -118,17 +140,14 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         topic: str,
         partition: int,
         start: int,
-        *,
-        batch_size: int,
-        batch_bytes: int,
-        poll_ms: int,
-        tail: bool,
+        options: ReadOptions,
     ) -> None:
         self.topic, self.partition = topic, partition
-        self.batch_size, self.batch_bytes, self.poll_s = batch_size, batch_bytes, poll_ms / 1000
+        self.batch_size, self.batch_bytes = options.batch_size, options.batch_bytes
+        self.poll_s = options.poll_ms / 1000
         self.consumer = Consumer({**config, "enable.auto.commit": "false", "enable.partition.eof": "true"})
         self.end: Optional[int] = None
-        if not tail:
+        if not options.tail:
             _low, high = self.consumer.get_watermark_offsets(
                 KafkaTopicPartition(topic, partition), timeout=30, cached=False
             )
@@ -177,21 +196,10 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
 class KafkaInput(FixedPartitionedSource[InputMessage, int]):
     """All partitions of one topic; Bytewax spreads them over the workers."""
 
-    def __init__(
-        self,
-        config: dict,
-        topic: str,
-        *,
-        start_from: str = "beginning",
-        tail: bool = True,
-        batch_size: int = 64,
-        batch_bytes: int = 16 << 20,
-        poll_ms: int = 100,
-    ) -> None:
+    def __init__(self, config: dict, topic: str, options: ReadOptions) -> None:
         self.config = {"group.id": "embedstream", **config}
         self.topic = topic
-        self.start_from, self.tail = start_from, tail
-        self.batch_size, self.batch_bytes, self.poll_ms = batch_size, batch_bytes, poll_ms
+        self.options = options
 
     def list_parts(self) -> list[str]:
         consumer = Consumer(self.config)
@@ -206,16 +214,7 @@ class KafkaInput(FixedPartitionedSource[InputMessage, int]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: Optional[int]) -> _Partition:
         start = resume_state if resume_state is not None else self._start_offset(int(for_part))
-        return _Partition(
-            self.config,
-            self.topic,
-            int(for_part),
-            start,
-            batch_size=self.batch_size,
-            batch_bytes=self.batch_bytes,
-            poll_ms=self.poll_ms,
-            tail=self.tail,
-        )
+        return _Partition(self.config, self.topic, int(for_part), start, self.options)
 
     def _committed(self, partition: int, patience_s: float = 120.0) -> int:
         """The group's committed offset (negative if none). A new or restarted broker
@@ -251,19 +250,19 @@ class KafkaInput(FixedPartitionedSource[InputMessage, int]):
             delay = min(delay * 2, 5.0)
 
     def _start_offset(self, partition: int) -> int:
-        if self.start_from == "committed":
+        if self.options.start_from == "committed":
             # Where this group's last run left off (offsets are committed after delivery);
             # the beginning for a group that never ran.
             committed = self._committed(partition)
             return committed if committed >= 0 else OFFSET_BEGINNING
-        if self.start_from == "beginning":
+        if self.options.start_from == "beginning":
             return OFFSET_BEGINNING
-        if self.start_from == "latest":
+        if self.options.start_from == "latest":
             return OFFSET_END
         consumer = Consumer(self.config)  # a timestamp in epoch milliseconds
         try:
             found = consumer.offsets_for_times(
-                [KafkaTopicPartition(self.topic, partition, int(self.start_from))], timeout=30
+                [KafkaTopicPartition(self.topic, partition, int(self.options.start_from))], timeout=30
             )
         finally:
             consumer.close()
