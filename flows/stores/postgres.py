@@ -4,6 +4,13 @@ Each model's chunks live in their own table with a ``vector(d)`` column and an H
 cosine index (pgvector cannot index more than 2,000 dimensions: above that the table
 is searched exactly, and the sink says so once). ``embedstream_tables`` records each
 table's model lineage; ``embedstream_documents`` the version applied per document.
+
+PostgreSQL's ``text`` and ``jsonb`` cannot hold the NUL character (U+0000), which a
+chunk's text or a metadata string may carry (an extractor passes it through; LanceDB
+keeps it). This store writes such a chunk without its NULs: they are removed from the
+text and from every string in the metadata, keys included, so ``"a\x00b"`` is stored
+as ``"ab"`` and a metadata filter matches the value without them. Identifiers (doc and
+chunk ids) are kept as they are; one that holds a NUL is refused as data.
 """
 
 from __future__ import annotations
@@ -143,8 +150,11 @@ class PostgresStore:
         )
         return [TableSpec(*r) for r in rows]
 
-    def _ensure(self, conn: psycopg.Connection, spec: TableSpec) -> None:
-        if spec.name in self._known:
+    def _ensure(self, conn: psycopg.Connection, spec: TableSpec, created: set[str]) -> None:
+        """Creates ``spec``'s table if need be, in the caller's transaction. Its name goes
+        into ``created``; the caller marks it known only once that transaction has
+        committed (a rolled-back first write leaves no table behind)."""
+        if spec.name in self._known or spec.name in created:
             return
         t = sql.Identifier(spec.name)
         conn.execute(
@@ -213,7 +223,7 @@ class PostgresStore:
                 indexed,
             ),
         )
-        self._known.add(spec.name)
+        created.add(spec.name)
 
     # --- sink --------------------------------------------------------------------------------
 
@@ -234,11 +244,14 @@ class PostgresStore:
         return {(r[0], r[1]): DocState(Version(r[2], r[3], r[4]), r[5]) for r in self._run(read)}
 
     def write(self, changes: list[TableChanges]) -> None:
-        self._run(lambda conn: [self._write_table(conn, ch) for ch in changes])
+        created: set[str] = set()
+        self._run(lambda conn: [self._write_table(conn, ch, created) for ch in changes])
+        # Only now, after the commit: a batch the server refused rolled the tables back.
+        self._known |= created
 
-    def _write_table(self, conn: psycopg.Connection, ch: TableChanges) -> None:
+    def _write_table(self, conn: psycopg.Connection, ch: TableChanges, created: set[str]) -> None:
         spec = ch.spec
-        self._ensure(conn, spec)
+        self._ensure(conn, spec, created)
         t = sql.Identifier(spec.name)
         upsert = sql.SQL(_UPSERT).format(t=t)
         with conn.cursor() as cur:
@@ -310,7 +323,7 @@ class PostgresStore:
                 [c["char_end"] for _, _, c in entries],
                 [c.get("time_start_ms") for _, _, c in entries],
                 [c.get("time_end_ms") for _, _, c in entries],
-                [json.dumps(f.metadata) for _, f, _ in entries],
+                [_json(f.metadata) for _, f, _ in entries],
             ),
         )
 
@@ -360,7 +373,7 @@ class PostgresStore:
         )
         params: list[Any] = [_vector(vector)]
         for key, value in filters.items():
-            params += [key, value]
+            params += [_strip_nul(key), _strip_nul(value)]  # as the metadata was stored
         params += [_vector(vector), k]
         query = sql.SQL(
             """SELECT doc_id, page, chunk_index, text, metadata, 1 - (embedding <=> %s::vector) AS score,
@@ -397,8 +410,23 @@ def _params(r: dict[str, Any]) -> tuple:
         r["char_end"],
         r.get("time_start_ms"),
         r.get("time_end_ms"),
-        r["text"],
-        json.dumps(r["metadata"]),
+        _strip_nul(r["text"]),
+        _json(r["metadata"]),
         r["embedded_at"],
         _Embedding(r["embedding"]),
     )
+
+
+def _strip_nul(value: Any) -> Any:
+    """``value`` without U+0000 in any string (PostgreSQL text and jsonb refuse it)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+def _json(metadata: Any) -> str:
+    return json.dumps(_strip_nul(metadata))
