@@ -1,4 +1,5 @@
-"""Incremental mode's memory: per document, the chunk ids of the version last emitted.
+"""Incremental mode's memory: per document, the chunk ids of the version last emitted,
+and the diff of each batch against it (which chunks are fresh, what is remembered).
 
 Content-derived chunk ids (:func:`chunk_ids`) stay the same while a chunk's text and
 the model's settings do, so an UPSERT needs vectors only for the ids its document did
@@ -25,13 +26,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics
+from flows.kafka.io import OutputMessage
 from flows.settings import Settings
+
+if TYPE_CHECKING:
+    from flows.embed_steps import Batch, Work
 
 log = logging.getLogger("embedstream.state")
 
@@ -113,6 +118,52 @@ class ChunkState:
 
     def documents(self) -> int:
         return sum(len(d) for d in self._partitions.values())
+
+    # --- a batch against the state ---------------------------------------------------------
+
+    def mark_fresh(self, batch: Batch) -> None:
+        """Narrows each UPSERT's ``fresh`` to the chunks whose ids the state does not hold
+        for its document. A document seen earlier in the batch is embedded whole, since
+        what that earlier event leaves behind is not known yet."""
+        seen: set[str] = set()
+        for w in batch:
+            if w.event is None:
+                continue
+            doc_id = w.event["doc_id"]
+            if w.failure is None and w.event["op"] == "UPSERT" and doc_id not in seen:
+                packed = self.partition(w.message.topic, w.message.partition).get(doc_id)
+                if packed is not None:
+                    known = unpack(packed)
+                    w.fresh = [prefix(i) not in known for i in w.ids]
+            seen.add(doc_id)
+
+    def remember(self, batch: Batch) -> list[OutputMessage]:
+        """Each document's ids after the batch, in memory now and, once the batch's
+        records are delivered, in the changelog (messages the sink produces last)."""
+        latest: dict[tuple[str, int, str], tuple[Work, Optional[bytes]]] = {}
+        for w in batch:
+            if w.failure is not None:
+                continue  # the document keeps what it had
+            m, doc_id = w.message, w.event["doc_id"]
+            docs = self.partition(m.topic, m.partition)
+            if w.event["op"] == "DELETE":
+                docs.pop(doc_id, None)
+                value = None
+            else:
+                value = docs[doc_id] = pack(w.ids)
+            latest[(m.topic, m.partition, doc_id)] = (w, value)
+        metrics.STATE_DOCUMENTS.set(self.documents())
+        return [
+            OutputMessage(
+                self.topic,
+                doc_id.encode(),
+                value,
+                source=(w.message.topic, w.message.partition, w.message.offset),
+                partition=partition,
+                after_delivery=True,
+            )
+            for (_, partition, doc_id), (w, value) in latest.items()
+        ]
 
     def _restore(self, partition: int) -> dict[str, bytes]:
         started = time.monotonic()

@@ -14,6 +14,9 @@ ids the document's previous version lacked are embedded and published; the DocMa
 still lists every chunk. The ids of each version are remembered per input partition
 (:class:`flows.chunk_state.ChunkState`) and written to a compacted changelog once the
 batch's records are delivered.
+
+Documents named by URI come through :mod:`flows.fetch`; the records, manifests and dead
+letters are laid out by :mod:`flows.records`.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from flows import codecs, metrics
-from flows.chunk_state import ChunkState, chunk_ids, lineage_key, pack, prefix, unpack
+from flows import codecs, metrics, records
+from flows.chunk_state import ChunkState, chunk_ids, lineage_key
+from flows.fetch import FetchError, fetch
 from flows.kafka.io import InputMessage, OutputMessage
+from flows.records import Lineage
 from flows.settings import Settings
 from operators import (
     Chunk,
@@ -141,17 +145,18 @@ class Pipeline:
             **self.prompt_options,
             strategy=settings.chunk_strategy(),
         )
-        # Everything but the text that decides a vector goes into the chunk ids.
-        self.text_lineage = lineage_key(
-            embedder.model_id, embedder.model_revision, embedder.dtype, self.prompt_name, embedder.dim
+        #: What makes a vector besides its text, per modality.
+        self.text_model = Lineage(
+            embedder.model_id, embedder.model_revision, embedder.dtype, embedder.dim, self.prompt_name
         )
-        self.image_lineage = (
-            lineage_key(
-                image_embedder.model_id, image_embedder.model_revision, "f32", None, image_embedder.dim
-            )
+        self.image_model = (
+            Lineage(image_embedder.model_id, image_embedder.model_revision, "f32", image_embedder.dim, None)
             if image_embedder is not None
-            else ""
+            else None
         )
+        # Everything but the text that decides a vector goes into the chunk ids.
+        self.text_lineage = _lineage_key(self.text_model)
+        self.image_lineage = _lineage_key(self.image_model) if self.image_model else ""
         #: Incremental mode's chunk ids per document (None in full mode).
         self.state = state if state is not None or not settings.incremental else ChunkState(settings)
         self.pool = pool or ExtractorPool(settings.extract_workers)
@@ -193,7 +198,10 @@ class Pipeline:
         with metrics.STAGE_SECONDS.labels("chunk").time():
             for w in _upserts(batch):
                 self._guard(w, self._chunk)
-            self._mark_fresh(batch)
+            for w in batch:
+                w.fresh = [True] * len(w.ids)
+            if self.state is not None:
+                self.state.mark_fresh(batch)
         return batch
 
     def embed(self, batch: Batch) -> Batch:
@@ -210,7 +218,7 @@ class Pipeline:
         with metrics.STAGE_SECONDS.labels("encode").time():
             out = self._encode_all(batch)
         if self.state is not None:
-            out.extend(self._remember(batch))
+            out.extend(self.state.remember(batch))
         self._count(batch)
         return out
 
@@ -267,7 +275,10 @@ class Pipeline:
         event = w.event
         data = event.get("content")
         if data is None:
-            data = self._fetch(event["uri"])
+            try:
+                data = fetch(event["uri"], roots=self.roots, max_bytes=self.settings.max_document_bytes)
+            except FetchError as e:
+                raise Failure("fetch", e.reason, e.message) from None
         if len(data) > self.settings.max_document_bytes:
             raise Failure(
                 "fetch",
@@ -284,27 +295,6 @@ class Pipeline:
             )
         except ExtractionError as e:
             raise Failure("extract", e.reason, e.message) from None
-
-    def _fetch(self, uri: str) -> bytes:
-        parsed = urlparse(uri)
-        if parsed.scheme != "file":
-            raise Failure(
-                "fetch", "uri_not_allowed", f"only file:// URIs are fetched, not {parsed.scheme}://"
-            )
-        path = Path(unquote(parsed.path)).resolve()
-        if not any(path.is_relative_to(root) for root in self.roots):
-            raise Failure("fetch", "uri_not_allowed", f"{path} is outside the allowed roots")
-        try:
-            size = path.stat().st_size
-            if size > self.settings.max_document_bytes:
-                raise Failure("fetch", "too_large", f"{path} is {size} bytes")
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise Failure("fetch", "not_found", f"{path} does not exist") from None
-        except IsADirectoryError:
-            raise Failure("fetch", "not_found", f"{path} is a directory") from None
-        except PermissionError as e:
-            raise Failure("fetch", "forbidden", str(e)) from None
 
     def _chunk(self, w: Work) -> None:
         doc = w.document
@@ -344,23 +334,6 @@ class Pipeline:
         if not text.text.strip():
             raise Failure("chunk", "empty", "no speech was recognised in the recording")
         return text
-
-    def _mark_fresh(self, batch: Batch) -> None:
-        """Which chunks need vectors. In incremental mode, those whose ids the state does
-        not hold for the document; a document seen earlier in this batch is embedded
-        whole, since what that earlier event leaves behind is not known yet."""
-        seen: set[str] = set()
-        for w in batch:
-            w.fresh = [True] * len(w.ids)
-            if self.state is None or w.event is None:
-                continue
-            doc_id = w.event["doc_id"]
-            if w.failure is None and w.event["op"] == "UPSERT" and doc_id not in seen:
-                packed = self.state.partition(w.message.topic, w.message.partition).get(doc_id)
-                if packed is not None:
-                    known = unpack(packed)
-                    w.fresh = [prefix(i) not in known for i in w.ids]
-            seen.add(doc_id)
 
     def _embed(self, ready: list[Work]) -> None:
         """All fresh chunks of the batch in one call: the embedder packs them into
@@ -410,10 +383,6 @@ class Pipeline:
             return w.message.key
         return w.event["doc_id"].encode() if w.event else None
 
-    def _position(self, w: Work) -> dict[str, Any]:
-        m = w.message
-        return {"topic": m.topic, "partition": m.partition, "offset": m.offset}
-
     def _message(
         self, w: Work, topic: str, key: Optional[bytes], name: str, record: dict[str, Any]
     ) -> OutputMessage:
@@ -432,183 +401,58 @@ class Pipeline:
             return [self._message(w, s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
         event = w.event
         if event["op"] == "DELETE":
-            marker = {
-                "doc_id": event["doc_id"],
-                "doc_version": self._position(w),
-                "metadata": event["metadata"],
-                "event_time": event["event_time"],
-                "emitted_at": codecs.now_ms(),
-            }
+            marker = records.delete_marker(event, w.message)
             return [self._message(w, s.output_topic, self._key(w), "DeleteMarker", marker)]
+        metadata = records.metadata(event, w.document)
         if w.is_image:
-            topic = self.settings.image_output_topic or self.settings.output_topic
-            e = self.image_embedder
-            lineage = (e.model_id, e.model_revision, "f32", e.dim, None)
-            entries = [{"chunk_id": w.ids[0], "chunk_index": 0, "char_start": 0, "char_end": 0, "page": None}]
-            metadata = self._metadata(w)
-            records = [self._image_record(w, metadata)] if w.fresh[0] else []
-            return self._with_manifest(w, topic, records, entries, lineage, "image", metadata)
-        e = self.embedder
-        metadata = self._metadata(w)
-        embedded_at = codecs.now_ms()
-        chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
-        lineage = (e.model_id, e.model_revision, e.dtype, e.dim, self.prompt_name)
-        entries = [
-            {
-                "chunk_id": cid,
-                "chunk_index": c.index,
-                "char_start": c.char_start,
-                "char_end": c.char_end,
-                "page": c.page,
-                "time_start_ms": c.time_start_ms,
-                "time_end_ms": c.time_end_ms,
-            }
-            for c, cid in zip(w.chunks, w.ids)
-        ]
-        records = []
-        fresh = [(c, cid) for c, cid, f in zip(w.chunks, w.ids, w.fresh) if f]
-        for (chunk, cid), vector in zip(fresh, w.vectors):
-            records.append(
-                {
-                    "chunk_id": cid,
-                    "doc_id": event["doc_id"],
-                    "doc_version": self._position(w),
-                    "chunk_index": chunk.index,
-                    "chunk_count": len(w.chunks),
-                    "text": chunk.text,
-                    "char_start": chunk.char_start,
-                    "char_end": chunk.char_end,
-                    "page": chunk.page,
-                    "embedding": vector.tolist(),
-                    "model_id": e.model_id,
-                    "model_revision": e.model_revision,
-                    "dtype": e.dtype,
-                    "chunker": chunker,
-                    "metadata": metadata,
-                    "event_time": event["event_time"],
-                    "embedded_at": embedded_at,
-                    "modality": "text",
-                    "prompt_name": self.prompt_name,
-                    "dimension": e.dim,
-                    "time_start_ms": chunk.time_start_ms,
-                    "time_end_ms": chunk.time_end_ms,
-                }
+            lineage = self.image_model
+            entries = records.image_entries(w.ids[0])
+            vectors = (
+                [records.image_record(event, w.message, w.ids[0], w.vectors[0], lineage, metadata)]
+                if w.fresh[0]
+                else []
             )
-        return self._with_manifest(w, s.output_topic, records, entries, lineage, "text", metadata)
+            topic = s.image_output_topic or s.output_topic
+            return self._with_manifest(w, topic, vectors, entries, lineage, "image", metadata)
+        lineage = self.text_model
+        entries = records.text_entries(w.chunks, w.ids)
+        chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
+        fresh = [(c, cid) for c, cid, f in zip(w.chunks, w.ids, w.fresh) if f]
+        vectors = records.text_records(
+            event, w.message, fresh, w.vectors, len(w.chunks), lineage, chunker, metadata
+        )
+        return self._with_manifest(w, s.output_topic, vectors, entries, lineage, "text", metadata)
 
     def _with_manifest(
         self,
         w: Work,
         topic: str,
-        records: list[dict[str, Any]],
+        vectors: list[dict[str, Any]],
         entries: list[dict[str, Any]],
-        lineage: tuple[str, str, str, int, Optional[str]],
+        lineage: Lineage,
         modality: str,
         metadata: dict[str, str],
     ) -> list[OutputMessage]:
         """The version's records, then its DocManifest (every chunk of the version, also
         those not sent again) on the same topic and key, so it follows them in the
         partition: a consumer that applies it has every record."""
-        model_id, model_revision, dtype, dimension, prompt_name = lineage
-        manifest = {
-            "doc_id": w.event["doc_id"],
-            "doc_version": self._position(w),
-            "model_id": model_id,
-            "model_revision": model_revision,
-            "dtype": dtype,
-            "dimension": dimension,
-            "prompt_name": prompt_name,
-            "modality": modality,
-            "metadata": metadata,
-            "event_time": w.event["event_time"],
-            "emitted_at": codecs.now_ms(),
-            "chunks": entries,
-        }
+        manifest = records.manifest(w.event, w.message, lineage, modality, metadata, entries)
         key = self._key(w)
-        out = [self._message(w, topic, key, "VectorRecord", r) for r in records]
+        out = [self._message(w, topic, key, "VectorRecord", r) for r in vectors]
         out.append(self._message(w, topic, key, "DocManifest", manifest))
         return out
 
-    def _remember(self, batch: Batch) -> list[OutputMessage]:
-        """Each document's ids after the batch, in memory now and, once the batch's
-        records are delivered, in the changelog (messages the sink produces last)."""
-        topic = self.state.topic
-        latest: dict[tuple[str, int, str], tuple[Work, Optional[bytes]]] = {}
-        for w in batch:
-            if w.failure is not None:
-                continue  # the document keeps what it had
-            m, doc_id = w.message, w.event["doc_id"]
-            docs = self.state.partition(m.topic, m.partition)
-            if w.event["op"] == "DELETE":
-                docs.pop(doc_id, None)
-                value = None
-            else:
-                value = docs[doc_id] = pack(w.ids)
-            latest[(m.topic, m.partition, doc_id)] = (w, value)
-        metrics.STATE_DOCUMENTS.set(self.state.documents())
-        return [
-            OutputMessage(
-                topic,
-                doc_id.encode(),
-                value,
-                source=(w.message.topic, w.message.partition, w.message.offset),
-                partition=partition,
-                after_delivery=True,
-            )
-            for (_, partition, doc_id), (w, value) in latest.items()
-        ]
-
-    def _metadata(self, w: Work) -> dict[str, str]:
-        doc = w.document
-        metadata = dict(w.event["metadata"])
-        metadata["doc.mime_type"] = doc.mime_type
-        if doc.title:
-            metadata["doc.title"] = doc.title
-        for k, v in doc.metadata.items():
-            metadata[f"doc.{k}"] = v
-        return metadata
-
-    def _image_record(self, w: Work, metadata: dict[str, str]) -> dict[str, Any]:
-        event, e = w.event, self.image_embedder
-        return {
-            "chunk_id": w.ids[0],
-            "doc_id": event["doc_id"],
-            "doc_version": self._position(w),
-            "chunk_index": 0,
-            "chunk_count": 1,
-            "text": "",
-            "char_start": 0,
-            "char_end": 0,
-            "page": None,
-            "embedding": w.vectors[0].tolist(),
-            "model_id": e.model_id,
-            "model_revision": e.model_revision,
-            "dtype": "f32",
-            "chunker": {"max_tokens": 0, "overlap_tokens": 0},
-            "metadata": metadata,
-            "event_time": event["event_time"],
-            "embedded_at": codecs.now_ms(),
-            "modality": "image",
-            "prompt_name": None,
-            "dimension": e.dim,
-        }
-
     def dead_letter(self, w: Work) -> dict[str, Any]:
         m, f = w.message, w.failure
-        payload = m.value or b""
-        return {
-            "stage": f.stage,
-            "reason": f.reason,
-            "message": f.message[:4000],
-            "topic": m.topic,
-            "partition": m.partition,
-            "offset": m.offset,
-            "key": m.key,
-            "payload": payload if len(payload) <= self.dlq_payload_cap else None,
-            "payload_size": len(payload),
-            "doc_id": w.event["doc_id"] if w.event else None,
-            "failed_at": codecs.now_ms(),
-        }
+        return records.dead_letter(
+            m,
+            f.stage,
+            f.reason,
+            f.message,
+            payload=m.value or b"",  # an empty message, or a tombstone, travels as empty bytes
+            payload_cap=self.dlq_payload_cap,
+            doc_id=w.event["doc_id"] if w.event else None,
+        )
 
     def _count(self, work: list[Work]) -> None:
         with self._count_lock:
@@ -648,6 +492,12 @@ class Pipeline:
     def close(self) -> None:
         self.threads.shutdown()
         self.pool.close()
+
+
+def _lineage_key(lineage: Lineage) -> str:
+    return lineage_key(
+        lineage.model_id, lineage.model_revision, lineage.dtype, lineage.prompt_name, lineage.dimension
+    )
 
 
 def _fresh(w: Work) -> list[Chunk]:

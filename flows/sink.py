@@ -25,7 +25,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from flows import codecs, metrics
+from flows import codecs, metrics, records
 from flows.kafka.delivery import Delivery
 from flows.kafka.io import InputMessage, KafkaInput, ReadOptions
 from flows.settings import Settings
@@ -205,19 +205,15 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
         topic = self.settings.sink_dlq()
         for m, reason, text in letters:
             log.warning("dead letter %s[%d]@%d: %s: %s", m.topic, m.partition, m.offset, reason, text)
-            letter = {
-                "stage": "sink",
-                "reason": reason,
-                "message": text[:4000],
-                "topic": m.topic,
-                "partition": m.partition,
-                "offset": m.offset,
-                "key": m.key,
-                "payload": m.value if m.value is not None and len(m.value) <= 1_000_000 else None,
-                "payload_size": len(m.value or b""),
-                "doc_id": (m.key or b"").decode("utf-8", "replace") or None,
-                "failed_at": codecs.now_ms(),
-            }
+            letter = records.dead_letter(
+                m,
+                "sink",
+                reason,
+                text,
+                payload=m.value,
+                payload_cap=1_000_000,
+                doc_id=(m.key or b"").decode("utf-8", "replace") or None,
+            )
             self.delivery.produce(
                 topic,
                 codecs.encode_single_object("DeadLetter", letter),
