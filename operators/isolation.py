@@ -5,7 +5,9 @@ an allocation abort or a parser that never returns would still kill or hang the
 process that runs it. Binary formats (PDF, DOCX, images) are therefore parsed in a
 small pool of child processes, each under an address-space rlimit and a per-document
 deadline. A child that dies or overruns is killed and replaced, and the failure is
-reported as an ``ExtractionError`` with its reason; the caller carries on.
+reported as an ``ExtractionError`` with its reason; the caller carries on. A child that
+is gone leaves nothing behind in the parent: its pipes and stderr file are closed and
+the pool forgets it (a long run meets many hostile documents).
 
 Wire format on the child's stdin/stdout: a 4-byte big-endian length and a JSON header,
 then an 8-byte length and a binary body (the document bytes going in, RGB pixels
@@ -69,25 +71,37 @@ class _Worker:
             EMBEDSTREAM_WORKER_MEMORY=str(max_memory_bytes),
             EMBEDSTREAM_PARENT_PATH=_parent_path(),
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_MAIN],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            env=env,
-            # Own session: a Ctrl-C meant for the parent does not kill children mid-document.
-            start_new_session=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_MAIN],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.stderr,
+                env=env,
+                # Own session: a Ctrl-C meant for the parent does not kill children mid-document.
+                start_new_session=True,
+            )
+        except BaseException:
+            self.stderr.close()
+            raise
         self.max_memory_bytes = max_memory_bytes
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self) -> None:
+        """Ends the child (if it still runs) and releases everything the parent holds for it."""
         if self.alive():
             self.proc.kill()
         self.proc.wait()
-        self.stderr.close()
+        self._release()
+
+    def _release(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass  # stdin's unflushed bytes to a dead child: nothing to deliver them to
 
     def _read_exact(self, n: int, deadline: float) -> Optional[bytes]:
         """Reads n bytes, or returns None on timeout; b'' when the child died."""
@@ -115,25 +129,34 @@ class _Worker:
         deadline = time.monotonic() + timeout
         size = self._read_exact(4, deadline)
         if size is None:
-            self.kill()
-            raise ExtractionError("timeout", f"extraction took longer than {timeout:.1f} s")
+            raise self._overrun(timeout)
         if len(size) < 4:
             raise self._death()
         head = self._read_exact(struct.unpack(">I", size)[0] + 8, deadline)
-        if not head:
-            raise self._death() if head == b"" else ExtractionError("timeout", "reply timed out")
+        if head is None:
+            raise self._overrun(timeout)
+        if len(head) < struct.unpack(">I", size)[0] + 8:
+            raise self._death()
         body_len = struct.unpack(">Q", head[-8:])[0]
         body = self._read_exact(body_len, deadline) if body_len else b""
-        if body is None or len(body) < body_len:
+        if body is None:
+            raise self._overrun(timeout)
+        if len(body) < body_len:
             raise self._death()
         return json.loads(head[:-8]), body
+
+    def _overrun(self, timeout: float) -> ExtractionError:
+        """Kills a child past its deadline (also one halfway through its reply: the
+        rest of it must not be read as the next document's)."""
+        self.kill()
+        return ExtractionError("timeout", f"extraction took longer than {timeout:.1f} s")
 
     def _death(self) -> ExtractionError:
         """Maps how the child died to a reason; the child is gone afterwards."""
         code = self.proc.wait()
         self.stderr.seek(0)
         tail = self.stderr.read()[-2000:].decode("utf-8", "replace")
-        self.stderr.close()
+        self._release()
         if "memory allocation" in tail or "MemoryError" in tail or code == -signal.SIGKILL:
             return ExtractionError(
                 "too_large", f"extraction exceeded the memory limit of {self.max_memory_bytes} bytes"
@@ -172,18 +195,25 @@ class ExtractorPool:
         try:
             if worker is None or not worker.alive() or worker.max_memory_bytes != limits.max_memory_bytes:
                 if worker is not None:
-                    worker.kill()
+                    self._retire(worker)
+                    worker = None
                 worker = _Worker(limits.max_memory_bytes)
                 with self._lock:
                     self._all.append(worker)
             header = {"mime_type": mime_type, "filename": filename, "limits": limits.native()}
-            try:
-                reply, body = worker.request(bytes(data), header, limits.timeout_ms / 1000 + GRACE_SECONDS)
-            except ExtractionError:
-                worker = None if not worker.alive() else worker
-                raise
+            reply, body = worker.request(bytes(data), header, limits.timeout_ms / 1000 + GRACE_SECONDS)
+        except BaseException:
+            # Whatever broke off the exchange (a death, an overrun, an interrupt halfway
+            # through a reply), the child's stream is in an unknown state: it goes.
+            if worker is not None:
+                self._retire(worker)
+                worker = None
+            raise
         finally:
-            self._idle.put(worker if worker is not None and worker.alive() else None)
+            if worker is not None and not worker.alive():
+                self._retire(worker)
+                worker = None
+            self._idle.put(worker)
         if "error" in reply:
             raise ExtractionError(reply["error"], reply["message"])
         image, audio_rate = reply.pop("image", None), reply.pop("audio", None)
@@ -196,6 +226,15 @@ class ExtractorPool:
             image=Image(image[0], image[1], body) if image else None,
             audio=Audio.from_bytes(audio_rate, body) if audio_rate else None,
         )
+
+    def _retire(self, worker: _Worker) -> None:
+        """Ends a worker for good: closes what the parent holds for it, forgets it."""
+        worker.kill()
+        with self._lock:
+            try:
+                self._all.remove(worker)
+            except ValueError:
+                pass  # close() got there first
 
     def close(self) -> None:
         self._closed = True

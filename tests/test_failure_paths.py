@@ -1,12 +1,18 @@
-"""Failure paths on the real components: a write PostgreSQL rolls back."""
+"""Failure paths on the real components: a write PostgreSQL rolls back, extraction
+children that die by the hundred, and model wheels that are hostile or tampered with."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import docgen
 import pytest
 from sink_helpers import DIM, MODEL, messages, record, version
 
 from flows.sink import apply_ops, to_op
 from flows.stores import StoreConfigError, StoreError, TableSpec, open_store
+from operators import ExtractionError, ExtractorPool, Limits, extract
 
 SPEC = TableSpec(MODEL["model_id"], MODEL["model_revision"], DIM, MODEL["dtype"], MODEL["prompt_name"])
 
@@ -72,3 +78,64 @@ def test_postgres_a_nul_in_text_or_metadata_is_dropped_and_nothing_after_it_fail
             ] == [0]
     finally:
         store.close()
+
+
+# --- extraction children that die --------------------------------------------------------------
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_dead_extraction_children_leave_no_descriptors_or_workers_behind():
+    """200 children killed by the memory limit: each death must release the child's
+    pipes and its place in the pool."""
+    deaths, workers, slack = 200, 2, 4
+    # 36 Mpx decodes to ~100 MiB of pixels: the child aborts on the allocation, under 16 MiB.
+    bomb, limits = docgen.make_png(6000, 6000), Limits(max_memory_bytes=16 << 20)
+    before = _open_descriptors()
+    pool = ExtractorPool(workers)
+    try:
+
+        def one(_: int) -> ExtractionError:
+            with pytest.raises(ExtractionError) as e:
+                extract(bomb, pool=pool, limits=limits)
+            return e.value
+
+        with ThreadPoolExecutor(workers) as ex:
+            failures = list(ex.map(one, range(deaths)))
+        # Each one a death of the child (not an error frame from a child that lives on).
+        assert {(f.reason, f.message) for f in failures} == {
+            ("too_large", f"extraction exceeded the memory limit of {16 << 20} bytes")
+        }
+        # A live child holds three descriptors (two pipes and its stderr file).
+        during = _open_descriptors()
+        assert during <= before + 3 * workers + slack, f"{before} open descriptors before, {during} after"
+        assert len(pool._all) <= workers, f"{len(pool._all)} workers kept, of which dead: " + str(
+            sum(not w.alive() for w in pool._all)
+        )
+        assert extract(docgen.make_png(2, 2), pool=pool).image.width == 2
+    finally:
+        pool.close()
+    after = _open_descriptors()
+    assert after <= before + slack, f"{before} open descriptors before, {after} after close"
+
+
+def test_a_child_that_overruns_its_deadline_releases_its_descriptors():
+    """The timeout path (kill) too; SIGSTOP plays a parser that never returns."""
+    import signal
+
+    before = _open_descriptors()
+    with ExtractorPool(1) as pool:
+        for _ in range(3):
+            extract(docgen.make_png(2, 2), pool=pool)
+            [child] = [w for w in pool._all if w.alive()]
+            os.kill(child.proc.pid, signal.SIGSTOP)
+            with pytest.raises(ExtractionError) as e:
+                extract(docgen.make_png(2, 2), pool=pool, limits=Limits(timeout_ms=50))
+            assert e.value.reason == "timeout"
+        during = _open_descriptors()
+        assert during <= before + 3 + 2, f"{before} open descriptors before, {during} after"
+        assert len(pool._all) <= 1
+    after = _open_descriptors()
+    assert after <= before + 2, f"{before} open descriptors before, {after} after close"
