@@ -3,7 +3,8 @@
 # so a fresh clone on a fresh machine works; builds are reused between runs through
 # a cargo target directory under the home directory.
 #
-#   deploy/dev.sh setup        virtualenv, release build of the native core, default model
+#   deploy/dev.sh setup        virtualenv, release build of the native core, default model,
+#                              container tools where missing (podman, runc, mmdebstrap; as root)
 #   deploy/dev.sh quickstart   setup, then the main job on the sample documents, the sink and a search
 #   deploy/dev.sh test         setup, Rust tests and the wheel (same profile and target dir), ruff, pytest
 set -euo pipefail
@@ -25,6 +26,8 @@ setup() {
     fi
     step "building and installing embedstream (release build of native/)"
     "${PIP[@]}" install -e ".[test,dev]"
+    step "container tools where missing (podman, runc, mmdebstrap; root and apt-get only)"
+    "$PY" -c "from flows.dev.containers import install_tools; print(install_tools())"
     step "default model"
     "$VENV/bin/embedstream" models pull
 }

@@ -1,10 +1,12 @@
 """The worker image and the testcontainers variant on a real container engine: Docker
-where one answers, else podman as flows.dev.containers sets it up. Skipped, with the
-reason, only where neither can run."""
+where one answers, else podman as flows.dev.containers sets it up. The tests install
+nothing (`make setup` does, as root); they skip, with the reason, where no engine runs
+or the local base images cannot be made."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from kafka_helpers import FlowTopics, avro_event, count, free_port, wait_for
 
-from flows.dev.containers import ContainerError, Engine, image_name
+from flows.dev.containers import LOCAL_JRE_BASE, LOCAL_PYTHON_BASE, ContainerError, Engine, image_name
 
 SAMPLES = Path(__file__).resolve().parent.parent / "flows" / "samples"
 TEXT_SAMPLES = ["faq.html", "guide.md", "notes.txt", "onboarding.docx", "report.pdf"]
@@ -21,10 +23,15 @@ TEXT_SAMPLES = ["faq.html", "guide.md", "notes.txt", "onboarding.docx", "report.
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
+    """The engine as the machine has it: tests install nothing (`make setup` does)."""
     try:
-        return Engine.find()
+        engine = Engine.find()
     except ContainerError as e:
         pytest.skip(f"no container engine can run here: {e}")
+    bases = [b for b in (LOCAL_PYTHON_BASE, LOCAL_JRE_BASE) if not engine.has_image(b)]
+    if bases and shutil.which("mmdebstrap") is None:
+        pytest.skip(f"mmdebstrap is not installed (`make setup` installs it), and {bases} need it")
+    return engine
 
 
 @pytest.fixture(scope="module")

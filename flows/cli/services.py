@@ -78,7 +78,7 @@ def cmd_image(args: argparse.Namespace) -> int:
     if args.action == "name":
         print(image_name(registry=args.registry))
         return 0
-    engine = Engine.find()
+    engine = Engine.find(install=True)  # a command the user gave: what it needs, it installs
     if args.action == "docker-host":
         print(engine.docker_host())
         return 0

@@ -1,11 +1,13 @@
 """Container images of the worker, built and run with Docker or, where no Docker
 engine runs, with podman configured under our cache directory (never in ``/etc``).
 
-Podman is installed with apt when it is missing and the machine has apt. It runs
-rootful with runc, cgroupfs and vfs storage, which work where overlay mounts and
-systemd do not, and serves the Docker API on a socket of ours, so the docker CLI and
-docker-py (testcontainers) work against it. Without a reachable image registry, base
-images are made locally from Debian's packages with mmdebstrap.
+Nothing is installed unless asked: :func:`install_tools` (run by ``make setup``) and
+``embedstream image`` install podman, runc and mmdebstrap with apt where they are
+missing; the tests never do. Podman runs rootful with runc, cgroupfs and vfs storage,
+which work where overlay mounts and systemd do not, and serves the Docker API on a
+socket of ours, so the docker CLI and docker-py (testcontainers) work against it.
+Without a reachable image registry, base images are made locally from Debian's
+packages with mmdebstrap.
 
 Every image is named ``[REGISTRY/]embedstream:<package version>``; the registry
 prefix comes from ``EMBEDSTREAM_IMAGE_REGISTRY``.
@@ -35,6 +37,9 @@ IMAGE_PYTHON = "3.11"
 PUBLIC_BASE = "python:3.11-slim-bookworm"
 LOCAL_PYTHON_BASE = "localhost/embedstream-base:bookworm-python"
 LOCAL_JRE_BASE = "localhost/embedstream-base:bookworm-jre"
+#: Podman and what our configuration of it needs (runc: crun refuses the hybrid cgroup
+#: layout of these machines; mmdebstrap: local base images).
+PODMAN_PACKAGES = ["podman", "runc", "mmdebstrap"]
 
 
 class ContainerError(RuntimeError):
@@ -55,18 +60,22 @@ class Engine:
 
     kind: str
     env: dict[str, str] = field(default_factory=dict)
+    #: Whether a missing tool (mmdebstrap) may be installed with apt when needed.
+    install: bool = False
 
     @classmethod
-    def find(cls, install: bool = True) -> Engine:
-        """A Docker engine that answers, used as it is; else podman (installed with apt
-        when missing and ``install``)."""
-        if shutil.which("docker") and _quiet(["docker", "info"], dict(os.environ)):
-            return cls("docker")
+    def find(cls, install: bool = False) -> Engine:
+        """A Docker engine that answers, used as it is; else podman. With ``install``,
+        what is missing is installed with apt; without, it is an error."""
+        if _docker_answers():
+            return cls("docker", install=install)
         if shutil.which("podman") is None:
             if not install:
-                raise ContainerError("no Docker engine answers and podman is not installed")
-            _install_podman()
-        engine = cls("podman", _podman_env())
+                raise ContainerError(
+                    "no Docker engine answers and podman is not installed (`make setup` installs it, as root)"
+                )
+            _apt_install(PODMAN_PACKAGES)
+        engine = cls("podman", _podman_env(), install)
         if not _quiet(["podman", "info"], {**os.environ, **engine.env}):
             raise ContainerError(
                 f"podman does not run here: {engine.run('info', check=False).stderr[-2000:]}"
@@ -128,6 +137,8 @@ class Engine:
         if self.has_image(name):
             return name
         if shutil.which("mmdebstrap") is None:
+            if not self.install:
+                raise ContainerError("mmdebstrap is not installed (`make setup` installs it, as root)")
             _apt_install(["mmdebstrap"])
         with tempfile.TemporaryDirectory(prefix="embedstream-base-") as tmp:
             tarball = Path(tmp) / "base.tar"
@@ -224,6 +235,26 @@ class Engine:
         return int(json.loads(self.run("inspect", container).stdout)[0]["State"]["ExitCode"])
 
 
+def install_tools() -> str:
+    """Installs with apt what building and running images here needs and the machine
+    lacks: podman and runc where no Docker engine answers, and mmdebstrap. Quick when
+    all is there; only as root, where apt-get is. Returns what it did, or why not."""
+    missing = [] if _docker_answers() else [p for p in PODMAN_PACKAGES if shutil.which(p) is None]
+    if shutil.which("mmdebstrap") is None and "mmdebstrap" not in missing:
+        missing.append("mmdebstrap")
+    if not missing:
+        return "container tools present"
+    try:
+        _apt_install(missing)
+    except (ContainerError, subprocess.SubprocessError) as e:
+        return f"{', '.join(missing)} not installed ({e}): the container tests will skip"
+    return f"installed {', '.join(missing)}"
+
+
+def _docker_answers() -> bool:
+    return shutil.which("docker") is not None and _quiet(["docker", "info"], dict(os.environ))
+
+
 def _quiet(cmd: list[str], env: dict[str, str]) -> bool:
     try:
         return subprocess.run(cmd, env=env, capture_output=True, timeout=60).returncode == 0
@@ -254,11 +285,6 @@ def _apt_install(packages: list[str]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=900)
     subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, timeout=1800)
-
-
-def _install_podman() -> None:
-    # runc: crun refuses the hybrid cgroup layout of these machines.
-    _apt_install(["podman", "runc", "mmdebstrap"])
 
 
 def _podman_env() -> dict[str, str]:
