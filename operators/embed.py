@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
@@ -123,7 +123,33 @@ class Chunker:
         return {"max_tokens": self.max_tokens, "overlap_tokens": self.overlap_tokens}
 
 
-class Embedder:
+class NativeModel:
+    """What every model answers from its native half: which model it is, and the
+    longest input it takes."""
+
+    _native: Any
+
+    @property
+    def model_id(self) -> str:
+        return self._native.model_id
+
+    @property
+    def model_revision(self) -> str:
+        """First 16 hex digits of the weights' SHA-256."""
+        return self._native.model_revision
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the vectors the model returns."""
+        return self._native.dim
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input in tokens, special tokens included."""
+        return self._native.max_tokens
+
+
+class Embedder(NativeModel):
     """A sentence-embedding model on candle (BERT, XLM-RoBERTa, ModernBERT, Qwen3,
     NomicBERT, GTE).
 
@@ -239,23 +265,9 @@ class Embedder:
         return Chunker(self._native.chunker(limit, overlap_tokens, strategy))
 
     @property
-    def model_id(self) -> str:
-        return self._native.model_id
-
-    @property
-    def model_revision(self) -> str:
-        """First 16 hex digits of the weights' SHA-256."""
-        return self._native.model_revision
-
-    @property
     def dim(self) -> int:
         """Dimension of the vectors ``embed`` returns (``truncate_dim`` when set)."""
         return self._truncate_dim or self._native.dim
-
-    @property
-    def max_tokens(self) -> int:
-        """Longest input in tokens, special tokens included."""
-        return self._native.max_tokens
 
     @property
     def max_batch_tokens(self) -> int:

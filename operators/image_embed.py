@@ -10,12 +10,12 @@ import numpy as np
 
 from . import _native
 from .document import Image
-from .embed import Chunker, ChunkStrategy
+from .embed import Chunker, ChunkStrategy, NativeModel
 
 ImageInput = Union[Image, bytes]
 
 
-class ImageEmbedder:
+class ImageEmbedder(NativeModel):
     """A CLIP model: ``embed_images`` and ``embed_texts`` return float32 ``[n, dim]``
     arrays in the same space, so text queries find images.
 
@@ -74,22 +74,6 @@ class ImageEmbedder:
     def text_embedder(self) -> ClipTextEmbedder:
         """This model's text tower with the ``Embedder`` interface the flow uses."""
         return ClipTextEmbedder(self)
-
-    @property
-    def model_id(self) -> str:
-        return self._native.model_id
-
-    @property
-    def model_revision(self) -> str:
-        return self._native.model_revision
-
-    @property
-    def dim(self) -> int:
-        return self._native.dim
-
-    @property
-    def max_tokens(self) -> int:
-        return self._native.max_tokens
 
     def __repr__(self) -> str:
         return f"ImageEmbedder(model_id={self.model_id!r}, revision={self.model_revision!r}, dim={self.dim})"
