@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from flows import codecs
@@ -55,6 +57,17 @@ class FlowTopics:
             kwargs = {"partition": partition} if partition is not None else {}
             producer.produce(self.input, value, key, **kwargs)
         assert producer.flush(30) == 0
+
+    def committed(self, topic: Optional[str] = None, group: Optional[str] = None) -> list[int]:
+        """The offset committed for each partition of ``topic`` (default: the input) under
+        ``group`` (default: the flows'); negative where there is none."""
+        topic = topic or self.input
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group or self.group})
+        try:
+            found = consumer.committed([TopicPartition(topic, p) for p in range(self.partitions)], timeout=30)
+        finally:
+            consumer.close()
+        return [tp.offset for tp in found]
 
     def run(
         self,
@@ -275,3 +288,36 @@ def accounted(topics: FlowTopics) -> dict[str, set[str]]:
         doc_id = record.get("doc_id") or (msg.key() or b"").decode()
         found.setdefault(doc_id, set()).add(kind)
     return found
+
+
+def check_outcomes(
+    topics: FlowTopics, ids: list[str], dead_every: int = 10, min_cosine: float = 0.9999
+) -> dict[str, Counter]:
+    """Every event of :func:`mixed_events` in ``ids`` ended as its outcome, with every
+    chunk of a document; one processed more than once (at-least-once) gave the same
+    records again: same chunk ids, text, spans, chunk count and version, vectors within
+    ``min_cosine``. Returns the kinds of output per doc_id, counted."""
+    kinds: dict[str, Counter] = defaultdict(Counter)
+    first: dict[str, dict] = {}
+    chunks: dict[str, set[int]] = defaultdict(set)
+    for kind, r, msg in topics.read(topics.output, timeout=60) + topics.read(topics.dlq, timeout=60):
+        doc_id = r.get("doc_id") or (msg.key() or b"").decode()
+        kinds[doc_id][kind] += 1
+        if kind != "VectorRecord":
+            continue
+        chunks[doc_id].add(r["chunk_index"])
+        seen = first.setdefault(r["chunk_id"], r)
+        fields = ("text", "char_start", "char_end", "chunk_count", "doc_version")
+        assert [seen[f] for f in fields] == [r[f] for f in fields], r["chunk_id"]
+        a, b = np.array(seen["embedding"]), np.array(r["embedding"])
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= min_cosine
+    assert sorted(kinds) == sorted(ids), "every event ends as records, a delete marker or a dead letter"
+    for doc_id in ids:
+        outcome = mixed_outcome(doc_id, dead_every)
+        # An UPSERT's records are followed by its manifest.
+        assert set(kinds[doc_id]) == ({"VectorRecord", outcome} if outcome == "DocManifest" else {outcome}), (
+            doc_id
+        )
+    for doc_id, indexes in chunks.items():
+        assert indexes == set(range(len(indexes))), f"{doc_id}: every chunk present"
+    return kinds

@@ -7,21 +7,18 @@ import os
 import signal
 import subprocess
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from kafka_helpers import (
     FlowTopics,
     accounted,
     avro_event,
+    check_outcomes,
     count,
     free_port,
     log_tail,
     mixed_events,
-    mixed_outcome,
     run_args,
     start_flow,
     wait_for,
@@ -34,62 +31,17 @@ def events(n: int, prefix: str = "doc") -> list[tuple[bytes, bytes]]:
     return mixed_events(n, lambda i, doc_id: f"{doc_id}: {BODY}", prefix)
 
 
-def expected_kind(doc_id: str) -> str:
-    kind = mixed_outcome(doc_id)
-    return "VectorRecord" if kind == "DocManifest" else kind
-
-
-def check_every_event_accounted(topics: FlowTopics, ids: list[str]) -> None:
-    found = accounted(topics)
-    assert sorted(found) == sorted(ids), "every event ends as records, a marker or a dead letter"
-    for doc_id in ids:
-        # An UPSERT's records are followed by its manifest.
-        kinds = (
-            {"VectorRecord", "DocManifest"}
-            if expected_kind(doc_id) == "VectorRecord"
-            else {expected_kind(doc_id)}
-        )
-        assert found[doc_id] == kinds, doc_id
-    # Duplicates (at-least-once) are harmless: same chunk id, text, span; equal vectors.
-    seen: dict[str, dict] = {}
-    per_doc = defaultdict(set)
-    for kind, r, _ in topics.read(topics.output):
-        if kind != "VectorRecord":
-            continue
-        per_doc[r["doc_id"]].add(r["chunk_index"])
-        first = seen.setdefault(r["chunk_id"], r)
-        assert (first["text"], first["char_start"], first["char_end"]) == (
-            r["text"],
-            r["char_start"],
-            r["char_end"],
-        )
-        a, b = np.array(first["embedding"]), np.array(r["embedding"])
-        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999
-        assert r["chunk_count"] == first["chunk_count"]
-    for doc_id, chunks in per_doc.items():
-        assert chunks == set(range(len(chunks))), f"{doc_id}: every chunk present"
-
-
-def committed(topics: FlowTopics, partitions: int) -> list[int]:
-    consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": topics.group})
-    try:
-        parts = consumer.committed([TopicPartition(topics.input, p) for p in range(partitions)], timeout=30)
-    finally:
-        consumer.close()
-    return [tp.offset for tp in parts]
-
-
 def test_offsets_are_committed_after_delivery_and_runs_resume_there(kafka_bootstrap):
     topics = FlowTopics(kafka_bootstrap, partitions=2)
     topics.produce(events(10))
     topics.run()
-    assert sum(committed(topics, 2)) == 10  # lag tools see the group caught up
+    assert sum(topics.committed()) == 10  # lag tools see the group caught up
     before = count(topics)
     topics.run()  # nothing new: resumes at the committed offsets
     assert count(topics) == before
     topics.produce(events(3, prefix="late"))
     topics.run()
-    assert sum(committed(topics, 2)) == 13
+    assert sum(topics.committed()) == 13
     assert {d for d in accounted(topics) if d.startswith("late")} == {"late-0", "late-1", "late-2"}
 
 
@@ -107,7 +59,7 @@ def test_kill_9_loses_nothing(kafka_bootstrap, tmp_path):
         worker.wait()
     processed_before = count(topics)
     topics.run(*args)
-    check_every_event_accounted(topics, [k.decode() for k, _ in batch])
+    check_outcomes(topics, [k.decode() for k, _ in batch])
     assert count(topics) >= processed_before
 
 
@@ -122,7 +74,7 @@ def test_sigterm_drains_and_exits_cleanly(kafka_bootstrap, tmp_path):
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=120) == 0, log_tail(worker)
     topics.run(*args)
-    check_every_event_accounted(topics, [k.decode() for k, _ in batch])
+    check_outcomes(topics, [k.decode() for k, _ in batch])
 
 
 def test_broker_restart_is_waited_out(kafka_bootstrap):
@@ -151,7 +103,7 @@ def test_broker_restart_is_waited_out(kafka_bootstrap):
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=120) == 0, log_tail(worker)
-    check_every_event_accounted(topics, ids)
+    check_outcomes(topics, ids)
 
 
 def test_two_processes_share_four_partitions_exactly_once(kafka_bootstrap):
@@ -170,7 +122,7 @@ def test_two_processes_share_four_partitions_exactly_once(kafka_bootstrap):
     ]
     for p in procs:
         assert p.wait(timeout=240) == 0, p.stderr.read()[-2000:]
-    check_every_event_accounted(topics, [k.decode() for k, _ in batch])
+    check_outcomes(topics, [k.decode() for k, _ in batch])
     outputs = topics.read(topics.output) + topics.read(topics.dlq)
     keys = [(kind, r.get("chunk_id") or r.get("doc_id") or r.get("offset")) for kind, r, _ in outputs]
     assert len(keys) == len(set(keys)), "nothing failed, so nothing is processed twice"
