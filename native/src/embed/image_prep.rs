@@ -5,10 +5,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::model_dir::read_json;
-use super::resample::{resize_rgb, Filter};
+use super::image_resize::{resize_rgb, Filter};
 use crate::error::EmbedError;
 use crate::extract::RgbImage;
+use crate::model_dir::read_json;
 
 #[derive(Debug, Clone)]
 pub struct Preprocessor {

@@ -1,36 +1,25 @@
 //! Sentence embeddings with candle: tokenize, pack length-sorted batches under a
 //! token budget, run the encoder, pool, normalise.
 
-pub(crate) mod activation;
-mod bert;
-pub mod clip;
-mod clip_towers;
-pub(crate) mod dense;
+mod dispatch;
 mod encoder;
 mod image_prep;
-mod kernels;
-pub mod model_dir;
-mod modernbert;
-mod packed;
-pub(crate) mod q8;
-mod qwen3;
-mod resample;
-mod rotary;
-mod rotary_bert;
-mod xlm_roberta;
+mod image_resize;
+mod models;
+mod settings;
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
-use sha2::{Digest, Sha256};
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use crate::device::{select_device, select_dtype};
 use crate::error::EmbedError;
+use crate::model_dir::{self, file_digest};
 use encoder::Encoder;
-pub use model_dir::{Pooling, Settings};
+pub use models::ClipEmbedder;
+pub use settings::{DenseModule, Pooling, Settings};
 
 /// Texts tokenized at a time: on a GPU the next group is tokenized while the
 /// current one runs, and batches are length-sorted within a group.
@@ -62,79 +51,6 @@ pub struct Embedder {
     pub device_name: String,
     pub max_batch_tokens: usize,
     pub dir: PathBuf,
-}
-
-/// Resolves `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (the first GPU when this build
-/// has CUDA and a GPU answers, else the CPU) to a device and its canonical name.
-pub fn select_device(name: &str) -> Result<(Device, String), EmbedError> {
-    let cuda_index = match name {
-        "cpu" => return Ok((Device::Cpu, "cpu".into())),
-        "auto" => {
-            return Ok(match cuda_device(0) {
-                Ok(device) => (device, "cuda:0".into()),
-                Err(_) => (Device::Cpu, "cpu".into()),
-            })
-        }
-        "cuda" => 0,
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| {
-                EmbedError::Unsupported(format!(
-                    "device {other:?}: expected \"cpu\", \"cuda\", \"cuda:N\" or \"auto\""
-                ))
-            })?,
-    };
-    Ok((cuda_device(cuda_index)?, format!("cuda:{cuda_index}")))
-}
-
-fn cuda_device(index: usize) -> Result<Device, EmbedError> {
-    if !candle_core::utils::cuda_is_available() {
-        return Err(EmbedError::Unsupported(
-            "this build has no CUDA support: build the wheel with deploy/cuda/build-wheel.sh"
-                .into(),
-        ));
-    }
-    Device::new_cuda(index).map_err(|e| {
-        // candle appends a backtrace to driver errors: keep the first line.
-        let reason = e.to_string();
-        let reason = reason.lines().next().unwrap_or_default().to_owned();
-        EmbedError::Unsupported(format!("cuda:{index} is not usable: {reason}"))
-    })
-}
-
-/// Parses a dtype name for `device` into the float dtype of the weights and whether
-/// the linear layers are quantized: f32 everywhere; f16 and bf16 on GPUs only, since
-/// candle's CPU kernels for them are slower than f32; q8 (int8 linear layers, f32
-/// elsewhere) on CPUs with AVX2 (AVX-512 VNNI where there is). Reads
-/// `EMBEDSTREAM_CPU_KERNELS` for this and every later kernel call.
-pub fn select_dtype(name: &str, device: &Device) -> Result<(DType, bool), EmbedError> {
-    crate::cpu::configure()?;
-    let dtype = match name {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        "q8" if device.is_cpu() => {
-            q8::check_supported()?;
-            return Ok((DType::F32, true));
-        }
-        "q8" => {
-            return Err(EmbedError::Unsupported(
-                "dtype \"q8\" is for the CPU; on a GPU use \"bf16\"".into(),
-            ))
-        }
-        other => {
-            return Err(EmbedError::Unsupported(format!(
-                "dtype {other:?}: expected \"f32\", \"f16\", \"bf16\" or \"q8\""
-            )))
-        }
-    };
-    if dtype != DType::F32 && device.is_cpu() {
-        return Err(EmbedError::Unsupported(format!(
-            "dtype {name:?} needs a GPU device; on the CPU use \"f32\" or \"q8\""
-        )));
-    }
-    Ok((dtype, false))
 }
 
 /// The default token budget of one forward pass, measured with MiniLM: on an H200
@@ -188,13 +104,13 @@ impl Embedder {
         // SAFETY: the file is mapped read-only; a concurrent writer is outside our
         // contract, as for every memory-mapped model loader.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device)? };
-        let loaded = encoder::load(&config_json, vb, quantize).map_err(|e| match e {
+        let loaded = dispatch::load(&config_json, vb, quantize).map_err(|e| match e {
             EmbedError::Inference(e) => {
                 EmbedError::InvalidModel(format!("{}: {e}", weights.display()))
             }
             other => other,
         })?;
-        let settings = model_dir::settings(&dir, loaded.max_tokens)?;
+        let settings = settings::read(&dir, loaded.max_tokens)?;
         let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), settings.max_tokens)?;
         let model = loaded.encoder;
         let dense = load_dense(&settings.dense, loaded.hidden_size, dtype, &device)?;
@@ -346,7 +262,7 @@ fn pooling_mask(mask: &Tensor, skip: usize) -> candle_core::Result<Tensor> {
 }
 
 fn load_dense(
-    modules: &[model_dir::DenseModule],
+    modules: &[DenseModule],
     hidden_size: usize,
     dtype: DType,
     device: &Device,
@@ -466,24 +382,4 @@ pub(crate) fn load_tokenizer(path: &Path, max_tokens: usize) -> Result<Tokenizer
         }))
         .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
     Ok(tokenizer)
-}
-
-/// First 16 hex digits of the weights' SHA-256: identifies the weights, not the path.
-pub fn file_digest(path: &Path) -> Result<String, EmbedError> {
-    let mut file = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }

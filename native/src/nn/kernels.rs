@@ -245,7 +245,7 @@ mod simd {
 
     pub fn gelu_in_place(values: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::cpu::current() >= crate::cpu::Kernels::Avx2 {
+        if crate::nn::cpu::current() >= crate::nn::cpu::Kernels::Avx2 {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { gelu_in_place_avx2(values) };
         }
@@ -254,7 +254,7 @@ mod simd {
 
     pub fn attention_row(qkv: &[f32], bias: &[f32], heads: Heads, reach: Reach, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::cpu::current() >= crate::cpu::Kernels::Avx2 {
+        if crate::nn::cpu::current() >= crate::nn::cpu::Kernels::Avx2 {
             // SAFETY: as above.
             return unsafe { attention_avx2(qkv, bias, heads, reach, out) };
         }

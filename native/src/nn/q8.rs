@@ -17,7 +17,7 @@
 //! weights are codes in ±64 (2 · 255 · 64 fits an i16: exact) with one scale per output
 //! and block of 64 inputs. The first version kept 8-bit weights exact by moving the
 //! activations' signs onto them (`vpsignb`), one more shuffle-port instruction per
-//! product that made it no faster than f32. Which path runs is `crate::cpu::current()`.
+//! product that made it no faster than f32. Which path runs is `cpu::current()`.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -25,9 +25,9 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::{self, Kernels};
 use super::dense::{assume_written, finish};
 use super::kernels::contiguous_f32;
-use crate::cpu::{self, Kernels};
 use crate::error::EmbedError;
 
 /// Output columns per packed block: four 16-lane i32 accumulators per row.

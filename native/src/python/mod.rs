@@ -11,8 +11,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::chunk;
-use crate::embed::clip::ClipEmbedder;
-use crate::embed::{self, LoadOptions};
+use crate::device::select_device;
+use crate::embed::{self, ClipEmbedder, LoadOptions};
 use crate::extract as core_extract;
 use crate::extract::RgbImage;
 use crate::limits::Limits;
@@ -82,9 +82,7 @@ fn sniff(data: &[u8], filename: Option<&str>) -> &'static str {
 /// `"cpu"`); raises if it cannot be used in this build or on this machine.
 #[pyfunction]
 fn resolve_device(py: Python<'_>, name: String) -> PyResult<String> {
-    run_model(py, || {
-        embed::select_device(&name).map(|(_, canonical)| canonical)
-    })
+    run_model(py, || select_device(&name).map(|(_, canonical)| canonical))
 }
 
 /// Whether this build has the CUDA backend compiled in.
@@ -375,8 +373,8 @@ impl PyChunker {
 #[pyfunction]
 fn cpu_kernels() -> (&'static str, &'static str) {
     (
-        crate::cpu::current().name(),
-        crate::cpu::Kernels::detected().name(),
+        crate::nn::cpu::current().name(),
+        crate::nn::cpu::Kernels::detected().name(),
     )
 }
 

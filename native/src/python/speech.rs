@@ -8,7 +8,7 @@ use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
 use super::errors::run_model;
-use crate::embed;
+use crate::device::{select_device, select_dtype};
 use crate::error::EmbedError;
 use crate::speech::transcribe::{Options, Task, Transcriber};
 
@@ -53,8 +53,8 @@ impl PyTranscriber {
     #[new]
     fn new(py: Python<'_>, path: PathBuf, device: String, dtype: String) -> PyResult<Self> {
         let inner = run_model(py, || {
-            let (device, _) = embed::select_device(&device)?;
-            let (dtype, quantized) = embed::select_dtype(&dtype, &device)?;
+            let (device, _) = select_device(&device)?;
+            let (dtype, quantized) = select_dtype(&dtype, &device)?;
             Transcriber::load(&path, &device, dtype, quantized)
         })?;
         Ok(Self { inner })

@@ -13,8 +13,8 @@ use tokenizers::Tokenizer;
 
 use super::mel;
 use super::whisper::{argmax, Whisper, WhisperConfig};
-use crate::embed::model_dir;
 use crate::error::EmbedError;
+use crate::model_dir;
 
 use mel::{HOP_LENGTH as HOP, N_FRAMES, SAMPLE_RATE};
 /// Milliseconds per timestamp token.

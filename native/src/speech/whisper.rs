@@ -9,10 +9,10 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
 use serde_json::Value;
 
-use crate::embed::activation::Activation;
-use crate::embed::dense::Dense;
-use crate::embed::q8::QuantizedLinear;
 use crate::error::EmbedError;
+use crate::nn::activation::Activation;
+use crate::nn::dense::Dense;
+use crate::nn::q8::QuantizedLinear;
 
 /// What the model needs from `config.json`.
 #[derive(Debug, Clone)]

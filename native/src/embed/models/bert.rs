@@ -10,11 +10,13 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::activation::Activation;
-use super::dense::Dense;
-use super::kernels::{self, Heads, Reach};
-use super::packed::Packed;
+use crate::embed::encoder::{Encoder, Loaded};
 use crate::error::EmbedError;
+use crate::nn::activation::Activation;
+use crate::nn::attention_bias::finite_min;
+use crate::nn::dense::Dense;
+use crate::nn::kernels::{self, Heads, Reach};
+use crate::nn::packed::Packed;
 
 /// The fields of a Hugging Face BERT `config.json` that inference needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +74,22 @@ impl Layout<'static> {
     };
 }
 
+/// Loads BERT, or a model of its shape under `layout`: its sequences fit the
+/// positions from `layout.position_offset` on.
+pub fn load(
+    vb: VarBuilder,
+    config: &BertConfig,
+    layout: &Layout,
+    quantize: bool,
+) -> std::result::Result<Loaded, EmbedError> {
+    let model = Bert::load(vb, config, layout, quantize)?;
+    Ok(Loaded {
+        encoder: Box::new(model),
+        hidden_size: config.hidden_size,
+        max_tokens: config.max_position_embeddings - layout.position_offset as usize,
+    })
+}
+
 pub struct Bert {
     word_embeddings: Embedding,
     position_embeddings: Embedding,
@@ -87,7 +105,7 @@ pub struct Bert {
 impl Bert {
     /// Loads weights saved by transformers, under one of `layout.prefixes` or none.
     /// `quantize`: int8 linear layers (CPU: AVX2, or AVX-512 VNNI) around float embeddings and norms.
-    pub fn load(
+    fn load(
         vb: VarBuilder,
         config: &BertConfig,
         layout: &Layout,
@@ -194,15 +212,6 @@ impl Bert {
         })
     }
 
-    /// Hidden states `[batch, tokens, hidden]` in the model's dtype. `ids` and `mask`
-    /// are `[batch, tokens]` u32; mask is 1 for real tokens, 0 for padding.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        if ids.device().is_cpu() && self.dtype == DType::F32 {
-            return self.forward_unpadded(ids, mask);
-        }
-        self.forward_padded(ids, mask)
-    }
-
     /// The CPU path: real tokens only (see [`Packed`]).
     fn forward_unpadded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let packed = Packed::new(ids, mask)?;
@@ -266,12 +275,12 @@ impl Bert {
     }
 }
 
-/// The most negative finite value of `dtype`, as transformers' `torch.finfo(dtype).min`.
-pub(super) fn finite_min(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => -65504.0,
-        DType::BF16 => -3.389_531_389_251_535_5e38,
-        _ => f32::MIN as f64,
+impl Encoder for Bert {
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if ids.device().is_cpu() && self.dtype == DType::F32 {
+            return self.forward_unpadded(ids, mask);
+        }
+        self.forward_padded(ids, mask)
     }
 }
 
@@ -280,7 +289,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::embed::packed::testing::assert_packed_matches_padded;
+    use crate::nn::packed::testing::assert_packed_matches_padded;
     use candle_core::Device;
 
     /// A random two-layer BERT with every weight transformers would save.

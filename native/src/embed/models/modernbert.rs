@@ -9,13 +9,14 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde_json::Value;
 
-use super::activation::Activation;
-use super::dense::Dense;
-use super::encoder::{Encoder, Loaded};
-use super::kernels::{self, Heads, Reach};
-use super::packed::Packed;
-use super::rotary::{attend, padding_bias, pair_bias, Rotary};
+use crate::embed::encoder::{Encoder, Loaded};
 use crate::error::EmbedError;
+use crate::nn::activation::Activation;
+use crate::nn::attention_bias::{attend, padding_bias, pair_bias};
+use crate::nn::dense::Dense;
+use crate::nn::kernels::{self, Heads, Reach};
+use crate::nn::packed::Packed;
+use crate::nn::rotary::Rotary;
 
 #[derive(Debug, Clone)]
 struct Config {

@@ -10,13 +10,14 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use serde_json::Value;
 
-use super::activation::Activation;
-use super::dense::Dense;
-use super::encoder::{Encoder, Loaded};
-use super::kernels::{self, Heads, Reach};
-use super::packed::Packed;
-use super::rotary::{attend, padding_bias, pair_bias, Rotary};
+use crate::embed::encoder::{Encoder, Loaded};
 use crate::error::EmbedError;
+use crate::nn::activation::Activation;
+use crate::nn::attention_bias::{attend, padding_bias, pair_bias};
+use crate::nn::dense::Dense;
+use crate::nn::kernels::{self, Heads, Reach};
+use crate::nn::packed::Packed;
+use crate::nn::rotary::Rotary;
 
 struct Config {
     vocab_size: usize,
@@ -338,7 +339,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::embed::packed::testing::assert_packed_matches_padded;
+    use crate::nn::packed::testing::assert_packed_matches_padded;
     use candle_core::Device;
 
     /// A random two-layer Qwen3 with grouped key/value heads.

@@ -2,6 +2,8 @@
 //! text queries land in one space. Loads a Hugging Face-format directory
 //! (`config.json`, `model.safetensors`, `tokenizer.json`, `preprocessor_config.json`).
 
+mod towers;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
@@ -9,12 +11,14 @@ use candle_nn::{linear_no_bias, Linear, VarBuilder};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use super::activation::Activation;
-use super::clip_towers::{TextTower, TowerConfig, VisionTower};
-use super::image_prep::Preprocessor;
-use super::{file_digest, load_tokenizer, model_dir};
+use crate::device::select_device;
+use crate::embed::image_prep::Preprocessor;
+use crate::embed::{load_tokenizer, without_truncation};
 use crate::error::EmbedError;
 use crate::extract::RgbImage;
+use crate::model_dir::{self, file_digest};
+use crate::nn::activation::Activation;
+use towers::{TextTower, TowerConfig, VisionTower};
 
 pub struct ClipEmbedder {
     text_model: TextTower,
@@ -90,7 +94,7 @@ fn tower_config(v: &Value, section: &str) -> Result<TowerConfig, EmbedError> {
 impl ClipEmbedder {
     pub fn load(dir: &Path, device: &str, dtype: &str) -> Result<Self, EmbedError> {
         // CLIP runs in f32 on any device: candle's CLIP graph has no reduced-precision care.
-        let (device, _) = super::select_device(device)?;
+        let (device, _) = select_device(device)?;
         if dtype != "f32" {
             return Err(EmbedError::Unsupported(format!(
                 "dtype {dtype:?} is not supported for CLIP: use \"f32\""
@@ -207,7 +211,7 @@ impl ClipEmbedder {
 
     /// The text tokenizer without truncation, for chunking.
     pub fn counting_tokenizer(&self) -> Tokenizer {
-        super::without_truncation(&self.tokenizer)
+        without_truncation(&self.tokenizer)
     }
 
     /// Token ids as the text tower sees them (truncated at `max_tokens`).

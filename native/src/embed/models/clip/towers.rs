@@ -6,7 +6,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::activation::Activation;
+use crate::nn::activation::Activation;
 
 /// What one tower's transformer needs from its `text_config` or `vision_config`.
 #[derive(Debug, Clone)]
