@@ -77,6 +77,15 @@ def test_sigterm_drains_and_exits_cleanly(kafka_bootstrap, tmp_path):
     check_outcomes(topics, [k.decode() for k, _ in batch])
 
 
+def test_the_local_brokers_cluster_id_is_never_taken_for_an_option():
+    # One random id in 64 starts with '-': `kafka.tools.StorageTool format -t -…` failed.
+    from flows.dev.kafka import base64_uuid
+
+    ids = [base64_uuid() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids)
+
+
 def test_broker_restart_is_waited_out(kafka_bootstrap):
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("restarts only the project's own local broker")

@@ -245,7 +245,12 @@ class LocalKafka:
 
 
 def base64_uuid() -> str:
-    """A Kafka cluster id: a random UUID in URL-safe base64 without padding."""
+    """A Kafka cluster id: a random UUID in URL-safe base64 without padding, never
+    starting with '-' (the storage tool would take it for an option), as Kafka's own
+    ``Uuid.randomUuid()`` makes them."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        found = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not found.startswith("-"):
+            return found
