@@ -1,6 +1,7 @@
-"""The package layout holds: imports run flows → operators → native, extraction
-children import what their parent imported, and the installed wheel carries what its
-commands need, used from outside the source tree."""
+"""The package layout holds: imports run flows → operators → native, the runtime of
+flows/ keeps clear of the developer services in flows/dev/, no module uses another's
+private names, extraction children import what their parent imported, and the
+installed wheel carries what its commands need, used from outside the source tree."""
 
 from __future__ import annotations
 
@@ -52,9 +53,33 @@ def test_importing_operators_loads_no_engine():
     assert json.loads(out.stdout) == []
 
 
-def test_moved_modules_live_only_in_flows():
-    for name in ("cli", "codecs", "config", "kafka_io", "kafka_local", "topics", "pipeline", "registry"):
-        assert not (ROOT / "operators" / f"{name}.py").exists(), f"operators/{name}.py belongs in flows/"
+#: Where modules moved to: each old path must be gone, each new one there.
+MOVED = {
+    "operators/cli.py": "flows/cli/__init__.py",
+    "operators/codecs.py": "flows/codecs.py",
+    "operators/config.py": "flows/settings.py",
+    "operators/kafka_io.py": "flows/kafka/io.py",
+    "operators/kafka_local.py": "flows/dev/kafka.py",
+    "operators/topics.py": "flows/kafka/topics.py",
+    "operators/pipeline.py": "flows/embed_steps.py",
+    "operators/registry.py": "flows/registry.py",
+    "operators/logs.py": "flows/logs.py",
+    "operators/metrics.py": "flows/metrics.py",
+    "operators/runtime.py": "flows/runtime.py",
+    "flows/cli.py": "flows/cli/__init__.py",
+    "flows/kafka/local.py": "flows/dev/kafka.py",
+    "flows/kafka/pom.xml": "flows/dev/pom.xml",
+    "flows/stores/local_postgres.py": "flows/dev/postgres.py",
+    "flows/containers.py": "flows/dev/containers.py",
+}
+#: The only runtime modules that may import flows.dev: the commands that run its services.
+USES_DEV_SERVICES = {"flows/cli/services.py"}
+
+
+def test_moved_modules_live_only_where_they_moved():
+    for old, new in MOVED.items():
+        assert not (ROOT / old).exists(), f"{old} moved to {new}"
+        assert (ROOT / new).is_file(), f"{new} is missing"
     import operators
 
     # The public API stays as it was.
@@ -82,6 +107,78 @@ def test_moved_modules_live_only_in_flows():
         "UnsupportedError",
         "extract",
     }
+
+
+def _flows_modules() -> list[Path]:
+    return sorted((ROOT / "flows").rglob("*.py"))
+
+
+def test_the_runtime_does_not_import_the_developer_services():
+    offenders = {}
+    for path in _flows_modules():
+        where = str(path.relative_to(ROOT))
+        if where.startswith("flows/dev/") or where in USES_DEV_SERVICES:
+            continue
+        bad = sorted(m for m in _imported_modules(path) if m == "flows.dev" or m.startswith("flows.dev."))
+        if bad:
+            offenders[where] = bad
+    assert not offenders, f"runtime modules import developer services: {offenders}"
+    for where in USES_DEV_SERVICES:  # the exception is still needed
+        assert any(m.startswith("flows.dev") for m in _imported_modules(ROOT / where)), where
+
+
+def _private_uses(path: Path) -> list[str]:
+    """``from flows.x import _name`` and ``x._name`` on a module imported from flows or
+    operators, in one file."""
+    tree = ast.parse(path.read_text(), str(path))
+    modules: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0]
+            in (
+                "flows",
+                "operators",
+            )
+        ):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+                modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in ("flows", "operators"):
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_of_flows_uses_another_modules_private_names():
+    offenders = {str(p.relative_to(ROOT)): found for p in _flows_modules() if (found := _private_uses(p))}
+    assert not offenders, offenders
+
+
+def test_the_private_name_check_finds_them(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from flows import codecs, runtime\nfrom flows.runtime import _pipeline\n"
+        "from operators import _native\ncodecs._crc64_table()\nruntime.current()\n"
+    )
+    assert _private_uses(probe) == [
+        "line 2: from flows.runtime import _pipeline",
+        "line 3: from operators import _native",
+        "line 4: codecs._crc64_table",
+    ]
 
 
 def _console_script(name: str) -> str:
