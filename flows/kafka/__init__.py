@@ -1,1 +1,2 @@
-"""Kafka for the flows: source and sink, topic tools, the local development broker."""
+"""Kafka for the flows: source and sink, delivery checks, topic tools (the local
+development broker is in :mod:`flows.dev.kafka`)."""
