@@ -14,14 +14,13 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Storage, Tensor};
 use candle_nn::Linear;
 use rayon::prelude::*;
 
 use super::activation::Activation;
-use super::kernels::{self, contiguous_f32};
+use super::cpu_op::{self, contiguous_f32, F32Op, Output, Second};
+use super::kernels;
 use super::q8::QuantizedLinear;
 
 /// Below this many rows per thread, one block with `gemm`'s own threading (over the
@@ -101,13 +100,7 @@ impl Dense {
                     bias: linear.bias(),
                     gelu: fused_gelu,
                 };
-                let y = match then.residual {
-                    Some(residual) => x
-                        .contiguous()?
-                        .apply_op2_no_bwd(&residual.contiguous()?, &op)?,
-                    None => x.contiguous()?.apply_op1_no_bwd(&op)?,
-                };
-                rest(y, true)
+                rest(cpu_op::apply(&op, x, then.residual)?, true)
             }
             Self::Int8(linear) if fusable => {
                 rest(linear.forward_then(x, then.residual, fused_gelu)?, true)
@@ -167,13 +160,13 @@ struct FloatOp<'a> {
     gelu: bool,
 }
 
-impl FloatOp<'_> {
-    fn run(
-        &self,
-        x: &[f32],
-        x_layout: &Layout,
-        residual: Option<&[f32]>,
-    ) -> Result<(CpuStorage, Shape)> {
+impl F32Op for FloatOp<'_> {
+    const NAME: &'static str = "embedstream-linear";
+    const NAME_WITH_SECOND: &'static str = "embedstream-linear-residual";
+    const LABEL: &'static str = "linear";
+    const SECOND: &'static str = "residual";
+
+    fn run(&self, x: &[f32], x_layout: &Layout, residual: Second) -> Output {
         let (out_features, in_features) = self.weight.dims2()?;
         let mut dims = x_layout.dims().to_vec();
         if dims.pop() != Some(in_features) {
@@ -190,6 +183,7 @@ impl FloatOp<'_> {
             Some((storage, layout)) => Some(cpu_f32(storage, layout, "bias")?),
             None => None,
         };
+        let residual = residual.map(|(r, _)| r);
         let out = float_matmul(x, in_features, weight, bias, residual, self.gelu);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
@@ -199,35 +193,6 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a 
     match storage {
         Storage::Cpu(cpu) => contiguous_f32(cpu, layout, "linear", what),
         _ => candle_core::bail!("linear: the {what} is not on the CPU"),
-    }
-}
-
-impl CustomOp1 for FloatOp<'_> {
-    fn name(&self) -> &'static str {
-        "embedstream-linear"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "linear", "input")?;
-        self.run(x, layout, None)
-    }
-}
-
-impl CustomOp2 for FloatOp<'_> {
-    fn name(&self) -> &'static str {
-        "embedstream-linear-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "linear", "input")?;
-        let residual = contiguous_f32(s2, l2, "linear", "residual")?;
-        self.run(x, l1, Some(residual))
     }
 }
 

@@ -1,4 +1,4 @@
-//! CPU kernels for the encoder's element-wise hot spots.
+//! CPU kernels for the encoders' attention and element-wise hot spots.
 //!
 //! Profiling a MiniLM forward pass on candle's generic CPU ops (perf, 2-core EPYC)
 //! put scalar libm `erf` (GELU) at 13% and `exp` (softmax) at 6% of the time, and
@@ -8,30 +8,19 @@
 //! stays portable), run attention per sequence with the bias fused into its softmax,
 //! and spread work over the rayon pool. Other devices and dtypes use candle's ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::ops::softmax_last_dim;
 use rayon::prelude::*;
+
+use super::cpu_op::{self, F32Op, Output, Second};
 
 /// Elements per parallel task: large enough to amortise scheduling.
 const TASK_ELEMENTS: usize = 32 * 1024;
 
-/// The f32 elements a contiguous CPU tensor covers; `op` and `what` name it in errors.
-pub(crate) fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-    what: &str,
-) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 /// GELU with the exact (erf) definition BERT uses.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1_no_bwd(&GeluErf)
+        cpu_op::apply(&GeluErf, x, None)
     } else {
         x.gelu_erf()
     }
@@ -110,8 +99,7 @@ pub fn attention_reaching(
     heads: Heads,
     reach: Reach,
 ) -> Result<Tensor> {
-    qkv.contiguous()?
-        .apply_op2_no_bwd(&bias.contiguous()?, &Attention { heads, reach })
+    cpu_op::apply(&Attention { heads, reach }, qkv, Some(bias))
 }
 
 struct Attention {
@@ -119,28 +107,22 @@ struct Attention {
     reach: Reach,
 }
 
-impl CustomOp2 for Attention {
-    fn name(&self) -> &'static str {
-        "embedstream-attention"
-    }
+impl F32Op for Attention {
+    const NAME: &'static str = "embedstream-attention";
+    const LABEL: &'static str = "attention";
+    const INPUT: &'static str = "qkv";
+    const SECOND: &'static str = "bias";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (batch, tokens, width) = l1.shape().dims3()?;
+    fn run(&self, qkv: &[f32], layout: &Layout, bias: Second) -> Output {
+        let (batch, tokens, width) = layout.shape().dims3()?;
         let Some(dim) = self.heads.dim(width) else {
             candle_core::bail!("attention: expected qkv [b, t, (heads + 2·kv_heads)·d]");
         };
-        if l2.shape().elem_count() != batch * tokens {
-            candle_core::bail!("attention: expected a bias [b, 1, 1, t]");
-        }
+        let bias = match bias {
+            Some((bias, _)) if bias.len() == batch * tokens => bias,
+            _ => candle_core::bail!("attention: expected a bias [b, 1, 1, t]"),
+        };
         let hidden = self.heads.query * dim;
-        let qkv = contiguous_f32(s1, l1, "attention", "qkv")?;
-        let bias = contiguous_f32(s2, l2, "attention", "bias")?;
         let mut out = vec![0f32; batch * tokens * hidden];
         if tokens > 0 {
             out.par_chunks_mut(tokens * hidden)
@@ -164,11 +146,12 @@ pub fn attention_packed(
     heads: Heads,
     reach: Reach,
 ) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1_no_bwd(&PackedAttention {
+    let op = PackedAttention {
         heads,
         lengths,
         reach,
-    })
+    };
+    cpu_op::apply(&op, qkv, None)
 }
 
 struct PackedAttention<'a> {
@@ -177,12 +160,12 @@ struct PackedAttention<'a> {
     reach: Reach,
 }
 
-impl CustomOp1 for PackedAttention<'_> {
-    fn name(&self) -> &'static str {
-        "embedstream-packed-attention"
-    }
+impl F32Op for PackedAttention<'_> {
+    const NAME: &'static str = "embedstream-packed-attention";
+    const LABEL: &'static str = "packed attention";
+    const INPUT: &'static str = "qkv";
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, qkv: &[f32], layout: &Layout, _: Second) -> Output {
         let (total, width) = layout.shape().dims2()?;
         let Some(dim) = self.heads.dim(width) else {
             candle_core::bail!(
@@ -193,7 +176,6 @@ impl CustomOp1 for PackedAttention<'_> {
             candle_core::bail!("packed attention: the lengths do not add up to the {total} rows");
         }
         let hidden = self.heads.query * dim;
-        let qkv = contiguous_f32(storage, layout, "packed attention", "qkv")?;
         let mut out = vec![0f32; total * hidden];
         // Each sequence attends over its own tokens only: no padding, so no bias.
         let no_bias = vec![0f32; self.lengths.iter().copied().max().unwrap_or(0)];
@@ -224,13 +206,12 @@ pub(crate) fn gelu_in_place(values: &mut [f32]) {
 
 struct GeluErf;
 
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "embedstream-gelu-erf"
-    }
+impl F32Op for GeluErf {
+    const NAME: &'static str = "embedstream-gelu-erf";
+    const LABEL: &'static str = "gelu_erf";
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = contiguous_f32(storage, layout, "gelu_erf", "input")?.to_vec();
+    fn run(&self, x: &[f32], layout: &Layout, _: Second) -> Output {
+        let mut out = x.to_vec();
         gelu_in_place(&mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -525,14 +506,38 @@ mod tests {
         (sum * 2.0 / std::f64::consts::PI.sqrt()) as f32
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+    }
+
+    /// softmax(q·kᵀ + each of `biases`)·v by candle's ops, from a fused projection
+    /// `[b, t, 3·heads·d]`: what the kernel must give.
+    fn reference_attention(qkv: &Tensor, heads: usize, biases: &[&Tensor]) -> Result<Tensor> {
+        let (batch, tokens, width) = qkv.dims3()?;
+        let dim = width / (3 * heads);
+        let split = qkv
+            .reshape((batch, tokens, 3, heads, dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            split.get(0)?.contiguous()?,
+            split.get(1)?.contiguous()?,
+            split.get(2)?.contiguous()?,
+        );
+        let mut scores = q.matmul(&k.t()?)?;
+        for bias in biases {
+            scores = scores.broadcast_add(bias)?;
+        }
+        softmax_last_dim(&scores)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, heads * dim))
+    }
+
     #[test]
     fn fused_ops_match_candle() -> Result<()> {
         let device = Device::Cpu;
         let x = Tensor::randn(0f32, 3.0, (3, 5, 37), &device)?;
-        let diff = (gelu_erf(&x)? - x.gelu_erf()?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = max_diff(&gelu_erf(&x)?, &x.gelu_erf()?)?;
         assert!(diff < 2e-6, "gelu differs by {diff}");
         // In place (the fused layers' ending), over a length off the 8-lane blocks.
         let mut values: Vec<f32> = (-1000..=1000).map(|i| i as f32 / 100.0).collect();
@@ -555,29 +560,11 @@ mod tests {
         // Attention against candle's unfused graph, at the real (unpadded) rows.
         let (heads, dim) = (3, 4);
         let qkv = Tensor::randn(0f32, 1.0, (2, 7, 3 * heads * dim), &device)?;
-        let split = qkv
-            .reshape((2, 7, 3, heads, dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (
-            split.get(0)?.contiguous()?,
-            split.get(1)?.contiguous()?,
-            split.get(2)?.contiguous()?,
-        );
-        let probs = softmax_last_dim(&q.matmul(&k.t()?)?.broadcast_add(&bias)?)?;
-        let want = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((2, 7, heads * dim))?;
+        let want = reference_attention(&qkv, heads, &[&bias])?;
         let got = attention(&qkv, &bias, heads)?;
-        let diff = (got.narrow(1, 0, 5)? - want.narrow(1, 0, 5)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = max_diff(&got.narrow(1, 0, 5)?, &want.narrow(1, 0, 5)?)?;
         assert!(diff < 1e-5, "attention differs by {diff}");
-        let diff = (got.get(1)? - want.get(1)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = max_diff(&got.get(1)?, &want.get(1)?)?;
         assert!(
             diff < 1e-5,
             "attention differs by {diff} on the unpadded row"
@@ -609,22 +596,7 @@ mod tests {
             .collect();
         let window = Tensor::from_vec(window, (1, 1, tokens, tokens), &device)?;
         let qkv = Tensor::randn(0f32, 1.0, (batch, tokens, 3 * heads * dim), &device)?;
-        let split = qkv
-            .reshape((batch, tokens, 3, heads, dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (
-            split.get(0)?.contiguous()?,
-            split.get(1)?.contiguous()?,
-            split.get(2)?.contiguous()?,
-        );
-        let scores = q
-            .matmul(&k.t()?)?
-            .broadcast_add(&padding)?
-            .broadcast_add(&window)?;
-        let want = softmax_last_dim(&scores)?
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, heads * dim))?;
+        let want = reference_attention(&qkv, heads, &[&padding, &window])?;
         let got = attention_reaching(
             &qkv,
             &padding,
@@ -632,10 +604,10 @@ mod tests {
             Reach::Window(half_window),
         )?;
         for (row, &n) in lengths.iter().enumerate() {
-            let diff = (got.get(row)?.narrow(0, 0, n)? - want.get(row)?.narrow(0, 0, n)?)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
+            let diff = max_diff(
+                &got.get(row)?.narrow(0, 0, n)?,
+                &want.get(row)?.narrow(0, 0, n)?,
+            )?;
             assert!(
                 diff < 1e-5,
                 "row {row}: windowed attention differs by {diff}"
@@ -689,10 +661,7 @@ mod tests {
                 .matmul(&v)?
                 .transpose(0, 1)?
                 .reshape((n, heads * dim))?;
-            let diff = (got.narrow(0, start, n)? - want)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
+            let diff = max_diff(&got.narrow(0, start, n)?, &want)?;
             assert!(diff < 1e-5, "sequence of {n}: attention differs by {diff}");
             start += n;
         }

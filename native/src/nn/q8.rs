@@ -22,12 +22,12 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{self, Kernels};
+use super::cpu_op::{self, F32Op, Output, Second};
 use super::dense::{assume_written, finish};
-use super::kernels::contiguous_f32;
 use crate::error::EmbedError;
 
 /// Output columns per packed block: four 16-lane i32 accumulators per row.
@@ -170,13 +170,7 @@ impl QuantizedLinear {
         residual: Option<&Tensor>,
         gelu: bool,
     ) -> Result<Tensor> {
-        let op = Int8Op { layer: self, gelu };
-        match residual {
-            Some(residual) => x
-                .contiguous()?
-                .apply_op2_no_bwd(&residual.contiguous()?, &op),
-            None => x.contiguous()?.apply_op1_no_bwd(&op),
-        }
+        cpu_op::apply(&Int8Op { layer: self, gelu }, x, residual)
     }
 
     /// The output dims of an input of `layout`, or an error if its width is wrong.
@@ -318,40 +312,20 @@ struct Int8Op<'a> {
     gelu: bool,
 }
 
-impl CustomOp1 for Int8Op<'_> {
-    fn name(&self) -> &'static str {
-        "embedstream-q8-linear"
-    }
+impl F32Op for Int8Op<'_> {
+    const NAME: &'static str = "embedstream-q8-linear";
+    const NAME_WITH_SECOND: &'static str = "embedstream-q8-linear-residual";
+    const LABEL: &'static str = "q8 linear";
+    const SECOND: &'static str = "residual";
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(&self, input: &[f32], layout: &Layout, residual: Second) -> Output {
         let dims = self.layer.output_dims(layout)?;
-        let input = contiguous_f32(storage, layout, "q8 linear", "input")?;
         let rows = input.len() / self.layer.in_features.max(1);
-        let out = self.layer.matmul(input, rows, None, self.gelu);
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
-    }
-}
-
-impl CustomOp2 for Int8Op<'_> {
-    fn name(&self) -> &'static str {
-        "embedstream-q8-linear-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = self.layer.output_dims(l1)?;
-        let input = contiguous_f32(s1, l1, "q8 linear", "input")?;
-        let residual = contiguous_f32(s2, l2, "q8 linear", "residual")?;
-        let rows = input.len() / self.layer.in_features.max(1);
-        if residual.len() != rows * self.layer.out_features {
+        let residual = residual.map(|(r, _)| r);
+        if residual.is_some_and(|r| r.len() != rows * self.layer.out_features) {
             candle_core::bail!("q8 linear: the residual is not the output's shape");
         }
-        let out = self.layer.matmul(input, rows, Some(residual), self.gelu);
+        let out = self.layer.matmul(input, rows, residual, self.gelu);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
@@ -392,73 +366,92 @@ mod kernel {
     }
 
     /// Quantizes one token row, per block of 64 inputs: scales out, u8 codes (+128)
-    /// out. `x` may end mid-block (the padding keeps code 128, i.e. zero).
+    /// out, each full block through `block`. `x` may end mid-block (the padding keeps
+    /// code 128, i.e. zero).
+    #[inline(always)]
+    fn quantize_blocks(
+        x: &[f32],
+        scales: &mut [f32],
+        out: &mut [u8],
+        block: impl Fn(&[f32], &mut [u8]) -> f32,
+    ) {
+        for ((x, scale), out) in x.chunks(BLOCK_K).zip(scales).zip(out.chunks_mut(BLOCK_K)) {
+            *scale = if x.len() < BLOCK_K {
+                // The last, partial block of an input width that is not a multiple of 64.
+                quantize_partial_block(x, out)
+            } else {
+                block(x, out)
+            };
+        }
+    }
+
+    /// [`quantize_blocks`] with AVX-512.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn quantize_row(x: &[f32], scales: &mut [f32], out: &mut [u8]) {
+        quantize_blocks(x, scales, out, |x, out| quantize_block(x, out))
+    }
+
+    /// One full block of 64 inputs; returns its scale.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn quantize_block(x: &[f32], out: &mut [u8]) -> f32 {
         let abs_mask = _mm512_set1_ps(f32::from_bits(0x7fff_ffff));
-        for ((x, scale), out) in x.chunks(BLOCK_K).zip(scales).zip(out.chunks_mut(BLOCK_K)) {
-            if x.len() < BLOCK_K {
-                // The last, partial block of an input width that is not a multiple of 64.
-                *scale = quantize_partial_block(x, out);
-                continue;
-            }
-            let p = x.as_ptr();
-            let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(p.add(i)));
-            let max = v.iter().fold(_mm512_setzero_ps(), |m, &v| {
-                _mm512_max_ps(m, _mm512_and_ps(v, abs_mask))
-            });
-            let max = _mm512_reduce_max_ps(max);
-            *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            let inverse = _mm512_set1_ps(1.0 / *scale);
-            let shift = _mm512_set1_epi32(128);
-            for (i, v) in v.iter().enumerate() {
-                // |v · inverse| ≤ 127 by construction: rounding, +128 and narrowing stay in u8.
-                let codes = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(*v, inverse)), shift);
-                _mm_storeu_si128(
-                    out.as_mut_ptr().add(16 * i) as *mut __m128i,
-                    _mm512_cvtepi32_epi8(codes),
-                );
-            }
+        let p = x.as_ptr();
+        let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(p.add(i)));
+        let max = v.iter().fold(_mm512_setzero_ps(), |m, &v| {
+            _mm512_max_ps(m, _mm512_and_ps(v, abs_mask))
+        });
+        let max = _mm512_reduce_max_ps(max);
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let inverse = _mm512_set1_ps(1.0 / scale);
+        let shift = _mm512_set1_epi32(128);
+        for (i, v) in v.iter().enumerate() {
+            // |v · inverse| ≤ 127 by construction: rounding, +128 and narrowing stay in u8.
+            let codes = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(*v, inverse)), shift);
+            _mm_storeu_si128(
+                out.as_mut_ptr().add(16 * i) as *mut __m128i,
+                _mm512_cvtepi32_epi8(codes),
+            );
         }
+        scale
     }
 
     /// `quantize_row` on AVX2: the same codes (round half to even, + 128).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quantize_row_avx2(x: &[f32], scales: &mut [f32], out: &mut [u8]) {
+        quantize_blocks(x, scales, out, |x, out| quantize_block_avx2(x, out))
+    }
+
+    /// [`quantize_block`] on AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize_block_avx2(x: &[f32], out: &mut [u8]) -> f32 {
         let abs_mask = _mm256_set1_ps(f32::from_bits(0x7fff_ffff));
-        for ((x, scale), out) in x.chunks(BLOCK_K).zip(scales).zip(out.chunks_mut(BLOCK_K)) {
-            if x.len() < BLOCK_K {
-                // The last, partial block of an input width that is not a multiple of 64.
-                *scale = quantize_partial_block(x, out);
-                continue;
-            }
-            let p = x.as_ptr();
-            let v: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
-            let mut max = _mm256_setzero_ps();
-            for v in &v {
-                max = _mm256_max_ps(max, _mm256_and_ps(*v, abs_mask));
-            }
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), max);
-            let max = lanes.iter().fold(0f32, |m, &l| m.max(l));
-            *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            let inverse = _mm256_set1_ps(1.0 / *scale);
-            let shift = _mm256_set1_epi32(128);
-            // Rounding (to nearest even), + 128, then i32 → i16 → u8, in lane order.
-            let codes: [__m256i; 8] = std::array::from_fn(|i| {
-                _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)), shift)
-            });
-            for half in 0..2 {
-                let c = &codes[4 * half..];
-                let words01 =
-                    _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0b11_01_10_00);
-                let words23 =
-                    _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0b11_01_10_00);
-                let bytes =
-                    _mm256_permute4x64_epi64(_mm256_packus_epi16(words01, words23), 0b11_01_10_00);
-                _mm256_storeu_si256(out.as_mut_ptr().add(32 * half) as *mut __m256i, bytes);
-            }
+        let p = x.as_ptr();
+        let v: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+        let mut max = _mm256_setzero_ps();
+        for v in &v {
+            max = _mm256_max_ps(max, _mm256_and_ps(*v, abs_mask));
         }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), max);
+        let max = lanes.iter().fold(0f32, |m, &l| m.max(l));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let inverse = _mm256_set1_ps(1.0 / scale);
+        let shift = _mm256_set1_epi32(128);
+        // Rounding (to nearest even), + 128, then i32 → i16 → u8, in lane order.
+        let codes: [__m256i; 8] = std::array::from_fn(|i| {
+            _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)), shift)
+        });
+        for half in 0..2 {
+            let c = &codes[4 * half..];
+            let words01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0b11_01_10_00);
+            let words23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0b11_01_10_00);
+            let bytes =
+                _mm256_permute4x64_epi64(_mm256_packus_epi16(words01, words23), 0b11_01_10_00);
+            _mm256_storeu_si256(out.as_mut_ptr().add(32 * half) as *mut __m256i, bytes);
+        }
+        scale
     }
 
     /// The VNNI tile's contract on AVX2, where the weights are codes in ±64 with a
