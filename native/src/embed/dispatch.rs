@@ -1,10 +1,11 @@
-//! The encoder architecture that `config.json`'s `model_type` names: the one place
-//! that knows every family in `models`.
+//! The encoder architecture that `config.json`'s `model_type` names: the only module
+//! that names the families in `models`.
 
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
-use super::encoder::{parse, Loaded};
+use super::config::parse;
+use super::encoder::Loaded;
 use super::models::bert::{self, BertConfig, Layout};
 use super::models::rotary_bert::{self, Family};
 use super::models::{modernbert, qwen3, xlm_roberta};

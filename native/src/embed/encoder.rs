@@ -1,10 +1,8 @@
 //! The interface every text encoder architecture implements, and what its loader
-//! hands back. Architectures implement it in `models`; `dispatch` picks one.
+//! hands back.
 
 use candle_core::{Result, Tensor};
-use serde_json::Value;
-
-use crate::error::EmbedError;
+use candle_nn::VarBuilder;
 
 /// Token ids to hidden states.
 pub trait Encoder: Send + Sync {
@@ -21,9 +19,24 @@ pub struct Loaded {
     pub max_tokens: usize,
 }
 
-pub(crate) fn parse<T: serde::de::DeserializeOwned>(
-    config: &Value,
-) -> std::result::Result<T, EmbedError> {
-    serde_json::from_value(config.clone())
-        .map_err(|e| EmbedError::InvalidModel(format!("config.json: {e}")))
+impl Loaded {
+    pub fn new(encoder: impl Encoder + 'static, hidden_size: usize, max_tokens: usize) -> Self {
+        Self {
+            encoder: Box::new(encoder),
+            hidden_size,
+            max_tokens,
+        }
+    }
+}
+
+/// The weights under the first of `prefixes` that holds `probe` (task checkpoints keep
+/// the encoder under `bert.`, `model.`…), else at the root.
+pub fn weights_under<'a>(vb: VarBuilder<'a>, prefixes: &[&str], probe: &str) -> VarBuilder<'a> {
+    match prefixes
+        .iter()
+        .find(|p| vb.contains_tensor(&format!("{p}.{probe}")))
+    {
+        Some(prefix) => vb.pp(*prefix),
+        None => vb,
+    }
 }

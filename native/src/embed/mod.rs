@@ -1,6 +1,7 @@
 //! Sentence embeddings with candle: tokenize, pack length-sorted batches under a
 //! token budget, run the encoder, pool, normalise.
 
+mod config;
 mod dispatch;
 mod encoder;
 mod image_prep;

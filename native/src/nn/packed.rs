@@ -19,9 +19,27 @@ pub struct Packed {
     tokens: usize,
 }
 
+/// Runs an encoder's `layers` on the real tokens of the right-padded batch `ids`
+/// (`[batch, tokens]` u32, `mask` 1 at tokens) and lays their f32 `[Σ lengths, hidden]`
+/// output out padded again; a batch without a single real token gives zeros of `dtype`
+/// without running them.
+pub fn forward(
+    ids: &Tensor,
+    mask: &Tensor,
+    hidden: usize,
+    dtype: DType,
+    layers: impl FnOnce(&Packed) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let packed = Packed::new(ids, mask)?;
+    if packed.total() == 0 {
+        return packed.zeros(hidden, dtype);
+    }
+    packed.unpack(&layers(&packed)?)
+}
+
 impl Packed {
     /// `ids` and `mask` are `[batch, tokens]` u32, rows right-padded (mask 1 at tokens).
-    pub fn new(ids: &Tensor, mask: &Tensor) -> Result<Self> {
+    fn new(ids: &Tensor, mask: &Tensor) -> Result<Self> {
         let (batch, tokens) = ids.dims2()?;
         let lengths: Vec<usize> = mask
             .to_vec2::<u32>()?
@@ -59,12 +77,12 @@ impl Packed {
     }
 
     /// The padded hidden states of a batch without a single real token.
-    pub fn zeros(&self, hidden: usize, dtype: DType) -> Result<Tensor> {
+    fn zeros(&self, hidden: usize, dtype: DType) -> Result<Tensor> {
         Tensor::zeros((self.batch, self.tokens, hidden), dtype, self.device())
     }
 
     /// f32 `[Σ lengths, hidden]` back to `[batch, tokens, hidden]`, zeros at padding.
-    pub fn unpack(&self, x: &Tensor) -> Result<Tensor> {
+    fn unpack(&self, x: &Tensor) -> Result<Tensor> {
         let hidden = x.dim(1)?;
         let packed = x.flatten_all()?.to_vec1::<f32>()?;
         let mut padded = vec![0f32; self.batch * self.tokens * hidden];

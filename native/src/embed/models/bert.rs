@@ -10,13 +10,13 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::embed::encoder::{Encoder, Loaded};
+use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::finite_min;
 use crate::nn::dense::Dense;
 use crate::nn::kernels::{self, Heads, Reach};
-use crate::nn::packed::Packed;
+use crate::nn::packed;
 
 /// The fields of a Hugging Face BERT `config.json` that inference needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -83,11 +83,8 @@ pub fn load(
     quantize: bool,
 ) -> std::result::Result<Loaded, EmbedError> {
     let model = Bert::load(vb, config, layout, quantize)?;
-    Ok(Loaded {
-        encoder: Box::new(model),
-        hidden_size: config.hidden_size,
-        max_tokens: config.max_position_embeddings - layout.position_offset as usize,
-    })
+    let max_tokens = config.max_position_embeddings - layout.position_offset as usize;
+    Ok(Loaded::new(model, config.hidden_size, max_tokens))
 }
 
 pub struct Bert {
@@ -127,11 +124,7 @@ impl Bert {
             )));
         }
         let activation = Activation::parse(&config.hidden_act, "config")?;
-        let vb = layout
-            .prefixes
-            .iter()
-            .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
-            .map_or(vb.clone(), |p| vb.pp(*p));
+        let vb = weights_under(vb, layout.prefixes, "embeddings.word_embeddings.weight");
         let mut model = Self::load_weights(vb, config, activation, quantize)?;
         model.position_offset = layout.position_offset;
         Ok(model)
@@ -212,25 +205,24 @@ impl Bert {
         })
     }
 
-    /// The CPU path: real tokens only (see [`Packed`]).
+    /// The CPU path: real tokens only (see [`packed`]).
     fn forward_unpadded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let packed = Packed::new(ids, mask)?;
-        if packed.total() == 0 {
-            return packed.zeros(self.word_embeddings.hidden_size(), self.dtype);
-        }
-        let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
-        let positions = packed.position_ids(self.position_offset)?;
-        let embedded = (self.word_embeddings.forward(&packed.ids)?
-            + self.position_embeddings.forward(&positions)?)?
-        .broadcast_add(&token_type)?;
-        let mut x = self.embeddings_norm.forward(&embedded)?;
-        let heads = Heads::all(self.heads);
-        for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?;
-            let context = kernels::attention_packed(&qkv, &packed.lengths, heads, Reach::All)?;
-            x = self.after_attention(layer, &context, &x)?;
-        }
-        packed.unpack(&x)
+        let hidden = self.word_embeddings.hidden_size();
+        packed::forward(ids, mask, hidden, self.dtype, |packed| {
+            let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
+            let positions = packed.position_ids(self.position_offset)?;
+            let embedded = (self.word_embeddings.forward(&packed.ids)?
+                + self.position_embeddings.forward(&positions)?)?
+            .broadcast_add(&token_type)?;
+            let mut x = self.embeddings_norm.forward(&embedded)?;
+            let heads = Heads::all(self.heads);
+            for layer in &self.layers {
+                let qkv = layer.qkv.forward(&x)?;
+                let context = kernels::attention_packed(&qkv, &packed.lengths, heads, Reach::All)?;
+                x = self.after_attention(layer, &context, &x)?;
+            }
+            Ok(x)
+        })
     }
 
     /// Every device and dtype: the padded batch as it comes.

@@ -9,13 +9,14 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde_json::Value;
 
-use crate::embed::encoder::{Encoder, Loaded};
+use crate::embed::config::size;
+use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::{attend, padding_bias, pair_bias};
 use crate::nn::dense::Dense;
 use crate::nn::kernels::{self, Heads, Reach};
-use crate::nn::packed::Packed;
+use crate::nn::packed;
 use crate::nn::rotary::Rotary;
 
 #[derive(Debug, Clone)]
@@ -43,16 +44,9 @@ fn number(v: &Value, key: &str) -> Option<f64> {
     v.get(key).and_then(Value::as_f64)
 }
 
-fn usize_of(v: &Value, key: &str) -> std::result::Result<usize, EmbedError> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .map(|n| n as usize)
-        .ok_or_else(|| EmbedError::InvalidModel(format!("config.json: no number {key}")))
-}
-
 impl Config {
     fn parse(v: &Value) -> std::result::Result<Self, EmbedError> {
-        let layers = usize_of(v, "num_hidden_layers")?;
+        let layers = size(v, &["num_hidden_layers"])?;
         let global = match v.get("layer_types").and_then(Value::as_array) {
             Some(types) => types
                 .iter()
@@ -96,12 +90,12 @@ impl Config {
             .and_then(Value::as_str)
             .unwrap_or("gelu");
         let config = Self {
-            vocab_size: usize_of(v, "vocab_size")?,
-            hidden_size: usize_of(v, "hidden_size")?,
-            intermediate_size: usize_of(v, "intermediate_size")?,
+            vocab_size: size(v, &["vocab_size"])?,
+            hidden_size: size(v, &["hidden_size"])?,
+            intermediate_size: size(v, &["intermediate_size"])?,
             num_hidden_layers: layers,
-            num_attention_heads: usize_of(v, "num_attention_heads")?,
-            max_position_embeddings: usize_of(v, "max_position_embeddings")?,
+            num_attention_heads: size(v, &["num_attention_heads"])?,
+            max_position_embeddings: size(v, &["max_position_embeddings"])?,
             norm_eps: number(v, "norm_eps").unwrap_or(1e-5),
             norm_bias: flag("norm_bias"),
             attention_bias: flag("attention_bias"),
@@ -161,17 +155,9 @@ pub fn load(
 ) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // ModernBertForMaskedLM and friends keep the encoder under `model.`.
-    let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
-        vb.pp("model")
-    } else {
-        vb
-    };
+    let vb = weights_under(vb, &["model"], "embeddings.tok_embeddings.weight");
     let model = ModernBert::load(vb, &c, quantize)?;
-    Ok(Loaded {
-        encoder: Box::new(model),
-        hidden_size: c.hidden_size,
-        max_tokens: c.max_position_embeddings,
-    })
+    Ok(Loaded::new(model, c.hidden_size, c.max_position_embeddings))
 }
 
 impl ModernBert {
@@ -317,50 +303,51 @@ impl ModernBert {
         self.final_norm.forward(&x)
     }
 
-    /// The CPU path in f32: real tokens only (see [`Packed`]), each layer's window
+    /// The CPU path in f32: real tokens only (see [`packed`]), each layer's window
     /// applied by the attention kernel within each sequence.
     fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let packed = Packed::new(ids, mask)?;
-        let (total, device) = (packed.total(), packed.device());
         let hidden = self.embeddings.hidden_size();
-        if total == 0 {
-            return packed.zeros(hidden, self.dtype);
-        }
-        let head_dim = hidden / self.heads;
-        let global_rope = self
-            .global_rope
-            .tables_at(&packed.positions, device, self.dtype)?;
-        let local_rope = self
-            .local_rope
-            .tables_at(&packed.positions, device, self.dtype)?;
-        let x = self
-            .embeddings_norm
-            .forward(&self.embeddings.forward(&packed.ids)?)?;
-        let attention = |layer: &Layer,
-                         x: &Tensor,
-                         residual: &Tensor,
-                         (cos, sin): &(Tensor, Tensor)| {
-            let qkv = layer.wqkv.forward(x)?;
-            let rotate = |i: usize| -> Result<Tensor> {
-                let part = qkv
-                    .narrow(1, i * hidden, hidden)?
-                    .reshape((1, total, self.heads, head_dim))?
-                    .contiguous()?;
-                candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
-            };
-            // The kernel takes queries pre-scaled.
-            let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
-            let fused = Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
-            let reach = if layer.global {
-                Reach::All
-            } else {
-                Reach::Window(self.half_window)
-            };
-            let context =
-                kernels::attention_packed(&fused, &packed.lengths, Heads::all(self.heads), reach)?;
-            layer.wo.forward_plus(&context, residual)
-        };
-        packed.unpack(&self.layers(x, &global_rope, &local_rope, attention)?)
+        packed::forward(ids, mask, hidden, self.dtype, |packed| {
+            let (total, device) = (packed.total(), packed.device());
+            let head_dim = hidden / self.heads;
+            let global_rope = self
+                .global_rope
+                .tables_at(&packed.positions, device, self.dtype)?;
+            let local_rope = self
+                .local_rope
+                .tables_at(&packed.positions, device, self.dtype)?;
+            let x = self
+                .embeddings_norm
+                .forward(&self.embeddings.forward(&packed.ids)?)?;
+            let attention =
+                |layer: &Layer, x: &Tensor, residual: &Tensor, (cos, sin): &(Tensor, Tensor)| {
+                    let qkv = layer.wqkv.forward(x)?;
+                    let rotate = |i: usize| -> Result<Tensor> {
+                        let part = qkv
+                            .narrow(1, i * hidden, hidden)?
+                            .reshape((1, total, self.heads, head_dim))?
+                            .contiguous()?;
+                        candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
+                    };
+                    // The kernel takes queries pre-scaled.
+                    let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
+                    let fused =
+                        Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
+                    let reach = if layer.global {
+                        Reach::All
+                    } else {
+                        Reach::Window(self.half_window)
+                    };
+                    let context = kernels::attention_packed(
+                        &fused,
+                        &packed.lengths,
+                        Heads::all(self.heads),
+                        reach,
+                    )?;
+                    layer.wo.forward_plus(&context, residual)
+                };
+            self.layers(x, &global_rope, &local_rope, attention)
+        })
     }
 }
 

@@ -10,13 +10,14 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use serde_json::Value;
 
-use crate::embed::encoder::{Encoder, Loaded};
+use crate::embed::config::size;
+use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::{attend, padding_bias, pair_bias};
 use crate::nn::dense::Dense;
 use crate::nn::kernels::{self, Heads, Reach};
-use crate::nn::packed::Packed;
+use crate::nn::packed;
 use crate::nn::rotary::Rotary;
 
 struct Config {
@@ -35,14 +36,8 @@ struct Config {
 
 impl Config {
     fn parse(v: &Value) -> std::result::Result<Self, EmbedError> {
-        let size = |key: &str| {
-            v.get(key)
-                .and_then(Value::as_u64)
-                .map(|n| n as usize)
-                .ok_or_else(|| EmbedError::InvalidModel(format!("config.json: no number {key}")))
-        };
-        let hidden_size = size("hidden_size")?;
-        let heads = size("num_attention_heads")?;
+        let hidden_size = size(v, &["hidden_size"])?;
+        let heads = size(v, &["num_attention_heads"])?;
         let kv_heads = v
             .get("num_key_value_heads")
             .and_then(Value::as_u64)
@@ -74,17 +69,17 @@ impl Config {
             )));
         }
         let config = Self {
-            vocab_size: size("vocab_size")?,
+            vocab_size: size(v, &["vocab_size"])?,
             hidden_size,
-            intermediate_size: size("intermediate_size")?,
-            num_hidden_layers: size("num_hidden_layers")?,
+            intermediate_size: size(v, &["intermediate_size"])?,
+            num_hidden_layers: size(v, &["num_hidden_layers"])?,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim: v
                 .get("head_dim")
                 .and_then(Value::as_u64)
                 .map_or(hidden_size / heads.max(1), |n| n as usize),
-            max_position_embeddings: size("max_position_embeddings")?,
+            max_position_embeddings: size(v, &["max_position_embeddings"])?,
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
@@ -139,17 +134,9 @@ pub fn load(
 ) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // Qwen3ForCausalLM keeps the decoder under `model.`.
-    let vb = if vb.contains_tensor("model.embed_tokens.weight") {
-        vb.pp("model")
-    } else {
-        vb
-    };
+    let vb = weights_under(vb, &["model"], "embed_tokens.weight");
     let model = Qwen3::load(vb, &c, quantize)?;
-    Ok(Loaded {
-        encoder: Box::new(model),
-        hidden_size: c.hidden_size,
-        max_tokens: c.max_position_embeddings,
-    })
+    Ok(Loaded::new(model, c.hidden_size, c.max_position_embeddings))
 }
 
 impl Qwen3 {
@@ -267,42 +254,42 @@ impl Qwen3 {
         layer.down_proj.forward_plus(&gated, residual)
     }
 
-    /// The CPU path in f32: real tokens only (see [`Packed`]), causal attention by our
+    /// The CPU path in f32: real tokens only (see [`packed`]), causal attention by our
     /// kernel. Rotary attention depends only on distances between positions, so each
     /// sequence counting from 0 gives what the padded batch gives.
     fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let packed = Packed::new(ids, mask)?;
-        let (total, device) = (packed.total(), packed.device());
-        if total == 0 {
-            return packed.zeros(self.embed_tokens.hidden_size(), self.dtype);
-        }
-        let (cos, sin) = self.rope.tables_at(&packed.positions, device, self.dtype)?;
-        let d = self.head_dim;
-        let heads = Heads {
-            query: self.heads,
-            key_value: self.kv_heads,
-        };
-        let mut x = self.embed_tokens.forward(&packed.ids)?;
-        for layer in &self.layers {
-            let qkv = layer.qkv.forward(&layer.input_norm.forward(&x)?)?;
-            let rotated = |first: usize, n: usize, norm: &RmsNorm| -> Result<Tensor> {
-                let part = qkv.narrow(1, first * d, n * d)?.reshape((1, total, n, d))?;
-                candle_nn::rotary_emb::rope_thd(&norm.forward(&part)?, &cos, &sin)?
-                    .reshape((total, n * d))
+        let hidden = self.embed_tokens.hidden_size();
+        packed::forward(ids, mask, hidden, self.dtype, |packed| {
+            let (total, device) = (packed.total(), packed.device());
+            let (cos, sin) = self.rope.tables_at(&packed.positions, device, self.dtype)?;
+            let d = self.head_dim;
+            let heads = Heads {
+                query: self.heads,
+                key_value: self.kv_heads,
             };
-            let fused = Tensor::cat(
-                &[
-                    rotated(0, self.heads, &layer.q_norm_scaled)?,
-                    rotated(self.heads, self.kv_heads, &layer.k_norm)?,
-                    qkv.narrow(1, (self.heads + self.kv_heads) * d, self.kv_heads * d)?,
-                ],
-                1,
-            )?;
-            let context = kernels::attention_packed(&fused, &packed.lengths, heads, Reach::Causal)?;
-            x = layer.o_proj.forward_plus(&context, &x)?;
-            x = self.feed_forward(layer, &layer.post_attention_norm.forward(&x)?, &x)?;
-        }
-        packed.unpack(&self.norm.forward(&x)?)
+            let mut x = self.embed_tokens.forward(&packed.ids)?;
+            for layer in &self.layers {
+                let qkv = layer.qkv.forward(&layer.input_norm.forward(&x)?)?;
+                let rotated = |first: usize, n: usize, norm: &RmsNorm| -> Result<Tensor> {
+                    let part = qkv.narrow(1, first * d, n * d)?.reshape((1, total, n, d))?;
+                    candle_nn::rotary_emb::rope_thd(&norm.forward(&part)?, &cos, &sin)?
+                        .reshape((total, n * d))
+                };
+                let fused = Tensor::cat(
+                    &[
+                        rotated(0, self.heads, &layer.q_norm_scaled)?,
+                        rotated(self.heads, self.kv_heads, &layer.k_norm)?,
+                        qkv.narrow(1, (self.heads + self.kv_heads) * d, self.kv_heads * d)?,
+                    ],
+                    1,
+                )?;
+                let context =
+                    kernels::attention_packed(&fused, &packed.lengths, heads, Reach::Causal)?;
+                x = layer.o_proj.forward_plus(&context, &x)?;
+                x = self.feed_forward(layer, &layer.post_attention_norm.forward(&x)?, &x)?;
+            }
+            self.norm.forward(&x)
+        })
     }
 
     /// Every device and dtype: the padded batch as it comes, under a causal and a

@@ -13,13 +13,14 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde_json::Value;
 
-use crate::embed::encoder::{Encoder, Loaded};
+use crate::embed::config::{first, size};
+use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::{attend, padding_bias};
 use crate::nn::dense::Dense;
 use crate::nn::kernels::{self, Heads, Reach};
-use crate::nn::packed::Packed;
+use crate::nn::packed;
 use crate::nn::rotary::Rotary;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,20 +44,6 @@ struct Config {
     up_gate_bias: bool,
     down_bias: bool,
     rope_theta: f64,
-}
-
-/// The first of `keys` that `v` holds.
-fn first<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
-    keys.iter().find_map(|k| v.get(*k).filter(|x| !x.is_null()))
-}
-
-fn size(v: &Value, keys: &[&str]) -> std::result::Result<usize, EmbedError> {
-    first(v, keys)
-        .and_then(Value::as_u64)
-        .map(|n| n as usize)
-        .ok_or_else(|| {
-            EmbedError::InvalidModel(format!("config.json: no number {}", keys.join(" or ")))
-        })
 }
 
 /// The rotary base, NTK-scaled when the config asks for it, as GTE's own code does:
@@ -199,10 +186,11 @@ pub fn load(
     quantize: bool,
 ) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config, family)?;
-    let vb = ["new", "model", "bert"]
-        .iter()
-        .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
-        .map_or(vb.clone(), |p| vb.pp(*p));
+    let vb = weights_under(
+        vb,
+        &["new", "model", "bert"],
+        "embeddings.word_embeddings.weight",
+    );
     let naming = if vb.contains_tensor("encoder.layers.0.attn.Wqkv.weight") {
         Naming::NomicHub
     } else if vb.contains_tensor("encoder.layer.0.attention.qkv_proj.weight") {
@@ -211,11 +199,7 @@ pub fn load(
         Naming::Transformers
     };
     let model = RotaryBert::load(vb, &c, naming, quantize)?;
-    Ok(Loaded {
-        encoder: Box::new(model),
-        hidden_size: c.hidden_size,
-        max_tokens: c.max_position_embeddings,
-    })
+    Ok(Loaded::new(model, c.hidden_size, c.max_position_embeddings))
 }
 
 /// Rows `[at, at + n)` of a fused projection as a linear layer of its own.
@@ -232,91 +216,67 @@ impl RotaryBert {
         let dense = |linear| Dense::new(linear, quantize);
         let inter = c.intermediate_size;
         let norm = |vb: VarBuilder| candle_nn::layer_norm(h, c.layer_norm_eps, vb);
+        // Square attention projections, the halves of the gated unit, and its output.
+        let attention = |vb| dense(candle_nn::linear_b(h, h, c.attention_bias, vb)?);
+        let half = |vb| dense(candle_nn::linear_b(h, inter, c.up_gate_bias, vb)?);
+        let down = |vb| dense(candle_nn::linear_b(inter, h, c.down_bias, vb)?);
         let layers = (0..c.num_hidden_layers)
             .map(|i| -> Result<Layer> {
-                let (attn_bias, up_bias, down_bias) =
-                    (c.attention_bias, c.up_gate_bias, c.down_bias);
                 Ok(match naming {
                     Naming::Transformers => {
                         let vb = vb.pp(format!("layers.{i}"));
                         let (attn, mlp) = (vb.pp("self_attn"), vb.pp("mlp"));
                         Layer {
-                            q: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("q_proj"))?)?,
-                            k: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("k_proj"))?)?,
-                            v: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("v_proj"))?)?,
-                            o: dense(candle_nn::linear_b(h, h, attn_bias, attn.pp("o_proj"))?)?,
+                            q: attention(attn.pp("q_proj"))?,
+                            k: attention(attn.pp("k_proj"))?,
+                            v: attention(attn.pp("v_proj"))?,
+                            o: attention(attn.pp("o_proj"))?,
                             attention_norm: norm(vb.pp("post_attention_layernorm"))?,
-                            up: dense(candle_nn::linear_b(h, inter, up_bias, mlp.pp("up_proj"))?)?,
-                            gate: dense(candle_nn::linear_b(
-                                h,
-                                inter,
-                                up_bias,
-                                mlp.pp("gate_proj"),
-                            )?)?,
-                            down: dense(candle_nn::linear_b(
-                                inter,
-                                h,
-                                down_bias,
-                                mlp.pp("down_proj"),
-                            )?)?,
+                            up: half(mlp.pp("up_proj"))?,
+                            gate: half(mlp.pp("gate_proj"))?,
+                            down: down(mlp.pp("down_proj"))?,
                             mlp_norm: norm(vb.pp("post_mlp_layernorm"))?,
                         }
                     }
                     Naming::NomicHub => {
                         let vb = vb.pp(format!("encoder.layers.{i}"));
-                        let qkv = candle_nn::linear_b(h, 3 * h, attn_bias, vb.pp("attn.Wqkv"))?;
+                        let qkv =
+                            candle_nn::linear_b(h, 3 * h, c.attention_bias, vb.pp("attn.Wqkv"))?;
                         Layer {
                             q: dense(split(&qkv, 0, h)?)?,
                             k: dense(split(&qkv, h, h)?)?,
                             v: dense(split(&qkv, 2 * h, h)?)?,
-                            o: dense(candle_nn::linear_b(
-                                h,
-                                h,
-                                attn_bias,
-                                vb.pp("attn.out_proj"),
-                            )?)?,
+                            o: attention(vb.pp("attn.out_proj"))?,
                             attention_norm: norm(vb.pp("norm1"))?,
-                            up: dense(candle_nn::linear_b(h, inter, up_bias, vb.pp("mlp.fc11"))?)?,
-                            gate: dense(candle_nn::linear_b(
-                                h,
-                                inter,
-                                up_bias,
-                                vb.pp("mlp.fc12"),
-                            )?)?,
-                            down: dense(candle_nn::linear_b(
-                                inter,
-                                h,
-                                down_bias,
-                                vb.pp("mlp.fc2"),
-                            )?)?,
+                            up: half(vb.pp("mlp.fc11"))?,
+                            gate: half(vb.pp("mlp.fc12"))?,
+                            down: down(vb.pp("mlp.fc2"))?,
                             mlp_norm: norm(vb.pp("norm2"))?,
                         }
                     }
                     Naming::GteHub => {
                         let vb = vb.pp(format!("encoder.layer.{i}"));
-                        let qkv =
-                            candle_nn::linear_b(h, 3 * h, attn_bias, vb.pp("attention.qkv_proj"))?;
-                        let up_gate =
-                            candle_nn::linear_b(h, 2 * inter, up_bias, vb.pp("mlp.up_gate_proj"))?;
+                        let qkv = candle_nn::linear_b(
+                            h,
+                            3 * h,
+                            c.attention_bias,
+                            vb.pp("attention.qkv_proj"),
+                        )?;
+                        let up_gate = candle_nn::linear_b(
+                            h,
+                            2 * inter,
+                            c.up_gate_bias,
+                            vb.pp("mlp.up_gate_proj"),
+                        )?;
                         Layer {
                             q: dense(split(&qkv, 0, h)?)?,
                             k: dense(split(&qkv, h, h)?)?,
                             v: dense(split(&qkv, 2 * h, h)?)?,
-                            o: dense(candle_nn::linear_b(
-                                h,
-                                h,
-                                attn_bias,
-                                vb.pp("attention.o_proj"),
-                            )?)?,
+                            o: attention(vb.pp("attention.o_proj"))?,
                             attention_norm: norm(vb.pp("attn_ln"))?,
                             up: dense(split(&up_gate, 0, inter)?)?,
                             gate: dense(split(&up_gate, inter, inter)?)?,
-                            down: dense(candle_nn::linear_b(
-                                inter,
-                                h,
-                                down_bias,
-                                vb.pp("mlp.down_proj"),
-                            )?)?,
+                            down: down(vb.pp("mlp.down_proj"))?,
                             mlp_norm: norm(vb.pp("mlp_ln"))?,
                         }
                     }
@@ -383,38 +343,36 @@ impl RotaryBert {
         layer.mlp_norm.forward(&layer.down.forward_plus(&gated, x)?)
     }
 
-    /// The CPU path in f32: real tokens only (see [`Packed`]), attention by our
+    /// The CPU path in f32: real tokens only (see [`packed`]), attention by our
     /// kernel from one fused, rotated `[tokens, 3·h]` projection.
     fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let packed = Packed::new(ids, mask)?;
-        let (total, device) = (packed.total(), packed.device());
-        if total == 0 {
-            return packed.zeros(self.word_embeddings.hidden_size(), self.dtype);
-        }
-        let (cos, sin) = self.rope.tables_at(&packed.positions, device, self.dtype)?;
-        let mut x = self.word_embeddings.forward(&packed.ids)?;
-        let hidden = x.dim(1)?;
-        let d = hidden / self.heads;
-        if let Some(token_type) = &self.token_type {
-            x = x.broadcast_add(token_type)?;
-        }
-        x = self.embeddings_norm.forward(&x)?;
-        let heads = Heads::all(self.heads);
-        for layer in &self.layers {
-            let rotate = |proj: &Dense| -> Result<Tensor> {
-                let split = proj.forward(&x)?.reshape((1, total, self.heads, d))?;
-                candle_nn::rotary_emb::rope_thd(&split, &cos, &sin)?.reshape((total, hidden))
-            };
-            // The kernel takes queries pre-scaled.
-            let q = (rotate(&layer.q)? * (d as f64).powf(-0.5))?;
-            let qkv = Tensor::cat(&[q, rotate(&layer.k)?, layer.v.forward(&x)?], 1)?;
-            let context = kernels::attention_packed(&qkv, &packed.lengths, heads, Reach::All)?;
-            x = layer
-                .attention_norm
-                .forward(&layer.o.forward_plus(&context, &x)?)?;
-            x = self.feed_forward(layer, &x)?;
-        }
-        packed.unpack(&x)
+        let hidden = self.word_embeddings.hidden_size();
+        packed::forward(ids, mask, hidden, self.dtype, |packed| {
+            let (total, device) = (packed.total(), packed.device());
+            let (cos, sin) = self.rope.tables_at(&packed.positions, device, self.dtype)?;
+            let mut x = self.word_embeddings.forward(&packed.ids)?;
+            let d = hidden / self.heads;
+            if let Some(token_type) = &self.token_type {
+                x = x.broadcast_add(token_type)?;
+            }
+            x = self.embeddings_norm.forward(&x)?;
+            let heads = Heads::all(self.heads);
+            for layer in &self.layers {
+                let rotate = |proj: &Dense| -> Result<Tensor> {
+                    let split = proj.forward(&x)?.reshape((1, total, self.heads, d))?;
+                    candle_nn::rotary_emb::rope_thd(&split, &cos, &sin)?.reshape((total, hidden))
+                };
+                // The kernel takes queries pre-scaled.
+                let q = (rotate(&layer.q)? * (d as f64).powf(-0.5))?;
+                let qkv = Tensor::cat(&[q, rotate(&layer.k)?, layer.v.forward(&x)?], 1)?;
+                let context = kernels::attention_packed(&qkv, &packed.lengths, heads, Reach::All)?;
+                x = layer
+                    .attention_norm
+                    .forward(&layer.o.forward_plus(&context, &x)?)?;
+                x = self.feed_forward(layer, &x)?;
+            }
+            Ok(x)
+        })
     }
 }
 
