@@ -152,11 +152,7 @@ impl PyEmbedder {
         strategy: &str,
     ) -> PyResult<PyChunker> {
         let tokenizer = self.inner.counting_tokenizer();
-        let strategy = chunk::Strategy::parse(strategy).map_err(|e| embed_error(py, e))?;
-        let inner = run_model(py, || {
-            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens, strategy)
-        })?;
-        Ok(PyChunker { inner })
+        PyChunker::new(py, tokenizer, max_tokens, overlap_tokens, strategy)
     }
 
     #[getter]
@@ -303,11 +299,7 @@ impl PyImageEmbedder {
         strategy: &str,
     ) -> PyResult<PyChunker> {
         let tokenizer = self.inner.counting_tokenizer();
-        let strategy = chunk::Strategy::parse(strategy).map_err(|e| embed_error(py, e))?;
-        let inner = run_model(py, || {
-            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens, strategy)
-        })?;
-        Ok(PyChunker { inner })
+        PyChunker::new(py, tokenizer, max_tokens, overlap_tokens, strategy)
     }
 
     #[getter]
@@ -338,6 +330,23 @@ struct PyChunker {
 }
 
 type ChunkTuple = (usize, usize, usize, Option<usize>, usize);
+
+impl PyChunker {
+    /// A chunker counting with `tokenizer`: what both embedders' `chunker` give.
+    fn new(
+        py: Python<'_>,
+        tokenizer: tokenizers::Tokenizer,
+        max_tokens: usize,
+        overlap_tokens: usize,
+        strategy: &str,
+    ) -> PyResult<Self> {
+        let strategy = chunk::Strategy::parse(strategy).map_err(|e| embed_error(py, e))?;
+        let inner = run_model(py, || {
+            chunk::Chunker::new(tokenizer, max_tokens, overlap_tokens, strategy)
+        })?;
+        Ok(Self { inner })
+    }
+}
 
 #[pymethods]
 impl PyChunker {

@@ -46,6 +46,17 @@ impl PyTranscriber {
         Tensor::from_vec(data, (shape[0], shape[1]), &self.inner.model.device)
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
     }
+
+    /// `then` on the encoder's output for `features`, without the GIL.
+    fn on_encoded<T: Send>(
+        &self,
+        py: Python<'_>,
+        features: PyReadonlyArray2<'_, f32>,
+        then: impl FnOnce(&Tensor) -> Result<T, EmbedError> + Send,
+    ) -> PyResult<T> {
+        let features = self.features(features)?;
+        run_model(py, || then(&self.inner.encode(&features)?))
+    }
 }
 
 #[pymethods]
@@ -81,9 +92,8 @@ impl PyTranscriber {
         py: Python<'py>,
         features: PyReadonlyArray2<'py, f32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let features = self.features(features)?;
-        let (rows, cols, flat) = run_model(py, || {
-            let out = self.inner.encode(&features)?.squeeze(0)?;
+        let (rows, cols, flat) = self.on_encoded(py, features, |encoded| {
+            let out = encoded.squeeze(0)?;
             let (rows, cols) = out.dims2()?;
             let flat = out
                 .to_dtype(candle_core::DType::F32)?
@@ -101,10 +111,7 @@ impl PyTranscriber {
         py: Python<'_>,
         features: PyReadonlyArray2<'_, f32>,
     ) -> PyResult<Option<String>> {
-        let features = self.features(features)?;
-        run_model(py, || {
-            self.inner.detect_language(&self.inner.encode(&features)?)
-        })
+        self.on_encoded(py, features, |encoded| self.inner.detect_language(encoded))
     }
 
     #[pyo3(signature = (language=None, task_name="transcribe", timestamps=true))]
@@ -129,10 +136,8 @@ impl PyTranscriber {
         prompt: Vec<u32>,
         steps: usize,
     ) -> PyResult<Vec<u32>> {
-        let features = self.features(features)?;
-        run_model(py, || {
-            self.inner
-                .greedy(&self.inner.encode(&features)?, &prompt, steps)
+        self.on_encoded(py, features, |encoded| {
+            self.inner.greedy(encoded, &prompt, steps)
         })
     }
 
@@ -144,10 +149,8 @@ impl PyTranscriber {
         prompt: Vec<u32>,
         max_new_tokens: usize,
     ) -> PyResult<Vec<u32>> {
-        let features = self.features(features)?;
-        run_model(py, || {
-            self.inner
-                .decode_window(&self.inner.encode(&features)?, &prompt, max_new_tokens)
+        self.on_encoded(py, features, |encoded| {
+            self.inner.decode_window(encoded, &prompt, max_new_tokens)
         })
     }
 
