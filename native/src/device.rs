@@ -1,5 +1,4 @@
-//! Device and dtype selection for every model we load: which device a name means,
-//! and which float dtype (or int8 layers) a dtype name asks for on it.
+//! Device and dtype selection for every model we load.
 
 use candle_core::{DType, Device};
 

@@ -1,7 +1,7 @@
-//! Pillow's resampling (`Image.resize` on 8-bit images), reproduced exactly: separable
-//! convolution, horizontal pass first, 8-bit rounding between passes, coefficients in
-//! fixed point with 22 fractional bits. Model preprocessors in Python resize with
-//! Pillow; matching it bit for bit keeps our pixels equal to theirs.
+//! Image resizing as Pillow does it (`Image.resize` on 8-bit images), reproduced
+//! exactly: separable convolution, horizontal pass first, 8-bit rounding between
+//! passes, coefficients in fixed point with 22 fractional bits. Model preprocessors in
+//! Python resize with Pillow; matching it bit for bit keeps our pixels equal to theirs.
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 

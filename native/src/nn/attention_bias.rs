@@ -1,11 +1,11 @@
-//! Additive attention biases that stay finite in every dtype (candle-transformers'
-//! `f32::MIN` becomes -inf in f16/bf16, then NaN at unmasked positions), and scaled
-//! dot-product attention under such a bias through candle's ops, for the devices and
-//! dtypes the CPU kernels do not cover.
+//! Additive attention biases that stay finite in every dtype, and attention under
+//! them through candle's ops (where our CPU kernels do not run).
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// The most negative finite value of `dtype`, as transformers' `torch.finfo(dtype).min`.
+/// The most negative finite value of `dtype`, as transformers' `torch.finfo(dtype).min`
+/// (candle-transformers' `f32::MIN` becomes -inf in f16/bf16, then NaN at unmasked
+/// positions).
 pub fn finite_min(dtype: DType) -> f64 {
     match dtype {
         DType::F16 => -65504.0,
