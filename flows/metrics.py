@@ -45,6 +45,15 @@ REBALANCES = Counter(
     ["kind"],
 )
 
+# Outage waits (flows.outage): a dependency down blocks the batch instead of failing it
+OUTAGE_WAITS = Counter("embedstream_outage_waits", "Waits for an unavailable dependency", ["what"])
+OUTAGE_WAIT_SECONDS = Counter(
+    "embedstream_outage_wait_seconds", "Seconds spent waiting for an unavailable dependency", ["what"]
+)
+OUTAGE_RETRIES = Counter(
+    "embedstream_outage_retries", "Attempts retried while a dependency was unavailable", ["what"]
+)
+
 
 def forget_lag(topic: str, partition: int) -> None:
     """Stops reporting lag for a partition this process no longer owns."""
@@ -59,9 +68,6 @@ SINK_MESSAGES = Counter("embedstream_sink_messages", "Vector-topic messages writ
 SINK_DEAD_LETTERS = Counter("embedstream_sink_dead_letters", "Sink dead letters by reason", ["reason"])
 SINK_BATCH_SECONDS = Histogram(
     "embedstream_sink_batch_seconds", "Time to plan and write one batch into the store", buckets=_LATENCY
-)
-SINK_STORE_RETRIES = Counter(
-    "embedstream_sink_store_retries", "Writes retried while the store was unavailable"
 )
 
 

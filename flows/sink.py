@@ -25,7 +25,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from flows import codecs, metrics, records
+from flows import codecs, metrics, outage, records
 from flows.kafka.delivery import Delivery
 from flows.kafka.io import InputMessage, KafkaInput, ReadOptions
 from flows.settings import Settings
@@ -186,18 +186,7 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
         apply_ops(self.store, ops)
 
     def _with_retry(self, fn) -> None:
-        delay, waited = 0.5, 0.0
-        while True:
-            try:
-                return fn()
-            except StoreError as e:
-                if waited >= self.retry_s:
-                    raise
-                log.warning("store unavailable (%s); retrying in %.1f s", e, delay)
-                metrics.SINK_STORE_RETRIES.inc()
-                time.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 10.0)
+        outage.wait_out("store", fn, transient=(StoreError,), give_up_s=self.retry_s)
 
     def _dead_letters(self, letters: list[tuple[InputMessage, str, str]]) -> None:
         if not letters:
