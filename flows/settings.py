@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -250,9 +251,8 @@ class Settings:
         shown["kafka"] = {
             k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka.items()
         }
-        if self.schema_registry_url and "@" in self.schema_registry_url:
-            scheme, _, rest = self.schema_registry_url.partition("://")
-            shown["schema_registry_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        if self.schema_registry_url:
+            shown["schema_registry_url"] = redact_url(self.schema_registry_url, keep_user=False)
         shown["store"] = redact_url(self.store)
         return shown
 
@@ -272,14 +272,25 @@ class Settings:
         return {**{k: shown[k] for k in keys}, "sink_dlq_topic": self.sink_dlq()}
 
 
-def redact_url(url: str) -> str:
-    """``scheme://user:secret@host…`` with the password masked (DSNs in logs)."""
+def redact_url(url: str, *, keep_user: bool = True) -> str:
+    """``url`` with its secrets masked, for logs: the password of ``scheme://user:secret@host``
+    (``keep_user=False``: the whole user part), and the value of every query parameter
+    named like a secret (``?password=…``, ``sslpassword``, ``token``…)."""
     scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        credentials, host = rest.split("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-    return url
+    if not sep:
+        return url
+    # The user part ends at the last '@' before the query: a password may hold '@' and '/'.
+    head, query_sep, query = rest.partition("?")
+    if "@" in head:
+        credentials, _, host = head.rpartition("@")
+        user, colon, _secret = credentials.partition(":")
+        shown = f"{user}:***" if keep_user and colon else (user if keep_user else "***")
+        head = f"{shown}@{host}"
+    return f"{scheme}://{head}{query_sep}" + _SECRET_PARAM.sub(r"\1***", query)
+
+
+#: A query parameter whose name holds a secret word, up to the start of its value.
+_SECRET_PARAM = re.compile(rf"((?:^|&)[^=&#]*(?:{'|'.join(_SECRET_WORDS)})[^=&#]*=)[^&#]*", re.I)
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
