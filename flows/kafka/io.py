@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
+from flows import outage
 from flows.kafka.delivery import Delivery
 
 if TYPE_CHECKING:
     from flows.settings import Settings
 
 log = logging.getLogger("embedstream.kafka")
+
+T = TypeVar("T")
 
 #: Set on SIGTERM: sources stop handing out batches, so the flow finishes the batch in
 #: hand, flushes, snapshots and exits.
@@ -128,6 +130,35 @@ def report_lag(consumer: Consumer, topic: str, next_offsets: dict[int, int]) -> 
             metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(high - offset, 0))
 
 
+#: Errors of a broker that is restarting, moving leaders or unreachable: waited out.
+_TRANSIENT = (
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+)
+
+
+def ask_broker(call: Callable[[], T], patience_s: float = 120.0) -> T:
+    """``call()``, a request to the broker, retried while the broker is unavailable (up
+    to ``patience_s``); any other error is raised at once."""
+
+    def attempt() -> T:
+        try:
+            return call()
+        except KafkaException as e:
+            error = e.args[0] if e.args else None
+            if isinstance(error, KafkaError) and (error.retriable() or error.code() in _TRANSIENT):
+                raise outage.Outage(error.str()) from e
+            raise
+
+    return outage.wait_out("broker", attempt, give_up_s=patience_s)
+
+
 #: Group mode's offset commit: delivered offsets (next offset per topic-partition) in,
 #: those no group member of this process handed over out.
 CommitFn = Callable[[dict[tuple[str, int], int]], dict[tuple[str, int], int]]
@@ -145,21 +176,38 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         self.topic, self.partition = topic, partition
         self.batch_size, self.batch_bytes = options.batch_size, options.batch_bytes
         self.poll_s = options.poll_ms / 1000
-        self.consumer = Consumer({**config, "enable.auto.commit": "false", "enable.partition.eof": "true"})
-        self.end: Optional[int] = None
-        if not options.tail:
-            _low, high = self.consumer.get_watermark_offsets(
+        # An offset retention has deleted resumes at the oldest left, never at the end.
+        self.consumer = Consumer(
+            {
+                **config,
+                "enable.auto.commit": "false",
+                "enable.partition.eof": "true",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        low, high = ask_broker(
+            lambda: self.consumer.get_watermark_offsets(
                 KafkaTopicPartition(topic, partition), timeout=30, cached=False
             )
-            self.end = high
+        )
+        self.end: Optional[int] = None if options.tail else high
+        # A logical start (beginning, end) is resolved now, so that every snapshot names
+        # a real offset: a restart from "the end" would skip what arrived meanwhile.
+        if start == OFFSET_BEGINNING:
+            start = low
+        elif start == OFFSET_END:
+            start = high
+        elif start < 0:
+            raise ValueError(f"{topic}[{partition}]: cannot start at logical offset {start}")
         self.consumer.assign([KafkaTopicPartition(topic, partition, start)])
-        self.next_offset: Optional[int] = start if start >= 0 else None
+        #: The next offset to hand over (after those in ``pending``).
+        self.next_offset = start
         self.pending: list[InputMessage] = []
 
     def next_batch(self) -> list[InputMessage]:
         if STOP.is_set():
             raise StopIteration
-        if self.end is not None and self.next_offset is not None and self.next_offset >= self.end:
+        if self.end is not None and self.next_offset >= self.end:
             raise StopIteration
         if len(self.pending) < self.batch_size:
             for msg in self.consumer.consume(self.batch_size - len(self.pending), self.poll_s):
@@ -167,8 +215,7 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
                 if err is None:
                     self.pending.append(input_message(msg))
                 elif err.code() == KafkaError._PARTITION_EOF:
-                    if self.next_offset is None:
-                        self.next_offset = msg.offset()
+                    pass
                 elif err.fatal():
                     raise KafkaException(err)
                 else:  # transient (broker down, rebalance of leaders): librdkafka retries
@@ -187,7 +234,7 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         # Messages still pending were not handed over: resume at the first of them.
         if self.pending:
             return self.pending[0].offset
-        return self.next_offset if self.next_offset is not None else OFFSET_END
+        return self.next_offset
 
     def close(self) -> None:
         self.consumer.close()
@@ -216,38 +263,17 @@ class KafkaInput(FixedPartitionedSource[InputMessage, int]):
         start = resume_state if resume_state is not None else self._start_offset(int(for_part))
         return _Partition(self.config, self.topic, int(for_part), start, self.options)
 
-    def _committed(self, partition: int, patience_s: float = 120.0) -> int:
+    def _committed(self, partition: int) -> int:
         """The group's committed offset (negative if none). A new or restarted broker
-        answers "not coordinator" or "loading" for a while: those are retried."""
-        deadline = time.monotonic() + patience_s
-        delay = 0.2
-        while True:
-            consumer = Consumer(self.config)
-            try:
-                [found] = consumer.committed([KafkaTopicPartition(self.topic, partition)], timeout=30)
-                return found.offset
-            except KafkaException as e:
-                error = e.args[0] if e.args else None
-                retriable = getattr(error, "retriable", lambda: False)() or getattr(
-                    error, "code", lambda: None
-                )() in (
-                    KafkaError.NOT_COORDINATOR,
-                    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                    KafkaError.COORDINATOR_NOT_AVAILABLE,
-                    KafkaError._TIMED_OUT,
-                )
-                if not retriable or time.monotonic() > deadline:
-                    raise
-                log.warning(
-                    "committed offsets of %s[%d] not available yet (%s); retrying",
-                    self.topic,
-                    partition,
-                    error,
-                )
-            finally:
-                consumer.close()
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        answers "not coordinator" or "loading" for a while: those are waited out."""
+        consumer = Consumer(self.config)
+        try:
+            [found] = ask_broker(
+                lambda: consumer.committed([KafkaTopicPartition(self.topic, partition)], timeout=30)
+            )
+        finally:
+            consumer.close()
+        return found.offset
 
     def _start_offset(self, partition: int) -> int:
         if self.options.start_from == "committed":
