@@ -165,6 +165,9 @@ class Pipeline:
         self.encoder = codecs.OutputEncoder(settings.output_format, registry)
         self.limits = Limits(max_input_bytes=settings.max_document_bytes)
         self.roots = [Path(r).resolve() for r in settings.allowed_roots]
+        #: Where image records go, and every topic that records go to (deletes go to all).
+        self.image_topic = settings.image_output_topic or settings.output_topic
+        self.record_topics = list(dict.fromkeys([settings.output_topic, self.image_topic]))
         #: Largest message the output topics accept; a record over it becomes a dead letter.
         self.max_message_bytes = max_message_bytes
         #: Payloads travel with dead letters only while the letter still fits a message.
@@ -401,8 +404,13 @@ class Pipeline:
             return [self._message(w, s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
         event = w.event
         if event["op"] == "DELETE":
+            # Every topic that may hold the document's records gets its delete: which one
+            # did is not known here (a document can change between image and text), and a
+            # delete of a document a topic never had is harmless.
             marker = records.delete_marker(event, w.message)
-            return [self._message(w, s.output_topic, self._key(w), "DeleteMarker", marker)]
+            return [
+                self._message(w, topic, self._key(w), "DeleteMarker", marker) for topic in self.record_topics
+            ]
         metadata = records.metadata(event, w.document)
         if w.is_image:
             lineage = self.image_model
@@ -412,8 +420,7 @@ class Pipeline:
                 if w.fresh[0]
                 else []
             )
-            topic = s.image_output_topic or s.output_topic
-            return self._with_manifest(w, topic, vectors, entries, lineage, "image", metadata)
+            return self._with_manifest(w, self.image_topic, vectors, entries, lineage, "image", metadata)
         lineage = self.text_model
         entries = records.text_entries(w.chunks, w.ids)
         chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
