@@ -121,7 +121,7 @@ def plain_postgres(dsn: str, records: list[dict]) -> float:
         start = time.perf_counter()
         with conn.cursor() as cur:
             for m in records:
-                _, r = decode_output(m.value)
+                _, r = decode_output(m.value, m.headers)
                 if "embedding" not in r:
                     continue  # the plain way knows no manifests
                 cur.execute(
@@ -156,7 +156,7 @@ def plain_lance(path: str, records: list) -> float:
     table = db.create_table("plain", schema=chunk_schema(DIM))
     start = time.perf_counter()
     for m in records:
-        _, r = decode_output(m.value)
+        _, r = decode_output(m.value, m.headers)
         if "embedding" not in r:
             continue
         table.add(

@@ -17,6 +17,7 @@ import io
 import json
 import struct
 import time
+from collections.abc import Iterable
 from functools import cache
 from importlib.resources import files
 from typing import Any, Optional
@@ -281,20 +282,49 @@ class OutputEncoder:
         return encode_single_object(name, record)
 
 
-def decode_output(data: bytes, registry: Any = None) -> tuple[str, dict[str, Any]]:
-    """Decodes any output message (for ``embedstream tail`` and tests)."""
+#: A Kafka message's headers, as confluent-kafka gives them (None when it has none).
+Headers = Optional[Iterable[tuple[str, Optional[bytes]]]]
+
+
+def type_of(headers: Headers) -> str:
+    """The record type that the ``embedstream.type`` header names; every output record carries one."""
+    value = dict(headers or ()).get(TYPE_HEADER)
+    if value is None:
+        raise DecodeError("bad_payload", f"no {TYPE_HEADER} header: not an embedstream output record")
+    name = value.decode(errors="replace")
+    if name not in RECORD_TYPES:
+        raise DecodeError("bad_payload", f"{TYPE_HEADER} {name!r} is not one of {', '.join(RECORD_TYPES)}")
+    return name
+
+
+def decode_output(data: bytes, headers: Headers, registry: Any = None) -> tuple[str, dict[str, Any]]:
+    """Decodes an output message (for the sink, ``embedstream tail`` and tests) into its
+    type and record. The type is the one its ``embedstream.type`` header names: the only
+    one a JSON record has, and the one an Avro record's schema must agree with."""
+    name = type_of(headers)
     if data[:2] == SINGLE_OBJECT_MAGIC:
-        return decode_single_object(data)
-    if data[:1] == b"\x00" and registry is not None:
-        return registry.decode_any(data)
-    obj = json.loads(data)
-    if "chunk_id" in obj:
-        return "VectorRecord", obj
-    if "chunks" in obj:
-        return "DocManifest", obj
-    if "stage" in obj:
-        return "DeadLetter", obj
-    return "DeleteMarker", obj
+        found, record = decode_single_object(data)
+    elif data[:1] == b"\x00" and registry is not None:
+        found, record = registry.decode_any(data)
+    else:
+        return name, _output_from_json(name, data)
+    if found != name:
+        raise DecodeError("bad_payload", f"the {TYPE_HEADER} header says {name}, the payload is a {found}")
+    return name, record
+
+
+def _output_from_json(name: str, data: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DecodeError("bad_payload", f"invalid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise DecodeError("bad_payload", f"a JSON {name} must be an object")
+    fields = schema(name).raw["fields"]
+    missing = [f["name"] for f in fields if f["name"] not in record and "default" not in f]
+    if missing:
+        raise DecodeError("bad_payload", f"a JSON {name} needs {', '.join(missing)}")
+    return record
 
 
 def confluent_frame(schema_id: int, datum: bytes) -> bytes:

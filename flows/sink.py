@@ -64,13 +64,10 @@ def to_op(message: InputMessage, registry: Any = None) -> Optional[Op]:
     (a dead letter routed to the same topic). Raises :class:`Rejected`."""
     if message.value is None:
         raise Rejected("bad_payload", "a message without a value (a tombstone) is not an embedstream record")
-    header = dict(message.headers).get(codecs.TYPE_HEADER) if message.headers else None
     try:
-        kind, record = codecs.decode_output(message.value, registry)
+        kind, record = codecs.decode_output(message.value, message.headers, registry)
     except (codecs.DecodeError, ValueError, KeyError, EOFError) as e:
         raise Rejected("bad_payload", f"undecodable record: {type(e).__name__}: {e}") from None
-    if header is not None and header.decode(errors="replace") != kind:
-        raise Rejected("bad_payload", f"header says {header.decode(errors='replace')}, payload is a {kind}")
     try:
         version = Version.of(record)
         if kind == "VectorRecord":

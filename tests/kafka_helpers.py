@@ -131,8 +131,7 @@ class FlowTopics:
                     continue
                 assert msg.error() is None, msg.error()
                 if decode:
-                    kind, record = codecs.decode_output(msg.value())
-                    assert dict(msg.headers() or [])[codecs.TYPE_HEADER].decode() == kind
+                    kind, record = codecs.decode_output(msg.value(), msg.headers())
                     found.append((kind, record, msg))
                 else:
                     found.append(("raw", {}, msg))

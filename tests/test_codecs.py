@@ -176,11 +176,51 @@ def test_output_encoder_formats():
         "emitted_at": 2,
     }
     avro = codecs.OutputEncoder("avro").encode("DeleteMarker", record)
-    assert codecs.decode_output(avro) == ("DeleteMarker", record)
+    assert codecs.decode_output(avro, typed("DeleteMarker")) == ("DeleteMarker", record)
     as_json = codecs.OutputEncoder("json").encode("DeleteMarker", record)
     assert json.loads(as_json) == record
     with pytest.raises(ValueError):
         codecs.OutputEncoder("confluent")
+
+
+DELETE_MARKER = {
+    "doc_id": "x",
+    "doc_version": {"topic": "t", "partition": 0, "offset": 1},
+    "metadata": {},
+    "event_time": 1,
+    "emitted_at": 2,
+}
+
+
+def typed(name: str) -> list[tuple[str, bytes]]:
+    return [(codecs.TYPE_HEADER, name.encode())]
+
+
+@pytest.mark.parametrize("fmt", ["avro", "json"])
+def test_output_records_are_typed_by_their_header(fmt):
+    data = codecs.OutputEncoder(fmt).encode("DeleteMarker", DELETE_MARKER)
+    assert codecs.decode_output(data, typed("DeleteMarker")) == ("DeleteMarker", DELETE_MARKER)
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers"),
+    [
+        # Keys that name no record type: once taken for a DeleteMarker, which deletes.
+        (b'{"doc_id": "x"}', None),
+        (b'{"doc_id": "x", "op": "DELETE"}', []),
+        (b'{"doc_id": "x"}', typed("Nonsense")),
+        # The header names a type whose fields the record lacks.
+        (b'{"doc_id": "x"}', typed("DeleteMarker")),
+        (codecs.encode_json(DELETE_MARKER), typed("DeadLetter")),
+        # Avro names its own type: a header that disagrees is an error, not a guess.
+        (codecs.encode_single_object("DeleteMarker", DELETE_MARKER), typed("VectorRecord")),
+        (codecs.encode_single_object("DeleteMarker", DELETE_MARKER), None),
+    ],
+)
+def test_an_output_record_without_a_type_is_an_error_never_a_delete(payload, headers):
+    with pytest.raises(DecodeError) as info:
+        codecs.decode_output(payload, headers)
+    assert info.value.reason == "bad_payload"
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.1"])

@@ -187,7 +187,7 @@ def read_all(
                 return
             if msg.error():
                 continue
-            kind, record = codecs.decode_output(msg.value())
+            kind, record = codecs.decode_output(msg.value(), msg.headers())
             seen += 1
             yield kind, record, msg
     finally:
@@ -271,7 +271,7 @@ def redrive(
                 break
             if msg.error():
                 continue
-            _kind, letter = codecs.decode_output(msg.value())
+            _kind, letter = codecs.decode_output(msg.value(), msg.headers())
             if (stage and letter["stage"] != stage) or (reason and letter["reason"] != reason):
                 stats["skipped"] += 1
                 continue
