@@ -1,7 +1,7 @@
 #!/bin/sh
 # Single-node KRaft broker for tests (testcontainers): listens on $KAFKA_PORT inside
 # the container and advertises 127.0.0.1:$KAFKA_PORT, so publish that port on the
-# same host port. The same settings as `embedstream kafka start` (flows/kafka/local.py).
+# same host port. The same settings as `embedstream kafka start` (flows/dev/kafka.py).
 set -eu
 port="${KAFKA_PORT:-9092}"
 cat > /tmp/server.properties <<CONF
