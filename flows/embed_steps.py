@@ -15,6 +15,11 @@ still lists every chunk. The ids of each version are remembered per input partit
 (:class:`flows.chunk_state.ChunkState`) and written to a compacted changelog once the
 batch's records are delivered.
 
+In group mode a batch has a time budget (``Settings.batch_budget_s``): once it is
+spent, the steps take in no more events, and those not taken in go back to the source,
+which hands them over first in the next batch. The first event is always taken in, so
+every batch makes progress.
+
 Documents named by URI come through :mod:`flows.fetch`; the records, manifests and dead
 letters are laid out by :mod:`flows.records`.
 """
@@ -25,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +38,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from flows import codecs, metrics, records
+from flows import codecs, metrics, outage, records
 from flows.chunk_state import ChunkState, chunk_ids, lineage_key
 from flows.fetch import FetchError, fetch
 from flows.kafka.io import InputMessage, OutputMessage
@@ -82,8 +88,30 @@ class Work:
     failure: Optional[Failure] = None
 
 
-#: One micro-batch of the source on its way through the steps, in input order.
-Batch = list[Work]
+class BatchBudget:
+    """The seconds of work a micro-batch may take (None: no bound). Time spent waiting
+    out an outage does not count. Once spent, it stays spent."""
+
+    def __init__(self, seconds: Optional[float] = None) -> None:
+        self.seconds = seconds
+        self._started = time.monotonic()
+        self._waited = outage.waited_s()
+        self._spent = False
+
+    def spent(self) -> bool:
+        if self.seconds is not None and not self._spent:
+            worked = time.monotonic() - self._started - (outage.waited_s() - self._waited)
+            self._spent = worked >= self.seconds
+        return self._spent
+
+
+class Batch(list):
+    """One micro-batch of the source on its way through the steps: its :class:`Work`
+    in input order, and its time budget."""
+
+    def __init__(self, work: Iterable[Work] = (), budget: Optional[BatchBudget] = None) -> None:
+        super().__init__(work)
+        self.budget = budget or BatchBudget()
 
 
 @dataclass
@@ -121,8 +149,13 @@ class Pipeline:
         image_embedder: Optional[ImageEmbedder] = None,
         transcriber: Optional[Transcriber] = None,
         state: Optional[ChunkState] = None,
+        give_back: Optional[Callable[[list[InputMessage]], None]] = None,
     ) -> None:
         self.settings = settings
+        #: Takes events not taken into their batch back to the source (group mode); the
+        #: batch time budget applies only where they can go back.
+        self.give_back = give_back
+        self.budget_s = settings.batch_budget_s() if give_back is not None else None
         self.image_embedder = image_embedder
         self.transcriber = transcriber
         if transcriber is not None and settings.audio_language:
@@ -185,21 +218,37 @@ class Pipeline:
             return []
         metrics.BATCH_EVENTS.observe(len(messages))
         metrics.BATCH_FILL.observe(len(messages) / self.batch_size)
-        batch = [Work(m) for m in messages]
+        batch = Batch((Work(m) for m in messages), BatchBudget(self.budget_s))
         with metrics.STAGE_SECONDS.labels("decode").time():
             for w in batch:
                 self._guard(w, self._decode)
         return [batch]
 
     def fetch_and_extract(self, batch: Batch) -> Batch:
-        """Documents in parallel, in the isolated extraction processes."""
+        """Documents in parallel, in the isolated extraction processes, while the
+        batch's budget lasts."""
+        upserts = _upserts(batch)
+        left_out: set[int] = set()
+
+        def extract(w: Work) -> None:
+            if w is not upserts[0] and batch.budget.spent():
+                left_out.add(id(w))
+                return
+            self._guard(w, self._fetch_and_extract)
+
         with metrics.STAGE_SECONDS.labels("extract").time():
-            list(self.threads.map(lambda w: self._guard(w, self._fetch_and_extract), _upserts(batch)))
-        return batch
+            list(self.threads.map(extract, upserts))
+        return self._cut(batch, next((w for w in upserts if id(w) in left_out), None))
 
     def chunk(self, batch: Batch) -> Batch:
         with metrics.STAGE_SECONDS.labels("chunk").time():
-            for w in _upserts(batch):
+            upserts = _upserts(batch)
+            for w in upserts:
+                # A recording's transcription is slow: it waits for the next batch once
+                # the budget is spent.
+                if w is not upserts[0] and w.document.audio is not None and batch.budget.spent():
+                    batch = self._cut(batch, w)
+                    break
                 self._guard(w, self._chunk)
             for w in batch:
                 w.fresh = [True] * len(w.ids)
@@ -208,12 +257,57 @@ class Pipeline:
         return batch
 
     def embed(self, batch: Batch) -> Batch:
-        """Every text chunk of the batch in one model call, every image in another."""
+        """Every text chunk of the batch in one model call, every image in another;
+        with a time budget, in input order, about one forward pass per call, until the
+        budget is spent."""
         with metrics.STAGE_SECONDS.labels("embed").time():
             ready = _upserts(batch)
-            self._embed([w for w in ready if not w.is_image])
-            self._embed_images([w for w in ready if w.is_image])
+            if batch.budget.seconds is None:
+                self._embed([w for w in ready if not w.is_image])
+                self._embed_images([w for w in ready if w.is_image])
+                return batch
+            for i, group in enumerate(self._passes(ready)):
+                if i and batch.budget.spent():
+                    return self._cut(batch, group[0])
+                if group[0].is_image:
+                    self._embed_images(group)
+                else:
+                    self._embed(group)
         return batch
+
+    def _passes(self, ready: list[Work]) -> list[list[Work]]:
+        """``ready`` in input order, cut into runs of one modality of about one forward
+        pass each (the text model's ``max_batch_tokens``, or 16 images)."""
+        # CLIP's text tower does not say: 2,048 tokens, the CPU default.
+        pass_tokens = getattr(self.embedder, "max_batch_tokens", 2048)
+        groups: list[list[Work]] = []
+        size = 0
+        for w in ready:
+            weight = 1 if w.is_image else sum(c.n_tokens for c in _fresh(w))
+            full = size >= (16 if w.is_image else pass_tokens)
+            if not groups or groups[-1][0].is_image != w.is_image or full:
+                groups.append([])
+                size = 0
+            groups[-1].append(w)
+            size += weight
+        return groups
+
+    def _cut(self, batch: Batch, first_left: Optional[Work]) -> Batch:
+        """The batch up to ``first_left``; it and every event after it (in every
+        partition, so each gives up a suffix of its events) go back to the source."""
+        if first_left is None:
+            return batch
+        at = next(i for i, w in enumerate(batch) if w is first_left)
+        left = batch[at:]
+        self.give_back([w.message for w in left])
+        metrics.BATCH_EVENTS_LEFT.inc(len(left))
+        log.info(
+            "batch budget of %.1f s spent: %d of %d events go to the next batch",
+            batch.budget.seconds,
+            len(left),
+            len(batch),
+        )
+        return Batch(batch[:at], batch.budget)
 
     def encode(self, batch: Batch) -> list[OutputMessage]:
         """Records, delete markers and dead letters in input order: one sink routes each

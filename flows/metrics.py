@@ -26,6 +26,10 @@ BATCH_EVENTS = Histogram(
 BATCH_FILL = Histogram(
     "embedstream_batch_fill", "Micro-batch size over its maximum", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 )
+BATCH_EVENTS_LEFT = Counter(
+    "embedstream_batch_events_left",
+    "Events a micro-batch left to the next one because its time budget was spent (group mode)",
+)
 STAGE_SECONDS = Histogram(
     "embedstream_stage_seconds", "Time per stage of a micro-batch", ["stage"], buckets=_LATENCY
 )

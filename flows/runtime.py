@@ -5,9 +5,10 @@ into the dataflow)."""
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 from flows.embed_steps import Pipeline
+from flows.kafka.io import InputMessage
 from flows.settings import Settings
 
 _lock = threading.Lock()
@@ -70,8 +71,20 @@ def pipeline(settings: Settings) -> Pipeline:
                 image_embedder=image_embedder,
                 transcriber=transcriber,
                 state=state,
+                give_back=_give_back(settings),
             )
         return _pipeline
+
+
+def _give_back(settings: Settings) -> Optional[Callable[[list[InputMessage]], None]]:
+    """Where events a batch did not take in go back: the group member that handed them
+    over. In cluster mode a batch is never cut (its snapshot already counts the events,
+    and no member can be evicted), so there is none."""
+    if settings.scaling_mode() != "group":
+        return None
+    from flows.kafka import group
+
+    return group.give_back
 
 
 def current() -> Optional[Pipeline]:

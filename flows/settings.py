@@ -93,6 +93,11 @@ class Settings:
     batch_bytes: int = 16 * 1024 * 1024
     #: Longest wait for a batch to fill, in milliseconds.
     poll_ms: int = 100
+    #: Group mode: seconds of work a micro-batch may take. Once they are spent the batch
+    #: takes in no more events (the rest go back to the source for the next batch), so it
+    #: ends well inside librdkafka's max.poll.interval.ms and the member is not evicted.
+    #: Outage waits do not count. None: a fifth of max.poll.interval.ms (60 s by default).
+    batch_max_s: Optional[float] = None
     #: Largest document accepted (inline or fetched).
     max_document_bytes: int = 64 * 1024 * 1024
     #: Most chunks of one document; more becomes a dead letter.
@@ -187,6 +192,8 @@ class Settings:
             raise ValueError("output_format 'confluent' needs schema_registry_url")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        if self.batch_max_s is not None and self.batch_max_s <= 0:
+            raise ValueError("batch_max_s must be positive")
         for name in (
             "batch_bytes",
             "poll_ms",
@@ -206,6 +213,13 @@ class Settings:
 
     def sink_dlq(self) -> str:
         return self.sink_dlq_topic or f"{self.output_topic}.sink-dlq"
+
+    def batch_budget_s(self) -> float:
+        """Seconds of work a group-mode micro-batch may take: ``batch_max_s``, else a fifth
+        of the poll interval Kafka allows a member (``max.poll.interval.ms``)."""
+        if self.batch_max_s is not None:
+            return self.batch_max_s
+        return int(self.kafka.get("max.poll.interval.ms", 300_000)) / 1000 / 5
 
     def micro_batch_size(self) -> int:
         """Events per micro-batch: ``batch_size`` when set, else by device. Resolving

@@ -33,6 +33,7 @@ SETTINGS_FLAGS = (
     "output_format",
     "start_from",
     "batch_size",
+    "batch_max_s",
     "recovery_dir",
     "snapshot_s",
     "metrics_port",
@@ -115,6 +116,12 @@ def add_commands(sub: Commands) -> None:
     )
     run.add_argument(
         "--batch-size", type=int, help="events per micro-batch (default: 512 on the CPU, 2048 on a GPU)"
+    )
+    run.add_argument(
+        "--batch-max-s",
+        type=float,
+        help="group mode: seconds of work a micro-batch may take before it takes in no more events "
+        "(default: a fifth of max.poll.interval.ms, 60 s)",
     )
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
     run.add_argument(

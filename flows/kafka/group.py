@@ -35,7 +35,7 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from flows import metrics
+from flows import metrics, outage
 from flows.kafka.io import STOP, InputMessage, ReadOptions, input_message, report_lag, take_batch
 
 log = logging.getLogger("embedstream.group")
@@ -69,6 +69,10 @@ class GroupMember:
         self.owned: Optional[set[int]] = None
         #: Per partition: the offset after the last event handed over and not yet delivered.
         self.in_flight: dict[int, int] = {}
+        #: Per partition: the first offset of the batch in flight.
+        self.batch_start: dict[int, int] = {}
+        #: Partitions paused while an outage wait keeps this member alive.
+        self.paused: set[int] = set()
         #: Per partition: offsets delivered whose commit has not succeeded yet.
         self.uncommitted: dict[int, int] = {}
         #: Per partition: the next offset this member would hand over (for the lag metric).
@@ -95,6 +99,7 @@ class GroupMember:
         )
         with _members_lock:
             _members.append(self)
+        outage.add_keeper(self.keep_alive)
 
     # --- the source side -----------------------------------------------------------------
 
@@ -103,6 +108,7 @@ class GroupMember:
         with self._lock:
             if self.in_flight:
                 return []
+            self._resume()
             self._commit_uncommitted()
             if STOP.is_set() or self.finished():
                 raise StopIteration
@@ -114,7 +120,9 @@ class GroupMember:
                 # never more than one batch is delivered but uncommitted.
                 return []
             batch = take_batch(self.pending, self.batch_size, self.batch_bytes)
+            self.batch_start.clear()
             for m in batch:
+                self.batch_start.setdefault(m.partition, m.offset)
                 self.in_flight[m.partition] = m.offset + 1
                 self.position[m.partition] = m.offset + 1
             if batch:
@@ -176,6 +184,46 @@ class GroupMember:
             tp.offset >= self.ends[tp.partition] or self.starts[tp.partition] >= self.ends[tp.partition]
             for tp in found
         )
+
+    def take_back(self, messages: list[InputMessage]) -> None:
+        """Events of the batch in flight that the flow did not take in (its time budget
+        ran out), each the rest of its partition's share: handed over again first."""
+        with self._lock:
+            mine = [m for m in messages if m.partition in self.in_flight]  # not revoked meanwhile
+            first: dict[int, int] = {}
+            for m in mine:
+                first.setdefault(m.partition, m.offset)
+            for p, offset in first.items():
+                if offset <= self.batch_start.get(p, offset):
+                    del self.in_flight[p]  # nothing of it will be delivered
+                else:
+                    self.in_flight[p] = offset
+                self.position[p] = offset
+            self.pending[:0] = mine
+
+    def keep_alive(self) -> None:
+        """Run between the attempts of an outage wait. While this member's batch is in
+        flight its thread does not poll, and Kafka would evict it after
+        max.poll.interval.ms: poll here, with its partitions paused so that nothing new
+        is fetched; they resume with the next batch."""
+        if not self._lock.acquire(timeout=5):
+            return
+        try:
+            if not self.in_flight or not self.owned:
+                return
+            fresh = self.owned - self.paused
+            if fresh:
+                self.consumer.pause([KafkaTopicPartition(self.topic, p) for p in sorted(fresh)])
+                self.paused |= fresh
+            # Serves the group; a partition assigned meanwhile may add to pending.
+            self._fetch(self.batch_size)
+        finally:
+            self._lock.release()
+
+    def _resume(self) -> None:
+        paused, self.paused = self.paused & (self.owned or set()), set()
+        if paused:
+            self.consumer.resume([KafkaTopicPartition(self.topic, p) for p in sorted(paused)])
 
     # --- the sink side -------------------------------------------------------------------
 
@@ -253,6 +301,7 @@ class GroupMember:
         metrics.ASSIGNED_PARTITIONS.dec(len(set(parts) & (self.owned or set())))
         self.owned = (self.owned or set()) - set(parts)
         self.pending = [m for m in self.pending if m.partition not in parts]
+        self.paused -= set(parts)
         for p in parts:
             self.in_flight.pop(p, None)
             self.position.pop(p, None)
@@ -296,6 +345,7 @@ class GroupMember:
         return ends
 
     def close(self) -> None:
+        outage.remove_keeper(self.keep_alive)
         with _members_lock:
             if self in _members:
                 _members.remove(self)
@@ -319,6 +369,17 @@ def commit(offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
             for p in mine:
                 left.pop((member.topic, p))
     return left
+
+
+def give_back(messages: list[InputMessage]) -> None:
+    """Hands events the flow did not take into its batch back to the members that
+    handed them over (see :meth:`GroupMember.take_back`)."""
+    with _members_lock:
+        members = list(_members)
+    for member in members:
+        mine = [m for m in messages if m.topic == member.topic and m.partition in member.in_flight]
+        if mine:
+            member.take_back(mine)
 
 
 class _GroupPartition(StatelessSourcePartition[InputMessage]):
