@@ -14,6 +14,8 @@ from typing import Optional
 
 from confluent_kafka import Producer
 
+from flows import outage
+
 log = logging.getLogger("embedstream.kafka")
 
 
@@ -42,6 +44,7 @@ class Delivery:
         partition: Optional[int] = None,
     ) -> None:
         extra = {} if partition is None else {"partition": partition}
+        blocked_since = time.monotonic()
         while True:
             try:
                 self.producer.produce(
@@ -51,6 +54,8 @@ class Delivery:
             except BufferError:
                 # The local queue is full: wait for the broker instead of growing memory.
                 self.producer.poll(0.1)
+                if time.monotonic() - blocked_since > 1.0:  # a broker down, not a busy one
+                    outage.run_keepers()
 
     def confirm(self, timeout_s: float) -> None:
         """Waits up to ``timeout_s`` for Kafka to confirm every message produced; raises
@@ -62,6 +67,8 @@ class Delivery:
                     f"{len(self.producer)} {self.what} not confirmed by Kafka in {timeout_s:.0f} s"
                 )
             log.warning("waiting for Kafka to confirm %d %s", len(self.producer), self.what)
+            # A broker that is down for long must not get this group member evicted.
+            outage.run_keepers()
         if self.failures:
             failures, self.failures = self.failures, []
             raise DeliveryError(f"{len(failures)} {self.what} were not delivered: {failures[:3]}")
