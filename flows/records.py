@@ -174,6 +174,18 @@ def manifest(
     }
 
 
+#: On a dead letter of the sink: the ``embedstream.type`` its payload had, so that a
+#: redrive sends the record back as the type it was.
+PAYLOAD_TYPE_HEADER = "embedstream.payload-type"
+
+
+def dead_letter_headers(source: InputMessage) -> tuple[tuple[str, bytes], ...]:
+    """The headers of the dead letter of ``source``: its own type, and its payload's."""
+    payload_type = dict(source.headers or ()).get(codecs.TYPE_HEADER)
+    own = ((codecs.TYPE_HEADER, b"DeadLetter"),)
+    return own if payload_type is None else (*own, (PAYLOAD_TYPE_HEADER, payload_type))
+
+
 def dead_letter(
     source: InputMessage,
     stage: str,

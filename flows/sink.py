@@ -31,6 +31,7 @@ from flows.kafka.io import InputMessage, KafkaInput, ReadOptions
 from flows.settings import Settings
 from flows.stores import (
     DeleteOp,
+    Incomplete,
     ManifestOp,
     Op,
     RecordOp,
@@ -92,9 +93,10 @@ def to_op(message: InputMessage, registry: Any = None) -> Optional[Op]:
     raise Rejected("bad_payload", f"a {kind} does not belong on a vector topic")
 
 
-def apply_ops(store: Store, ops: list[Op]) -> None:
+def apply_ops(store: Store, ops: list[Op]) -> list[Incomplete]:
     """One batch of operations into ``store``: planned against the versions it has
-    applied, then written in one go."""
+    applied and the chunks it holds, then written in one go. Returns the manifests left
+    unapplied for want of chunks."""
     tables = {t.name: t for t in store.tables()}
     for o in ops:
         if not isinstance(o, DeleteOp):
@@ -104,9 +106,31 @@ def apply_ops(store: Store, ops: list[Op]) -> None:
         doc_id = o.row["doc_id"] if isinstance(o, RecordOp) else o.doc_id
         names = list(tables) if isinstance(o, DeleteOp) else [o.spec.name]
         keys.update((name, doc_id) for name in names)
-    changes = plan(ops, list(tables.values()), store.states(keys))
+    changes, incomplete = plan(ops, list(tables.values()), store.states(keys), _stored_chunks(store, ops))
     if changes:
         store.write(changes)
+    return incomplete
+
+
+def _stored_chunks(store: Store, ops: list[Op]) -> dict[tuple[str, str], set[str]]:
+    """The chunk ids the store holds of each document that a manifest of ``ops`` names."""
+    wanted: dict[str, tuple[TableSpec, set[str]]] = {}
+    for o in ops:
+        if isinstance(o, ManifestOp):
+            wanted.setdefault(o.spec.name, (o.spec, set()))[1].add(o.doc_id)
+    found = {}
+    for name, (spec, doc_ids) in wanted.items():
+        for doc_id, ids in store.chunk_ids(spec, sorted(doc_ids)).items():
+            found[(name, doc_id)] = ids
+    return found
+
+
+def _missing_chunks(
+    ops: list[tuple[InputMessage, Op]], incomplete: list[Incomplete]
+) -> list[tuple[InputMessage, str, str]]:
+    """The dead letters of the manifests left unapplied, naming the chunks they miss."""
+    message_of = {id(o): m for m, o in ops}
+    return [(message_of[id(i.op)], "missing_chunks", i.describe()) for i in incomplete]
 
 
 class _StorePartition(StatelessSinkPartition[InputMessage]):
@@ -161,8 +185,7 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
         if not ops:
             return []
         try:
-            self._with_retry(lambda: self._apply([o for _, o in ops]))
-            return []
+            return _missing_chunks(ops, self._with_retry(lambda: self._apply([o for _, o in ops])))
         except StoreConfigError:
             raise
         except StoreError:
@@ -172,18 +195,18 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
         letters = []
         for m, o in ops:
             try:
-                self._with_retry(lambda o=o: self._apply([o]))
+                letters += _missing_chunks([(m, o)], self._with_retry(lambda o=o: self._apply([o])))
             except (StoreError, StoreConfigError):
                 raise
             except Exception as e:
                 letters.append((m, "store_rejected", f"{type(e).__name__}: {e}"))
         return letters
 
-    def _apply(self, ops: list[Op]) -> None:
-        apply_ops(self.store, ops)
+    def _apply(self, ops: list[Op]) -> list[Incomplete]:
+        return apply_ops(self.store, ops)
 
-    def _with_retry(self, fn) -> None:
-        outage.wait_out("store", fn, transient=(StoreError,), give_up_s=self.retry_s)
+    def _with_retry(self, fn: Any) -> Any:
+        return outage.wait_out("store", fn, transient=(StoreError,), give_up_s=self.retry_s)
 
     def _dead_letters(self, letters: list[tuple[InputMessage, str, str]]) -> None:
         if not letters:
@@ -204,7 +227,7 @@ class _StorePartition(StatelessSinkPartition[InputMessage]):
                 topic,
                 codecs.encode_single_object("DeadLetter", letter),
                 m.key,
-                headers=((codecs.TYPE_HEADER, b"DeadLetter"),),
+                headers=records.dead_letter_headers(m),
             )
         self.delivery.confirm(300)
 

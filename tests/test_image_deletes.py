@@ -5,43 +5,13 @@ and text. End to end on the real broker, the real flow and the sink into a real 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from conftest import DATA
 from kafka_helpers import FlowTopics, avro_event
+from test_incremental import run_sink
 
 from flows.kafka.topics import create
 from flows.settings import Settings
 from flows.stores import open_store
-
-
-def run_sink(topics: FlowTopics, topic: str, store: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "sink",
-            "--until-end",
-            "--from",
-            "beginning",
-            "--brokers",
-            topics.bootstrap,
-            "--output-topic",
-            topic,
-            "--store",
-            store,
-            "--group-id",
-            f"{topic}.sink",
-            "--metrics-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def stored_docs(url: str) -> set[str]:

@@ -14,6 +14,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from flows import codecs
 from flows.kafka.delivery import Delivery
+from flows.records import PAYLOAD_TYPE_HEADER
 from flows.settings import Settings
 
 #: How long ``publish`` and ``redrive`` wait for Kafka to confirm what they sent.
@@ -276,14 +277,17 @@ def redrive(
                 stats["skipped"] += 1
                 continue
             payload, key = letter.get("payload"), letter.get("key")
+            # A record of an output topic (a sink's letter) goes back with its type.
+            payload_type = dict(msg.headers() or ()).get(PAYLOAD_TYPE_HEADER)
+            headers = ((codecs.TYPE_HEADER, payload_type),) if payload_type else ()
             if payload is None:
                 original = _read_at(settings, letter["topic"], letter["partition"], letter["offset"])
                 if original is None:
                     stats["lost"] += 1  # retention removed it: say so, do not pretend
                     continue
-                payload, key = original.value(), original.key()
+                payload, key, headers = original.value(), original.key(), original.headers() or ()
                 stats["reread"] += 1
-            delivery.produce(target, payload, key)
+            delivery.produce(target, payload, key, headers=headers)
             stats["sent"] += 1
             producer.poll(0)
         # Only once Kafka has every letter sent: progress past a letter not delivered

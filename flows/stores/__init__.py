@@ -6,6 +6,13 @@ of those tables with their model lineage, and per table and document the version
 applied (so older records and manifests are ignored, also after a delete). What a batch
 of the topic does to a store is worked out here, once for both stores
 (:func:`plan`); each store only writes the result, atomically where it can.
+
+A manifest is applied only once the store has every chunk it lists. One that lists a
+chunk whose record never arrived (the sink dead-lettered it, or it was never read) is
+:class:`Incomplete`: the document keeps its previous version and the sink dead-letters
+the manifest, naming the chunks; a redrive of the missing records and the manifest
+completes it. Never silently: in incremental mode the worker does not send an unchanged
+chunk again, so a manifest applied without it would leave the hole for good.
 """
 
 from __future__ import annotations
@@ -116,6 +123,14 @@ class Final:
     version: Version
     chunks: Optional[list[dict[str, Any]]] = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: Rows of a later version of the same input partition stay (a manifest governs its
+    #: version and older ones): they wait for their own manifest, e.g. when a redrive
+    #: applies an older manifest after a newer version's records.
+    keeps_newer: bool = True
+
+    def drops(self, row: dict[str, Any]) -> bool:
+        """Whether the final removes ``row``, one of its document's rows that it does not list."""
+        return not (self.keeps_newer and self.chunks is not None and row["doc_version"] > self.version.offset)
 
 
 @dataclass
@@ -160,6 +175,27 @@ class DeleteOp:
 Op = Union[RecordOp, ManifestOp, DeleteOp]
 
 
+@dataclass(frozen=True)
+class Incomplete:
+    """A manifest left unapplied: the store lacks chunks it lists."""
+
+    op: ManifestOp
+    missing: list[str]
+
+    def describe(self, shown: int = 20) -> str:
+        o = self.op
+        v = o.version
+        ids = ", ".join(self.missing[:shown]) + (
+            f" and {len(self.missing) - shown} more" if len(self.missing) > shown else ""
+        )
+        return (
+            f"the manifest of {o.doc_id!r} at {v.topic}[{v.partition}]@{v.offset} lists "
+            f"{len(self.missing)} chunk(s) the store does not have: {ids}. The document keeps its "
+            "previous version; redrive the sink's dead letters (the records come before this "
+            "manifest) to complete it"
+        )
+
+
 def row_of(record: dict[str, Any]) -> dict[str, Any]:
     """A VectorRecord as a row of its table."""
     return {
@@ -186,13 +222,21 @@ def metadata_json(metadata: dict[str, str]) -> str:
 
 
 def plan(
-    ops: list[Op], tables: list[TableSpec], states: dict[tuple[str, str], DocState]
-) -> list[TableChanges]:
+    ops: list[Op],
+    tables: list[TableSpec],
+    states: dict[tuple[str, str], DocState],
+    stored: dict[tuple[str, str], set[str]],
+) -> tuple[list[TableChanges], list[Incomplete]]:
     """The changes a batch of operations makes, given the applied states of the
-    documents it touches (``(table name, doc_id)`` → state). A DeleteMarker applies to
-    every table: ``tables`` are those the store has, plus those the batch creates."""
+    documents it touches (``(table name, doc_id)`` → state) and the chunk ids the store
+    has of each document a manifest names; and the manifests it leaves unapplied. A
+    DeleteMarker applies to every table: ``tables`` are those the store has, plus those
+    the batch creates."""
     changes: dict[str, TableChanges] = {t.name: TableChanges(t) for t in tables}
     working = dict(states)
+    # The chunks each document will have to position: the store's, and the batch's records.
+    present = {key: set(ids) for key, ids in stored.items()}
+    incomplete: list[Incomplete] = []
 
     def table(spec: TableSpec) -> TableChanges:
         return changes.setdefault(spec.name, TableChanges(spec))
@@ -206,24 +250,37 @@ def plan(
                     continue
                 working[key] = ch.states[op.doc_id] = DocState(op.version, deleted=True)
                 ch.finals[op.doc_id] = Final(op.version)
+                present[key] = set()
                 _drop_rows(ch, op.doc_id)
             continue
         ch = table(op.spec)
         doc_id = op.row["doc_id"] if isinstance(op, RecordOp) else op.doc_id
-        current = working.get((op.spec.name, doc_id))
+        key = (op.spec.name, doc_id)
+        current = working.get(key)
         if op.version.older_than(current.version if current else None):
             continue
         if isinstance(op, RecordOp):
             ch.after[op.row["chunk_id"]] = op.row
+            present.setdefault(key, set()).add(op.row["chunk_id"])
+            continue
+        have = present.get(key, set())
+        missing = [c["chunk_id"] for c in op.chunks if c["chunk_id"] not in have]
+        if missing:
+            incomplete.append(Incomplete(op, missing))
             continue
         # A manifest: the rows of this version (and older) move before it, and it
         # becomes the document's final state in this batch.
         for chunk_id, row in list(ch.after.items()):
             if row["doc_id"] == doc_id and row["doc_version"] <= op.version.offset:
                 ch.before[chunk_id] = ch.after.pop(chunk_id)
-        working[(op.spec.name, doc_id)] = ch.states[doc_id] = DocState(op.version)
-        ch.finals[doc_id] = Final(op.version, op.chunks, op.metadata)
-    return [c for c in changes.values() if not c.empty()]
+        # After a repartitioning of the input, offsets of the old partition say nothing.
+        same_partition = current is None or (current.version.topic, current.version.partition) == (
+            op.version.topic,
+            op.version.partition,
+        )
+        working[key] = ch.states[doc_id] = DocState(op.version)
+        ch.finals[doc_id] = Final(op.version, op.chunks, op.metadata, keeps_newer=same_partition)
+    return [c for c in changes.values() if not c.empty()], incomplete
 
 
 def _drop_rows(ch: TableChanges, doc_id: str) -> None:
@@ -233,15 +290,14 @@ def _drop_rows(ch: TableChanges, doc_id: str) -> None:
 
 
 def apply_final(rows: dict[str, dict[str, Any]], final: Final) -> dict[str, dict[str, Any]]:
-    """A document's rows (chunk_id → row) after its final: only the listed chunks, at
-    the listed positions, with the manifest's metadata; none after a delete."""
+    """A document's rows (chunk_id → row) after its final: the listed chunks, at the
+    listed positions, with the manifest's metadata, and rows of later versions; none
+    after a delete. :func:`plan` applies a manifest only when every listed row is there."""
     if final.chunks is None:
         return {}
-    kept = {}
+    kept = {c: row for c, row in rows.items() if not final.drops(row)}
     for entry in final.chunks:
-        row = rows.get(entry["chunk_id"])
-        if row is None:
-            continue  # its record never reached the store: nothing to position
+        row = rows[entry["chunk_id"]]
         kept[entry["chunk_id"]] = {
             **row,
             "doc_version": final.version.offset,
@@ -276,6 +332,10 @@ class Store(Protocol):
     def tables(self) -> list[TableSpec]: ...
 
     def states(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], DocState]: ...
+
+    def chunk_ids(self, spec: TableSpec, doc_ids: list[str]) -> dict[str, set[str]]:
+        """The ids of the chunks the table holds of each of ``doc_ids``."""
+        ...
 
     def write(self, changes: list[TableChanges]) -> None: ...
 

@@ -179,6 +179,18 @@ class LanceStore:
                 found[key] = DocState(Version(r["topic"], r["partition"], r["offset"]), r["deleted"])
         return found
 
+    def chunk_ids(self, spec: TableSpec, doc_ids: list[str]) -> dict[str, set[str]]:
+        table = self._table(spec.name)
+        found: dict[str, set[str]] = {}
+        if table is None:
+            return found
+        for start in range(0, len(doc_ids), 1000):
+            where = f"doc_id IN ({_in_list(doc_ids[start : start + 1000])})"
+            query = table.search().where(where).select(["doc_id", "chunk_id"]).limit(None)
+            for r in query.to_arrow().to_pylist():
+                found.setdefault(r["doc_id"], set()).add(r["chunk_id"])
+        return found
+
     def write(self, changes: list[TableChanges]) -> None:
         self._wrote = True
         try:

@@ -283,18 +283,35 @@ class PostgresStore:
         manifests = {d: f for d, f in ch.finals.items() if f.chunks is not None}
         if deleted:
             cur.execute(sql.SQL("DELETE FROM {t} WHERE doc_id = ANY(%s)").format(t=t), (deleted,))
+    def chunk_ids(self, spec: TableSpec, doc_ids: list[str]) -> dict[str, set[str]]:
+        if spec.name not in {t.name for t in self.tables()}:
+            return {}
+        query = sql.SQL("SELECT doc_id, chunk_id FROM {t} WHERE doc_id = ANY(%s)").format(
+            t=sql.Identifier(spec.name)
+        )
+        found: dict[str, set[str]] = {}
+        for doc_id, chunk_id in self._run(lambda conn: conn.execute(query, (doc_ids,)).fetchall()):
+            found.setdefault(doc_id, set()).add(chunk_id)
+        return found
+
         if not manifests:
             return
         entries = [(d, f, c) for d, f in manifests.items() for c in f.chunks]
         listed = ([d for d, _, _ in entries], [c["chunk_id"] for _, _, c in entries])
-        # The chunks a manifest no longer lists.
+        # The chunks a manifest no longer lists, but for rows of later versions
+        # (Final.drops): NULL keeps none.
+        keep_above = [f.version.offset if f.keeps_newer else None for f in manifests.values()]
         cur.execute(
             sql.SQL(
-                """DELETE FROM {t} AS c WHERE c.doc_id = ANY(%s) AND NOT EXISTS (
+                """DELETE FROM {t} AS c
+                   USING unnest(%s::text[], %s::bigint[]) AS d(doc_id, keep_above)
+                   WHERE c.doc_id = d.doc_id
+                     AND (d.keep_above IS NULL OR c.doc_version <= d.keep_above)
+                     AND NOT EXISTS (
                        SELECT 1 FROM unnest(%s::text[], %s::text[]) AS m(doc_id, chunk_id)
                        WHERE m.doc_id = c.doc_id AND m.chunk_id = c.chunk_id)"""
             ).format(t=t),
-            (list(manifests), *listed),
+            (list(manifests), keep_above, *listed),
         )
         # Positions and metadata from the manifest, written only where they differ, so
         # an unchanged row keeps its tuple (no index entries rewritten).
