@@ -10,21 +10,28 @@ The state holds ids, not vectors: the first 8 bytes of each id, packed into one
 ``bytes`` per document (about 100 bytes for 12 chunks). It is persisted in a compacted
 changelog topic keyed by doc_id, one changelog partition per input partition, so it
 follows its partition to whichever worker reads it next. A worker reads a partition's
-changelog back the first time it sees a batch of that partition.
+changelog back the first time it sees a batch of that partition, each partition on
+its own and within ``state_restore_deadline_s``: one that cannot be read back in time
+(or at all) is reported and starts empty.
+
+The state is bounded (``state_max_bytes``): past the bound the documents least recently
+used are forgotten, so a worker's memory stays flat however many documents it sees.
 
 Correctness never depends on the state being there: the changelog is written only
 after the records of the batch were delivered, so the state never claims a chunk
 that the output topic lacks, and a chunk the state does not know (no changelog yet,
-a new worker, a replay) is simply embedded again.
+a new worker, a replay, a document evicted or a restore that failed) is simply embedded
+again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
@@ -45,6 +52,10 @@ log = logging.getLogger("embedstream.state")
 ID_PREFIX_BYTES = 8
 #: First byte of a changelog value: its layout, for readers of later releases.
 _FORMAT = b"\x01"
+#: Memory of one remembered document besides its doc_id and packed ids: its key and its
+#: entry in the LRU, whose table tracemalloc measured at up to 175 bytes an entry while
+#: documents come and go.
+ENTRY_OVERHEAD_BYTES = 240
 
 
 def lineage_key(
@@ -88,36 +99,95 @@ def prefix(chunk_id: str) -> bytes:
     return bytes.fromhex(chunk_id[: 2 * ID_PREFIX_BYTES])
 
 
+#: A remembered document: (input topic, input partition, doc_id).
+_Key = tuple[str, int, str]
+
+
+def _cost(key: _Key, value: bytes) -> int:
+    return ENTRY_OVERHEAD_BYTES + sys.getsizeof(key[2]) + sys.getsizeof(value)
+
+
+class _Recent:
+    """Packed ids by document, least recently used first, holding at most ``max_bytes``
+    as :func:`_cost` counts them: past it the oldest are evicted."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: OrderedDict[_Key, bytes] = OrderedDict()
+
+    def get(self, key: _Key) -> Optional[bytes]:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: _Key, value: bytes) -> None:
+        self.pop(key)
+        self.items[key] = value
+        self.bytes += _cost(key, value)
+        while self.bytes > self.max_bytes:
+            old_key, old_value = self.items.popitem(last=False)
+            self.bytes -= _cost(old_key, old_value)
+            metrics.STATE_EVICTIONS.inc()
+
+    def pop(self, key: _Key) -> None:
+        value = self.items.pop(key, None)
+        if value is not None:
+            self.bytes -= _cost(key, value)
+
+
 class ChunkState:
-    """The packed chunk ids per doc_id, per input partition, read back from the
-    changelog on first use of a partition (``restore=False``: start empty)."""
+    """The packed chunk ids per doc_id and input partition, at most
+    ``state_max_bytes`` of them, read back from the changelog on first use of a
+    partition (``restore=False``: start empty)."""
 
     def __init__(self, settings: Settings, *, restore: bool = True) -> None:
         self.topic = settings.chunk_state_topic()
         self.settings = settings
         self.restore_enabled = restore
-        self._partitions: dict[tuple[str, int], dict[str, bytes]] = {}
+        self._docs = _Recent(settings.state_max_bytes)
+        #: Input partitions read back from the changelog (or whose restore failed).
+        self._restored: set[tuple[str, int]] = set()
+        #: A lock per partition being restored: partitions restore side by side.
+        self._restoring: dict[tuple[str, int], threading.Lock] = {}
+        #: Guards the three above; never held while the changelog is read.
         self._lock = threading.Lock()
 
-    def partition(self, topic: str, partition: int) -> dict[str, bytes]:
-        """doc_id → packed ids of one input partition, restored on first use."""
-        key = (topic, partition)
+    def get(self, topic: str, partition: int, doc_id: str) -> Optional[bytes]:
+        """A document's packed ids, if remembered; its partition is restored on first use."""
+        self._restore_once(topic, partition)
         with self._lock:
-            docs = self._partitions.get(key)
-            if docs is None:
-                docs = self._restore(partition) if self.restore_enabled else {}
-                self._partitions[key] = docs
-                metrics.STATE_DOCUMENTS.set(self.documents())
-            return docs
+            return self._docs.get((sys.intern(topic), partition, doc_id))
+
+    def put(self, topic: str, partition: int, doc_id: str, value: Optional[bytes]) -> None:
+        """Remembers a document's packed ids (None: forgets it, as after a DELETE)."""
+        self._restore_once(topic, partition)
+        key = (sys.intern(topic), partition, doc_id)
+        with self._lock:
+            if value is None:
+                self._docs.pop(key)
+            else:
+                self._docs.put(key, value)
 
     def drop(self, topic: str, partition: int) -> None:
         """Forgets a partition (revoked: another worker owns its changelog now)."""
         with self._lock:
-            self._partitions.pop((topic, partition), None)
-            metrics.STATE_DOCUMENTS.set(self.documents())
+            self._restored.discard((topic, partition))
+            for key in [k for k in self._docs.items if k[0] == topic and k[1] == partition]:
+                self._docs.pop(key)
+            self._publish()
 
     def documents(self) -> int:
-        return sum(len(d) for d in self._partitions.values())
+        return len(self._docs.items)
+
+    def bytes(self) -> int:
+        """Memory the remembered documents take, as the bound counts it."""
+        return self._docs.bytes
+
+    def _publish(self) -> None:
+        metrics.STATE_DOCUMENTS.set(self.documents())
+        metrics.STATE_BYTES.set(self.bytes())
 
     # --- a batch against the state ---------------------------------------------------------
 
@@ -131,7 +201,7 @@ class ChunkState:
                 continue
             doc_id = w.event["doc_id"]
             if w.failure is None and w.event["op"] == "UPSERT" and doc_id not in seen:
-                packed = self.partition(w.message.topic, w.message.partition).get(doc_id)
+                packed = self.get(w.message.topic, w.message.partition, doc_id)
                 if packed is not None:
                     known = unpack(packed)
                     w.fresh = [prefix(i) not in known for i in w.ids]
@@ -145,14 +215,11 @@ class ChunkState:
             if w.failure is not None:
                 continue  # the document keeps what it had
             m, doc_id = w.message, w.event["doc_id"]
-            docs = self.partition(m.topic, m.partition)
-            if w.event["op"] == "DELETE":
-                docs.pop(doc_id, None)
-                value = None
-            else:
-                value = docs[doc_id] = pack(w.ids)
+            value = None if w.event["op"] == "DELETE" else pack(w.ids)
+            self.put(m.topic, m.partition, doc_id, value)
             latest[(m.topic, m.partition, doc_id)] = (w, value)
-        metrics.STATE_DOCUMENTS.set(self.documents())
+        with self._lock:
+            self._publish()
         return [
             OutputMessage(
                 self.topic,
@@ -165,9 +232,40 @@ class ChunkState:
             for (_, partition, doc_id), (w, value) in latest.items()
         ]
 
-    def _restore(self, partition: int) -> dict[str, bytes]:
+    # --- reading the changelog back --------------------------------------------------------
+
+    def _restore_once(self, topic: str, partition: int) -> None:
+        """Reads a partition's changelog back on its first use. Each partition has its
+        own lock, so a slow restore holds up only the batches of its own partition."""
+        key = (topic, partition)
+        with self._lock:
+            if key in self._restored:
+                return
+            lock = self._restoring.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                if key in self._restored:
+                    return
+            docs = self._read_back(topic, partition) if self.restore_enabled else None
+            with self._lock:
+                if docs is not None:
+                    for doc_key, value in docs.items.items():
+                        self._docs.put(doc_key, value)
+                self._restored.add(key)
+                self._restoring.pop(key, None)
+                self._publish()
+
+    def _read_back(self, topic: str, partition: int) -> Optional[_Recent]:
+        """The partition's changelog, all of it or nothing: a restore that fails or
+        outlives its deadline is reported, and the partition starts empty (a part of
+        the changelog could hold a document's older ids, and claim chunks it lacks)."""
+        deadline_s = self.settings.state_restore_deadline_s
         started = time.monotonic()
-        docs: dict[str, bytes] = {}
+        deadline = started + deadline_s
+        log.info(
+            "reading back the chunk state of input partition %d from %s[%d]", partition, self.topic, partition
+        )
+        docs = _Recent(self.settings.state_max_bytes)  # never more than the state keeps
         consumer = Consumer(
             {
                 **self.settings.kafka_common(),
@@ -177,13 +275,14 @@ class ChunkState:
             }
         )
         try:
-            tp = KafkaTopicPartition(self.topic, partition)
-            low, high = consumer.get_watermark_offsets(tp, timeout=30, cached=False)
+            low, high = _watermarks(consumer, KafkaTopicPartition(self.topic, partition), deadline)
             if high > low:
                 consumer.assign([KafkaTopicPartition(self.topic, partition, OFFSET_BEGINNING)])
-                done = False
+                done, position = False, low
                 while not done:
-                    for msg in consumer.consume(10_000, 1.0):
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"read up to offset {position} of {high}")
+                    for msg in consumer.consume(10_000, min(1.0, max(deadline - time.monotonic(), 0.01))):
                         err = msg.error()
                         if err is not None:
                             if err.code() == KafkaError._PARTITION_EOF:
@@ -192,26 +291,56 @@ class ChunkState:
                             if err.fatal():
                                 raise KafkaException(err)
                             continue
-                        doc_id = msg.key().decode() if msg.key() else None
-                        if doc_id is not None:
+                        position = msg.offset()
+                        if msg.key():
+                            key = (sys.intern(topic), partition, msg.key().decode())
                             if msg.value() is None:
-                                docs.pop(doc_id, None)
+                                docs.pop(key)
                             else:
-                                docs[doc_id] = msg.value()
+                                docs.put(key, msg.value())
                         if msg.offset() >= high - 1:
                             done = True
+        except (KafkaException, TimeoutError, UnicodeDecodeError) as e:
+            late = isinstance(e, TimeoutError)
+            metrics.STATE_RESTORE_FAILURES.inc()
+            log.error(
+                "the chunk state of input partition %d could not be read back from %s[%d]%s (%s): "
+                "the partition starts empty, so its documents are embedded in full",
+                partition,
+                self.topic,
+                partition,
+                f" within its deadline of {deadline_s:g} s" if late else "",
+                e,
+            )
+            return None
         finally:
             consumer.close()
         metrics.STATE_RESTORES.inc()
         log.info(
             "chunk state of input partition %d: %d documents from %s[%d] in %.2f s",
             partition,
-            len(docs),
+            len(docs.items),
             self.topic,
             partition,
             time.monotonic() - started,
         )
         return docs
+
+
+def _watermarks(consumer: Consumer, tp: KafkaTopicPartition, deadline: float) -> tuple[int, int]:
+    """The partition's low and high offsets, asked again while the broker cannot answer
+    (down, or the partition not known yet) until the deadline."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(
+                tp, timeout=max(deadline - time.monotonic(), 0.01), cached=False
+            )
+        except KafkaException as e:
+            if e.args[0].fatal():
+                raise
+            if time.monotonic() + 1.0 >= deadline:
+                raise TimeoutError(e.args[0].str()) from e
+            time.sleep(1.0)
 
 
 def ensure_topic(settings: Settings) -> None:

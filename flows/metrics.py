@@ -19,6 +19,18 @@ STATE_RESTORES = Counter(
     "embedstream_state_restores", "Input partitions whose chunk state was read back from the changelog"
 )
 STATE_DOCUMENTS = Gauge("embedstream_state_documents", "Documents in the incremental chunk state")
+STATE_BYTES = Gauge(
+    "embedstream_state_bytes",
+    "Memory of the incremental chunk state (bounded by EMBEDSTREAM_STATE_MAX_BYTES)",
+)
+STATE_EVICTIONS = Counter(
+    "embedstream_state_evictions",
+    "Documents the chunk state forgot to stay under its bound (embedded in full next)",
+)
+STATE_RESTORE_FAILURES = Counter(
+    "embedstream_state_restore_failures",
+    "Input partitions whose chunk state could not be read back in time (they start empty)",
+)
 DEAD_LETTERS = Counter("embedstream_dead_letters", "Dead letters by stage and reason", ["stage", "reason"])
 BATCH_EVENTS = Histogram(
     "embedstream_batch_events", "Events per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -86,6 +86,13 @@ class Settings:
     #: Incremental mode's compacted changelog of per-document chunk ids, one partition per
     #: input partition (None: "<group_id>.chunk-state"; created if missing).
     state_topic: Optional[str] = None
+    #: Most bytes of memory the chunk state of a worker process holds (about 660 per
+    #: document of 38 chunks); past it the least recently used documents are forgotten,
+    #: and embedded in full on their next update.
+    state_max_bytes: int = 256 * 1024 * 1024
+    #: Longest time, in seconds, for reading one partition's chunk state back from the
+    #: changelog; past it (or on an error) the partition starts with an empty state.
+    state_restore_deadline_s: float = 120.0
     #: Most events the source hands over as one micro-batch, per partition (None: 512 on
     #: the CPU, 2048 on a GPU, whose larger batches keep it busy).
     batch_size: Optional[int] = None
@@ -200,6 +207,8 @@ class Settings:
             "max_document_bytes",
             "max_chunks",
             "extract_workers",
+            "state_max_bytes",
+            "state_restore_deadline_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
