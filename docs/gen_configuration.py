@@ -103,6 +103,17 @@ OTHER_VARIABLES: list[tuple[str, str, str]] = [
         "The local broker's controller port. Not a librdkafka setting.",
     ),
     (
+        "EMBEDSTREAM_REGISTRY_HOME",
+        "`~/.cache/embedstream/registry`",
+        "The local schema registry's application and data (`embedstream registry start`).",
+    ),
+    ("EMBEDSTREAM_REGISTRY_PORT", "`38081`", "The local schema registry's port."),
+    (
+        "EMBEDSTREAM_REGISTRY_JAVA",
+        "",
+        "The `java` (21+) that runs the local schema registry; by default the first found.",
+    ),
+    (
         "EMBEDSTREAM_POSTGRES_DIR",
         "`~/.cache/embedstream/postgres`",
         "Data directory of the local PostgreSQL (`embedstream postgres start`).",

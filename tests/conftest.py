@@ -43,6 +43,21 @@ def kafka_bootstrap():
 
 
 @pytest.fixture(scope="session")
+def schema_registry(tmp_path_factory):
+    """A real schema registry with a Confluent-compatible API: the local Apicurio Registry
+    of `embedstream registry`, on a port and in a data directory of this session. Tests
+    may stop and start it; it is stopped afterwards."""
+    from kafka_helpers import free_port
+
+    from flows.dev.registry import LocalRegistry
+
+    registry = LocalRegistry(port=free_port(), storage=tmp_path_factory.mktemp("registry"))
+    registry.start()
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory):
     """A real PostgreSQL with pgvector: $EMBEDSTREAM_TEST_POSTGRES (a DSN), else the
     local server of `embedstream postgres`, in a data directory of this session."""

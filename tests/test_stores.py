@@ -236,12 +236,10 @@ def test_search_returns_k_hits_past_the_indexes_default_candidate_list(store_url
         store.close()
 
 
-def test_confluent_framed_records_become_the_same_operations(tmp_path):
-    from test_codecs import InMemoryRegistry
-
+def test_confluent_framed_records_become_the_same_operations(schema_registry):
     from flows.registry import SchemaRegistry
 
-    registry = SchemaRegistry(InMemoryRegistry())
+    registry = SchemaRegistry.from_url(schema_registry.url)
     stream = [*version("a", 0, ["one", "two"]), ("DeleteMarker", delete("b", 1))]
     framed = [
         dataclasses.replace(m, value=registry.encode(kind, r))

@@ -1,4 +1,4 @@
-"""``embedstream kafka``, ``postgres`` and ``image``: the developer services of
+"""``embedstream kafka``, ``registry``, ``postgres`` and ``image``: the developer services of
 :mod:`flows.dev`, the only commands that use them."""
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ def add_commands(sub: Commands) -> None:
     )
     postgres.add_argument("action", choices=["start", "stop", "status", "dsn"])
     postgres.set_defaults(func=cmd_postgres)
+
+    registry = sub.add_parser(
+        "registry",
+        help="a local schema registry with a Confluent-compatible API (Apicurio; development and tests)",
+    )
+    registry.add_argument("action", choices=["start", "stop", "status", "url"])
+    registry.set_defaults(func=cmd_registry)
 
     image = sub.add_parser(
         "image",
@@ -51,6 +58,21 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         print("stopped" if broker.stop() else "not running")
     else:
         print(broker.status())
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from flows.dev.registry import LocalRegistry
+
+    registry = LocalRegistry()
+    if args.action == "start":
+        print(f"schema registry ready: {registry.start()}")
+    elif args.action == "stop":
+        print("stopped" if registry.stop() else "not running")
+    elif args.action == "url":
+        print(registry.url)
+    else:
+        print(registry.status())
     return 0
 
 
