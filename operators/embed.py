@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -24,6 +25,26 @@ def cpu_kernels() -> tuple[str, str]:
     ``"avx512"``. ``EMBEDSTREAM_CPU_KERNELS`` (``auto`` by default) forces a path; it
     is read at every model load and holds for the whole process."""
     return _native.cpu_kernels()
+
+
+def cpu_info() -> dict[str, Any]:
+    """What the CPU path runs, after reading ``EMBEDSTREAM_CPU_KERNELS`` as a model load
+    does: ``processor`` (the CPU's model name), ``kernels`` and ``best_kernels`` (as
+    :func:`cpu_kernels`), ``gemm`` (the f32 matrix products' instruction set:
+    ``"avx512f"``, ``"fma"`` or ``"scalar"``), ``threads``, and ``features``: the CPU
+    features those choices look for, of those this CPU has."""
+    return {"processor": _processor(), **_native.cpu_info()}
+
+
+def _processor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 #: How a chunker places its cuts: ``"greedy"`` fills every chunk as far as it can;

@@ -190,6 +190,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_format)
     metrics.serve(settings.metrics_port)
     log = logging.getLogger("embedstream")
+    from flows import info
+
+    log.info("%s", info.summary(info.gather()))
     log.info("settings: %s", settings.redacted())
     from flows.kafka.topics import check_exist
 

@@ -4,8 +4,9 @@
 //! on an AVX-512 machine.
 //!
 //! The choice is process-wide and read again at every model load. It covers the
-//! kernels this crate writes (q8 matrix products, attention rows, GELU); the `gemm`
-//! crate under candle picks its own path.
+//! kernels this crate writes (q8 matrix products, attention rows, GELU) and the
+//! instruction set of our f32 matrix products ([`Gemm`], run by `nn::gemm`); the
+//! few products candle runs itself take the `gemm` crate's own choice.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -59,15 +60,80 @@ impl Kernels {
     }
 }
 
-/// 0 until the first model load (or query) configures it.
+/// The micro-kernels of our f32 matrix products. Apart from [`Kernels`] because
+/// AVX-512F alone suffices here, while our AVX-512 path also needs VNNI: a Skylake
+/// Xeon runs our AVX2 kernels but AVX-512 GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gemm {
+    Scalar = 1,
+    /// AVX2 and FMA, 256-bit.
+    Fma = 2,
+    /// AVX-512F, 512-bit: twice the work per instruction on cores with two 512-bit
+    /// FMA units (Intel Xeon); on AMD Zen 4, which splits them, about even with FMA.
+    Avx512 = 3,
+}
+
+impl Gemm {
+    // Only the bindings ask for names (`embedstream info`).
+    #[cfg_attr(not(feature = "python"), allow(dead_code))]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            Self::Fma => "fma",
+            Self::Avx512 => "avx512f",
+        }
+    }
+
+    /// Whether this CPU has the instructions.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Self::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Fma => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The GEMM that goes with a kernel path: the path's own instruction set when one
+    /// is forced, the best this CPU has under `auto`.
+    fn for_kernels(kernels: Kernels, forced: bool) -> Self {
+        if !forced && Self::Avx512.runs_here() {
+            return Self::Avx512;
+        }
+        match kernels {
+            Kernels::Avx512 => Self::Avx512,
+            Kernels::Avx2 => Self::Fma,
+            Kernels::Portable => Self::Scalar,
+        }
+    }
+
+    fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::Scalar),
+            2 => Some(Self::Fma),
+            3 => Some(Self::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// 0 until the first model load (or query) configures them.
 static SELECTED: AtomicU8 = AtomicU8::new(0);
+static SELECTED_GEMM: AtomicU8 = AtomicU8::new(0);
 
 /// Reads `EMBEDSTREAM_CPU_KERNELS` and makes it the path every kernel takes from now
 /// on. A path this CPU cannot run is an error naming what it has.
 pub fn configure() -> Result<Kernels, EmbedError> {
     let requested = std::env::var("EMBEDSTREAM_CPU_KERNELS").unwrap_or_default();
     let detected = Kernels::detected();
-    let kernels = match requested.trim().to_ascii_lowercase().as_str() {
+    let requested = requested.trim().to_ascii_lowercase();
+    let forced = !matches!(requested.as_str(), "" | "auto");
+    let kernels = match requested.as_str() {
         "" | "auto" => detected,
         "portable" => Kernels::Portable,
         "avx2" => Kernels::Avx2,
@@ -86,6 +152,7 @@ pub fn configure() -> Result<Kernels, EmbedError> {
         )));
     }
     SELECTED.store(kernels as u8, Ordering::Relaxed);
+    SELECTED_GEMM.store(Gemm::for_kernels(kernels, forced) as u8, Ordering::Relaxed);
     Ok(kernels)
 }
 
@@ -96,4 +163,31 @@ pub fn current() -> Kernels {
         SELECTED.store(detected as u8, Ordering::Relaxed);
         detected
     })
+}
+
+/// The GEMM in force: the configured one, else the best this CPU has.
+pub fn gemm() -> Gemm {
+    Gemm::from_u8(SELECTED_GEMM.load(Ordering::Relaxed)).unwrap_or_else(|| {
+        let gemm = Gemm::for_kernels(Kernels::detected(), false);
+        SELECTED_GEMM.store(gemm as u8, Ordering::Relaxed);
+        gemm
+    })
+}
+
+/// The CPU features our paths look for, of those this CPU has.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub fn features() -> Vec<&'static str> {
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! check {
+            ($($name:tt),*) => {
+                $(if std::is_x86_feature_detected!($name) {
+                    found.push($name);
+                })*
+            };
+        }
+        check!("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avx512bf16");
+    }
+    found
 }

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::activation::Activation;
 use super::cpu_op::{self, contiguous_f32, F32Op, Output, Second};
+use super::gemm::{sgemm, MatMut, MatRef, Parallelism};
 use super::kernels;
 use super::q8::QuantizedLinear;
 
@@ -214,7 +215,7 @@ fn float_matmul(
         return out;
     }
     let spare = &mut out.spare_capacity_mut()[..rows * n];
-    let block = |first: usize, out: &mut [MaybeUninit<f32>], parallelism: gemm::Parallelism| {
+    let block = |first: usize, out: &mut [MaybeUninit<f32>], parallelism: Parallelism| {
         let count = out.len() / n;
         for row in out.chunks_mut(n) {
             match bias {
@@ -232,25 +233,26 @@ fn float_matmul(
         // and `weight` is `[n, k]`, all row-major: every index the strides reach lies
         // inside the slices.
         unsafe {
-            gemm::gemm(
-                count,
-                n,
+            sgemm(
+                MatMut {
+                    ptr: out.as_mut_ptr(),
+                    rows: count,
+                    cols: n,
+                    row_stride: n as isize,
+                    col_stride: 1,
+                },
+                MatRef {
+                    ptr: x[first * k..].as_ptr(),
+                    row_stride: k as isize,
+                    col_stride: 1,
+                },
+                MatRef {
+                    ptr: weight.as_ptr(),
+                    row_stride: 1,
+                    col_stride: k as isize,
+                },
                 k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
                 true,
-                x[first * k..].as_ptr(),
-                1,
-                k as isize,
-                weight.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
                 parallelism,
             );
         }
@@ -261,13 +263,13 @@ fn float_matmul(
         );
     };
     if rows < threads * MIN_ROWS_PER_THREAD {
-        block(0, spare, gemm::Parallelism::Rayon(threads));
+        block(0, spare, Parallelism::Rayon(threads));
     } else {
         let rows_per_block = rows.div_ceil(threads);
         spare
             .par_chunks_mut(rows_per_block * n)
             .enumerate()
-            .for_each(|(i, out)| block(i * rows_per_block, out, gemm::Parallelism::None));
+            .for_each(|(i, out)| block(i * rows_per_block, out, Parallelism::None));
     }
     // SAFETY: the blocks cover all `rows · n` elements and each initialised its own.
     unsafe { out.set_len(rows * n) };

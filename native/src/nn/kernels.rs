@@ -220,6 +220,7 @@ impl F32Op for GeluErf {
 /// The kernels proper: one portable body each, compiled twice.
 mod simd {
     use super::{Heads, Reach};
+    use crate::nn::gemm::{sgemm, MatMut, MatRef, Parallelism};
 
     /// A score no key within reach can come near: its weight underflows to zero.
     const OUT_OF_REACH: f32 = f32::MIN / 2.0;
@@ -278,26 +279,27 @@ mod simd {
             // rows < tokens of width 3·hidden, columns < dim within this head's slice.
             unsafe {
                 // scores[i, j] = query_i · key_j
-                gemm::gemm(
-                    real,
-                    tokens,
+                sgemm(
+                    MatMut {
+                        ptr: scores.as_mut_ptr(),
+                        rows: real,
+                        cols: tokens,
+                        row_stride: tokens as isize,
+                        col_stride: 1,
+                    },
+                    MatRef {
+                        ptr: query,
+                        row_stride: row,
+                        col_stride: 1,
+                    },
+                    MatRef {
+                        ptr: key,
+                        row_stride: 1,
+                        col_stride: row,
+                    },
                     dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    tokens as isize,
                     false,
-                    query,
-                    1,
-                    row,
-                    key,
-                    row,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Parallelism::None,
                 );
             }
             for (i, scores) in scores.chunks_exact_mut(tokens).enumerate() {
@@ -317,26 +319,27 @@ mod simd {
             // SAFETY: as above.
             unsafe {
                 // out[i, head] = Σ_j scores[i, j] · value_j
-                gemm::gemm(
-                    real,
-                    dim,
+                sgemm(
+                    MatMut {
+                        ptr: out[head * dim..].as_mut_ptr(),
+                        rows: real,
+                        cols: dim,
+                        row_stride: hidden as isize,
+                        col_stride: 1,
+                    },
+                    MatRef {
+                        ptr: scores.as_ptr(),
+                        row_stride: tokens as isize,
+                        col_stride: 1,
+                    },
+                    MatRef {
+                        ptr: value,
+                        row_stride: row,
+                        col_stride: 1,
+                    },
                     tokens,
-                    out[head * dim..].as_mut_ptr(),
-                    1,
-                    hidden as isize,
                     false,
-                    scores.as_ptr(),
-                    1,
-                    tokens as isize,
-                    value,
-                    1,
-                    row,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Parallelism::None,
                 );
             }
         }

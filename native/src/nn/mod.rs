@@ -6,6 +6,7 @@ pub mod attention_bias;
 pub mod cpu;
 pub mod cpu_op;
 pub mod dense;
+pub mod gemm;
 pub mod kernels;
 pub mod packed;
 pub mod q8;

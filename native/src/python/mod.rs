@@ -387,6 +387,21 @@ fn cpu_kernels() -> (&'static str, &'static str) {
     )
 }
 
+/// What the CPU path runs, after reading `EMBEDSTREAM_CPU_KERNELS` as a model load
+/// does: our kernels, the GEMM's instruction set, the threads, and the CPU features
+/// that decide them.
+#[pyfunction]
+fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let kernels = crate::nn::cpu::configure().map_err(|e| embed_error(py, e))?;
+    let info = PyDict::new(py);
+    info.set_item("kernels", kernels.name())?;
+    info.set_item("best_kernels", crate::nn::cpu::Kernels::detected().name())?;
+    info.set_item("gemm", crate::nn::cpu::gemm().name())?;
+    info.set_item("threads", rayon::current_num_threads())?;
+    info.set_item("features", crate::nn::cpu::features())?;
+    Ok(info)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(extract, m)?)?;
@@ -395,6 +410,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_built, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     m.add_class::<PyEmbedder>()?;
     m.add_class::<PyChunker>()?;
     m.add_class::<PyImageEmbedder>()?;
