@@ -227,10 +227,8 @@ def decode_document_event(
             raise DecodeError(
                 "no_schema_registry", "Confluent-framed message, but no schema registry is configured"
             )
-        try:
-            event = registry.decode(data)
-        except Exception as e:
-            raise DecodeError("bad_payload", f"invalid Confluent-framed Avro: {e}") from None
+        # Raises DecodeError for a bad payload; waits out a registry that cannot answer.
+        event = registry.decode(data)
     elif data.lstrip()[:1] == b"{":
         event = _document_from_json(data)
     else:
@@ -304,7 +302,9 @@ def decode_output(data: bytes, headers: Headers, registry: Any = None) -> tuple[
     name = type_of(headers)
     if data[:2] == SINGLE_OBJECT_MAGIC:
         found, record = decode_single_object(data)
-    elif data[:1] == b"\x00" and registry is not None:
+    elif data[:1] == b"\x00":
+        if registry is None:
+            raise DecodeError("no_schema_registry", "a Confluent-framed record, but no schema registry")
         found, record = registry.decode_any(data)
     else:
         return name, _output_from_json(name, data)

@@ -23,6 +23,14 @@ EVENT = {
     "event_time": 1_700_000_000_000,
 }
 
+DELETE_MARKER = {
+    "doc_id": "x",
+    "doc_version": {"topic": "t", "partition": 0, "offset": 1},
+    "metadata": {},
+    "event_time": 1,
+    "emitted_at": 2,
+}
+
 
 @pytest.mark.parametrize("name", codecs.RECORD_TYPES)
 def test_fingerprints_are_crc64_avro_of_the_canonical_form(name):
@@ -111,85 +119,73 @@ def test_delete_needs_no_content():
     assert event["op"] == "DELETE" and event["content"] is None
 
 
-class InMemoryRegistry:
-    """Stands in for a Confluent Schema Registry server, which cannot run here: it
-    assigns ids and returns schemas as the real client does. What is tested is our
-    framing codec and schema resolution, not the registry."""
-
-    def __init__(self) -> None:
-        self.schemas: dict[int, object] = {}
-
-    def register_schema(self, subject, schema) -> int:
-        for schema_id, known in self.schemas.items():
-            if known.schema_str == schema.schema_str:
-                return schema_id
-        self.schemas[len(self.schemas) + 1] = schema
-        return len(self.schemas)
-
-    def get_schema(self, schema_id):
-        return self.schemas[schema_id]
+@pytest.fixture
+def registry(schema_registry):
+    return SchemaRegistry.from_url(schema_registry.url)
 
 
-def test_confluent_framing_round_trip():
-    registry = SchemaRegistry(InMemoryRegistry())
+def test_confluent_framing_round_trip(registry, schema_registry):
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
     data = registry.encode("DocumentEvent", EVENT)
-    assert data[0] == 0 and int.from_bytes(data[1:5], "big") == 1
-    assert decode_document_event(data, registry=registry) == EVENT
-    name, record = registry.decode_any(
-        registry.encode(
-            "DeleteMarker",
-            {
-                "doc_id": "x",
-                "doc_version": {"topic": "t", "partition": 0, "offset": 3},
-                "metadata": {},
-                "event_time": 1,
-                "emitted_at": 2,
-            },
-        )
+    registered = SchemaRegistryClient({"url": schema_registry.url}).get_latest_version(
+        "dev.embedstream.DocumentEvent"
     )
-    assert name == "DeleteMarker" and record["doc_version"]["offset"] == 3
+    assert data[0] == 0 and int.from_bytes(data[1:5], "big") == registered.schema_id
+    assert decode_document_event(data, registry=registry) == EVENT
+    name, record = registry.decode_any(registry.encode("DeleteMarker", DELETE_MARKER))
+    assert name == "DeleteMarker" and record == DELETE_MARKER
 
 
-def test_confluent_reader_resolves_an_older_writer_schema():
-    from confluent_kafka.schema_registry import Schema
-
+def older_document_event() -> dict:
+    """DocumentEvent as a producer on an older version writes it: no ``filename``."""
     old = dict(codecs.schema("DocumentEvent").raw)
-    old["fields"] = [f for f in old["fields"] if f["name"] != "filename"]  # a producer on an older schema
-    client = InMemoryRegistry()
-    schema_id = client.register_schema("x", Schema(json.dumps(old), "AVRO"))
-    from fastavro.schema import parse_schema
+    old["fields"] = [f for f in old["fields"] if f["name"] != "filename"]
+    return old
 
-    datum = codecs.Schema("old", old)
+
+def register(schema_registry, subject: str, raw: dict) -> int:
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    return SchemaRegistryClient({"url": schema_registry.url}).register_schema(
+        subject, Schema(json.dumps(raw), "AVRO")
+    )
+
+
+def frame_older_event(schema_id: int, doc_id: str = "doc-1") -> bytes:
     record = {k: v for k, v in EVENT.items() if k != "filename"}
-    framed = codecs.confluent_frame(schema_id, datum.write(record))
-    assert parse_schema(old)
-    event = decode_document_event(framed, registry=SchemaRegistry(client))
+    return codecs.confluent_frame(
+        schema_id, codecs.Schema("old", older_document_event()).write({**record, "doc_id": doc_id})
+    )
+
+
+def test_confluent_reader_resolves_an_older_writer_schema(registry, schema_registry):
+    schema_id = register(schema_registry, "older-producer-value", older_document_event())
+    event = decode_document_event(frame_older_event(schema_id), registry=registry)
     assert event["filename"] is None and event["doc_id"] == "doc-1"
 
 
+def test_a_schema_id_the_registry_does_not_have_is_a_bad_payload(registry):
+    with pytest.raises(DecodeError) as info:
+        decode_document_event(codecs.confluent_frame(987_654, b"\x02"), registry=registry)
+    assert info.value.reason == "unknown_schema"
+
+
+def test_a_datum_that_does_not_fit_its_schema_is_a_bad_payload(registry):
+    framed = registry.encode("DocumentEvent", EVENT)
+    with pytest.raises(DecodeError) as info:
+        decode_document_event(framed[:8], registry=registry)
+    assert info.value.reason == "bad_payload"
+
+
 def test_output_encoder_formats():
-    record = {
-        "doc_id": "x",
-        "doc_version": {"topic": "t", "partition": 0, "offset": 1},
-        "metadata": {},
-        "event_time": 1,
-        "emitted_at": 2,
-    }
+    record = DELETE_MARKER
     avro = codecs.OutputEncoder("avro").encode("DeleteMarker", record)
     assert codecs.decode_output(avro, typed("DeleteMarker")) == ("DeleteMarker", record)
     as_json = codecs.OutputEncoder("json").encode("DeleteMarker", record)
     assert json.loads(as_json) == record
     with pytest.raises(ValueError):
         codecs.OutputEncoder("confluent")
-
-
-DELETE_MARKER = {
-    "doc_id": "x",
-    "doc_version": {"topic": "t", "partition": 0, "offset": 1},
-    "metadata": {},
-    "event_time": 1,
-    "emitted_at": 2,
-}
 
 
 def typed(name: str) -> list[tuple[str, bytes]]:
