@@ -8,10 +8,8 @@ JDK 17+ and Maven. Every step is idempotent.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -19,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+
+from flows.dev import service
 
 
 def pom() -> bytes:
@@ -55,39 +55,8 @@ class LocalKafka:
     # --- jars ------------------------------------------------------------------------------
 
     def ensure_jars(self) -> None:
-        # Keyed by the POM's content: an installed wheel and a checkout share one cache.
-        stamp = self.lib / ".pom-sha256"
-        pom_xml = pom()
-        digest = hashlib.sha256(pom_xml).hexdigest()
-        if stamp.is_file() and stamp.read_text() == digest and any(self.lib.glob("kafka_2.13-*.jar")):
-            return
-        if shutil.which("mvn") is None:
-            raise RuntimeError("Maven (mvn) is needed once to fetch the Kafka jars from Maven Central")
-        if self.lib.exists():
-            shutil.rmtree(self.lib)
-        self.lib.mkdir(parents=True)
-        # Maven wants a file: a copy beside the jars, wherever the package lives.
-        pom_file = self.home / "pom.xml"
-        pom_file.write_bytes(pom_xml)
-        # Quiet unless it fails: Maven writes colour codes even in batch mode.
-        mvn = subprocess.run(
-            [
-                "mvn",
-                "-q",
-                "-B",
-                "-f",
-                str(pom_file),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={self.lib}",
-                "-DincludeScope=runtime",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        if mvn.returncode != 0:
-            raise RuntimeError(f"Maven could not fetch the Kafka jars:\n{mvn.stdout[-4000:]}")
-        stamp.write_text(digest)
+        goal = ["dependency:copy-dependencies", "-DincludeScope=runtime"]
+        service.fetch_with_maven(pom(), self.home, self.lib, goal, "the Kafka jars")
 
     def _java(self, *args: str, **kwargs) -> subprocess.Popen:
         java = shutil.which("java")
@@ -146,12 +115,7 @@ class LocalKafka:
         return config
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return None
+        return service.running_pid(self.pid_file)
 
     def ready(self) -> bool:
         try:
@@ -221,21 +185,7 @@ class LocalKafka:
 
     def stop(self, timeout: float = 30) -> bool:
         """Stops the broker; returns whether one was running."""
-        pid = self.pid()
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            os.kill(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return service.stop(self.pid_file, timeout)
 
     def status(self) -> str:
         pid = self.pid()

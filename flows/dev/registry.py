@@ -11,11 +11,9 @@ Java 21). Every step is idempotent.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -23,6 +21,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Optional
+
+from flows.dev import service
 
 #: The oldest Java that runs Apicurio Registry 3.
 JAVA_RELEASE = 21
@@ -64,37 +64,12 @@ class LocalRegistry:
         return self.home / f"registry-{self.port}.log"
 
     def ensure_app(self) -> None:
-        # Keyed by the POM's content: an installed wheel and a checkout share one cache.
-        stamp = self.app / ".pom-sha256"
-        pom_xml = pom()
-        digest = hashlib.sha256(pom_xml).hexdigest()
-        if stamp.is_file() and stamp.read_text() == digest and (self.app / "quarkus-run.jar").is_file():
-            return
-        if shutil.which("mvn") is None:
-            raise RuntimeError("Maven (mvn) is needed once to fetch Apicurio Registry from Maven Central")
-        if self.app.exists():
-            shutil.rmtree(self.app)
-        self.app.mkdir(parents=True)
-        pom_file = self.home / "pom.xml"
-        pom_file.write_bytes(pom_xml)
-        mvn = subprocess.run(
-            ["mvn", "-q", "-B", "-f", str(pom_file), "dependency:unpack-dependencies",
-             f"-DoutputDirectory={self.app}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        if mvn.returncode != 0:
-            raise RuntimeError(f"Maven could not fetch Apicurio Registry:\n{mvn.stdout[-4000:]}")
-        stamp.write_text(digest)
+        service.fetch_with_maven(
+            pom(), self.home, self.app, ["dependency:unpack-dependencies"], "Apicurio Registry"
+        )
 
     def pid(self) -> Optional[int]:
-        try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return None
+        return service.running_pid(self.pid_file)
 
     def ready(self) -> bool:
         try:
@@ -145,21 +120,7 @@ class LocalRegistry:
         """Stops the registry; returns whether one was running. Its JVM can linger after
         the application has stopped (while a client holds a connection): killed after
         ``timeout``, by when its storage is closed."""
-        pid = self.pid()
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            os.kill(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return service.stop(self.pid_file, timeout)
 
     def status(self) -> str:
         pid = self.pid()
