@@ -286,3 +286,76 @@ def test_tables_from_before_the_time_columns_get_them(store_url):
     apply(store_url, [("VectorRecord", r), ("DocManifest", manifest([r]))])
     got = rows(store_url)
     assert got["new#0"]["time_end_ms"] == 500 and got["old#0"]["time_start_ms"] is None
+
+
+# --- the local PostgreSQL and pgvector's versions ---------------------------------------------
+
+
+def test_the_local_postgres_is_postgresql_18_with_pgvector_0_8(postgres_server):
+    import os
+
+    import psycopg
+
+    if os.environ.get("EMBEDSTREAM_TEST_POSTGRES"):
+        pytest.skip("$EMBEDSTREAM_TEST_POSTGRES points at another server")
+    with psycopg.connect(postgres_server) as conn:
+        server = conn.execute("SHOW server_version_num").fetchone()[0]
+        [vector] = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    assert int(server) // 10000 == 18 and vector.startswith("0.8."), (server, vector)
+
+
+def test_the_postgres_store_detects_and_records_the_pgvector_version(postgres_dsn):
+    import psycopg
+
+    from flows.stores.postgres import PostgresStore, pgvector_version
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        [text] = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    store = PostgresStore(postgres_dsn)
+    try:
+        assert store.tables() == []
+        assert store.pgvector == pgvector_version(text) >= (0, 8, 0)
+    finally:
+        store.close()
+    # The versions the sink supports, as pg_extension spells them.
+    assert pgvector_version("0.6.2") == (0, 6, 2) and pgvector_version("0.7.4") == (0, 7, 4)
+    assert pgvector_version("0.8.0") == (0, 8, 0) and pgvector_version("0.10.1") == (0, 10, 1)
+
+
+def test_a_filtered_search_returns_k_hits_however_few_rows_match(postgres_dsn):
+    """One row in a hundred matches: the HNSW candidate list alone (ef_search) finds
+    about one of them; pgvector 0.8's iterative scan keeps going until k match. (The
+    planner is told to take the index, as it does on a table of millions.)"""
+    stream = []
+    for i in range(2000):
+        stream += version(f"d{i}", i, [f"text {i}"], metadata={"kind": "rare" if i % 100 == 7 else "common"})
+    apply(postgres_dsn, stream)
+    store = open_store(postgres_dsn + "&options=-c%20enable_seqscan%3Doff")
+    try:
+        target = record("d500", 500, 0, 1, "text 500")["embedding"]
+        hits = store.search(SPEC, target, 20, {"kind": "rare"})
+    finally:
+        store.close()
+    assert sorted(h.doc_id for h in hits) == sorted(f"d{i}" for i in range(7, 2000, 100))
+
+
+def test_the_local_postgres_starts_and_stops_without_a_shell(tmp_path, monkeypatch):
+    """Arguments go to the server as lists: a data directory whose name a shell would
+    split or run ($(…)) is just a name."""
+    import psycopg
+
+    from flows.dev import postgres as local_postgres
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "my data $(touch pwned)"
+    monkeypatch.setenv("EMBEDSTREAM_POSTGRES_DIR", str(data))
+    dsn = local_postgres.start()
+    try:
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert local_postgres.dsn() == dsn
+    finally:
+        stopped = local_postgres.stop()
+    assert stopped and local_postgres.dsn() is None
+    assert not (tmp_path / "pwned").exists() and not (data / "pwned").exists()

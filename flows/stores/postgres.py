@@ -11,6 +11,13 @@ keeps it). This store writes such a chunk without its NULs: they are removed fro
 text and from every string in the metadata, keys included, so ``"a\x00b"`` is stored
 as ``"ab"`` and a metadata filter matches the value without them. Identifiers (doc and
 chunk ids) are kept as they are; one that holds a NUL is refused as data.
+
+pgvector 0.6 to 0.8 serve; the store reads the server's version when it connects
+(``pgvector``, and a log line). From 0.8 on, searches scan the HNSW index iteratively
+(``hnsw.iterative_scan``) until k rows pass the metadata filter. Before 0.8 the index
+hands over its ``hnsw.ef_search`` nearest candidates (set to 4 k, 100 to 1,000) and the
+filter applies to those alone, so a filter that few rows match can return fewer than k
+hits; everything else works the same on every version.
 """
 
 from __future__ import annotations
@@ -27,12 +34,23 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 
-from flows.stores import DocState, Hit, StoreConfigError, StoreError, TableChanges, TableSpec, Version
+from flows.stores import (
+    COLUMNS,
+    DocState,
+    Hit,
+    StoreConfigError,
+    StoreError,
+    TableChanges,
+    TableSpec,
+    Version,
+)
 
 log = logging.getLogger("embedstream.sink")
 
 #: pgvector's HNSW (and IVFFlat) indexes take vectors of at most this many dimensions.
 MAX_INDEXED_DIMENSIONS = 2000
+#: The first pgvector with iterative index scans.
+ITERATIVE_SCAN_SINCE = (0, 8, 0)
 
 #: The HNSW graph's build parameters. Each insert into the index costs about 20 times
 #: the rest of a row's write, so they set the sink's speed. On 12,000 real MiniLM
@@ -100,6 +118,11 @@ class _EmbeddingDumper(Dumper):
         return struct.pack(">HH", len(obj.values), 0) + obj.values.tobytes()
 
 
+def pgvector_version(text: str) -> tuple[int, ...]:
+    """pg_extension's ``extversion`` of pgvector (``"0.8.1"``) as numbers to compare."""
+    return tuple(int(part) for part in text.split("."))
+
+
 def _register_vector_type(conn: psycopg.Connection) -> None:
     info = TypeInfo.fetch(conn, "vector")
     if info is None:
@@ -113,6 +136,8 @@ class PostgresStore:
         self.url = url
         self.conn: psycopg.Connection | None = None
         self._known: set[str] = set()
+        #: The server's pgvector, read at each connect.
+        self.pgvector: tuple[int, ...] = ()
 
     def _connect(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:
@@ -125,8 +150,23 @@ class PostgresStore:
             with self.conn.transaction():
                 self.conn.execute(_SCHEMA)
                 _register_vector_type(self.conn)
+                self._detect_pgvector(self.conn)
             self._known.clear()
         return self.conn
+
+    def _detect_pgvector(self, conn: psycopg.Connection) -> None:
+        [text] = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        version = pgvector_version(text)
+        if version != self.pgvector:
+            log.info(
+                "PostgreSQL %s with pgvector %s%s",
+                conn.info.parameter_status("server_version"),
+                text,
+                ""
+                if version >= ITERATIVE_SCAN_SINCE
+                else " (no iterative index scans: a filtered search can return fewer than k hits)",
+            )
+        self.pgvector = version
 
     def _run(self, fn):
         """Runs ``fn(conn)`` in one transaction; a lost connection is a StoreError (the
@@ -347,40 +387,17 @@ class PostgresStore:
     # --- reading -----------------------------------------------------------------------------
 
     def rows(self, spec: TableSpec) -> list[dict[str, Any]]:
-        def read(conn):
-            cur = conn.execute(
-                sql.SQL(
-                    """SELECT chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end,
-                              time_start_ms, time_end_ms, text, metadata,
-                              (extract(epoch FROM embedded_at) * 1000)::bigint, embedding::real[] FROM {t}"""
-                ).format(t=sql.Identifier(spec.name))
-            )
-            return cur.fetchall()
-
-        out = []
-        for r in self._run(read):
-            row = dict(
-                zip(
-                    (
-                        "chunk_id",
-                        "doc_id",
-                        "doc_version",
-                        "chunk_index",
-                        "page",
-                        "char_start",
-                        "char_end",
-                        "time_start_ms",
-                        "time_end_ms",
-                        "text",
-                        "metadata",
-                        "embedded_at",
-                    ),
-                    r[:12],
-                )
-            )
-            row["embedding"] = list(r[12])
-            out.append(row)
-        return out
+        # Every column as a row holds it: embedded_at in epoch ms, the vector as floats.
+        read_as = {
+            "embedded_at": sql.SQL("(extract(epoch FROM embedded_at) * 1000)::bigint"),
+            "embedding": sql.SQL("embedding::real[]"),
+        }
+        columns = sql.SQL(", ").join(read_as.get(c, sql.Identifier(c)) for c in COLUMNS)
+        query = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=sql.Identifier(spec.name))
+        rows = [dict(zip(COLUMNS, r)) for r in self._run(lambda conn: conn.execute(query).fetchall())]
+        for row in rows:
+            row["embedding"] = list(row["embedding"])
+        return rows
 
     def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]:
         where = (
@@ -403,6 +420,9 @@ class PostgresStore:
             # enough that k hits survive a filter (pgvector's default is 40).
             ef_search = min(max(100, 4 * k), 1000)
             conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search)))
+            if self.pgvector >= ITERATIVE_SCAN_SINCE:
+                # Past the candidates, the index scan goes on until k rows pass the filter.
+                conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
             return conn.execute(query, params).fetchall()
 
         rows = self._run(run)
