@@ -283,6 +283,17 @@ class PostgresStore:
 
         return {(r[0], r[1]): DocState(Version(r[2], r[3], r[4]), r[5]) for r in self._run(read)}
 
+    def chunk_ids(self, spec: TableSpec, doc_ids: list[str]) -> dict[str, set[str]]:
+        if spec.name not in {t.name for t in self.tables()}:
+            return {}
+        query = sql.SQL("SELECT doc_id, chunk_id FROM {t} WHERE doc_id = ANY(%s)").format(
+            t=sql.Identifier(spec.name)
+        )
+        found: dict[str, set[str]] = {}
+        for doc_id, chunk_id in self._run(lambda conn: conn.execute(query, (doc_ids,)).fetchall()):
+            found.setdefault(doc_id, set()).add(chunk_id)
+        return found
+
     def write(self, changes: list[TableChanges]) -> None:
         created: set[str] = set()
         self._run(lambda conn: [self._write_table(conn, ch, created) for ch in changes])
@@ -323,17 +334,6 @@ class PostgresStore:
         manifests = {d: f for d, f in ch.finals.items() if f.chunks is not None}
         if deleted:
             cur.execute(sql.SQL("DELETE FROM {t} WHERE doc_id = ANY(%s)").format(t=t), (deleted,))
-    def chunk_ids(self, spec: TableSpec, doc_ids: list[str]) -> dict[str, set[str]]:
-        if spec.name not in {t.name for t in self.tables()}:
-            return {}
-        query = sql.SQL("SELECT doc_id, chunk_id FROM {t} WHERE doc_id = ANY(%s)").format(
-            t=sql.Identifier(spec.name)
-        )
-        found: dict[str, set[str]] = {}
-        for doc_id, chunk_id in self._run(lambda conn: conn.execute(query, (doc_ids,)).fetchall()):
-            found.setdefault(doc_id, set()).add(chunk_id)
-        return found
-
         if not manifests:
             return
         entries = [(d, f, c) for d, f in manifests.items() for c in f.chunks]
