@@ -61,7 +61,7 @@ class LocalRegistry:
 
     @property
     def log_file(self) -> Path:
-        return self.home / f"registry-{self.port}.log"
+        return (self.storage or self.home) / f"registry-{self.port}.log"
 
     def ensure_app(self) -> None:
         service.fetch_with_maven(
