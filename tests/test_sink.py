@@ -142,7 +142,12 @@ def test_records_the_sink_cannot_write_become_sink_dead_letters(kafka_bootstrap,
             headers=[(codecs.TYPE_HEADER, kind.encode())],
         )
     producer.produce(topics.output, b"\xc3\x01not avro at all", b"junk")
-    producer.produce(topics.output, codecs.encode_single_object("VectorRecord", wrong), b"b")
+    producer.produce(
+        topics.output,
+        codecs.encode_single_object("VectorRecord", wrong),
+        b"b",
+        headers=[(codecs.TYPE_HEADER, b"VectorRecord")],
+    )
     assert producer.flush(30) == 0
     store = f"lancedb:{tmp_path / 'lance'}"
     done = run_sink(topics, store, "--from", "beginning")

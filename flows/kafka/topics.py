@@ -188,7 +188,12 @@ def read_all(
                 return
             if msg.error():
                 continue
-            kind, record = codecs.decode_output(msg.value(), msg.headers())
+            if dict(msg.headers() or ()).get(codecs.TYPE_HEADER) is None:
+                # An input topic: document events come from any producer, with no type header.
+                kind = "DocumentEvent"
+                record = codecs.decode_document_event(msg.value(), msg.key(), timestamp_ms=msg.timestamp()[1])
+            else:
+                kind, record = codecs.decode_output(msg.value(), msg.headers())
             seen += 1
             yield kind, record, msg
     finally:
