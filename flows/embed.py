@@ -25,7 +25,7 @@ from typing import Optional
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
-from flows import runtime
+from flows import health, runtime
 from flows.embed_steps import Pipeline
 from flows.kafka import group
 from flows.kafka.group import GroupInput
@@ -56,7 +56,7 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
         source = KafkaInput(consumer, settings.input_topic, options)
 
     flow = Dataflow("embedstream")
-    events = op.input("documents", flow, source)
+    events = op.input("documents", flow, health.watched(source))
     batches = op.flat_map_batch("decode", events, lambda messages: pipeline().decode(messages))
     batches = op.map("fetch_extract", batches, lambda batch: pipeline().fetch_and_extract(batch))
     batches = op.map("chunk", batches, lambda batch: pipeline().chunk(batch))

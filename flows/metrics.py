@@ -1,5 +1,5 @@
-"""Prometheus metrics of a worker process, served by ``embedstream run`` on
-``--metrics-port`` (``/metrics``; also the liveness and readiness endpoint)."""
+"""Prometheus metrics of a worker or sink process, served on ``--metrics-port`` as
+``/metrics``, next to the probes' ``/healthz`` and ``/readyz`` (:mod:`flows.health`)."""
 
 from __future__ import annotations
 
@@ -85,11 +85,3 @@ SINK_DEAD_LETTERS = Counter("embedstream_sink_dead_letters", "Sink dead letters 
 SINK_BATCH_SECONDS = Histogram(
     "embedstream_sink_batch_seconds", "Time to plan and write one batch into the store", buckets=_LATENCY
 )
-
-
-def serve(port: int) -> None:
-    """Serves ``/metrics`` from a daemon thread; port 0 turns it off."""
-    if port:
-        from prometheus_client import start_http_server
-
-        start_http_server(port)

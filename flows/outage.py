@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable, Optional, TypeVar
 
-from flows import metrics
+from flows import health, metrics
 
 log = logging.getLogger("embedstream.outage")
 
@@ -120,6 +120,7 @@ def wait_out(
                 log.error("%s still unavailable after %.0f s; giving up: %s", what, waited, error)
                 raise error
             log.warning("%s unavailable (%s); retrying in %.1f s", what, error, delay)
+            health.waiting(f"{what} unavailable: {error}", retry_in_s=delay)
             _sleep(delay, keeper, beat_s)
             metrics.OUTAGE_RETRIES.labels(what).inc()
             try:
@@ -132,6 +133,7 @@ def wait_out(
             return value
     finally:
         _end()
+        health.resumed()
         metrics.OUTAGE_WAIT_SECONDS.labels(what).inc(time.monotonic() - started)
 
 

@@ -127,8 +127,15 @@ class Settings:
     snapshot_s: float = 10.0
     #: Seconds an old snapshot is kept for a lagging backup of the store.
     backup_s: float = 0.0
-    #: Port of the Prometheus /metrics endpoint (also liveness/readiness); 0 turns it off.
+    #: Port of the Prometheus /metrics endpoint and the probes' /healthz and /readyz;
+    #: 0 turns it off.
     metrics_port: int = 9400
+    #: Address the metrics and probe endpoints listen on: the loopback for a local run;
+    #: the image sets 0.0.0.0 for probes and Prometheus from outside the container.
+    metrics_host: str = "127.0.0.1"
+    #: Seconds a batch loop may go without progress (a batch that does not end) before
+    #: /healthz fails; waits for an outage do not count. Longer than the slowest batch.
+    stall_s: float = 300.0
     #: "text" or "json" (one object per line).
     log_format: str = "text"
     #: In a Kubernetes StatefulSet: the number of pods, the headless Service's name and
@@ -209,6 +216,7 @@ class Settings:
             "extract_workers",
             "state_max_bytes",
             "state_restore_deadline_s",
+            "stall_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

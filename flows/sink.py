@@ -25,7 +25,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from flows import codecs, metrics, outage, records
+from flows import codecs, health, metrics, outage, records
 from flows.kafka.delivery import Delivery
 from flows.kafka.io import InputMessage, KafkaInput, ReadOptions
 from flows.settings import Settings
@@ -270,10 +270,12 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     messages = op.input(
         "vectors",
         flow,
-        KafkaInput(
-            {**settings.kafka_common(), "group.id": settings.sink_group_id},
-            settings.output_topic,
-            ReadOptions.of(settings, settings.sink_batch_size),
+        health.watched(
+            KafkaInput(
+                {**settings.kafka_common(), "group.id": settings.sink_group_id},
+                settings.output_topic,
+                ReadOptions.of(settings, settings.sink_batch_size),
+            )
         ),
     )
     op.output("store", messages, StoreOutput(settings))

@@ -57,15 +57,26 @@ def test_cluster_addressing_is_consistent(sts):
     ]
 
 
-def test_probes_target_the_metrics_endpoint(sts):
+#: What each probe asks: liveness the batch loop's progress, readiness the rest.
+PROBES = {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+
+
+def test_probes_target_the_health_endpoints(sts):
+    from flows.settings import Settings
+
     config = load("configmap.yaml")["data"]
     ports = {p["name"]: p["containerPort"] for p in container(sts)["ports"]}
     assert ports["metrics"] == int(config["EMBEDSTREAM_METRICS_PORT"])
-    for probe in ("livenessProbe", "readinessProbe"):
-        get = container(sts)[probe]["httpGet"]
-        assert (get["path"], get["port"]) == ("/metrics", "metrics")
+    for name, pod in worker_pods().items():
+        [c] = pod["spec"]["containers"]
+        for probe, path in PROBES.items():
+            assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}, (name, probe)
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == config["EMBEDSTREAM_METRICS_PORT"]
+    # Probes come from outside the pod: the endpoints listen on every interface there,
+    # on the loopback only for a local run.
+    assert Settings.from_env(config).metrics_host == "0.0.0.0"
+    assert Settings.from_env({}).metrics_host == "127.0.0.1"
 
 
 def test_config_and_secrets_reach_the_worker(sts):
@@ -111,7 +122,8 @@ def test_manifests_run_the_image_the_tooling_builds(sts):
 def test_image_recipe_and_dashboard():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "--no-index --find-links /tmp/wheels embedstream" in dockerfile  # no network at build time
-    assert re.search(r"^HEALTHCHECK .*?/metrics", dockerfile, re.M | re.S)
+    assert re.search(r"^HEALTHCHECK .*?/healthz", dockerfile, re.M | re.S)
+    assert re.search(r"^\s*EMBEDSTREAM_METRICS_HOST=0\.0\.0\.0\b", dockerfile, re.M)
     dashboard = json.loads((DEPLOY / "grafana" / "embedstream.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     from flows import metrics
@@ -142,8 +154,8 @@ def test_the_sink_runs_alone_with_its_store_secret_and_metrics():
     ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
     assert ports["metrics"] == args.metrics_port
     assert sink["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    for probe, path in PROBES.items():
+        assert worker[probe]["httpGet"] == {"path": path, "port": "metrics"}
     secret = load("store-secret.example.yaml")
     assert {"secretRef": {"name": secret["metadata"]["name"]}} in worker["envFrom"]
     env = {e["name"]: e["value"] for e in worker["env"]}

@@ -37,6 +37,7 @@ SETTINGS_FLAGS = (
     "recovery_dir",
     "snapshot_s",
     "metrics_port",
+    "metrics_host",
     "log_format",
 )
 
@@ -138,7 +139,10 @@ def add_commands(sub: Commands) -> None:
         "--addresses",
         help="host:port of every cluster process, ';'-separated, in order (--scaling cluster)",
     )
-    run.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400; 0: off)")
+    run.add_argument(
+        "--metrics-port", type=int, help="port of /metrics, /healthz and /readyz (default 9400; 0: off)"
+    )
+    run.add_argument("--metrics-host", help="address they listen on (default 127.0.0.1; the image: 0.0.0.0)")
     run.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
     run.add_argument(
         "--recovery-dir",
@@ -185,10 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"embedstream: {e}", file=sys.stderr)
         return 2
-    from flows import logs, metrics
+    from flows import health, logs
 
     logs.configure(settings.log_format)
-    metrics.serve(settings.metrics_port)
+    health.serve(settings.metrics_host, settings.metrics_port, settings.stall_s)
     log = logging.getLogger("embedstream")
     from flows import info
 

@@ -10,7 +10,15 @@ from flows.cli.shared import Commands, kafka_flags, settings_from, short, until_
 
 STORE_HELP = "postgresql://… or lancedb:DIR (default: $EMBEDSTREAM_STORE or lancedb:embedstream-vectors)"
 #: The flags of ``sink`` that set the Settings field of their name.
-SINK_SETTINGS_FLAGS = ("output_topic", "store", "sink_group_id", "sink_dlq_topic", "start_from", "log_format")
+SINK_SETTINGS_FLAGS = (
+    "output_topic",
+    "store",
+    "sink_group_id",
+    "sink_dlq_topic",
+    "start_from",
+    "log_format",
+    "metrics_host",
+)
 
 
 def add_commands(sub: Commands) -> None:
@@ -36,8 +44,12 @@ def add_commands(sub: Commands) -> None:
     sink.add_argument("-w", "--workers", type=int, default=1, help="worker threads in this process")
     sink.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
     sink.add_argument(
-        "--metrics-port", type=int, default=9401, help="Prometheus /metrics port (default 9401; 0: off)"
+        "--metrics-port",
+        type=int,
+        default=9401,
+        help="port of /metrics, /healthz and /readyz (default 9401; 0: off)",
     )
+    sink.add_argument("--metrics-host", help="address they listen on (default 127.0.0.1; the image: 0.0.0.0)")
     kafka_flags(sink)
     sink.set_defaults(func=cmd_sink)
 
@@ -64,7 +76,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
     from bytewax.run import cli_main
 
-    from flows import logs, metrics
+    from flows import health, logs
     from flows.kafka.io import STOP
     from flows.kafka.topics import check_exist, create
     from flows.settings import redact_url
@@ -73,7 +85,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
     settings = settings_from(args, SINK_SETTINGS_FLAGS, tail=until_end(args))
     logs.configure(settings.log_format)
-    metrics.serve(args.metrics_port)
+    health.serve(settings.metrics_host, args.metrics_port, settings.stall_s)
     logging.getLogger("embedstream").info("sink settings: %s", settings.sink_view())
     check_exist(settings, [settings.output_topic])
     try:
