@@ -50,17 +50,10 @@ def summary(info: dict[str, Any]) -> str:
 
 
 def _devices() -> list[str]:
-    from operators import _native
+    from operators.embed import resolve_device
 
-    found = ["cpu"]
-    if _native.cuda_built():
-        try:
-            auto = _native.resolve_device("auto")
-        except Exception as e:  # a driver that fails to answer is reported, not raised
-            auto = f"cuda unusable ({e})"
-        if auto != "cpu":
-            found.append(auto)
-    return found
+    auto = resolve_device("auto")  # the first GPU when the wheel has CUDA and one answers
+    return ["cpu"] if auto == "cpu" else ["cpu", auto]
 
 
 def _present(path: os.PathLike[str]) -> str:
