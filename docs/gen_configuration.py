@@ -68,8 +68,9 @@ OTHER_VARIABLES: list[tuple[str, str, str]] = [
     (
         "EMBEDSTREAM_CPU_KERNELS",
         "`auto`",
-        "Our CPU kernels: `auto` (the best the CPU runs), `portable`, `avx2` or `avx512`. Read "
-        "at every model load (`native/src/nn/cpu.rs`); a path the CPU cannot run is refused.",
+        "Our CPU kernels and the matrix products' instruction set: `auto` (the best the CPU "
+        "runs), `portable`, `avx2` or `avx512`. Read at every model load (`native/src/nn/cpu.rs`); "
+        "a path the CPU cannot run is refused. `embedstream info` says what is in force.",
     ),
     (
         "EMBEDSTREAM_MODEL_CACHE",
