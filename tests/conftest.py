@@ -92,3 +92,13 @@ def store_url(request, tmp_path):
     if request.param == "lancedb":
         return f"lancedb:{tmp_path / 'lance'}"
     return request.getfixturevalue("postgres_dsn")
+
+
+@pytest.fixture
+def forced_kernels(monkeypatch):
+    """Sets EMBEDSTREAM_CPU_KERNELS for the test; afterwards a load puts auto back."""
+    from operators import Embedder
+
+    yield lambda path: monkeypatch.setenv("EMBEDSTREAM_CPU_KERNELS", path)
+    monkeypatch.delenv("EMBEDSTREAM_CPU_KERNELS", raising=False)
+    Embedder.load(str(DATA / "tiny-bert-cls"))

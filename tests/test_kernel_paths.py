@@ -26,18 +26,10 @@ PATHS = ["portable", "avx2", "avx512"]
 GEMM_OF_PATH = {"portable": "scalar", "avx2": "fma", "avx512": "avx512f"}
 
 
-@pytest.fixture
-def kernels(monkeypatch):
-    """Forces a path for the test; afterwards a load puts auto back."""
-    yield lambda path: monkeypatch.setenv("EMBEDSTREAM_CPU_KERNELS", path)
-    monkeypatch.delenv("EMBEDSTREAM_CPU_KERNELS", raising=False)
-    Embedder.load(str(DATA / "tiny-bert-cls"))
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_matches_its_reference_on_every_path(family, path, kernels):
-    kernels(path)
+def test_every_family_matches_its_reference_on_every_path(family, path, forced_kernels):
+    forced_kernels(path)
     directory = DATA / family
     try:
         embedder = Embedder.load(str(directory))
