@@ -23,6 +23,7 @@ use super::cpu_op::{self, contiguous_f32, F32Op, Output, Second};
 use super::gemm::{sgemm, MatMut, MatRef, Parallelism};
 use super::kernels;
 use super::q8::QuantizedLinear;
+use super::tiled::TiledLinear;
 
 /// Below this many rows per thread, one block with `gemm`'s own threading (over the
 /// output columns) beats splitting the rows.

@@ -11,3 +11,4 @@ pub mod kernels;
 pub mod packed;
 pub mod q8;
 pub mod rotary;
+pub mod tiled;

@@ -19,34 +19,21 @@
 //! activations' signs onto them (`vpsignb`), one more shuffle-port instruction per
 //! product that made it no faster than f32. Which path runs is `cpu::current()`.
 
-use std::mem::MaybeUninit;
-use std::ops::Range;
-
-use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{self, Kernels};
-use super::cpu_op::{self, F32Op, Output, Second};
-use super::dense::{assume_written, finish};
+use super::tiled::{self, Ending, Sizes, Tile, TiledLinear, BLOCK_N};
 use crate::error::EmbedError;
 
-/// Output columns per packed block: four 16-lane i32 accumulators per row.
-const BLOCK_N: usize = 64;
 /// Token rows per micro-tile.
 const TILE_M: usize = 4;
-/// Token rows per parallel task.
-const TASK_M: usize = 32;
 /// Inputs per activation scale: 16 `vpdpbusd` steps between rescales.
 const BLOCK_K: usize = 64;
-/// Output blocks per parallel task when there is a single row.
-const TASK_BLOCKS: usize = 16;
 
 pub struct QuantizedLinear {
-    /// Output features (before padding to `BLOCK_N`).
-    out_features: usize,
-    in_features: usize,
-    /// `in_features` rounded up to a multiple of `BLOCK_K`.
-    padded_k: usize,
+    /// `in_features` padded to a multiple of `BLOCK_K`.
+    sizes: Sizes,
     /// `[n / 64][k / 4][64][4]`: one 64-byte load gives 16 outputs × 4 inputs.
     packed: Vec<i8>,
     /// Per output: the weight scale (VNNI).
@@ -58,7 +45,6 @@ pub struct QuantizedLinear {
     /// AVX2 only, laid out like `offsets`: the weight scale of each output and block
     /// of 64 inputs (`scales` are then 1).
     block_scales: Vec<f32>,
-    bias: Vec<f32>,
     /// AVX-512 VNNI or AVX2, as in force when the layer was built.
     kernels: Kernels,
 }
@@ -92,14 +78,8 @@ impl QuantizedLinear {
                 kernels.name()
             );
         }
-        let (out_features, in_features) = weight.dims2()?;
-        let weight = weight.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-        let bias = match bias {
-            Some(bias) => bias.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
-            None => vec![0.0; out_features],
-        };
-        let padded_k = in_features.div_ceil(BLOCK_K) * BLOCK_K;
-        let padded_n = out_features.div_ceil(BLOCK_N) * BLOCK_N;
+        let (sizes, weight) = Sizes::of(weight, bias, BLOCK_K)?;
+        let (padded_k, padded_n) = (sizes.padded_k, sizes.padded_n);
         let groups = padded_k / 4;
         let k_blocks = padded_k / BLOCK_K;
         // VNNI: one scale per output, 8-bit codes. AVX2: codes in ±64, so that a u8
@@ -142,53 +122,27 @@ impl QuantizedLinear {
             }
         }
         Ok(Self {
-            out_features,
-            in_features,
-            padded_k,
+            sizes,
             packed,
             scales,
             offsets,
             block_scales,
-            bias,
             kernels,
         })
     }
+}
 
-    pub fn out_features(&self) -> usize {
-        self.out_features
-    }
+impl TiledLinear for QuantizedLinear {
+    const NAME: &'static str = "embedstream-q8-linear";
+    const NAME_WITH_RESIDUAL: &'static str = "embedstream-q8-linear-residual";
+    const LABEL: &'static str = "q8 linear";
 
-    /// `x` is `[.., in]` f32 on the CPU; returns `[.., out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_then(x, None, false)
-    }
-
-    /// [`Self::forward`], then `+ residual` (`[.., out]` f32) and GELU, fused.
-    pub fn forward_then(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        gelu: bool,
-    ) -> Result<Tensor> {
-        cpu_op::apply(&Int8Op { layer: self, gelu }, x, residual)
-    }
-
-    /// The output dims of an input of `layout`, or an error if its width is wrong.
-    fn output_dims(&self, layout: &Layout) -> Result<Vec<usize>> {
-        let mut dims = layout.dims().to_vec();
-        let last = dims.pop().unwrap_or(0);
-        if last != self.in_features {
-            candle_core::bail!(
-                "q8 linear: expected {} input features, got {last}",
-                self.in_features
-            );
-        }
-        dims.push(self.out_features);
-        Ok(dims)
+    fn sizes(&self) -> &Sizes {
+        &self.sizes
     }
 
     fn matmul(&self, input: &[f32], rows: usize, residual: Option<&[f32]>, gelu: bool) -> Vec<f32> {
-        let (k, kp, n) = (self.in_features, self.padded_k, self.out_features);
+        let (k, kp) = (self.sizes.in_features, self.sizes.padded_k);
         // Symmetric quantization per token and input block, shifted to u8 for vpdpbusd.
         let blocks = kp / BLOCK_K;
         let mut quantized = vec![128u8; rows * kp];
@@ -205,128 +159,44 @@ impl QuantizedLinear {
                     false => kernel::quantize_row_avx2(x, scales, q),
                 }
             });
-        // Every task writes each of its outputs once: no zeroing first.
-        let mut out: Vec<f32> = Vec::with_capacity(rows * n);
-        let spare = &mut out.spare_capacity_mut()[..rows * n];
-        let all_blocks = self.scales.len() / BLOCK_N;
-        if rows == 1 {
-            // One token (a decoder step): the work is in the columns, so split those.
-            spare
-                .par_chunks_mut(TASK_BLOCKS * BLOCK_N)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    let first = task * TASK_BLOCKS;
-                    let blocks = first..(first + TASK_BLOCKS).min(all_blocks);
-                    let columns = blocks.start * BLOCK_N..blocks.start * BLOCK_N + out.len();
-                    self.task(&quantized, &row_scales, out, blocks);
-                    // SAFETY: `task` wrote every element of `out`.
-                    let out = unsafe { assume_written(out) };
-                    finish(out, residual.map(|r| &r[columns]), gelu);
-                });
-        } else {
-            spare
-                .par_chunks_mut(TASK_M * n)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    let first = task * TASK_M;
-                    let count = out.len() / n;
-                    let x = &quantized[first * kp..(first + count) * kp];
-                    let scales = &row_scales[first * blocks..(first + count) * blocks];
-                    self.task(x, scales, out, 0..all_blocks);
-                    // SAFETY: `task` wrote every element of `out`.
-                    let out = unsafe { assume_written(out) };
-                    finish(
-                        out,
-                        residual.map(|r| &r[first * n..(first + count) * n]),
-                        gelu,
-                    );
-                });
-        }
-        // SAFETY: the tasks cover all `rows · n` outputs and wrote each one.
-        unsafe { out.set_len(rows * n) };
-        out
-    }
-
-    /// Rows `x` (`[m, kp]` u8, scales `[m, kp / 64]`) against the output blocks
-    /// `blocks`, into `out`: `[m, columns of those blocks]`.
-    fn task(
-        &self,
-        x: &[u8],
-        row_scales: &[f32],
-        out: &mut [MaybeUninit<f32>],
-        blocks_range: Range<usize>,
-    ) {
-        let (kp, n) = (self.padded_k, self.out_features);
-        let blocks = kp / BLOCK_K;
-        let first_column = blocks_range.start * BLOCK_N;
-        let width = (blocks_range.end * BLOCK_N).min(n) - first_column;
-        let mut acc = [[0f32; BLOCK_N]; TILE_M];
-        for block in blocks_range {
+        let ending = Ending {
+            scales: Some(&self.scales),
+            bias: &self.sizes.bias,
+            residual,
+            gelu,
+        };
+        let tile = |mut tile: Tile| {
+            let (block, tile_rows) = (tile.block, tile.rows.len());
+            let x = &quantized[tile.rows.start * kp..tile.rows.end * kp];
+            let scales = &row_scales[tile.rows.start * blocks..tile.rows.end * blocks];
+            let per_block = block * blocks * BLOCK_N..(block + 1) * blocks * BLOCK_N;
             let weights = &self.packed[block * BLOCK_N * kp..(block + 1) * BLOCK_N * kp];
-            let offsets = &self.offsets[block * blocks * BLOCK_N..(block + 1) * blocks * BLOCK_N];
-            for (tile, x) in x.chunks(TILE_M * kp).enumerate() {
-                let tile_rows = x.len() / kp;
-                let scales = &row_scales[tile * TILE_M * blocks..][..tile_rows * blocks];
-                // SAFETY: the layer was built with these kernels in force, and the
-                // kernel reads `tile_rows` rows of `kp` bytes, `kp / 4` × 256 bytes of
-                // weights and `blocks` scales and offsets per row, all inside the slices.
-                unsafe {
-                    match self.kernels {
-                        Kernels::Avx512 => {
-                            kernel::tile(x, kp, weights, scales, offsets, tile_rows, &mut acc)
-                        }
-                        _ => {
-                            let weight_scales = &self.block_scales
-                                [block * blocks * BLOCK_N..(block + 1) * blocks * BLOCK_N];
-                            kernel::tile_avx2(
-                                x,
-                                kp,
-                                weights,
-                                scales,
-                                offsets,
-                                weight_scales,
-                                tile_rows,
-                                &mut acc,
-                            )
-                        }
+            let offsets = &self.offsets[per_block.clone()];
+            let mut acc = [[0f32; BLOCK_N]; TILE_M];
+            // SAFETY: the layer was built with these kernels in force, and the kernel
+            // reads `tile_rows` ≤ 4 rows of `kp` bytes, `kp / 4` × 256 bytes of weights
+            // and `blocks` scales and offsets per row, all inside the slices.
+            unsafe {
+                match self.kernels {
+                    Kernels::Avx512 => {
+                        kernel::tile(x, kp, weights, scales, offsets, tile_rows, &mut acc)
                     }
-                };
-                for (r, acc) in acc.iter().enumerate().take(tile_rows) {
-                    let m = tile * TILE_M + r;
-                    let columns = block * BLOCK_N..((block + 1) * BLOCK_N).min(n);
-                    let start = m * width + columns.start - first_column;
-                    let out = &mut out[start..start + columns.len()];
-                    let (scales, bias) = (&self.scales[columns.clone()], &self.bias[columns]);
-                    for (((o, &a), &s), &b) in out.iter_mut().zip(acc).zip(scales).zip(bias) {
-                        o.write(a * s + b);
-                    }
+                    _ => kernel::tile_avx2(
+                        x,
+                        kp,
+                        weights,
+                        scales,
+                        offsets,
+                        &self.block_scales[per_block],
+                        tile_rows,
+                        &mut acc,
+                    ),
                 }
             }
-        }
-    }
-}
-
-/// A q8 layer's product with its fused ending, as a candle op.
-struct Int8Op<'a> {
-    layer: &'a QuantizedLinear,
-    gelu: bool,
-}
-
-impl F32Op for Int8Op<'_> {
-    const NAME: &'static str = "embedstream-q8-linear";
-    const NAME_WITH_SECOND: &'static str = "embedstream-q8-linear-residual";
-    const LABEL: &'static str = "q8 linear";
-    const SECOND: &'static str = "residual";
-
-    fn run(&self, input: &[f32], layout: &Layout, residual: Second) -> Output {
-        let dims = self.layer.output_dims(layout)?;
-        let rows = input.len() / self.layer.in_features.max(1);
-        let residual = residual.map(|(r, _)| r);
-        if residual.is_some_and(|r| r.len() != rows * self.layer.out_features) {
-            candle_core::bail!("q8 linear: the residual is not the output's shape");
-        }
-        let out = self.layer.matmul(input, rows, residual, self.gelu);
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+            tile.write(&acc);
+        };
+        // SAFETY: `Tile::write` writes every output of the tile.
+        unsafe { tiled::matmul::<TILE_M>(rows, self.sizes.out_features, &ending, tile) }
     }
 }
 
@@ -632,6 +502,7 @@ mod kernel {
 
 #[cfg(test)]
 mod tests {
+    use super::tiled::uniform;
     use super::*;
     use candle_core::Device;
 
@@ -665,19 +536,6 @@ mod tests {
             assert_eq!(&single[0], want, "row {r}");
         }
         Ok(())
-    }
-
-    /// `n` values spread evenly over ±`half_width`, from a fixed generator.
-    fn uniform(n: usize, seed: u64, half_width: f32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
-            })
-            .collect()
     }
 
     fn matches_the_float_product(kernels: Kernels) -> Result<()> {

@@ -13,6 +13,7 @@ use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::dense::Dense;
 use crate::nn::q8::QuantizedLinear;
+use crate::nn::tiled::TiledLinear;
 
 /// What the model needs from `config.json`.
 #[derive(Debug, Clone)]
