@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 
@@ -50,6 +51,31 @@ def test_q8_stays_within_its_documented_accuracy(minilm_reference):
     assert cosine(q8.embed(texts[::-1])[::-1], expected).min() >= 0.995
 
 
+def load_bf16(*args, **kwargs) -> Embedder:
+    """``dtype="bf16"`` on the CPU, or a skip where the CPU has no AVX512_BF16 or
+    EMBEDSTREAM_CPU_KERNELS forces a path without it (after checking that the refusal
+    says which)."""
+    try:
+        return Embedder.load(*args, dtype="bf16", **kwargs)
+    except operators.UnsupportedError as error:
+        assert re.search("AVX512_BF16.*this CPU has none|EMBEDSTREAM_CPU_KERNELS selects", str(error)), error
+        pytest.skip(str(error))
+
+
+def test_bf16_stays_within_its_documented_accuracy(minilm, minilm_reference):
+    bf16 = load_bf16()
+    _, texts, expected = minilm_reference
+    assert bf16.dtype == "bf16"
+    f32 = minilm.embed(texts)
+    got = bf16.embed(texts)
+    assert cosine(got, f32).min() >= 0.9995
+    assert cosine(got, expected).min() >= 0.999
+    # The bf16 layers really run: close to f32's vectors, not equal to them.
+    assert np.abs(got - f32).max() > 1e-5
+    # Row order and batching must not matter in bf16 either.
+    assert cosine(bf16.embed(texts[::-1])[::-1], f32).min() >= 0.9995
+
+
 KERNEL_PATHS = ["portable", "avx2", "avx512"]
 
 
@@ -77,6 +103,10 @@ def test_every_kernel_path_this_cpu_runs_matches_sentence_transformers(
     f32 = Embedder.load()
     assert cpu_kernels()[0] == path
     assert cosine(f32.embed(texts), expected).min() >= 0.999
+    if path != "avx512":
+        # bf16 runs only on the AVX-512 path (with AVX512_BF16), and says so.
+        with pytest.raises(operators.UnsupportedError, match=f"AVX512_BF16|selects the {path} ones"):
+            Embedder.load(dtype="bf16")
     if path == "portable":
         with pytest.raises(operators.UnsupportedError, match="AVX2"):
             Embedder.load(dtype="q8")
@@ -198,7 +228,7 @@ def test_missing_model_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_unsupported_settings_are_rejected_clearly():
     with pytest.raises(operators.UnsupportedError, match="needs a GPU"):
-        Embedder.load(DATA / "tiny-bert-cls", dtype="bf16")
+        Embedder.load(DATA / "tiny-bert-cls", dtype="f16")
     with pytest.raises(operators.UnsupportedError, match="dtype"):
         Embedder.load(DATA / "tiny-bert-cls", dtype="f64")
     with pytest.raises(operators.UnsupportedError, match="device"):

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import DATA
+from test_embed import load_bf16
 
 import operators
 from operators import Embedder
@@ -376,3 +377,17 @@ def test_q8_quantizes_every_family_within_its_accuracy(directory):
     assert _cosine(got, expected).min() >= 0.999
     # The int8 layers really run: the vectors are close to f32's, not equal to them.
     assert np.abs(got - Embedder.load(directory).embed(texts)).max() > 1e-6
+
+
+@pytest.mark.parametrize("directory", [XLMR, MODERNBERT, QWEN3, NOMIC, GTE], ids=lambda d: d.name)
+def test_bf16_rounds_every_family_within_its_accuracy(directory):
+    bf16 = load_bf16(directory)
+    rows = [r for r in reference(directory) if np.linalg.norm(r["embedding"]) > 0]
+    texts, expected = [r["text"] for r in rows], np.array([r["embedding"] for r in rows])
+    got = bf16.embed(texts)
+    f32 = Embedder.load(directory).embed(texts)
+    assert bf16.dtype == "bf16"
+    assert _cosine(got, f32).min() >= 0.9995
+    assert _cosine(got, expected).min() >= 0.999
+    # The bf16 layers really run: the vectors are close to f32's, not equal to them.
+    assert np.abs(got - f32).max() > 1e-6

@@ -6,6 +6,7 @@ greedy tokens of the first steps, and generate()'s tokens with timestamps."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -177,18 +178,24 @@ def test_real_whisper_transcribes_synthetic_speech(tiny_en, clip):
     assert transcript.language == "en" and tiny_en.languages == []
 
 
-def test_q8_whisper_stays_close_and_transcribes_as_well(native, tiny_en):
+@pytest.mark.parametrize(
+    ("dtype", "floor", "refusal"),
+    [("q8", 0.99, "needs a CPU with AVX2"), ("bf16", 0.9995, "AVX512_BF16.*this CPU has none")],
+)
+def test_cpu_dtypes_stay_close_and_transcribe_as_well(native, tiny_en, dtype, floor, refusal):
     from operators import models
 
-    if operators.embed.cpu_kernels()[1] == "portable":
-        pytest.skip("q8 needs AVX2")
-    q8 = operators.Transcriber.load(MODEL, dtype="q8")._native
+    try:
+        packed = operators.Transcriber.load(MODEL, dtype=dtype)._native
+    except operators.UnsupportedError as error:
+        assert re.search(refusal, str(error)), error
+        pytest.skip(str(error))
     for clip in CLIPS:
         expected = native.encode(features(clip))
-        got = q8.encode(features(clip))
-        assert cosine_rows(got, expected).min() >= 0.99
-        assert not np.array_equal(got, expected)  # the int8 path really ran
-    real = operators.Transcriber.load(models.pull_whisper(), dtype="q8")
+        got = packed.encode(features(clip))
+        assert cosine_rows(got, expected).min() >= floor
+        assert not np.array_equal(got, expected)  # the int8 or bf16 path really ran
+    real = operators.Transcriber.load(models.pull_whisper(), dtype=dtype)
     doc = operators.extract((DATA / "audio" / "speech.wav").read_bytes())
     assert word_error_rate(SPOKEN, real.transcribe(doc, language="en").text) <= 0.34
 

@@ -3,7 +3,8 @@
 use candle_core::{DType, Device};
 
 use crate::error::EmbedError;
-use crate::nn::{cpu, q8};
+use crate::nn::dense::LinearKind;
+use crate::nn::{bf16, cpu, q8};
 
 /// Resolves `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (the first GPU when this build
 /// has CUDA and a GPU answers, else the CPU) to a device and its canonical name.
@@ -44,20 +45,25 @@ fn cuda_device(index: usize) -> Result<Device, EmbedError> {
     })
 }
 
-/// Parses a dtype name for `device` into the float dtype of the weights and whether
-/// the linear layers are quantized: f32 everywhere; f16 and bf16 on GPUs only, since
-/// candle's CPU kernels for them are slower than f32; q8 (int8 linear layers, f32
-/// elsewhere) on CPUs with AVX2 (AVX-512 VNNI where there is). Reads
-/// `EMBEDSTREAM_CPU_KERNELS` for this and every later kernel call.
-pub fn select_dtype(name: &str, device: &Device) -> Result<(DType, bool), EmbedError> {
+/// Parses a dtype name for `device` into the float dtype of the weights and how the
+/// linear layers run: f32 everywhere; f16 and bf16 on GPUs through candle (its CPU
+/// kernels for them are slower than f32); on the CPU, q8 (int8 linear layers, f32
+/// elsewhere) with AVX2 (AVX-512 VNNI where there is) and bf16 (bf16 linear layers,
+/// f32 elsewhere) with AVX512_BF16. Reads `EMBEDSTREAM_CPU_KERNELS` for this and
+/// every later kernel call.
+pub fn select_dtype(name: &str, device: &Device) -> Result<(DType, LinearKind), EmbedError> {
     cpu::configure()?;
     let dtype = match name {
         "f32" => DType::F32,
         "f16" => DType::F16,
+        "bf16" if device.is_cpu() => {
+            bf16::check_supported()?;
+            return Ok((DType::F32, LinearKind::Bf16));
+        }
         "bf16" => DType::BF16,
         "q8" if device.is_cpu() => {
             q8::check_supported()?;
-            return Ok((DType::F32, true));
+            return Ok((DType::F32, LinearKind::Int8));
         }
         "q8" => {
             return Err(EmbedError::Unsupported(
@@ -72,8 +78,8 @@ pub fn select_dtype(name: &str, device: &Device) -> Result<(DType, bool), EmbedE
     };
     if dtype != DType::F32 && device.is_cpu() {
         return Err(EmbedError::Unsupported(format!(
-            "dtype {name:?} needs a GPU device; on the CPU use \"f32\" or \"q8\""
+            "dtype {name:?} needs a GPU device; on the CPU use \"f32\", \"bf16\" or \"q8\""
         )));
     }
-    Ok((dtype, false))
+    Ok((dtype, LinearKind::Float))
 }

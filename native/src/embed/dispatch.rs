@@ -10,6 +10,7 @@ use super::models::bert::{self, BertConfig, Layout};
 use super::models::rotary_bert::{self, Family};
 use super::models::{modernbert, qwen3, xlm_roberta};
 use crate::error::EmbedError;
+use crate::nn::dense::LinearKind;
 
 /// `model_type` values we load, as transformers writes them.
 pub const SUPPORTED: &[&str] = &[
@@ -23,14 +24,14 @@ pub const SUPPORTED: &[&str] = &[
     "xlm-roberta",
 ];
 
-pub fn load(config: &Value, vb: VarBuilder, quantize: bool) -> Result<Loaded, EmbedError> {
+pub fn load(config: &Value, vb: VarBuilder, linears: LinearKind) -> Result<Loaded, EmbedError> {
     // Old BERT checkpoints may not name their type.
     let model_type = config
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("bert");
     match model_type {
-        "bert" => bert::load(vb, &parse(config)?, &Layout::BERT, quantize),
+        "bert" => bert::load(vb, &parse(config)?, &Layout::BERT, linears),
         // RoBERTa is BERT's encoder under another layout.
         "roberta" | "xlm-roberta" => {
             let parsed = parse::<BertConfig>(config)?;
@@ -41,13 +42,13 @@ pub fn load(config: &Value, vb: VarBuilder, quantize: bool) -> Result<Loaded, Em
                     parsed.max_position_embeddings,
                 )?,
             };
-            bert::load(vb, &parsed, &layout, quantize)
+            bert::load(vb, &parsed, &layout, linears)
         }
-        "modernbert" => modernbert::load(config, vb, quantize),
-        "qwen3" => qwen3::load(config, vb, quantize),
-        "nomic_bert" => rotary_bert::load(config, vb, Family::Nomic, quantize),
+        "modernbert" => modernbert::load(config, vb, linears),
+        "qwen3" => qwen3::load(config, vb, linears),
+        "nomic_bert" => rotary_bert::load(config, vb, Family::Nomic, linears),
         // The hub's GTE checkpoints say "new" (their remote code); transformers says "gte".
-        "gte" | "new" => rotary_bert::load(config, vb, Family::Gte, quantize),
+        "gte" | "new" => rotary_bert::load(config, vb, Family::Gte, linears),
         other => Err(EmbedError::InvalidModel(format!(
             "model_type {other:?} is not supported; supported: {}",
             SUPPORTED.join(", ")

@@ -91,7 +91,7 @@ impl Embedder {
         if device.is_cpu() {
             keep_buffers_on_heap();
         }
-        let (dtype, quantize) = select_dtype(&options.dtype, &device)?;
+        let (dtype, linears) = select_dtype(&options.dtype, &device)?;
         let max_batch_tokens = match options.max_batch_tokens {
             0 => default_max_batch_tokens(&device),
             n => n,
@@ -105,7 +105,7 @@ impl Embedder {
         // SAFETY: the file is mapped read-only; a concurrent writer is outside our
         // contract, as for every memory-mapped model loader.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device)? };
-        let loaded = dispatch::load(&config_json, vb, quantize).map_err(|e| match e {
+        let loaded = dispatch::load(&config_json, vb, linears).map_err(|e| match e {
             EmbedError::Inference(e) => {
                 EmbedError::InvalidModel(format!("{}: {e}", weights.display()))
             }

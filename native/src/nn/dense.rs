@@ -19,6 +19,7 @@ use candle_nn::Linear;
 use rayon::prelude::*;
 
 use super::activation::Activation;
+use super::bf16::Bf16Linear;
 use super::cpu_op::{self, contiguous_f32, F32Op, Output, Second};
 use super::gemm::{sgemm, MatMut, MatRef, Parallelism};
 use super::kernels;
@@ -29,11 +30,22 @@ use super::tiled::TiledLinear;
 /// output columns) beats splitting the rows.
 const MIN_ROWS_PER_THREAD: usize = 32;
 
-/// A linear layer in the model's float dtype, or quantized to int8 (`dtype="q8"`):
-/// what every encoder builds its projections from, so one flag quantizes them all.
+/// How a model's linear layers run: in the float dtype of its weights, or on the CPU
+/// with int8 (`dtype="q8"`) or bf16 (`dtype="bf16"`) weights, f32 everywhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKind {
+    Float,
+    Int8,
+    Bf16,
+}
+
+/// A linear layer in the model's float dtype, or packed for one of our CPU kernels
+/// (`LinearKind`): what every encoder builds its projections from, so one setting
+/// changes them all.
 pub enum Dense {
     Float(Linear),
     Int8(QuantizedLinear),
+    Bf16(Bf16Linear),
 }
 
 /// What happens to a layer's output rows after the product and the bias.
@@ -45,11 +57,11 @@ pub struct Then<'a> {
 }
 
 impl Dense {
-    pub fn new(linear: Linear, quantize: bool) -> Result<Self> {
-        Ok(if quantize {
-            Self::Int8(QuantizedLinear::new(linear.weight(), linear.bias())?)
-        } else {
-            Self::Float(linear)
+    pub fn new(linear: Linear, kind: LinearKind) -> Result<Self> {
+        Ok(match kind {
+            LinearKind::Float => Self::Float(linear),
+            LinearKind::Int8 => Self::Int8(QuantizedLinear::new(linear.weight(), linear.bias())?),
+            LinearKind::Bf16 => Self::Bf16(Bf16Linear::new(linear.weight(), linear.bias())?),
         })
     }
 
@@ -107,10 +119,14 @@ impl Dense {
             Self::Int8(linear) if fusable => {
                 rest(linear.forward_then(x, then.residual, fused_gelu)?, true)
             }
+            Self::Bf16(linear) if fusable => {
+                rest(linear.forward_then(x, then.residual, fused_gelu)?, true)
+            }
             _ => {
                 let y = match self {
                     Self::Float(linear) => linear.forward(x)?,
                     Self::Int8(linear) => linear.forward(x)?,
+                    Self::Bf16(linear) => linear.forward(x)?,
                 };
                 let y = match then.residual {
                     Some(residual) => (y + residual)?,
@@ -127,6 +143,7 @@ impl Dense {
         dims.push(match self {
             Self::Float(linear) => linear.weight().dim(0).unwrap_or(0),
             Self::Int8(linear) => linear.out_features(),
+            Self::Bf16(linear) => linear.out_features(),
         });
         dims
     }
@@ -286,18 +303,28 @@ mod tests {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
+    /// A layer's weight `[n, k]` and bias, an input `[.., k]` of `shape` and a
+    /// residual like the output.
+    fn random_layer(shape: &[usize], n: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let device = Device::Cpu;
+        let mut out = shape.to_vec();
+        let k = out.pop().unwrap_or(0);
+        out.push(n);
+        Ok((
+            Tensor::randn(0f32, 0.3, (n, k), &device)?,
+            Tensor::randn(0f32, 0.3, n, &device)?,
+            Tensor::randn(0f32, 1.0, shape, &device)?,
+            Tensor::randn(0f32, 1.0, out, &device)?,
+        ))
+    }
+
     #[test]
     fn fused_layers_match_candle_ops() -> Result<()> {
-        let device = Device::Cpu;
         // Row counts on both sides of the block threshold, one not a multiple of a block.
         for rows in [1usize, 3, 70, 601] {
-            let (k, n) = (37, 45);
-            let w = Tensor::randn(0f32, 0.3, (n, k), &device)?;
-            let b = Tensor::randn(0f32, 0.3, n, &device)?;
-            let x = Tensor::randn(0f32, 1.0, (rows, k), &device)?;
-            let residual = Tensor::randn(0f32, 1.0, (rows, n), &device)?;
+            let (w, b, x, residual) = random_layer(&[rows, 37], 45)?;
             for bias in [Some(b.clone()), None] {
-                let dense = Dense::new(Linear::new(w.clone(), bias.clone()), false)?;
+                let dense = Dense::new(Linear::new(w.clone(), bias.clone()), LinearKind::Float)?;
                 let product = match &bias {
                     Some(b) => x.matmul(&w.t()?)?.broadcast_add(b)?,
                     None => x.matmul(&w.t()?)?,
@@ -329,11 +356,45 @@ mod tests {
         Ok(())
     }
 
+    /// The CPU kernels' fused endings (bias, residual, GELU) against the same layer's
+    /// plain product followed by candle ops: one row alone (split by columns), a tile
+    /// and a half, and a batch of sequences.
+    #[test]
+    fn packed_layers_fuse_bias_residual_and_gelu() -> Result<()> {
+        let kinds = [
+            (LinearKind::Int8, super::super::q8::supported()),
+            (LinearKind::Bf16, super::super::bf16::supported()),
+        ];
+        for (kind, supported) in kinds {
+            if !supported {
+                eprintln!("skipped {kind:?}: not on this CPU's kernels");
+                continue;
+            }
+            for shape in [&[1, 96][..], &[7, 96], &[2, 35, 96]] {
+                let (w, b, x, residual) = random_layer(shape, 70)?;
+                let dense = Dense::new(Linear::new(w, Some(b)), kind)?;
+                let plain = dense.forward(&x)?;
+                let fused = dense.forward_then(
+                    &x,
+                    Then {
+                        residual: Some(&residual),
+                        activation: Some(Activation::Gelu),
+                    },
+                )?;
+                assert_eq!(fused.dims(), residual.dims());
+                let want = (&plain + &residual)?.gelu_erf()?;
+                let diff = max_diff(&fused, &want)?;
+                assert!(diff < 1e-5, "{kind:?}, {shape:?}: differs by {diff}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_batch_of_sequences_keeps_its_shape() -> Result<()> {
         let device = Device::Cpu;
         let w = Tensor::randn(0f32, 0.3, (8, 6), &device)?;
-        let dense = Dense::new(Linear::new(w.clone(), None), false)?;
+        let dense = Dense::new(Linear::new(w.clone(), None), LinearKind::Float)?;
         let x = Tensor::randn(0f32, 1.0, (2, 5, 6), &device)?;
         let got = dense.forward(&x)?;
         assert_eq!(got.dims(), &[2, 5, 8]);

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention_bias;
+pub mod bf16;
 pub mod cpu;
 pub mod cpu_op;
 pub mod dense;

@@ -65,8 +65,8 @@ impl PyTranscriber {
     fn new(py: Python<'_>, path: PathBuf, device: String, dtype: String) -> PyResult<Self> {
         let inner = run_model(py, || {
             let (device, _) = select_device(&device)?;
-            let (dtype, quantized) = select_dtype(&dtype, &device)?;
-            Transcriber::load(&path, &device, dtype, quantized)
+            let (dtype, linears) = select_dtype(&dtype, &device)?;
+            Transcriber::load(&path, &device, dtype, linears)
         })?;
         Ok(Self { inner })
     }

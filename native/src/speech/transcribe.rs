@@ -15,6 +15,7 @@ use super::mel;
 use super::whisper::{argmax, Whisper, WhisperConfig};
 use crate::error::EmbedError;
 use crate::model_dir;
+use crate::nn::dense::LinearKind;
 
 use mel::{HOP_LENGTH as HOP, N_FRAMES, SAMPLE_RATE};
 /// Milliseconds per timestamp token.
@@ -155,8 +156,14 @@ pub struct Transcriber {
 }
 
 impl Transcriber {
-    /// `q8`: int8 linear layers and output projection (CPU only, `dtype` F32).
-    pub fn load(dir: &Path, device: &Device, dtype: DType, q8: bool) -> Result<Self, EmbedError> {
+    /// `linears`: int8 or bf16 linear layers and output projection (CPU only, `dtype`
+    /// F32), or float ones.
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        linears: LinearKind,
+    ) -> Result<Self, EmbedError> {
         let config = model_dir::read_json(&dir.join("config.json"))?.ok_or_else(|| {
             EmbedError::ModelNotFound(format!("{} has no config.json", dir.display()))
         })?;
@@ -195,7 +202,7 @@ impl Transcriber {
             specials.languages.clear();
         }
         let rules = GenerationRules::from_json(generation.as_ref());
-        let model = Whisper::load(dir, config, device, dtype, q8)?;
+        let model = Whisper::load(dir, config, device, dtype, linears)?;
         Ok(Self {
             model,
             tokenizer,

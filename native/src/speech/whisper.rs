@@ -11,9 +11,7 @@ use serde_json::Value;
 
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
-use crate::nn::dense::Dense;
-use crate::nn::q8::QuantizedLinear;
-use crate::nn::tiled::TiledLinear;
+use crate::nn::dense::{Dense, LinearKind};
 
 /// What the model needs from `config.json`.
 #[derive(Debug, Clone)]
@@ -96,14 +94,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, d: usize, heads: usize, q8: bool) -> Result<Self> {
+    fn load(vb: VarBuilder, d: usize, heads: usize, linears: LinearKind) -> Result<Self> {
         let dense = |name: &str, bias: bool| {
             let linear = if bias {
                 candle_nn::linear(d, d, vb.pp(name))?
             } else {
                 candle_nn::linear_no_bias(d, d, vb.pp(name))?
             };
-            Dense::new(linear, q8)
+            Dense::new(linear, linears)
         };
         Ok(Self {
             q_proj: dense("q_proj", true)?,
@@ -156,11 +154,11 @@ impl FeedForward {
         d: usize,
         inner: usize,
         activation: Activation,
-        q8: bool,
+        linears: LinearKind,
     ) -> Result<Self> {
         Ok(Self {
-            fc1: Dense::new(candle_nn::linear(d, inner, vb.pp("fc1"))?, q8)?,
-            fc2: Dense::new(candle_nn::linear(inner, d, vb.pp("fc2"))?, q8)?,
+            fc1: Dense::new(candle_nn::linear(d, inner, vb.pp("fc1"))?, linears)?,
+            fc2: Dense::new(candle_nn::linear(inner, d, vb.pp("fc2"))?, linears)?,
             activation,
         })
     }
@@ -194,9 +192,10 @@ pub struct Whisper {
     encoder_layers: Vec<EncoderLayer>,
     encoder_norm: LayerNorm,
     embed_tokens: Tensor,
-    /// q8: the output projection (the token embedding, transposed) in int8. It is read
-    /// whole for every token, and is most of a decoder step's memory traffic.
-    logits_q8: Option<QuantizedLinear>,
+    /// q8 and bf16 on the CPU: the output projection (the token embedding, transposed)
+    /// packed like the linear layers. It is read whole for every token, and is most of
+    /// a decoder step's memory traffic.
+    logits: Option<Dense>,
     decoder_positions: Tensor,
     decoder_layers: Vec<DecoderLayer>,
     decoder_norm: LayerNorm,
@@ -209,13 +208,13 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 
 impl Whisper {
     /// Loads `model.safetensors` of a transformers Whisper checkpoint in `dir`.
-    /// `dtype`: F32, or F16/BF16 on a GPU; `q8`: int8 linear layers (CPU, F32).
+    /// `dtype`: F32, or F16/BF16 on a GPU; `linears`: int8 or bf16 linear layers (CPU, F32).
     pub fn load(
         dir: &Path,
         config: WhisperConfig,
         device: &Device,
         dtype: DType,
-        q8: bool,
+        linears: LinearKind,
     ) -> std::result::Result<Self, EmbedError> {
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {
@@ -233,14 +232,14 @@ impl Whisper {
         } else {
             vb
         };
-        Ok(Self::from_var_builder(vb, config, device, q8)?)
+        Ok(Self::from_var_builder(vb, config, device, linears)?)
     }
 
     fn from_var_builder(
         vb: VarBuilder,
         c: WhisperConfig,
         device: &Device,
-        q8: bool,
+        linears: LinearKind,
     ) -> Result<Self> {
         let d = c.d_model;
         let norm = |vb: VarBuilder| candle_nn::layer_norm(d, LAYER_NORM_EPS, vb);
@@ -254,9 +253,15 @@ impl Whisper {
             .map(|i| {
                 let vb = enc.pp(format!("layers.{i}"));
                 Ok(EncoderLayer {
-                    self_attn: Attention::load(vb.pp("self_attn"), d, c.encoder_heads, q8)?,
+                    self_attn: Attention::load(vb.pp("self_attn"), d, c.encoder_heads, linears)?,
                     self_attn_layer_norm: norm(vb.pp("self_attn_layer_norm"))?,
-                    ffn: FeedForward::load(vb.clone(), d, c.encoder_ffn_dim, c.activation, q8)?,
+                    ffn: FeedForward::load(
+                        vb.clone(),
+                        d,
+                        c.encoder_ffn_dim,
+                        c.activation,
+                        linears,
+                    )?,
                     final_layer_norm: norm(vb.pp("final_layer_norm"))?,
                 })
             })
@@ -266,19 +271,33 @@ impl Whisper {
             .map(|i| {
                 let vb = dec.pp(format!("layers.{i}"));
                 Ok(DecoderLayer {
-                    self_attn: Attention::load(vb.pp("self_attn"), d, c.decoder_heads, q8)?,
+                    self_attn: Attention::load(vb.pp("self_attn"), d, c.decoder_heads, linears)?,
                     self_attn_layer_norm: norm(vb.pp("self_attn_layer_norm"))?,
-                    encoder_attn: Attention::load(vb.pp("encoder_attn"), d, c.decoder_heads, q8)?,
+                    encoder_attn: Attention::load(
+                        vb.pp("encoder_attn"),
+                        d,
+                        c.decoder_heads,
+                        linears,
+                    )?,
                     encoder_attn_layer_norm: norm(vb.pp("encoder_attn_layer_norm"))?,
-                    ffn: FeedForward::load(vb.clone(), d, c.decoder_ffn_dim, c.activation, q8)?,
+                    ffn: FeedForward::load(
+                        vb.clone(),
+                        d,
+                        c.decoder_ffn_dim,
+                        c.activation,
+                        linears,
+                    )?,
                     final_layer_norm: norm(vb.pp("final_layer_norm"))?,
                 })
             })
             .collect::<Result<_>>()?;
         let embed_tokens = dec.get((c.vocab_size, d), "embed_tokens.weight")?;
-        let logits_q8 = match q8 {
-            true => Some(QuantizedLinear::new(&embed_tokens, None)?),
-            false => None,
+        let logits = match linears {
+            LinearKind::Float => None,
+            packed => Some(Dense::new(
+                candle_nn::Linear::new(embed_tokens.clone(), None),
+                packed,
+            )?),
         };
         Ok(Self {
             conv1: candle_nn::conv1d(c.num_mel_bins, d, 3, conv(1), enc.pp("conv1"))?,
@@ -287,7 +306,7 @@ impl Whisper {
             encoder_layers,
             encoder_norm: norm(enc.pp("layer_norm"))?,
             embed_tokens,
-            logits_q8,
+            logits,
             decoder_positions: dec.get((c.max_target_positions, d), "embed_positions.weight")?,
             decoder_layers,
             decoder_norm: norm(dec.pp("layer_norm"))?,
@@ -385,7 +404,7 @@ impl Decoder<'_> {
         }
         self.position += n;
         let last = m.decoder_norm.forward(&x.i((0, n - 1..n))?)?;
-        let logits = match &m.logits_q8 {
+        let logits = match &m.logits {
             Some(projection) => projection.forward(&last)?,
             None => last.matmul(&m.embed_tokens.t()?)?,
         };

@@ -14,7 +14,7 @@ use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::finite_min;
-use crate::nn::dense::Dense;
+use crate::nn::dense::{Dense, LinearKind};
 use crate::nn::kernels::{self, Heads, Reach};
 use crate::nn::packed;
 
@@ -80,9 +80,9 @@ pub fn load(
     vb: VarBuilder,
     config: &BertConfig,
     layout: &Layout,
-    quantize: bool,
+    linears: LinearKind,
 ) -> std::result::Result<Loaded, EmbedError> {
-    let model = Bert::load(vb, config, layout, quantize)?;
+    let model = Bert::load(vb, config, layout, linears)?;
     let max_tokens = config.max_position_embeddings - layout.position_offset as usize;
     Ok(Loaded::new(model, config.hidden_size, max_tokens))
 }
@@ -101,12 +101,13 @@ pub struct Bert {
 
 impl Bert {
     /// Loads weights saved by transformers, under one of `layout.prefixes` or none.
-    /// `quantize`: int8 linear layers (CPU: AVX2, or AVX-512 VNNI) around float embeddings and norms.
+    /// `linears`: float, int8 or bf16 linear layers (the latter two on the CPU) around float
+    /// embeddings and norms.
     fn load(
         vb: VarBuilder,
         config: &BertConfig,
         layout: &Layout,
-        quantize: bool,
+        linears: LinearKind,
     ) -> std::result::Result<Self, EmbedError> {
         if config.position_embedding_type != "absolute" {
             return Err(EmbedError::InvalidModel(format!(
@@ -125,7 +126,7 @@ impl Bert {
         }
         let activation = Activation::parse(&config.hidden_act, "config")?;
         let vb = weights_under(vb, layout.prefixes, "embeddings.word_embeddings.weight");
-        let mut model = Self::load_weights(vb, config, activation, quantize)?;
+        let mut model = Self::load_weights(vb, config, activation, linears)?;
         model.position_offset = layout.position_offset;
         Ok(model)
     }
@@ -134,7 +135,7 @@ impl Bert {
         vb: VarBuilder,
         config: &BertConfig,
         activation: Activation,
-        quantize: bool,
+        linears: LinearKind,
     ) -> Result<Self> {
         let hidden = config.hidden_size;
         let heads = config.num_attention_heads;
@@ -157,7 +158,7 @@ impl Bert {
                 Tensor::cat(&[(query_w * scale)?, key_w, value_w], 0)?,
                 Some(Tensor::cat(&[(query_b * scale)?, key_b, value_b], 0)?),
             );
-            let dense = |linear: Linear| Dense::new(linear, quantize);
+            let dense = |linear: Linear| Dense::new(linear, linears);
             let intermediate = candle_nn::linear(
                 hidden,
                 config.intermediate_size,
@@ -329,7 +330,7 @@ mod tests {
             }
         }
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let model = Bert::load(vb, &config, &Layout::BERT, false)
+        let model = Bert::load(vb, &config, &Layout::BERT, LinearKind::Float)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((model, config))
     }

@@ -14,7 +14,7 @@ use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::{attend, padding_bias, pair_bias};
-use crate::nn::dense::Dense;
+use crate::nn::dense::{Dense, LinearKind};
 use crate::nn::kernels::{self, Heads, Reach};
 use crate::nn::packed;
 use crate::nn::rotary::Rotary;
@@ -151,19 +151,19 @@ pub struct ModernBert {
 pub fn load(
     config: &Value,
     vb: VarBuilder,
-    quantize: bool,
+    linears: LinearKind,
 ) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // ModernBertForMaskedLM and friends keep the encoder under `model.`.
     let vb = weights_under(vb, &["model"], "embeddings.tok_embeddings.weight");
-    let model = ModernBert::load(vb, &c, quantize)?;
+    let model = ModernBert::load(vb, &c, linears)?;
     Ok(Loaded::new(model, c.hidden_size, c.max_position_embeddings))
 }
 
 impl ModernBert {
-    fn load(vb: VarBuilder, c: &Config, quantize: bool) -> Result<Self> {
+    fn load(vb: VarBuilder, c: &Config, linears: LinearKind) -> Result<Self> {
         let h = c.hidden_size;
-        let dense = |linear| Dense::new(linear, quantize);
+        let dense = |linear| Dense::new(linear, linears);
         let norm = |vb: VarBuilder| -> Result<LayerNorm> {
             let weight = vb.get(h, "weight")?;
             Ok(if c.norm_bias {

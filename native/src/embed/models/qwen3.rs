@@ -15,7 +15,7 @@ use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::{attend, padding_bias, pair_bias};
-use crate::nn::dense::Dense;
+use crate::nn::dense::{Dense, LinearKind};
 use crate::nn::kernels::{self, Heads, Reach};
 use crate::nn::packed;
 use crate::nn::rotary::Rotary;
@@ -130,19 +130,19 @@ pub struct Qwen3 {
 pub fn load(
     config: &Value,
     vb: VarBuilder,
-    quantize: bool,
+    linears: LinearKind,
 ) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config)?;
     // Qwen3ForCausalLM keeps the decoder under `model.`.
     let vb = weights_under(vb, &["model"], "embed_tokens.weight");
-    let model = Qwen3::load(vb, &c, quantize)?;
+    let model = Qwen3::load(vb, &c, linears)?;
     Ok(Loaded::new(model, c.hidden_size, c.max_position_embeddings))
 }
 
 impl Qwen3 {
-    fn load(vb: VarBuilder, c: &Config, quantize: bool) -> Result<Self> {
+    fn load(vb: VarBuilder, c: &Config, linears: LinearKind) -> Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim);
-        let dense = |linear| Dense::new(linear, quantize);
+        let dense = |linear| Dense::new(linear, linears);
         let (q_size, kv_size) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let bias = c.attention_bias;
         let layers = (0..c.num_hidden_layers)
@@ -364,7 +364,7 @@ mod tests {
             }
         }
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        Qwen3::load(vb, &config, false)
+        Qwen3::load(vb, &config, LinearKind::Float)
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::embed::encoder::{weights_under, Encoder, Loaded};
 use crate::error::EmbedError;
 use crate::nn::activation::Activation;
 use crate::nn::attention_bias::{attend, padding_bias};
-use crate::nn::dense::Dense;
+use crate::nn::dense::{Dense, LinearKind};
 use crate::nn::kernels::{self, Heads, Reach};
 use crate::nn::packed;
 use crate::nn::rotary::Rotary;
@@ -183,7 +183,7 @@ pub fn load(
     config: &Value,
     vb: VarBuilder,
     family: Family,
-    quantize: bool,
+    linears: LinearKind,
 ) -> std::result::Result<Loaded, EmbedError> {
     let c = Config::parse(config, family)?;
     let vb = weights_under(
@@ -198,7 +198,7 @@ pub fn load(
     } else {
         Naming::Transformers
     };
-    let model = RotaryBert::load(vb, &c, naming, quantize)?;
+    let model = RotaryBert::load(vb, &c, naming, linears)?;
     Ok(Loaded::new(model, c.hidden_size, c.max_position_embeddings))
 }
 
@@ -210,10 +210,10 @@ fn split(fused: &Linear, at: usize, n: usize) -> Result<Linear> {
 }
 
 impl RotaryBert {
-    fn load(vb: VarBuilder, c: &Config, naming: Naming, quantize: bool) -> Result<Self> {
+    fn load(vb: VarBuilder, c: &Config, naming: Naming, linears: LinearKind) -> Result<Self> {
         let h = c.hidden_size;
-        // Fused projections are split first, so each part is quantized on its own.
-        let dense = |linear| Dense::new(linear, quantize);
+        // Fused projections are split first, so each part is packed on its own.
+        let dense = |linear| Dense::new(linear, linears);
         let inter = c.intermediate_size;
         let norm = |vb: VarBuilder| candle_nn::layer_norm(h, c.layer_norm_eps, vb);
         // Square attention projections, the halves of the gated unit, and its output.
