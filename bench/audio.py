@@ -16,7 +16,7 @@ and the decoding. The real-time factor is seconds of compute per second of audio
 (lower is better).
 
     pip install 'embedstream[bench-audio]'    # openai-whisper, and with it PyTorch
-    python bench/audio.py [--weights real|random] [--size tiny|base|small] [--steps 100] [--dtype f32|q8]
+    python bench/audio.py [--weights real|random] [--size tiny|base|small] [--steps 100] [--dtype f32|q8|bf16]
 """
 
 from __future__ import annotations
@@ -260,7 +260,9 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="for --weights random")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--dtype", choices=["f32", "q8"], default="f32", help="ours; the peer runs f32")
+    parser.add_argument(
+        "--dtype", choices=["f32", "q8", "bf16"], default="f32", help="ours; the peer runs f32"
+    )
     args = parser.parse_args()
     import torch
 

@@ -202,8 +202,10 @@ class Embedder(NativeModel):
         ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the first GPU when
         the wheel was built with CUDA and one answers, else the CPU). ``dtype``:
         ``"f32"``; ``"q8"`` (int8 linear layers, on CPUs with AVX2, through AVX-512 VNNI
-        where there is: about 2.2 times f32's speed there, cosine >= 0.995 to f32); on a
-        GPU ``"f16"`` or ``"bf16"``.
+        where there is: about 2.2 times f32's speed there, cosine >= 0.995 to f32);
+        ``"bf16"`` (on a CPU, bf16 linear layers on CPUs with AVX512_BF16, Intel Xeon since
+        Cooper Lake and AMD since Zen 4: about twice f32's speed, cosine >= 0.9995 to f32;
+        on a GPU, the whole model in bf16); on a GPU ``"f16"`` too.
         ``max_batch_tokens``: most tokens, padding included, in one forward pass
         (default: 2,048 on the CPU, 16,384 on a GPU). ``truncate_dim``: keep the first
         dimensions of every vector (Matryoshka models), as sentence-transformers does:

@@ -74,7 +74,8 @@ class Transcriber:
     def load(cls, model: Union[str, os.PathLike], *, device: str = "cpu", dtype: str = "f32") -> Transcriber:
         """``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; ``dtype``:
         ``"f32"``; ``"q8"`` (int8 linear layers and output projection, on CPUs with
-        AVX2); ``"f16"``/``"bf16"`` on a GPU."""
+        AVX2); ``"bf16"`` (on a CPU, bf16 linear layers and output projection, on CPUs
+        with AVX512_BF16; on a GPU, the whole model); ``"f16"`` on a GPU."""
         return cls(_native.Transcriber(models.resolve(model), device, dtype))
 
     @property

@@ -113,7 +113,8 @@ def add_commands(sub: Commands) -> None:
     run.add_argument(
         "--dtype",
         choices=["f32", "q8", "f16", "bf16"],
-        help="q8: int8 on CPUs with AVX2 (VNNI where there is); f16, bf16: GPU only (default: f32)",
+        help="q8: int8 on CPUs with AVX2 (VNNI where there is); bf16: on GPUs, or on CPUs with "
+        "AVX512_BF16; f16: GPU only (default: f32)",
     )
     run.add_argument(
         "--batch-size", type=int, help="events per micro-batch (default: 512 on the CPU, 2048 on a GPU)"
