@@ -47,7 +47,8 @@ def test_redrive_to_a_topic_it_cannot_deliver_to_fails_and_commits_nothing(kafka
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     payloads = [b"first payload", b"second payload"]
     for offset, payload in enumerate(payloads):
-        producer.produce(topics.dlq, dead_letter(topics, offset, payload))
+        letter = dead_letter(topics, offset, payload)
+        producer.produce(topics.dlq, letter, headers=[(codecs.TYPE_HEADER, b"DeadLetter")])
     assert producer.flush(30) == 0
     nowhere = f"{topics.prefix}.nowhere"  # never created
     group = f"{topics.prefix}.redrive"
