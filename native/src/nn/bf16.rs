@@ -152,7 +152,6 @@ impl TiledLinear for Bf16Linear {
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use std::arch::x86_64::*;
-
     use std::mem::MaybeUninit;
 
     use super::{Tile, BLOCK_K, BLOCK_N, TILE_M};
