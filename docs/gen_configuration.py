@@ -32,7 +32,7 @@ FALLBACK = {
     "model": 'The text model: "default" (all-MiniLM-L6-v2), a model directory, or a hub id '
     "in the local Hugging Face cache.",
     "device": 'cpu, cuda, cuda:N, or auto (the first GPU if the wheel has CUDA and one answers).',
-    "dtype": "f32; q8 on CPUs with AVX2; f16 or bf16 on a GPU.",
+    "dtype": "f32; q8 on CPUs with AVX2; bf16 on CPUs with AVX512_BF16 or a GPU; f16 on a GPU.",
     "overlap_tokens": "Tokens shared by consecutive chunks.",
     "schema_registry_url": "Confluent Schema Registry (needs embedstream[registry]); "
     "required by output_format confluent.",

@@ -79,14 +79,6 @@ def test_bf16_stays_within_its_documented_accuracy(minilm, minilm_reference):
 KERNEL_PATHS = ["portable", "avx2", "avx512"]
 
 
-@pytest.fixture
-def forced_kernels(monkeypatch):
-    """Sets EMBEDSTREAM_CPU_KERNELS for the test; afterwards a load puts auto back."""
-    yield lambda path: monkeypatch.setenv("EMBEDSTREAM_CPU_KERNELS", path)
-    monkeypatch.delenv("EMBEDSTREAM_CPU_KERNELS", raising=False)
-    Embedder.load(str(DATA / "tiny-bert-cls"))
-
-
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_every_kernel_path_this_cpu_runs_matches_sentence_transformers(
     path, forced_kernels, minilm_reference

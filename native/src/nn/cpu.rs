@@ -18,7 +18,8 @@ pub enum Kernels {
     Portable = 1,
     /// AVX2 and FMA: f32 kernels, and q8 through `vpmaddubsw`.
     Avx2 = 2,
-    /// AVX2 kernels for f32, and q8 through AVX-512 VNNI's `vpdpbusd`.
+    /// AVX2 kernels for f32, q8 through AVX-512 VNNI's `vpdpbusd`, and bf16 (`nn::bf16`)
+    /// where the CPU also has AVX512_BF16.
     Avx512 = 3,
 }
 
@@ -187,7 +188,14 @@ pub fn features() -> Vec<&'static str> {
                 })*
             };
         }
-        check!("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avx512bf16");
+        check!(
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avx512bf16"
+        );
     }
     found
 }

@@ -68,7 +68,8 @@ unsafe fn sgemm_with(
                 { k::H_M },
                 { k::H_N },
             >(
-                <$simd as MixedSimd<f32, f32, f32, f32>>::try_new().expect("the CPU check of nn::cpu admitted this GEMM"),
+                <$simd as MixedSimd<f32, f32, f32, f32>>::try_new()
+                    .expect("the CPU check of nn::cpu admitted this GEMM"),
                 out.rows,
                 out.cols,
                 depth,
