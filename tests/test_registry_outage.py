@@ -53,7 +53,14 @@ def test_a_worker_waits_out_a_registry_stopped_mid_stream(kafka_bootstrap, schem
     assert first != second
     before = [(f"before-{i}".encode(), frame_older_event(first, f"before-{i}")) for i in range(5)]
     during = [(f"during-{i}".encode(), frame_older_event(second, f"during-{i}")) for i in range(5)]
-    env = {"EMBEDSTREAM_SCHEMA_REGISTRY_URL": schema_registry.url}
+    env = {
+        "EMBEDSTREAM_SCHEMA_REGISTRY_URL": schema_registry.url,
+        # A group member's deadlines near their minimum: a 30 s outage far outlasts them,
+        # so the member lives through it only by polling while it waits.
+        "EMBEDSTREAM_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "EMBEDSTREAM_KAFKA_MAX_POLL_INTERVAL_MS": "6000",
+        "EMBEDSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+    }
     proc = start_flow(topics, "--batch-size", "4", env=env)
     try:
         topics.produce(before)
@@ -61,18 +68,29 @@ def test_a_worker_waits_out_a_registry_stopped_mid_stream(kafka_bootstrap, schem
         schema_registry.stop()
         topics.produce(during)
         assert wait_for(lambda: "registry unavailable" in log_tail(proc), 120), log_tail(proc)
-        time.sleep(5)  # an outage of some seconds more: nothing may be dead-lettered meanwhile
+        time.sleep(30)  # the outage goes on: nothing may be dead-lettered, no member evicted
         assert topics.read(topics.dlq) == []
+        assert not _evicted(proc), log_tail(proc)
         schema_registry.start()
         want = {k.decode() for k, _ in before + during}
         assert wait_for(lambda: _docs(topics) >= want, 180), log_tail(proc)
         assert topics.read(topics.dlq) == [], log_tail(proc)
         assert proc.poll() is None, log_tail(proc)
+        assert not _evicted(proc), log_tail(proc)
+        # Evicted members redo their batch: each event would then have its records twice.
+        manifests = [r["doc_id"] for kind, r, _ in topics.read(topics.output) if kind == "DocManifest"]
+        assert sorted(manifests) == sorted(want)
     finally:
         proc.terminate()
         proc.wait(60)
         if schema_registry.pid() is None:
             schema_registry.start()
+
+
+def _evicted(proc) -> bool:
+    with open(proc.log, errors="replace") as log:
+        text = log.read()
+    return "missed the group's deadline" in text or "revoked" in text
 
 
 def _docs(topics: FlowTopics) -> set[str]:
