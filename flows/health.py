@@ -58,6 +58,16 @@ class Loops:
             self._loops[thread.ident] = _Loop(thread.name, time.monotonic(), waiting, away_s)
             self._started = True
 
+    def waits(self, outage: Optional[str], away_s: float = 0.0) -> None:
+        """The calling thread's loop, if it is one of the watched ones, waits out
+        ``outage`` (None: the wait is over). A thread that runs no watched source (the
+        CLI's main thread, a test) is not a loop: its waits leave no entry behind that
+        would later look stalled."""
+        thread = threading.current_thread()
+        with self._lock:
+            if thread.ident in self._loops:
+                self._loops[thread.ident] = _Loop(thread.name, time.monotonic(), outage, away_s)
+
     def ended(self) -> None:
         """The calling thread's source is done: its loop is no longer watched."""
         with self._lock:
@@ -92,12 +102,12 @@ def waiting(outage: str, retry_in_s: float) -> None:
     """The calling loop waits out ``outage`` (the store, the registry, the broker) and
     retries in ``retry_in_s``: alive, not ready. Call it before every pause between
     retries, and :func:`resumed` once the wait is over."""
-    LOOPS.advanced(waiting=outage, away_s=retry_in_s)
+    LOOPS.waits(outage, away_s=retry_in_s)
 
 
 def resumed() -> None:
     """The calling loop's outage wait is over (or there was none)."""
-    LOOPS.advanced()
+    LOOPS.waits(None)
 
 
 # --- the sources' side -----------------------------------------------------------------------

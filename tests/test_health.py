@@ -200,3 +200,28 @@ def test_a_worker_loop_stuck_in_a_step_fails_liveness_until_it_moves_on():
         release.set()
         runner.join(30)
         health.LOOPS.stall_s = stall_s
+
+
+def test_an_outage_wait_outside_a_watched_loop_leaves_no_loop_behind():
+    """A wait on a thread that runs no watched source (the CLI's main thread, a start-up
+    check) is no batch loop: it once left an entry that looked stalled ever after, and
+    failed every liveness probe of the process."""
+    import time
+
+    from flows import health, outage
+
+    calls = []
+
+    def attempt() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise outage.Outage("down for a moment")
+        return "back"
+
+    assert outage.wait_out("test dependency", attempt, first_delay_s=0.01, keep_alive=lambda: None) == "back"
+    stall_s, health.LOOPS.stall_s = health.LOOPS.stall_s, 0.05
+    try:
+        time.sleep(0.2)
+        assert health.LOOPS.liveness() == (True, "alive")
+    finally:
+        health.LOOPS.stall_s = stall_s
