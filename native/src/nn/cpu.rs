@@ -70,7 +70,9 @@ pub enum Gemm {
     /// AVX2 and FMA, 256-bit.
     Fma = 2,
     /// AVX-512F, 512-bit: twice the work per instruction on cores with two 512-bit
-    /// FMA units (Intel Xeon); on AMD Zen 4, which splits them, about even with FMA.
+    /// FMA units (Intel Xeon). Not under `auto` on AMD Zen 3 and Zen 4, which split
+    /// 512-bit work in two: there gemm's AVX-512 kernels ran MiniLM at 0.82 of its
+    /// AVX2 kernels (bench/cpu_paths.py).
     Avx512 = 3,
 }
 
@@ -101,10 +103,15 @@ impl Gemm {
     }
 
     /// The GEMM that goes with a kernel path: the path's own instruction set when one
-    /// is forced, the best this CPU has under `auto`.
+    /// is forced, the fastest on this CPU under `auto`.
     fn for_kernels(kernels: Kernels, forced: bool) -> Self {
-        if !forced && Self::Avx512.runs_here() {
-            return Self::Avx512;
+        if !forced {
+            if Self::Avx512.runs_here() && !splits_512_bit_work() {
+                return Self::Avx512;
+            }
+            if Self::Fma.runs_here() {
+                return Self::Fma;
+            }
         }
         match kernels {
             Kernels::Avx512 => Self::Avx512,
@@ -121,6 +128,28 @@ impl Gemm {
             _ => None,
         }
     }
+}
+
+/// AMD Zen 3 and Zen 4 (family 19h) run each 512-bit instruction as two 256-bit halves;
+/// Zen 5 (1Ah) and Intel's AVX-512 cores have full-width units.
+fn splits_512_bit_work() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        // Safe on every x86-64 CPU: CPUID leaves 0 and 1 always exist.
+        #[allow(unused_unsafe)]
+        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1).eax) };
+        let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        let family = (signature >> 8) & 0xf;
+        let family = if family == 0xf {
+            family + ((signature >> 20) & 0xff)
+        } else {
+            family
+        };
+        amd && family == 0x19
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// 0 until the first model load (or query) configures them.
