@@ -45,6 +45,7 @@ FALLBACK = {
 FLAG_FIELDS: dict[tuple[str, str], str | None] = {
     ("run", "format"): "output_format",
     ("run", "allow_root"): "allowed_roots",
+    ("run", "allow_uri"): "allowed_uris",
     ("run", "until_end"): "tail",
     ("sink", "until_end"): "tail",
     ("sink", "group_id"): "sink_group_id",
@@ -189,8 +190,8 @@ where there is one. The worker logs the settings it runs with, secrets masked.
 
 How variables are read: booleans take `1`, `true`, `yes`, `on` or `0`, `false`, `no`,
 `off`; an empty value of an optional number means unset; lists are separated by `:`
-(the OS path separator). A setting whose default is "unset" is derived as its
-description says.
+(the OS path separator), except `EMBEDSTREAM_ALLOWED_URIS`, separated by `,` (URIs hold
+colons). A setting whose default is "unset" is derived as its description says.
 """
 
 

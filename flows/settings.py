@@ -116,6 +116,11 @@ class Settings:
     schema_registry_url: Optional[str] = None
     #: Directories that file:// URIs may point into; empty means no URIs allowed.
     allowed_roots: tuple[str, ...] = ()
+    #: URI prefixes that s3://, gs://, az://, abfs[s]:// and https:// URIs must start with,
+    #: by whole path segments (s3://docs allows bucket docs, never docs-private); plain
+    #: http:// only where a prefix names it. Separated by commas: URIs hold colons. Empty
+    #: means no such URI is fetched (docs/object-stores.md).
+    allowed_uris: tuple[str, ...] = ()
     #: Extraction child processes per worker process.
     extract_workers: int = 2
     #: Bytewax recovery store (a directory every process can reach); None: no snapshots,
@@ -208,6 +213,9 @@ class Settings:
             raise ValueError("batch_size must be positive")
         if self.batch_max_s is not None and self.batch_max_s <= 0:
             raise ValueError("batch_max_s must be positive")
+        from flows.allowlist import UriAllowlist
+
+        UriAllowlist(self.allowed_uris)  # a bad prefix fails here, naming it
         for name in (
             "batch_bytes",
             "poll_ms",
@@ -327,6 +335,8 @@ _SECRET_PARAM = re.compile(rf"((?:^|&)[^=&#]*(?:{'|'.join(_SECRET_WORDS)})[^=&#]
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     kind = str(f.type)
     if "tuple" in kind:
+        if f.name == "allowed_uris":  # URIs hold colons: their list is split at commas
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
         return tuple(p for p in raw.split(os.pathsep) if p)
     if "bool" in kind:
         return _bool(raw)

@@ -127,6 +127,14 @@ def add_commands(sub: Commands) -> None:
     )
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
     run.add_argument(
+        "--allow-uri",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="URI prefix that s3://, gs://, az://, https:// URIs may start with, by whole path "
+        "segments (repeatable; e.g. s3://docs-bucket/)",
+    )
+    run.add_argument(
         "--until-end",
         action="store_true",
         help="stop at the end offsets seen at start (group mode: once the group committed them all)",
@@ -169,7 +177,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.embed import build
 
     settings = settings_from(
-        args, SETTINGS_FLAGS, tail=until_end(args), allowed_roots=tuple(args.allow_root) or None
+        args,
+        SETTINGS_FLAGS,
+        tail=until_end(args),
+        allowed_roots=tuple(args.allow_root) or None,
+        allowed_uris=tuple(args.allow_uri) or None,
     )
     import dataclasses
     import os
