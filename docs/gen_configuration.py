@@ -121,6 +121,17 @@ OTHER_VARIABLES: list[tuple[str, str, str]] = [
         "Data directory of the local PostgreSQL (`embedstream postgres start`).",
     ),
     (
+        "EMBEDSTREAM_S3_HOME",
+        "`~/.cache/embedstream/s3`",
+        "Data of the local S3-compatible server (SeaweedFS, `flows/dev/s3.py`; the tests start their own).",
+    ),
+    (
+        "EMBEDSTREAM_S3_PORT",
+        "`38333`",
+        "The local S3 server's S3 port; its master, volume server and filer take the next three, "
+        "their gRPC ports 10,000 above.",
+    ),
+    (
         "EMBEDSTREAM_WORKER_MEMORY",
         "",
         "Internal: set by the extraction pool for its child processes (their memory limit).",

@@ -73,6 +73,33 @@ def postgres_server(tmp_path_factory):
     local_postgres.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible object store: SeaweedFS (``flows.dev.s3.LocalS3``) on loopback
+    ports free now, in a data directory of this session, stopped afterwards. It has
+    ``endpoint``, ``access_key``, ``secret_key``, ``region``, ``env()`` (the AWS_*
+    variables), ``store_options()`` (for ``obstore.store.S3Store``) and
+    ``create_bucket(name, versioned=True)``; tests may stop and start it."""
+    from flows.dev.s3 import LocalS3, free_base_port
+
+    server = LocalS3(port=free_base_port(), storage=tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh versioned bucket on ``s3_server``, for one test: its name."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(name)
+    return name
+
+
 @pytest.fixture
 def postgres_dsn(postgres_server):
     """A fresh database on the server, for one test."""
