@@ -212,8 +212,8 @@ class ChunkState:
         records are delivered, in the changelog (messages the sink produces last)."""
         latest: dict[tuple[str, int, str], tuple[Work, Optional[bytes]]] = {}
         for w in batch:
-            if w.failure is not None:
-                continue  # the document keeps what it had
+            if w.failure is not None or w.event is None:
+                continue  # the document keeps what it had (or there is none)
             m, doc_id = w.message, w.event["doc_id"]
             value = None if w.event["op"] == "DELETE" else pack(w.ids)
             self.put(m.topic, m.partition, doc_id, value)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from flows import codecs, metrics, outage, records
+from flows import codecs, metrics, outage, records, s3_events
 from flows.chunk_state import ChunkState, chunk_ids, lineage_key
 from flows.fetch import FetchError, fetch
 from flows.kafka.io import InputMessage, OutputMessage
@@ -71,10 +71,20 @@ class Failure(Exception):
 
 @dataclass
 class Work:
-    """What one input message became so far."""
+    """What one input message became so far; an S3 event notification becomes one Work
+    per record, all with the same message."""
 
     message: InputMessage
     event: Optional[dict[str, Any]] = None
+    #: Which record of an S3 notification this is ("Records[1] of 3"); dead letters say it.
+    record: Optional[str] = None
+    #: What its dead letter carries instead of the message (its record alone).
+    payload: Optional[bytes] = None
+    #: Its outputs' key instead of the message's (an S3 object's bucket/key).
+    key: Optional[bytes] = None
+    #: Event types of its message's records that are not embedded, counted with it. A
+    #: Work with these and neither event nor failure stands for a message of only such.
+    skipped: list[str] = field(default_factory=list)
     document: Optional[Document] = None
     chunks: list[Chunk] = field(default_factory=list)
     #: Content-derived id of each chunk (of the image, for an image).
@@ -120,6 +130,7 @@ class Counters:
     documents: int = 0
     deletes: int = 0
     dead_letters: int = 0
+    skipped: int = 0
     chunks: int = 0
     reused: int = 0
     tokens: int = 0
@@ -129,7 +140,8 @@ class Counters:
         s = max(time.monotonic() - self.started, 1e-9)
         return (
             f"{self.events} events ({self.documents} embedded, {self.deletes} deleted, "
-            f"{self.dead_letters} dead letters), {self.chunks} chunks embedded"
+            f"{self.dead_letters} dead letters{f', {self.skipped} skipped' if self.skipped else ''}), "
+            f"{self.chunks} chunks embedded"
             f"{f', {self.reused} kept' if self.reused else ''}; "
             f"{self.documents / s:.1f} docs/s, {self.chunks / s:.1f} chunks/s, "
             f"{self.tokens / s:,.0f} tokens/s"
@@ -218,10 +230,10 @@ class Pipeline:
             return []
         metrics.BATCH_EVENTS.observe(len(messages))
         metrics.BATCH_FILL.observe(len(messages) / self.batch_size)
-        batch = Batch((Work(m) for m in messages), BatchBudget(self.budget_s))
+        batch = Batch((), BatchBudget(self.budget_s))
         with metrics.STAGE_SECONDS.labels("decode").time():
-            for w in batch:
-                self._guard(w, self._decode)
+            for m in messages:
+                batch.extend(self._decode_message(m))
         return [batch]
 
     def fetch_and_extract(self, batch: Batch) -> Batch:
@@ -231,7 +243,7 @@ class Pipeline:
         left_out: set[int] = set()
 
         def extract(w: Work) -> None:
-            if w is not upserts[0] and batch.budget.spent():
+            if w.message is not upserts[0].message and batch.budget.spent():
                 left_out.add(id(w))
                 return
             self._guard(w, self._fetch_and_extract)
@@ -246,7 +258,8 @@ class Pipeline:
             for w in upserts:
                 # A recording's transcription is slow: it waits for the next batch once
                 # the budget is spent.
-                if w is not upserts[0] and w.document.audio is not None and batch.budget.spent():
+                first = w.message is upserts[0].message
+                if not first and w.document.audio is not None and batch.budget.spent():
                     batch = self._cut(batch, w)
                     break
                 self._guard(w, self._chunk)
@@ -267,7 +280,7 @@ class Pipeline:
                 self._embed_images([w for w in ready if w.is_image])
                 return batch
             for i, group in enumerate(self._passes(ready)):
-                if i and batch.budget.spent():
+                if i and group[0].message is not ready[0].message and batch.budget.spent():
                     return self._cut(batch, group[0])
                 if group[0].is_image:
                     self._embed_images(group)
@@ -294,12 +307,15 @@ class Pipeline:
 
     def _cut(self, batch: Batch, first_left: Optional[Work]) -> Batch:
         """The batch up to ``first_left``; it and every event after it (in every
-        partition, so each gives up a suffix of its events) go back to the source."""
+        partition, so each gives up a suffix of its events) go back to the source. The
+        records of one message stay together: the cut moves to its first."""
         if first_left is None:
             return batch
         at = next(i for i, w in enumerate(batch) if w is first_left)
+        while at and batch[at - 1].message is first_left.message:
+            at -= 1
         left = batch[at:]
-        self.give_back([w.message for w in left])
+        self.give_back(list({id(w.message): w.message for w in left}.values()))
         metrics.BATCH_EVENTS_LEFT.inc(len(left))
         log.info(
             "batch budget of %.1f s spent: %d of %d events go to the next batch",
@@ -330,7 +346,7 @@ class Pipeline:
         out: list[OutputMessage] = []
         for w in work:
             messages = self._outputs(w)
-            if w.failure is None and any(len(m.value) > self.max_message_bytes for m in messages):
+            if w.failure is None and any(len(m.value or b"") > self.max_message_bytes for m in messages):
                 biggest = max(len(m.value) for m in messages)
                 w.failure = Failure(
                     "produce",
@@ -358,6 +374,39 @@ class Pipeline:
             )
 
     # --- stages ------------------------------------------------------------------------------
+
+    def _decode_message(self, m: InputMessage) -> list[Work]:
+        """The Work of one input message: one, or one per record of an S3 notification."""
+        mode = self.settings.input_events
+        if mode == "s3" or (mode == "auto" and s3_events.looks_like(m.value)):
+            try:
+                return self._notification(m)
+            except Exception as e:  # a bug must cost one message, not the worker
+                log.exception("unexpected error on %s[%d]@%d", m.topic, m.partition, m.offset)
+                return [Work(m, failure=Failure("decode", "internal_error", f"{type(e).__name__}: {e}"))]
+        w = Work(m)
+        self._guard(w, self._decode)
+        return [w]
+
+    def _notification(self, m: InputMessage) -> list[Work]:
+        try:
+            parsed = s3_events.parse(m.value, timestamp_ms=m.timestamp_ms or codecs.now_ms())
+        except codecs.DecodeError as e:
+            return [Work(m, failure=Failure("decode", e.reason, str(e)))]
+        works: list[Work] = []
+        skipped: list[str] = []
+        for r in parsed:
+            if r.skipped is not None:
+                skipped.append(r.skipped)
+                continue
+            w = Work(m, event=r.event, record=r.label, payload=r.payload, key=r.object_key)
+            if r.error is not None:
+                w.failure = Failure("decode", r.error.reason, str(r.error))
+            works.append(w)
+        if not works:
+            return [Work(m, skipped=skipped)]
+        works[0].skipped = skipped
+        return works
 
     def _decode(self, w: Work) -> None:
         m = w.message
@@ -476,6 +525,8 @@ class Pipeline:
     # --- outputs -----------------------------------------------------------------------------
 
     def _key(self, w: Work) -> Optional[bytes]:
+        if w.key is not None:
+            return w.key
         if w.message.key:
             return w.message.key
         return w.event["doc_id"].encode() if w.event else None
@@ -496,6 +547,9 @@ class Pipeline:
         s = self.settings
         if w.failure is not None:
             return [self._message(w, s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
+        if w.event is None:  # only records that are not embedded: its offset is done
+            m = w.message
+            return [OutputMessage("", None, None, source=(m.topic, m.partition, m.offset), commit_only=True)]
         event = w.event
         if event["op"] == "DELETE":
             # Every topic that may hold the document's records gets its delete: which one
@@ -549,8 +603,9 @@ class Pipeline:
             m,
             f.stage,
             f.reason,
-            f.message,
-            payload=m.value or b"",  # an empty message, or a tombstone, travels as empty bytes
+            f"{w.record}: {f.message}" if w.record else f.message,
+            # An empty message, or a tombstone, travels as empty bytes.
+            payload=w.payload if w.payload is not None else m.value or b"",
             payload_cap=self.dlq_payload_cap,
             doc_id=w.event["doc_id"] if w.event else None,
         )
@@ -563,6 +618,13 @@ class Pipeline:
         c = self.counters
         now_ms = codecs.now_ms()
         for w in work:
+            for name in w.skipped:
+                metrics.S3_RECORDS_SKIPPED.labels(s3_events.skipped_kind(name)).inc()
+                metrics.EVENTS.labels("skipped").inc()
+            c.events += len(w.skipped)
+            c.skipped += len(w.skipped)
+            if w.event is None and w.failure is None:
+                continue  # a message of only skipped records
             c.events += 1
             if w.event is not None:
                 metrics.END_TO_END_SECONDS.observe(max(now_ms - w.event["event_time"], 0) / 1000)
@@ -607,4 +669,4 @@ def _fresh(w: Work) -> list[Chunk]:
 
 def _upserts(batch: Batch) -> list[Work]:
     """The events of the batch still on their way to vectors."""
-    return [w for w in batch if w.failure is None and w.event["op"] == "UPSERT"]
+    return [w for w in batch if w.failure is None and w.event is not None and w.event["op"] == "UPSERT"]

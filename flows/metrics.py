@@ -32,6 +32,12 @@ STATE_RESTORE_FAILURES = Counter(
     "Input partitions whose chunk state could not be read back in time (they start empty)",
 )
 DEAD_LETTERS = Counter("embedstream_dead_letters", "Dead letters by stage and reason", ["stage", "reason"])
+S3_RECORDS_SKIPPED = Counter(
+    "embedstream_s3_records_skipped",
+    "Records of S3 event notifications not embedded (test events, types other than object "
+    "created or removed), by family of event type",
+    ["kind"],
+)
 BATCH_EVENTS = Histogram(
     "embedstream_batch_events", "Events per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )

@@ -111,6 +111,10 @@ class Settings:
     max_chunks: int = 10_000
     #: Dead letters carry the original payload up to this size, else only its coordinates.
     dlq_payload_max_bytes: int = 1024 * 1024
+    #: What the input topic carries: "documents" (DocumentEvents), "s3" (S3 event
+    #: notifications, as AWS and MinIO write them: one document per record), or "auto"
+    #: (each message recognised by its shape).
+    input_events: str = "auto"
     #: Output encoding: "avro" (single-object), "json", or "confluent" (needs a registry).
     output_format: str = "avro"
     schema_registry_url: Optional[str] = None
@@ -186,6 +190,8 @@ class Settings:
     def validate(self) -> None:
         if self.start_from not in ("committed", "beginning", "latest") and not self.start_from.isdigit():
             raise ValueError("start_from must be 'committed', 'beginning', 'latest' or epoch milliseconds")
+        if self.input_events not in ("auto", "documents", "s3"):
+            raise ValueError("input_events must be auto, documents or s3")
         if self.output_format not in ("avro", "json", "confluent"):
             raise ValueError("output_format must be avro, json or confluent")
         if self.log_format not in ("text", "json"):

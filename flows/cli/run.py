@@ -30,6 +30,7 @@ SETTINGS_FLAGS = (
     "incremental",
     "chunking",
     "state_topic",
+    "input_events",
     "output_format",
     "start_from",
     "batch_size",
@@ -96,6 +97,12 @@ def add_commands(sub: Commands) -> None:
     run.add_argument(
         "--state-topic",
         help="compacted changelog of --incremental's chunk ids (default: <group id>.chunk-state)",
+    )
+    run.add_argument(
+        "--input-events",
+        choices=["auto", "documents", "s3"],
+        help="what the input topic carries: DocumentEvents, S3 event notifications (AWS, MinIO), "
+        "or auto: each message by its shape (default: auto)",
     )
     run.add_argument(
         "--format",

@@ -67,6 +67,9 @@ class OutputMessage:
     #: Produced only once every other message of its batch is confirmed (the chunk-state
     #: changelog must never get ahead of the records).
     after_delivery: bool = False
+    #: Never produced: it only marks its input event done, for the offset commit (an
+    #: event that yields nothing, such as an S3 test event).
+    commit_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -324,8 +327,9 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         )
 
     def write_batch(self, items: list[OutputMessage]) -> None:
-        self._deliver([i for i in items if not i.after_delivery])
-        self._deliver([i for i in items if i.after_delivery])
+        produced = [i for i in items if not i.commit_only]
+        self._deliver([i for i in produced if not i.after_delivery])
+        self._deliver([i for i in produced if i.after_delivery])
         self._commit(items)
 
     def _deliver(self, items: list[OutputMessage]) -> None:
