@@ -4,6 +4,7 @@ lineage the table records), then ask the store for the nearest chunks by cosine.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Optional
 
 from flows.stores import Hit, Store, StoreConfigError, TableSpec, open_store
@@ -34,13 +35,15 @@ def choose_table(store: Store, table: Optional[str] = None) -> TableSpec:
     raise SearchError(f"no table {table!r} in {store.url}; tables: {', '.join(t.name for t in tables)}")
 
 
-def query_embedder(spec: TableSpec, model: Optional[str] = None) -> Embedder:
+def query_embedder(
+    spec: TableSpec, model: Optional[str] = None, *, device: str = "cpu", dtype: str = "f32"
+) -> Embedder:
     """The table's model: ``model`` if given, else the default model or the model id
-    found in the local Hugging Face cache."""
+    found in the local Hugging Face cache; on ``device`` in ``dtype``."""
     truncate = spec.dimension
     source = model or ("default" if spec.model_id == models.DEFAULT_MODEL_ID else spec.model_id)
     try:
-        embedder = Embedder.load(source)
+        embedder = Embedder.load(source, device=device, dtype=dtype)
     except EmbedstreamError as e:
         raise SearchError(
             f"the model of table {spec.name}, {spec.model_id} (revision {spec.model_revision}), is not "
@@ -55,7 +58,7 @@ def query_embedder(spec: TableSpec, model: Optional[str] = None) -> Embedder:
             raise SearchError(message + "; pass the right model with --model")
         log.warning("%s: the scores may not mean much", message)
     if truncate < embedder.dim:
-        embedder = Embedder.load(source, truncate_dim=truncate)
+        embedder = Embedder.load(source, device=device, dtype=dtype, truncate_dim=truncate)
     elif truncate > embedder.dim:
         raise SearchError(
             f"table {spec.name} holds {truncate}-dimensional vectors; {source} makes {embedder.dim}"
@@ -82,11 +85,32 @@ def search(
     try:
         spec = choose_table(opened, table)
         embedder = query_embedder(spec, model)
-        prompt = next((p for p in QUERY_PROMPTS if p in embedder.prompts), None)
-        vector = embedder.embed([query], prompt_name=prompt)[0]
-        return opened.search(spec, [float(x) for x in vector], k, dict(filters or {}))
+        vector = embedder.embed([query], prompt_name=query_prompt_name(embedder))[0]
+        return nearest(opened, spec, vector, k, filters)
     finally:
         opened.close()
 
 
-__all__ = ["Hit", "SearchError", "StoreConfigError", "choose_table", "query_embedder", "search"]
+def query_prompt_name(embedder: Embedder) -> Optional[str]:
+    """The model's prompt for queries, if it has one (else its default prompt applies)."""
+    return next((p for p in QUERY_PROMPTS if p in embedder.prompts), None)
+
+
+def nearest(
+    opened: Store, spec: TableSpec, vector: Sequence[float], k: int, filters: Optional[dict[str, str]] = None
+) -> list[Hit]:
+    """The ``k`` chunks of table ``spec`` nearest to the query ``vector``, best first
+    (``embedstream serve``'s /search embeds the query in its batcher, then comes here)."""
+    return opened.search(spec, [float(x) for x in vector], k, dict(filters or {}))
+
+
+__all__ = [
+    "Hit",
+    "SearchError",
+    "StoreConfigError",
+    "choose_table",
+    "nearest",
+    "query_embedder",
+    "query_prompt_name",
+    "search",
+]

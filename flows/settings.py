@@ -162,6 +162,37 @@ class Settings:
     sink_dlq_topic: Optional[str] = None
     #: Most records the sink writes to the store in one batch (one transaction).
     sink_batch_size: int = 2000
+    #: `embedstream serve`: the address the HTTP API listens on (the loopback: only this
+    #: machine; 0.0.0.0 in a container, behind a NetworkPolicy).
+    serve_host: str = "127.0.0.1"
+    #: `embedstream serve`: the port of the HTTP API.
+    serve_port: int = 8080
+    #: `embedstream serve`: when set, every request but the probes and /metrics needs
+    #: `Authorization: Bearer <key>` (compared in constant time).
+    serve_api_key: Optional[str] = None
+    #: `embedstream serve`: most inputs in one embeddings request.
+    serve_max_inputs: int = 2048
+    #: `embedstream serve`: most characters in one input (longer inputs are refused).
+    serve_max_input_chars: int = 65536
+    #: `embedstream serve`: largest request body.
+    serve_max_body_bytes: int = 8 * 1024 * 1024
+    #: `embedstream serve`: most tokens the batcher hands the model in one call, from
+    #: the requests waiting (None: 4 times the model's max_batch_tokens).
+    serve_batch_tokens: Optional[int] = None
+    #: `embedstream serve`: most tokens waiting for the model; past it requests get 429
+    #: with Retry-After instead of queueing (None: 8 times serve_batch_tokens).
+    serve_queue_tokens: Optional[int] = None
+    #: `embedstream serve`: seconds a request may wait and run before it gets 503.
+    serve_timeout_s: float = 30.0
+    #: `embedstream serve`: an input longer than the model's tokens is truncated (a
+    #: response header counts them); false: it is refused with 413.
+    serve_truncate_input: bool = True
+    #: `embedstream serve`: origins browsers may call the API from (CORS), comma-separated,
+    #: as https://app.example.com; None: no CORS headers at all.
+    serve_cors_origins: Optional[str] = None
+    #: `embedstream serve`: whether `dimensions` may shorten vectors (Matryoshka models).
+    #: None: when the model card (README.md) names Matryoshka or MRL.
+    serve_matryoshka: Optional[bool] = None
     #: Extra librdkafka settings for consumer and producer.
     kafka: dict[str, str] = field(default_factory=dict)
 
@@ -211,6 +242,11 @@ class Settings:
                 "recovery_dir is for scaling=cluster: group-mode workers resume from the "
                 "consumer group's committed offsets"
             )
+        for name in ("serve_batch_tokens", "serve_queue_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not 0 <= self.serve_port <= 65535:
+            raise ValueError("serve_port must be between 0 and 65535")
         if self.chunking not in (None, "greedy", "stable"):
             raise ValueError("chunking must be greedy or stable")
         if self.output_format == "confluent" and not self.schema_registry_url:
@@ -231,6 +267,10 @@ class Settings:
             "state_max_bytes",
             "state_restore_deadline_s",
             "stall_s",
+            "serve_max_inputs",
+            "serve_max_input_chars",
+            "serve_max_body_bytes",
+            "serve_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -299,6 +339,8 @@ class Settings:
         if self.schema_registry_url:
             shown["schema_registry_url"] = redact_url(self.schema_registry_url, keep_user=False)
         shown["store"] = redact_url(self.store)
+        if self.serve_api_key:
+            shown["serve_api_key"] = "***"
         return shown
 
     def sink_view(self) -> dict[str, Any]:

@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from flows.cli import documents, info, kafka, models, run, services, store
+from flows.cli import documents, info, kafka, models, run, serve, services, store
 from flows.cli.shared import SAMPLES, Parser
 
 __all__ = ["SAMPLES", "build_parser", "main"]
 
 #: The command groups, in the order ``--help`` lists their commands.
-GROUPS = (info, models, documents, services, kafka, run, store)
+GROUPS = (info, models, documents, services, kafka, run, store, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

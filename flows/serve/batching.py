@@ -1,0 +1,224 @@
+"""Dynamic batching: concurrent requests wait in one bounded queue, and a single task
+hands the model whatever is waiting, up to a token budget, as one call per prompt.
+
+The model call runs on a thread of its own; the native code releases the GIL, so the
+event loop goes on accepting and parsing requests while a batch computes, and those
+requests form the next batch. There is no timer: a request that finds the model idle
+runs at once, alone; under load, batches grow by themselves. Inside a call the native
+embedder sorts the texts by length and packs its forward passes under
+``max_batch_tokens``, as the flow does with chunks.
+
+The queue is bounded in tokens: a request that would take it past the bound is refused
+at once (:class:`Overloaded`, answered 429 with Retry-After) instead of growing memory
+and latency. A request over its deadline (``timeout_s``) gets :class:`TimedOut`; if it
+was still waiting, it never reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from flows.serve.metrics import ServeMetrics
+
+log = logging.getLogger("embedstream.serve")
+
+#: ``embed(texts, prompt)``: rows in input order.
+EmbedFn = Callable[[list[str], Optional[str]], np.ndarray]
+
+
+class Overloaded(Exception):
+    """The queue is full: try again after ``retry_after_s``."""
+
+    def __init__(self, queued_tokens: int, retry_after_s: int) -> None:
+        super().__init__(f"the server is busy ({queued_tokens} tokens waiting); retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class TimedOut(Exception):
+    """The request was not answered within the timeout."""
+
+
+class Stopped(Exception):
+    """The batcher is stopping."""
+
+
+@dataclass(eq=False)
+class _Job:
+    texts: list[str]
+    prompt: Optional[str]
+    tokens: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    #: The request gave up (timeout, client gone): its texts are not embedded.
+    dropped: bool = False
+
+
+class Batcher:
+    def __init__(
+        self,
+        embed: EmbedFn,
+        *,
+        batch_tokens: int,
+        queue_tokens: int,
+        timeout_s: float,
+        metrics: ServeMetrics,
+    ) -> None:
+        self._embed = embed
+        self.batch_tokens = batch_tokens
+        self.queue_tokens = queue_tokens
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._queue: deque[_Job] = deque()
+        self._queued_tokens = 0
+        self._wake: Optional[asyncio.Event] = None
+        self._task: Optional[asyncio.Task] = None
+        # One thread: one model call at a time, each using every core the model is given.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedstream-model")
+        #: Tokens per second of the recent calls, for Retry-After.
+        self._rate = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="embedstream-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(Stopped("the server is stopping"))
+        self._queue.clear()
+        self._model_thread.shutdown(wait=True)
+
+    def alive(self) -> tuple[bool, str]:
+        if self._task is None:
+            return False, "the batcher has not started"
+        if self._task.done():
+            error = None if self._task.cancelled() else self._task.exception()
+            return False, f"the batcher stopped: {error or 'cancelled'}"
+        return True, "alive"
+
+    # --- requests -------------------------------------------------------------------------------
+
+    async def embed(self, texts: list[str], prompt: Optional[str], tokens: int) -> np.ndarray:
+        """The vectors of ``texts`` after ``prompt``, rows in order. ``tokens``: what the
+        model will see of them, for the budget. Raises :class:`Overloaded`,
+        :class:`TimedOut` or the model's error."""
+        if self._wake is None:
+            raise Stopped("the batcher has not started")
+        # An empty queue admits any request, so one larger than the bound is not refused forever.
+        if self._queue and self._queued_tokens + tokens > self.queue_tokens:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(self._queued_tokens, self._retry_after_s())
+        job = _Job(texts, prompt, tokens, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._queued_tokens += tokens
+        self._gauges()
+        self._wake.set()
+        try:
+            done, _ = await asyncio.wait({job.future}, timeout=self.timeout_s)
+        except asyncio.CancelledError:  # the client went away
+            self._drop(job)
+            raise
+        if not done:
+            self._drop(job)
+            self.metrics.rejected.labels("timeout").inc()
+            raise TimedOut(f"no answer within {self.timeout_s:g} s (EMBEDSTREAM_SERVE_TIMEOUT_S)")
+        return job.future.result()
+
+    def _drop(self, job: _Job) -> None:
+        job.dropped = True
+        if job in self._queue:
+            self._queue.remove(job)
+            self._queued_tokens -= job.tokens
+            self._gauges()
+
+    def _retry_after_s(self) -> int:
+        """Seconds until the queue has drained, at the recent rate (1 to 60)."""
+        if self._rate <= 0:
+            return 1
+        return int(min(60, max(1, round(self._queued_tokens / self._rate))))
+
+    def _gauges(self) -> None:
+        self.metrics.queue_tokens.set(self._queued_tokens)
+        self.metrics.queue_requests.set(len(self._queue))
+
+    # --- the batching task ----------------------------------------------------------------------
+
+    def _take(self) -> list[_Job]:
+        """The waiting jobs, oldest first, up to the token budget (at least one)."""
+        jobs: list[_Job] = []
+        tokens = 0
+        while self._queue:
+            job = self._queue[0]
+            if jobs and tokens + job.tokens > self.batch_tokens:
+                break
+            self._queue.popleft()
+            self._queued_tokens -= job.tokens
+            jobs.append(job)
+            tokens += job.tokens
+        self._gauges()
+        return jobs
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            jobs = self._take()
+            by_prompt: dict[Optional[str], list[_Job]] = {}
+            for job in jobs:
+                by_prompt.setdefault(job.prompt, []).append(job)
+            for prompt, group in by_prompt.items():
+                await self._call(loop, prompt, group)
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, prompt: Optional[str], jobs: list[_Job]) -> None:
+        jobs = [j for j in jobs if not j.dropped]
+        if not jobs:
+            return
+        texts = [t for j in jobs for t in j.texts]
+        tokens = sum(j.tokens for j in jobs)
+        started = time.monotonic()
+        for job in jobs:
+            self.metrics.queue_wait.observe(started - job.enqueued)
+        try:
+            vectors = await loop.run_in_executor(self._model_thread, self._embed, texts, prompt)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a PanicException from native code is a BaseException
+            log.error("model call of %d inputs failed: %r", len(texts), e)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+            return
+        took = time.monotonic() - started
+        self._rate = tokens / took if took > 0 else self._rate
+        m = self.metrics
+        m.model_calls.inc()
+        m.model_seconds.observe(took)
+        m.batch_inputs.observe(len(texts))
+        m.batch_requests.observe(len(jobs))
+        m.batch_tokens.observe(tokens)
+        at = 0
+        for job in jobs:
+            rows = vectors[at : at + len(job.texts)]
+            at += len(job.texts)
+            if not job.future.done():
+                job.future.set_result(rows)
