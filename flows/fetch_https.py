@@ -29,6 +29,7 @@ or broken connections and failed DNS lookups, for the caller to retry and wait o
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import ipaddress
 import socket
@@ -143,7 +144,7 @@ def _get(
     """One request: (status, Location, Retry-After, the body of a 2xx reply, else None)."""
     parts = urlsplit(uri)
     host, port = parts.hostname or "", parts.port or WEB_SCHEMES[parts.scheme]
-    addresses = _addresses(host, port, allowlist, uri, came)
+    addresses = _addresses(host, port, allowlist, deadline, uri, came)
     # As a browser sends it: spaces and non-ASCII escaped, escapes already there kept.
     target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_SAFE)
     sock = _connect(addresses, port, deadline, uri)
@@ -218,14 +219,22 @@ def _get(
             (conn or sock).close()
 
 
-def _addresses(host: str, port: int, allowlist: UriAllowlist, uri: str, came: str) -> list[IPAddress]:
+def _addresses(
+    host: str, port: int, allowlist: UriAllowlist, deadline: float, uri: str, came: str
+) -> list[IPAddress]:
     """The addresses of ``host`` that may be fetched from, in the resolver's order; a host
     left with none is refused, naming what it resolved to and why."""
     try:
         found = [ipaddress.ip_address(host)]
     except ValueError:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            # getaddrinfo has no timeout of its own: the fetch's deadline bounds the wait.
+            lookup = _resolver.submit(
+                socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+            infos = lookup.result(timeout=max(deadline - time.monotonic(), 0.0))
+        except concurrent.futures.TimeoutError:
+            raise FetchUnavailable("timeout", f"{uri}: no DNS answer for {host} in time{came}") from None
         except socket.gaierror as e:
             if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
                 raise FetchError("not_found", f"{uri}: host {host} does not exist{came}") from None
@@ -297,6 +306,8 @@ def _said(error: BaseException) -> str:
 
 
 _context: Optional[ssl.SSLContext] = None
+#: Threads that run DNS lookups, so that a fetch can stop waiting for one.
+_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="embedstream-dns")
 
 
 def _default_context() -> ssl.SSLContext:

@@ -58,6 +58,10 @@ class Server(http.server.ThreadingHTTPServer):
         return sock, address
 
 
+class V6Server(Server):
+    address_family = socket.AF_INET6
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Server
@@ -342,10 +346,22 @@ def test_redirects_within_the_allowlist_are_followed(plain, code):
     assert get(to(plain, "/size/3", code), f"{plain.base}/") == b"xxx"
 
 
-@pytest.mark.parametrize("target", ["file:///etc/passwd", "s3://docs/secret.pdf", "gs://docs/secret.pdf"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "file:///etc/passwd",
+        "s3://docs/secret.pdf",
+        "gs://docs/secret.pdf",
+        "az://docs/secret.pdf",
+        "abfss://docs@account.dfs.core.windows.net/secret.pdf",
+        "data:text/plain,not%20a%20document",
+        "ftp://127.0.0.1/secret.pdf",
+    ],
+)
 def test_a_redirect_off_http_is_refused_even_to_an_allowed_prefix(plain, target):
-    e = refused(to(plain, target), f"{plain.base}/", "s3://docs/", "gs://docs/")
-    assert e.reason == "uri_not_allowed"
+    allowed = ("s3://docs/", "gs://docs/", "az://docs/", "abfss://docs@account.dfs.core.windows.net/")
+    e = refused(to(plain, target), f"{plain.base}/", *allowed)
+    assert e.reason == "uri_not_allowed" and "redirects off http(s)" in e.message
 
 
 def test_a_redirect_from_https_to_http_needs_an_http_prefix(tls, plain, trusting):
@@ -357,6 +373,29 @@ def test_a_redirect_from_https_to_http_needs_an_http_prefix(tls, plain, trusting
     assert e.reason == "uri_not_allowed" and plain.connections == before
     body = get(start, *prefixes, f"{plain.base}/doc", ssl_context=trusting)
     assert body == f"document from {plain.base}".encode()
+
+
+def test_a_redirect_from_http_to_https_is_followed_when_allowed(tls, plain, trusting):
+    port = tls.server_address[1]
+    start = to(plain, f"https://localhost:{port}/doc")
+    e = refused(start, f"{plain.base}/", f"https://127.0.0.1:{port}/", ssl_context=trusting)
+    assert e.reason == "uri_not_allowed" and f"https://localhost:{port}/doc is under no" in e.message
+    prefixes = (f"{plain.base}/", f"https://localhost:{port}/", f"https://127.0.0.1:{port}/")
+    assert get(start, *prefixes, ssl_context=trusting) == f"document from {tls.base}".encode()
+
+
+def test_an_ipv6_address_named_by_a_prefix_is_fetched():
+    try:
+        server = V6Server("::1")
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        base = f"http://[::1]:{server.server_address[1]}"
+        assert json.loads(get(f"{base}/headers", f"{base}/"))["Host"] == base.removeprefix("http://")
+        e = refused(f"http://[::2]:{server.server_address[1]}/doc", f"{base}/")
+        assert e.reason == "uri_not_allowed"
+    finally:
+        server.shutdown()
 
 
 def test_credentials_in_a_redirect_are_refused_and_not_repeated(plain):
