@@ -121,6 +121,8 @@ def refused_kind(ip: IPAddress) -> Optional[str]:
         return "multicast"
     if isinstance(ip, ipaddress.IPv6Address) and ip in _UNIQUE_LOCAL:
         return "unique-local"
+    if ip.is_reserved:
+        return "reserved"
     if ip.is_private:
         return "private"
     if not ip.is_global:

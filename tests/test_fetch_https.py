@@ -269,7 +269,8 @@ def to(server: Server, target: str, code: int = 302) -> str:
         ("192.168.1.1", "private"),
         ("100.64.0.1", "not globally routable"),
         ("224.0.0.251", "multicast"),
-        ("240.0.0.1", "private"),
+        ("240.0.0.1", "reserved"),
+        ("::7f00:1", "reserved"),  # IPv4-compatible, long deprecated
         ("93.184.215.14", None),
         ("2606:4700::6810:84e5", None),
     ],
