@@ -23,6 +23,7 @@ only to a prefix that names that address.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -107,7 +108,10 @@ class UriAllowlist:
         host = uri_or_host
         if "://" in uri_or_host:
             host = urlsplit(uri_or_host).hostname or ""
-        host = _host_key(host.strip("[]"))
+        try:
+            host = _host_key(host.strip("[]"))
+        except _Refused:
+            return False
         return any(p.scheme in WEB_SCHEMES and _host_of(p.authority) == host for p in self._prefixes)
 
 
@@ -167,12 +171,23 @@ def _parse(uri: str) -> _Target:
 
 
 def _host_key(host: str) -> str:
-    """A host as compared: lower case, no trailing dot, an address in its one spelling."""
+    """A host as compared: lower case, no trailing dot, an address in its one spelling,
+    a name in its DNS (IDNA) spelling, as the resolver will be asked it."""
     host = host.lower().rstrip(".")
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
-        return host
+        pass
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise _Refused(f"{host!r} is not a host name") from None
+    if not _HOST_NAME.fullmatch(host):
+        raise _Refused(f"{host!r} is not a host name")
+    return host
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 
 def _host_of(authority: str) -> Optional[str]:

@@ -160,3 +160,12 @@ def test_the_run_flag_repeats():
     assert args.allow_uri == ["s3://a/", "https://h/x/"]
     settings = Settings.from_env({}, allowed_uris=tuple(args.allow_uri))
     assert UriAllowlist(settings.allowed_uris).allows("s3://a/k")
+
+
+def test_host_names_compare_in_their_dns_spelling():
+    allow = UriAllowlist(["https://bücher.example/"])
+    assert allow.allows("https://xn--bcher-kva.example/katalog.pdf")
+    assert allow.allows("https://BÜCHER.example/katalog.pdf")
+    assert allow.names_host("xn--bcher-kva.example")
+    for uri in ("https://bücher.example%00.evil.test/", "https://bü cher.example/"):
+        assert "is not a host name" in refusal(allow, uri)
