@@ -41,6 +41,9 @@ TRUNCATED_HEADER = "X-Embedstream-Truncated-Inputs"
 #: Below this many characters a request's tokens are counted on the event loop; above,
 #: on a thread (the tokenizer releases the GIL, but the loop would wait for it).
 _INLINE_CHARS = 8192
+#: A body over the limit is read (and dropped) up to this many times the limit, so the
+#: client gets its 413 instead of a reset connection; past it the connection is closed.
+_DRAIN_FACTOR = 8
 #: Seconds /readyz waits for the store.
 _READY_TIMEOUT_S = 5.0
 ROUTES = ("/v1/embeddings", "/v1/models", "/search", "/healthz", "/readyz", "/metrics")
@@ -134,15 +137,19 @@ class Api:
             code="body_too_large",
         )
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_large
+        if declared is not None and declared.isdigit() and int(declared) > _DRAIN_FACTOR * limit:
+            raise too_large  # not worth reading: the client may see the connection closed
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
+            if size > _DRAIN_FACTOR * limit:
                 raise too_large
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            # Read to the end and dropped, so that the client, still sending, gets the 413.
+            raise too_large
         return schema.parse_json(b"".join(chunks))
 
     async def tokens(self, texts: list[str], prompt: Optional[str]) -> list[int]:
