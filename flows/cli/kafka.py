@@ -4,6 +4,7 @@ and out of them."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -21,9 +22,12 @@ def add_commands(sub: Commands) -> None:
 
     publish = sub.add_parser(
         "publish",
-        help="send files as DocumentEvents (doc_id: the path relative to the directory given)",
+        help="send files as DocumentEvents (doc_id: the path relative to the directory given), "
+        "or the objects under s3://, gs:// or az:// prefixes as events naming them by URI",
     )
-    publish.add_argument("paths", nargs="+", help="files or directories")
+    publish.add_argument(
+        "paths", nargs="+", help="files or directories, or object-store prefixes such as s3://bucket/docs/"
+    )
     publish.add_argument(
         "--doc-id-prefix", default="", help="put before every doc_id, e.g. wiki/ (default: none)"
     )
@@ -35,6 +39,13 @@ def add_commands(sub: Commands) -> None:
         "--delete",
         action="store_true",
         help="send DELETE events for these paths instead (they need not exist any more)",
+    )
+    publish.add_argument(
+        "--object-store",
+        action="append",
+        metavar="KEY=VALUE",
+        help="object-store setting for listing, over the standard AWS_*, GOOGLE_* and AZURE_* "
+        "variables, e.g. aws_endpoint=http://minio:9000 (repeatable)",
     )
     publish.add_argument("--topic", help="default: the input topic")
     publish.add_argument("--json", action="store_true", help="JSON instead of Avro single-object encoding")
@@ -91,14 +102,44 @@ def document_ids(
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from flows import backfill
     from flows.kafka import topics
 
     settings = settings_from(args)
     topic = args.topic or settings.input_topic
-    items = document_ids(args.paths, args.doc_id_prefix, args.root)
-    sent = topics.publish_files(
-        settings, topic, items, json_format=args.json, progress=not args.quiet, delete=args.delete
-    )
+    uris = [p for p in args.paths if backfill.is_object_uri(p)]
+    paths = [p for p in args.paths if not backfill.is_object_uri(p)]
+    if uris and (args.doc_id_prefix or args.root):
+        print(
+            "embedstream: --doc-id-prefix and --root are for files: an object's doc_id is its URI, "
+            "as its notifications name it",
+            file=sys.stderr,
+        )
+        return 2
+    sent = 0
+    if paths:
+        items = document_ids(paths, args.doc_id_prefix, args.root)
+        sent += topics.publish_files(
+            settings, topic, items, json_format=args.json, progress=not args.quiet, delete=args.delete
+        )
+    if uris:
+        options = dict(kv.split("=", 1) for kv in args.object_store or [])
+        try:
+            sent += backfill.publish(
+                settings,
+                topic,
+                uris,
+                options=options,
+                delete=args.delete,
+                json_format=args.json,
+                progress=not args.quiet,
+            )
+        except ValueError as e:
+            print(f"embedstream: {e}", file=sys.stderr)
+            return 2
+        except backfill.BackfillError as e:
+            print(f"embedstream: listing failed after {sent + e.sent} events: {e}", file=sys.stderr)
+            return 1
     print(f"published {sent} {'DELETE' if args.delete else 'document'} events to {topic}")
     return 0
 

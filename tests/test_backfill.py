@@ -1,0 +1,129 @@
+"""`embedstream publish s3://bucket/prefix/` (flows/backfill.py) on the real local S3
+server (SeaweedFS) and the real broker: the objects of a prefix, by whole path segments,
+become events naming them by URI and keyed bucket/key; `--delete` likewise. Then the
+flow and the sink index a bucket that way and keep the store exactly in step with it
+through its notifications."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kafka_helpers import FlowTopics
+
+from flows import backfill
+from flows.kafka.topics import read_all
+from flows.settings import Settings
+
+SAMPLES = Path(__file__).resolve().parent.parent / "flows" / "samples"
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
+
+
+def bucket_store(s3_server, bucket: str):
+    from obstore.store import S3Store
+
+    return S3Store(bucket, **s3_server.store_options())
+
+
+def put(s3_server, bucket: str, objects: dict[str, bytes]) -> dict[str, str]:
+    """Writes the objects; returns the version id of each."""
+    import obstore
+
+    store = bucket_store(s3_server, bucket)
+    return {key: obstore.put(store, key, data)["version"] for key, data in objects.items()}
+
+
+def events(kafka_bootstrap: str, topic: str) -> list[tuple[bytes, dict]]:
+    return [(m.key(), r) for _, r, m in read_all(Settings(brokers=kafka_bootstrap), topic)]
+
+
+def test_prefixes_name_whole_segments():
+    p = backfill.Prefix.parse("s3://docs/reports")
+    assert (p.bucket, p.key, p.exact) == ("docs", "reports", True)
+    assert backfill.Prefix.parse("s3://docs/reports/") == backfill.Prefix("s3", "docs", "reports", False)
+    assert backfill.Prefix.parse("gs://docs") == backfill.Prefix("gs", "docs", "", False)
+    assert backfill.Prefix.parse("az://container/a/b.pdf").uri("a/b.pdf") == "az://container/a/b.pdf"
+    for bad in ("s3://", "s3:///key", "s3://user:secret@docs/a", "s3://docs/a?versionId=1"):
+        with pytest.raises(ValueError):
+            backfill.Prefix.parse(bad)
+    assert backfill.is_object_uri("s3://b/k") and backfill.is_object_uri("ABFSS://c/k")
+    assert not backfill.is_object_uri("docs/s3://x") and not backfill.is_object_uri("/tmp/a")
+
+
+def test_publish_lists_a_prefix_and_sends_events_naming_each_object(kafka_bootstrap, s3_server, s3_bucket):
+    put(
+        s3_server,
+        s3_bucket,
+        {
+            "docs": b"an object named like the prefix",
+            "docs/a.txt": b"first",
+            "docs/sub dir/b+c ü.md": b"# second",
+            "docs-private/secret.txt": b"not under docs/",
+            "other/d.txt": b"elsewhere",
+        },
+    )
+    topics = FlowTopics(kafka_bootstrap)
+    common = ["--brokers", kafka_bootstrap, "--topic", topics.input, "--quiet"]
+    sent = cli("publish", f"s3://{s3_bucket}/docs", *common, env=s3_server.env())
+    assert sent.returncode == 0, sent.stderr
+    assert "published 3 document events" in sent.stdout
+    found = events(kafka_bootstrap, topics.input)
+    keys = ["docs", "docs/a.txt", "docs/sub dir/b+c ü.md"]
+    assert [k for k, _ in found] == [f"{s3_bucket}/{k}".encode() for k in keys]
+    for (_, event), key, size in zip(found, keys, (31, 5, 8)):
+        uri = f"s3://{s3_bucket}/{key}"
+        assert (event["doc_id"], event["uri"], event["op"], event["content"]) == (uri, uri, "UPSERT", None)
+        assert event["filename"] == key.rsplit("/", 1)[-1]
+        assert event["metadata"]["s3.size"] == str(size) and event["metadata"]["s3.eTag"]
+
+    # A trailing slash names the prefix only; --json writes the same events as JSON.
+    again = cli("publish", f"s3://{s3_bucket}/docs/", "--json", *common, env=s3_server.env())
+    assert again.returncode == 0, again.stderr
+    raw = [m.value() for _, _, m in read_all(Settings(brokers=kafka_bootstrap), topics.input)][3:]
+    assert [json.loads(v)["doc_id"] for v in raw] == [f"s3://{s3_bucket}/{k}" for k in keys[1:]]
+
+
+def test_publish_delete_lists_the_same_way_and_names_a_gone_object(kafka_bootstrap, s3_server, s3_bucket):
+    put(s3_server, s3_bucket, {"docs/a.txt": b"a", "docs/b.txt": b"b"})
+    topics = FlowTopics(kafka_bootstrap)
+    common = ["--brokers", kafka_bootstrap, "--topic", topics.input, "--quiet", "--delete"]
+    gone = cli(
+        "publish", f"s3://{s3_bucket}/docs/", f"s3://{s3_bucket}/old/gone.pdf", *common, env=s3_server.env()
+    )
+    assert gone.returncode == 0, gone.stderr
+    found = [(k, e["doc_id"], e["op"], e["uri"]) for k, e in events(kafka_bootstrap, topics.input)]
+    assert found == [
+        (f"{s3_bucket}/{k}".encode(), f"s3://{s3_bucket}/{k}", "DELETE", None)
+        for k in ("docs/a.txt", "docs/b.txt", "old/gone.pdf")
+    ]
+
+
+def test_publish_says_why_it_cannot_list(kafka_bootstrap, s3_server, s3_bucket):
+    topics = FlowTopics(kafka_bootstrap)
+    common = ["--brokers", kafka_bootstrap, "--topic", topics.input, "--quiet"]
+    missing = cli("publish", "s3://no-such-bucket-here/", *common, env=s3_server.env())
+    assert missing.returncode == 1 and "listing failed after 0 events" in missing.stderr, missing.stderr
+    wrong = cli(
+        "publish",
+        f"s3://{s3_bucket}/",
+        *common,
+        env={**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret"},
+    )
+    assert wrong.returncode == 1 and "listing failed" in wrong.stderr, wrong.stderr
+    assert "wrong-secret" not in wrong.stderr + wrong.stdout  # credentials are never shown
+    mixed = cli("publish", f"s3://{s3_bucket}/", "--doc-id-prefix", "x/", *common, env=s3_server.env())
+    assert mixed.returncode == 2 and "doc_id is its URI" in mixed.stderr
+    assert events(kafka_bootstrap, topics.input) == []
