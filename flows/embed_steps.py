@@ -39,9 +39,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from flows import codecs, metrics, outage, records, s3_events
+from flows.allowlist import UriAllowlist
 from flows.chunk_state import ChunkState, chunk_ids, lineage_key
-from flows.fetch import FetchError, fetch
+from flows.fetch import FetchError, fetch, scheme_label
 from flows.kafka.io import InputMessage, OutputMessage
+from flows.object_store import ObjectStores
 from flows.records import Lineage
 from flows.settings import Settings
 from operators import (
@@ -134,6 +136,8 @@ class Counters:
     chunks: int = 0
     reused: int = 0
     tokens: int = 0
+    #: Documents read from a URI (a file, an object store, a web server).
+    fetched: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
@@ -142,7 +146,8 @@ class Counters:
             f"{self.events} events ({self.documents} embedded, {self.deletes} deleted, "
             f"{self.dead_letters} dead letters{f', {self.skipped} skipped' if self.skipped else ''}), "
             f"{self.chunks} chunks embedded"
-            f"{f', {self.reused} kept' if self.reused else ''}; "
+            f"{f', {self.reused} kept' if self.reused else ''}"
+            f"{f', {self.fetched} documents fetched' if self.fetched else ''}; "
             f"{self.documents / s:.1f} docs/s, {self.chunks / s:.1f} chunks/s, "
             f"{self.tokens / s:,.0f} tokens/s"
         )
@@ -205,7 +210,15 @@ class Pipeline:
         #: Incremental mode's chunk ids per document (None in full mode).
         self.state = state if state is not None or not settings.incremental else ChunkState(settings)
         self.pool = pool or ExtractorPool(settings.extract_workers)
-        self.threads = ThreadPoolExecutor(max(self.pool.size, 1), thread_name_prefix="extract")
+        # Each thread fetches its document (GIL-free, in obstore or a socket) and then
+        # waits for an extraction process: fetches overlap extraction, and at most
+        # fetch_concurrency documents are fetched at once or held waiting.
+        self.threads = ThreadPoolExecutor(
+            max(self.pool.size, settings.fetch_concurrency, 1), thread_name_prefix="extract"
+        )
+        self.fetch_slots = threading.BoundedSemaphore(settings.fetch_concurrency)
+        self.allowlist = UriAllowlist(settings.allowed_uris)
+        self.stores = ObjectStores(settings.object_store_options(), timeout_s=settings.fetch_timeout_s)
         self.registry = registry
         self.encoder = codecs.OutputEncoder(settings.output_format, registry)
         self.limits = Limits(max_input_bytes=settings.max_document_bytes)
@@ -241,15 +254,35 @@ class Pipeline:
         batch's budget lasts."""
         upserts = _upserts(batch)
         left_out: set[int] = set()
+        #: Documents whose store or server did not answer, even after quick retries.
+        unavailable: dict[int, Work] = {}
+
+        def attempt(w: Work) -> None:
+            try:
+                self._fetch_and_extract(w)
+            except outage.Outage:
+                unavailable[id(w)] = w
+            else:
+                unavailable.pop(id(w), None)
 
         def extract(w: Work) -> None:
             if w.message is not upserts[0].message and batch.budget.spent():
                 left_out.add(id(w))
                 return
-            self._guard(w, self._fetch_and_extract)
+            self._guard(w, attempt)
+
+        def again() -> None:
+            """The documents still unavailable, tried again together."""
+            list(self.threads.map(lambda w: self._guard(w, attempt), list(unavailable.values())))
+            if unavailable:
+                raise outage.Outage(f"{len(unavailable)} documents of the batch cannot be fetched yet")
 
         with metrics.STAGE_SECONDS.labels("extract").time():
             list(self.threads.map(extract, upserts))
+            if unavailable:
+                # The batch waits for the store (as the sink waits for its database): no
+                # dead letter, nothing skipped; between tries the group member polls.
+                outage.wait_out("object store", again)
         return self._cut(batch, next((w for w in upserts if id(w) in left_out), None))
 
     def chunk(self, batch: Batch) -> Batch:
@@ -421,10 +454,7 @@ class Pipeline:
         event = w.event
         data = event.get("content")
         if data is None:
-            try:
-                data = fetch(event["uri"], roots=self.roots, max_bytes=self.settings.max_document_bytes)
-            except FetchError as e:
-                raise Failure("fetch", e.reason, e.message) from None
+            data = self._fetch(event["uri"], event.get("version_id"))
         if len(data) > self.settings.max_document_bytes:
             raise Failure(
                 "fetch",
@@ -441,6 +471,39 @@ class Pipeline:
             )
         except ExtractionError as e:
             raise Failure("extract", e.reason, e.message) from None
+
+    def _fetch(self, uri: str, version: Optional[str]) -> bytes:
+        """The document at ``uri``, tried again a few times at once when its store or
+        server does not answer; past those, :class:`flows.outage.Outage` (the batch
+        waits). A refusal is the document's dead letter."""
+        scheme = scheme_label(uri)
+        delay = _FETCH_RETRY_S
+        for tries_left in range(_FETCH_TRIES - 1, -1, -1):
+            try:
+                with self.fetch_slots:
+                    data = fetch(
+                        uri,
+                        roots=self.roots,
+                        max_bytes=self.settings.max_document_bytes,
+                        allowlist=self.allowlist,
+                        version=version,
+                        timeout_s=self.settings.fetch_timeout_s,
+                        stores=self.stores,
+                    )
+            except FetchError as e:
+                raise Failure("fetch", e.reason, e.message) from None
+            except outage.Outage as e:
+                if not tries_left:
+                    raise
+                log.info("fetch of %s failed (%s); trying again in %.1f s", uri, e, delay)
+                metrics.FETCH_RETRIES.labels(scheme).inc()
+                time.sleep(delay)
+                delay *= 2
+                continue
+            with self._count_lock:
+                self.counters.fetched += 1
+            return data
+        raise AssertionError("unreachable")
 
     def _chunk(self, w: Work) -> None:
         doc = w.document
@@ -655,6 +718,11 @@ class Pipeline:
     def close(self) -> None:
         self.threads.shutdown()
         self.pool.close()
+
+
+#: Tries of one fetch before the batch waits for its store, and the first pause between.
+_FETCH_TRIES = 3
+_FETCH_RETRY_S = 0.2
 
 
 def _lineage_key(lineage: Lineage) -> str:

@@ -1,8 +1,21 @@
 """Fetching the document an event names by ``uri`` instead of carrying it.
 
-One entry point, :func:`fetch`, which picks the reader of the URI's scheme. The one
-scheme today is ``file://``, for regular files under the allowed roots. Every reader
-reads through :func:`read_bounded`, which never takes more than the limit plus one byte.
+One entry point, :func:`fetch`, which picks the reader of the URI's scheme:
+
+- ``file://``: regular files under the allowed roots (``--allow-root``), below;
+- ``s3://``, ``gs://``, ``az://``, ``abfs[s]://``: objects, through
+  :mod:`flows.object_store`;
+- ``https://`` (and ``http://`` where a prefix names it): :mod:`flows.fetch_https`,
+  which checks every address and redirect (SSRF).
+
+Every URI but ``file://`` must first be under an ``--allow-uri`` prefix
+(:class:`flows.allowlist.UriAllowlist`). Every reader reads through
+:func:`read_bounded`, which never takes more than the limit plus one byte.
+
+:class:`FetchError` is a dead letter's reason; :class:`FetchUnavailable` (an
+:class:`flows.outage.Outage`) means the store or server may answer later: the caller
+retries and waits it out, it never becomes a dead letter. Each fetch is timed and
+counted by scheme and outcome (:mod:`flows.metrics`).
 """
 
 from __future__ import annotations
@@ -12,10 +25,18 @@ import fcntl
 import functools
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import TYPE_CHECKING, BinaryIO, Optional, Union
 from urllib.parse import ParseResult, unquote, urlparse
+
+from flows import metrics
+from flows.outage import Outage
+
+if TYPE_CHECKING:
+    from flows.allowlist import UriAllowlist
+    from flows.object_store import ObjectStores
 
 
 class FetchError(Exception):
@@ -26,15 +47,85 @@ class FetchError(Exception):
         self.reason, self.message = reason, message
 
 
-def fetch(uri: str, *, roots: Sequence[Path], max_bytes: int) -> bytes:
+class FetchUnavailable(Outage):
+    """The store or server did not answer (5xx, throttling, timeout, connection): retry."""
+
+
+#: Seconds a fetch may take by default, answer and body.
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def fetch(
+    uri: str,
+    *,
+    roots: Sequence[Path],
+    max_bytes: int,
+    allowlist: Optional[UriAllowlist] = None,
+    version: Optional[str] = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    stores: Optional[ObjectStores] = None,
+) -> bytes:
     """The document at ``uri``, of at most ``max_bytes``. ``roots``: the resolved
-    directories that ``file://`` URIs may read. Raises :class:`FetchError`."""
-    parsed = urlparse(uri)
-    reader = READERS.get(parsed.scheme)
-    if reader is None:
-        schemes = ", ".join(f"{s}://" for s in READERS)
-        raise FetchError("uri_not_allowed", f"only {schemes} URIs are fetched, not {parsed.scheme}://")
-    return reader(parsed, roots, max_bytes)
+    directories that ``file://`` URIs may read; ``allowlist``: the prefixes every other
+    URI must start with (None or empty: none is fetched); ``version``: the object
+    version to read (an S3 versionId, a GCS generation, an Azure version id);
+    ``stores``: the object stores to read through (default: one set configured by the
+    environment alone). Raises :class:`FetchError` or :class:`FetchUnavailable`."""
+    scheme = uri.partition("://")[0].lower() if "://" in uri else urlparse(uri).scheme
+    label = scheme_label(uri)
+    started = time.monotonic()
+    metrics.FETCHES_IN_FLIGHT.inc()
+    try:
+        data = _fetch(uri, scheme, roots, max_bytes, allowlist, version, timeout_s, stores)
+    except FetchError as e:
+        metrics.FETCHES.labels(label, e.reason).inc()
+        raise
+    except Outage:
+        metrics.FETCHES.labels(label, "unavailable").inc()
+        raise
+    finally:
+        metrics.FETCHES_IN_FLIGHT.dec()
+        metrics.FETCH_SECONDS.labels(label).observe(time.monotonic() - started)
+    metrics.FETCHES.labels(label, "ok").inc()
+    metrics.FETCH_BYTES.labels(label).inc(len(data))
+    return data
+
+
+def scheme_label(uri: str) -> str:
+    """The scheme of ``uri`` as the fetch metrics name it ("other" for any we do not fetch)."""
+    scheme = uri.partition("://")[0].lower() if "://" in uri else urlparse(uri).scheme
+    return scheme if scheme in _LABELS else "other"
+
+
+def _fetch(
+    uri: str,
+    scheme: str,
+    roots: Sequence[Path],
+    max_bytes: int,
+    allowlist: Optional[UriAllowlist],
+    version: Optional[str],
+    timeout_s: float,
+    stores: Optional[ObjectStores],
+) -> bytes:
+    if scheme == "file":
+        return _read_file(urlparse(uri), roots, max_bytes)
+    from flows import fetch_https, object_store  # they import this module
+    from flows.allowlist import UriAllowlist
+
+    allowlist = allowlist if allowlist is not None else UriAllowlist(())
+    allowlist.check(uri)  # first: nothing is asked of a store or host it does not allow
+    if scheme in object_store.SCHEMES:
+        return (stores or _default_stores()).read(uri, max_bytes=max_bytes, version=version)
+    if scheme in ("https", "http"):
+        return fetch_https.fetch_https(uri, allowlist=allowlist, max_bytes=max_bytes, timeout_s=timeout_s)
+    raise FetchError("uri_not_allowed", f"{scheme}:// URIs are not fetched")
+
+
+@functools.cache
+def _default_stores() -> ObjectStores:
+    from flows.object_store import ObjectStores
+
+    return ObjectStores()
 
 
 def read_bounded(source: Union[int, BinaryIO], limit: int) -> bytes:
@@ -119,6 +210,5 @@ _KINDS = {
 #: Bytes asked of the source per read.
 _READ_CHUNK = 1 << 20
 
-
-#: The reader of each URI scheme: (the parsed URI, the allowed roots, the size limit) → bytes.
-READERS: dict[str, Callable[[ParseResult, Sequence[Path], int], bytes]] = {"file": _read_file}
+#: Schemes the fetch metrics name; any other is counted as "other".
+_LABELS = frozenset({"file", "s3", "gs", "az", "abfs", "abfss", "https", "http"})

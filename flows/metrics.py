@@ -76,6 +76,21 @@ OUTAGE_RETRIES = Counter(
     "embedstream_outage_retries", "Attempts retried while a dependency was unavailable", ["what"]
 )
 
+# Fetches of documents named by URI (flows.fetch), by scheme (file, s3, gs, az, https, …)
+FETCH_SECONDS = Histogram(
+    "embedstream_fetch_seconds", "Seconds per fetch of a document by URI", ["scheme"], buckets=_LATENCY
+)
+FETCH_BYTES = Counter("embedstream_fetch_bytes", "Bytes of documents fetched by URI", ["scheme"])
+FETCHES = Counter(
+    "embedstream_fetches",
+    "Fetches by outcome: ok, unavailable, or the dead letter's reason",
+    ["scheme", "outcome"],
+)
+FETCH_RETRIES = Counter(
+    "embedstream_fetch_retries", "Fetches tried again after the store or server did not answer", ["scheme"]
+)
+FETCHES_IN_FLIGHT = Gauge("embedstream_fetches_in_flight", "Fetches of documents by URI in progress")
+
 
 def forget_lag(topic: str, partition: int) -> None:
     """Stops reporting lag for a partition this process no longer owns."""

@@ -125,6 +125,18 @@ class Settings:
     #: http:// only where a prefix names it. Separated by commas: URIs hold colons. Empty
     #: means no such URI is fetched (docs/object-stores.md).
     allowed_uris: tuple[str, ...] = ()
+    #: Fetches of documents by URI in flight at once per worker process: a micro-batch's
+    #: fetches run concurrently, overlapping extraction.
+    fetch_concurrency: int = 32
+    #: Seconds one fetch by URI may take (answer and body); one that runs out is retried.
+    fetch_timeout_s: float = 60.0
+    #: object_store settings passed through as KEY=VALUE (comma-separated in the
+    #: variable): aws_… keys to s3:// stores, google_… to gs://, azure_… to az:// and
+    #: abfs[s]://, HTTP client keys (timeout, proxy_url, allow_http, …) to all. Credentials
+    #: and endpoints otherwise come from each cloud's standard variables and chain
+    #: (AWS_ENDPOINT_URL, AWS_REGION, IRSA, instance metadata, …). Values of keys naming a
+    #: secret are masked in the settings the worker logs.
+    object_store: tuple[str, ...] = ()
     #: Extraction child processes per worker process.
     extract_workers: int = 2
     #: Bytewax recovery store (a directory every process can reach); None: no snapshots,
@@ -258,12 +270,17 @@ class Settings:
         from flows.allowlist import UriAllowlist
 
         UriAllowlist(self.allowed_uris)  # a bad prefix fails here, naming it
+        from flows.object_store import parse_options
+
+        parse_options(self.object_store_options())  # an unknown key fails here, naming it
         for name in (
             "batch_bytes",
             "poll_ms",
             "max_document_bytes",
             "max_chunks",
             "extract_workers",
+            "fetch_concurrency",
+            "fetch_timeout_s",
             "state_max_bytes",
             "state_restore_deadline_s",
             "stall_s",
@@ -274,6 +291,16 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+    def object_store_options(self) -> dict[str, str]:
+        """``object_store`` as a mapping; raises ValueError on an entry without ``=``."""
+        options = {}
+        for entry in self.object_store:
+            key, sep, value = entry.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"object_store entries are KEY=VALUE, not {entry.split('=')[0]!r}")
+            options[key.strip()] = value.strip()
+        return options
 
     def chunk_strategy(self) -> str:
         """How the flow cuts chunks: the setting, else stable cuts for incremental mode."""
@@ -341,6 +368,12 @@ class Settings:
         shown["store"] = redact_url(self.store)
         if self.serve_api_key:
             shown["serve_api_key"] = "***"
+        shown["object_store"] = [
+            e
+            if not any(w in e.partition("=")[0].lower() for w in _SECRET_WORDS)
+            else e.partition("=")[0] + "=***"
+            for e in self.object_store
+        ]
         return shown
 
     def sink_view(self) -> dict[str, Any]:
@@ -383,7 +416,7 @@ _SECRET_PARAM = re.compile(rf"((?:^|&)[^=&#]*(?:{'|'.join(_SECRET_WORDS)})[^=&#]
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     kind = str(f.type)
     if "tuple" in kind:
-        if f.name == "allowed_uris":  # URIs hold colons: their list is split at commas
+        if f.name in ("allowed_uris", "object_store"):  # they hold colons: split at commas
             return tuple(p.strip() for p in raw.split(",") if p.strip())
         return tuple(p for p in raw.split(os.pathsep) if p)
     if "bool" in kind:

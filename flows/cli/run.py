@@ -142,6 +142,17 @@ def add_commands(sub: Commands) -> None:
         "segments (repeatable; e.g. s3://docs-bucket/)",
     )
     run.add_argument(
+        "--object-store",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an object_store setting for s3://, gs://, az:// (repeatable; e.g. "
+        "aws_endpoint=http://minio:9000); credentials come from the cloud's standard chain",
+    )
+    run.add_argument(
+        "--fetch-concurrency", type=int, help="fetches by URI in flight at once per process (default 32)"
+    )
+    run.add_argument(
         "--until-end",
         action="store_true",
         help="stop at the end offsets seen at start (group mode: once the group committed them all)",
@@ -189,6 +200,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         tail=until_end(args),
         allowed_roots=tuple(args.allow_root) or None,
         allowed_uris=tuple(args.allow_uri) or None,
+        object_store=tuple(args.object_store) or None,
+        fetch_concurrency=args.fetch_concurrency,
     )
     import dataclasses
     import os
