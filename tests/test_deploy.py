@@ -416,3 +416,67 @@ def test_keda_scales_the_group_workers_on_their_groups_lag():
     settings = Settings.from_env({**config, **cluster_env})
     assert settings.scaling_mode() == "cluster" and settings.recovery_dir
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60  # room to drain
+
+
+def test_workers_reach_object_stores_through_their_service_account_and_port_443_only():
+    """Cloud credentials come from the service account's identity (IRSA, GKE or AKS
+    workload identity), never from keys in a Secret or the ConfigMap; object stores are
+    reachable on 443 at public addresses, the instance metadata service and private
+    addresses are not."""
+    import ipaddress
+
+    account = load("serviceaccount.yaml")
+    assert account["kind"] == "ServiceAccount" and account["automountServiceAccountToken"] is False
+    assert {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"} <= set(
+        account["metadata"]["annotations"]
+    )
+    for name, pod in worker_pods().items():
+        if "sink" in name:
+            assert "serviceAccountName" not in pod["spec"], name  # the sink reads no object store
+            continue
+        assert pod["spec"]["serviceAccountName"] == account["metadata"]["name"], name
+        assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true", name
+    keys = re.compile(
+        r"^(AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)|GOOGLE_APPLICATION_CREDENTIALS|"
+        r"AZURE_(STORAGE_ACCOUNT_KEY|STORAGE_SAS_KEY|CLIENT_SECRET))$"
+    )
+    for name, doc in all_manifests():
+        for data in (doc.get("data") or {}, doc.get("stringData") or {}):
+            assert not [k for k in data if keys.match(k)], name
+            assert not re.search(r"aws_secret|account_key|sas_key|client_secret", json.dumps(data), re.I), (
+                name
+            )
+
+    policies = [doc for _, doc in all_manifests() if doc["kind"] == "NetworkPolicy"]
+    worker = worker_pods()["deployment.yaml/embedstream-worker"]["metadata"]["labels"]
+
+    def egress_to(address: str, port: int) -> bool:
+        ip = ipaddress.ip_address(address)
+        for p in policies:
+            spec = p["spec"]
+            if "Egress" not in spec["policyTypes"] or not _matches(spec["podSelector"], worker):
+                continue
+            for rule in spec.get("egress", []):
+                if not any(x.get("port") == port for x in rule.get("ports", [])):
+                    continue
+                for peer in rule.get("to", []):
+                    block = peer.get("ipBlock")
+                    if block and ip.version == ipaddress.ip_network(block["cidr"]).version:
+                        inside = ip in ipaddress.ip_network(block["cidr"])
+                        if inside and not any(ip in ipaddress.ip_network(e) for e in block.get("except", [])):
+                            return True
+        return False
+
+    for public in ("52.216.8.16", "142.250.74.27", "20.60.10.4", "2600:1f18::1"):
+        assert egress_to(public, 443), public
+        assert not egress_to(public, 80), public
+    for private in (
+        "169.254.169.254",
+        "10.0.0.7",
+        "172.20.0.1",
+        "192.168.1.1",
+        "127.0.0.1",
+        "fd00::1",
+        "::1",
+    ):
+        assert not egress_to(private, 443) and not egress_to(private, 80), private
