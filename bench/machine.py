@@ -140,4 +140,12 @@ def describe() -> dict[str, object]:
         described["kernels"] = cpu_kernels()[0]
     except ImportError:  # a peer's environment without embedstream
         pass
+    # The peers' versions, where this environment has them: their speed moves with them.
+    from importlib import metadata
+
+    for peer in ("torch", "transformers", "sentence-transformers"):
+        try:
+            described.setdefault("peers", {})[peer] = metadata.version(peer)
+        except metadata.PackageNotFoundError:
+            pass
     return described
