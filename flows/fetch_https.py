@@ -22,9 +22,10 @@ slowly the server sends.
 Failures: :class:`flows.fetch.FetchError` for what retrying cannot mend (``not_found``:
 404, 410, a host name that does not exist; ``forbidden``: 401, 403, 407;
 ``too_large``; ``uri_not_allowed``; ``fetch_failed``: another 4xx, a bad redirect, a TLS
-certificate that does not verify, a reply that is not HTTP). :class:`FetchUnavailable`,
-an :class:`flows.outage.Outage`, for what may pass: 5xx, 408, 425, 429, timeouts, refused
-or broken connections and failed DNS lookups, for the caller to retry and wait out.
+certificate that does not verify, a reply that is not HTTP). :class:`HttpUnavailable`, a
+:class:`flows.fetch.FetchUnavailable` and so an :class:`flows.outage.Outage`, for what may
+pass: 5xx, 408, 425, 429, timeouts, refused or broken connections and failed DNS lookups,
+for the caller to retry and wait out.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ from typing import Optional, Union
 from urllib.parse import quote, urljoin, urlsplit
 
 from flows.allowlist import WEB_SCHEMES, UriAllowlist
-from flows.fetch import FetchError, read_bounded
-from flows.outage import Outage
+from flows.fetch import FetchError, FetchUnavailable, read_bounded
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -57,7 +57,7 @@ _SAFE = "/?:@!$&'()*+,;=%~[]"
 _HEADERS = {"User-Agent": "embedstream", "Accept-Encoding": "identity", "Connection": "close"}
 
 
-class FetchUnavailable(Outage):
+class HttpUnavailable(FetchUnavailable):
     """The server or the way to it is down or throttling: retry, do not dead-letter.
     ``reason``: ``http_<status>``, ``timeout``, ``connection`` or ``dns``;
     ``retry_after``: the seconds a 429 or 503 asked for, if it said."""
@@ -200,16 +200,16 @@ def _get(
         ) from None
     except ssl.SSLError as e:
         if expired.is_set() or isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            raise FetchUnavailable("connection", f"{uri}: TLS connection cut: {_said(e)}{came}") from None
+            raise HttpUnavailable("connection", f"{uri}: TLS connection cut: {_said(e)}{came}") from None
         raise FetchError("fetch_failed", f"{uri}: TLS failed: {_said(e)}{came}") from None
     except ValueError as e:  # http.client refuses a target with control characters
         raise FetchError("uri_not_allowed", f"{uri}: {e}{came}") from None
     except (OSError, http.client.IncompleteRead, http.client.RemoteDisconnected) as e:
         if expired.is_set() or isinstance(e, socket.timeout):
-            raise FetchUnavailable(
+            raise HttpUnavailable(
                 "timeout", f"{uri}: no complete reply within {timeout_s:g} s{came}"
             ) from None
-        raise FetchUnavailable("connection", f"{uri}: connection failed: {_said(e)}{came}") from None
+        raise HttpUnavailable("connection", f"{uri}: connection failed: {_said(e)}{came}") from None
     except http.client.HTTPException as e:
         raise FetchError("fetch_failed", f"{uri}: not an HTTP reply: {_said(e)}{came}") from None
     finally:
@@ -236,11 +236,11 @@ def _addresses(
             )
             infos = lookup.result(timeout=max(deadline - time.monotonic(), 0.0))
         except concurrent.futures.TimeoutError:
-            raise FetchUnavailable("timeout", f"{uri}: no DNS answer for {host} in time{came}") from None
+            raise HttpUnavailable("timeout", f"{uri}: no DNS answer for {host} in time{came}") from None
         except socket.gaierror as e:
             if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
                 raise FetchError("not_found", f"{uri}: host {host} does not exist{came}") from None
-            raise FetchUnavailable("dns", f"{uri}: cannot resolve {host}: {e.strerror}{came}") from None
+            raise HttpUnavailable("dns", f"{uri}: cannot resolve {host}: {e.strerror}{came}") from None
         found = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
     allowed, refused = [], []
     for ip in found:
@@ -270,8 +270,8 @@ def _connect(addresses: list[IPAddress], port: int, deadline: float, uri: str) -
         except OSError as e:
             error = e
     if error is None or isinstance(error, socket.timeout):
-        raise FetchUnavailable("timeout", f"{uri}: no connection within the fetch's time")
-    raise FetchUnavailable("connection", f"{uri}: cannot connect: {_said(error)}")
+        raise HttpUnavailable("timeout", f"{uri}: no connection within the fetch's time")
+    raise HttpUnavailable("connection", f"{uri}: cannot connect: {_said(error)}")
 
 
 def _refusal(status: int, uri: str, came: str, retry_after: Optional[float] = None) -> Exception:
@@ -281,7 +281,7 @@ def _refusal(status: int, uri: str, came: str, retry_after: Optional[float] = No
     if status in _FORBIDDEN:
         return FetchError("forbidden", said)
     if status >= 500 or status in _TRANSIENT:
-        return FetchUnavailable(f"http_{status}", said, retry_after)
+        return HttpUnavailable(f"http_{status}", said, retry_after)
     return FetchError("fetch_failed", said)
 
 

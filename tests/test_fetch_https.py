@@ -21,8 +21,8 @@ import trustme
 
 from flows import outage
 from flows.allowlist import UriAllowlist
-from flows.fetch import FetchError
-from flows.fetch_https import FetchUnavailable, fetch_https, refused_kind
+from flows.fetch import FetchError, FetchUnavailable, fetch
+from flows.fetch_https import HttpUnavailable, fetch_https, refused_kind
 from flows.outage import Outage
 
 MIB = 1 << 20
@@ -236,10 +236,10 @@ def refused(uri: str, *prefixes: str, **kw) -> FetchError:
     return e.value
 
 
-def unavailable(uri: str, *prefixes: str, **kw) -> FetchUnavailable:
-    with pytest.raises(FetchUnavailable) as e:
+def unavailable(uri: str, *prefixes: str, **kw) -> HttpUnavailable:
+    with pytest.raises(HttpUnavailable) as e:
         get(uri, *prefixes, **kw)
-    assert isinstance(e.value, Outage)
+    assert isinstance(e.value, FetchUnavailable) and isinstance(e.value, Outage)
     return e.value
 
 
@@ -527,3 +527,21 @@ def test_an_outage_is_waited_out_by_the_caller(plain):
 def test_the_first_uri_is_checked_too(plain):
     assert refused(f"{plain.base}/doc", "s3://docs/").reason == "uri_not_allowed"
     assert refused(f"{plain.base}/doc").reason == "uri_not_allowed"
+
+
+def test_the_flows_fetch_sends_web_uris_here(plain):
+    """``flows.fetch.fetch``, which the flow calls, checks the allowlist and goes through
+    the same address rules."""
+    port = plain.server_address[1]
+    named, loopback_name = UriAllowlist([f"{plain.base}/"]), UriAllowlist([f"http://localhost:{port}/"])
+    assert fetch(f"{plain.base}/size/4", roots=[], max_bytes=MIB, allowlist=named) == b"xxxx"
+    for uri, allowlist in [
+        (f"http://localhost:{port}/doc", loopback_name),
+        (f"{plain.base}/doc", None),
+        (to(plain, "http://169.254.169.254/latest/meta-data/"), named),
+    ]:
+        with pytest.raises(FetchError) as e:
+            fetch(uri, roots=[], max_bytes=MIB, allowlist=allowlist)
+        assert e.value.reason == "uri_not_allowed"
+    with pytest.raises(FetchUnavailable):
+        fetch(f"{plain.base}/status/503", roots=[], max_bytes=MIB, allowlist=named)
