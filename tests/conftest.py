@@ -88,6 +88,21 @@ def s3_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real Google Cloud Storage emulator: fake-gcs-server (``flows.dev.gcs.LocalGCS``)
+    on a free loopback port, stopped afterwards. ``service_account_key()`` points
+    object_store at it; ``create_bucket`` and ``put`` seed it."""
+    from kafka_helpers import free_port
+
+    from flows.dev.gcs import LocalGCS
+
+    server = LocalGCS(port=free_port(), storage=tmp_path_factory.mktemp("gcs"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A fresh versioned bucket on ``s3_server``, for one test: its name."""
