@@ -273,8 +273,8 @@ def test_the_schemas_catch_a_broken_manifest(name, kind, path, value):
         validate(broken, K8S_VERSIONS[-1])
 
 
-def worker_pods() -> dict[str, dict]:
-    """Pod templates of every workload: the two kinds of worker and the sink."""
+def all_pods() -> dict[str, dict]:
+    """Pod templates of every workload: the two kinds of worker, the sink and serve."""
     return {
         f"{name}/{doc['metadata']['name']}": doc["spec"]["template"]
         for name, doc in all_manifests()
@@ -282,9 +282,14 @@ def worker_pods() -> dict[str, dict]:
     }
 
 
+def worker_pods() -> dict[str, dict]:
+    """Pod templates of the workloads of the stream: the two kinds of worker and the sink."""
+    return {name: pod for name, pod in all_pods().items() if not name.startswith("serve-")}
+
+
 def test_every_container_is_locked_down():
-    pods = worker_pods()
-    assert len(pods) == 3
+    pods = all_pods()
+    assert len(pods) == 4
     for name, pod in pods.items():
         spec = pod["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True, name
@@ -345,7 +350,8 @@ def test_network_policies_admit_only_the_cluster_peers_monitoring_brokers_and_dn
     pods = {
         doc["kind"]: doc["spec"]["template"]["metadata"]["labels"]
         for _, doc in all_manifests()
-        if doc["kind"] in ("Deployment", "StatefulSet") and doc["metadata"]["name"] != "embedstream-sink"
+        if doc["kind"] in ("Deployment", "StatefulSet")
+        and doc["metadata"]["name"] not in ("embedstream-sink", "embedstream-serve")
     }
     cluster, group = pods["StatefulSet"], pods["Deployment"]
     stranger = {"app": "something-else"}
@@ -480,3 +486,61 @@ def test_workers_reach_object_stores_through_their_service_account_and_port_443_
         "::1",
     ):
         assert not egress_to(private, 443) and not egress_to(private, 80), private
+
+
+def test_serve_runs_the_image_probed_and_reached_only_by_labelled_clients():
+    from flows.cli import build_parser
+
+    deployment, service = load("serve-deployment.yaml"), load("serve-service.yaml")
+    pod = deployment["spec"]["template"]
+    [c] = pod["spec"]["containers"]
+    # The worker image with the command overridden, and flags the command line takes.
+    assert c["image"] == container(load("statefulset.yaml"))["image"]
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "serve" and args.serve_host == "0.0.0.0"
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
+    assert args.serve_port == port
+    assert (
+        c["startupProbe"]["httpGet"] == c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    )
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    secrets = {ref["secretRef"]["name"] for ref in c["envFrom"] if "secretRef" in ref}
+    assert {"embedstream-store", "embedstream-serve"} <= secrets
+    key = load("serve-secret.example.yaml")
+    assert key["metadata"]["name"] == "embedstream-serve" and set(key["stringData"]) == {
+        "EMBEDSTREAM_SERVE_API_KEY"
+    }
+    # Room to drain: the preStop pause, then the requests in flight.
+    timeout = float({e["name"]: e["value"] for e in c["env"]}["EMBEDSTREAM_SERVE_TIMEOUT_S"])
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= timeout + 5 + 5
+    # The Service reaches these pods on that port.
+    assert (
+        service["spec"]["selector"]
+        == deployment["spec"]["selector"]["matchLabels"]
+        == pod["metadata"]["labels"]
+    )
+    [svc_port] = service["spec"]["ports"]
+    assert svc_port["targetPort"] == "http" and svc_port["port"] == port
+
+    # Only labelled clients (any namespace) and the monitoring namespace reach it, on that port only.
+    policies = [doc for _, doc in all_manifests() if doc["kind"] == "NetworkPolicy"]
+    labels = pod["metadata"]["labels"]
+    client = {"embedstream.io/serve-client": "true", "app": "rag-backend"}
+    stranger = {"app": "rag-backend"}
+    assert admits(policies, "Ingress", labels, client, "apps", port)
+    assert admits(policies, "Ingress", labels, client, "other-team", port)
+    assert admits(policies, "Ingress", labels, stranger, "monitoring", port)
+    assert not admits(policies, "Ingress", labels, stranger, "apps", port)
+    assert not admits(
+        policies, "Ingress", labels, {**client, "embedstream.io/serve-client": "yes"}, "apps", port
+    )
+    assert not admits(policies, "Ingress", labels, client, "apps", 22)
+    # Out: the store and the DNS only; the workers' policies do not select it, nor its policies them.
+    dsn = load("store-secret.example.yaml")["stringData"]["EMBEDSTREAM_STORE"]
+    db_host, db_port = dsn.rsplit("@", 1)[1].split("/", 1)[0].split(":")
+    assert admits(policies, "Egress", labels, stranger, db_host.split(".")[1], int(db_port))
+    assert admits(policies, "Egress", labels, {"k8s-app": "kube-dns"}, "kube-system", 53, "UDP")
+    assert not admits(policies, "Egress", labels, stranger, "kafka", 9093)
+    assert not admits(policies, "Egress", labels, stranger, "default", 443)
+    worker = worker_pods()["deployment.yaml/embedstream-worker"]["metadata"]["labels"]
+    assert not admits(policies, "Ingress", worker, client, "apps", port)
