@@ -28,6 +28,8 @@ setup() {
     "${PIP[@]}" install -e ".[test,dev]"
     step "container tools where missing (podman, runc, mmdebstrap; root and apt-get only)"
     "$PY" -c "from flows.dev.containers import install_tools; print(install_tools())"
+    step "Azure's storage emulator for the tests (Azurite from npm; Node.js with apt where missing)"
+    "$PY" -c "from flows.dev.azurite import install; print(install())"
     step "default model"
     "$VENV/bin/embedstream" models pull
 }

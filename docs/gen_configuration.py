@@ -177,6 +177,11 @@ TEST_VARIABLES: list[tuple[str, str, str]] = [
         "A broker for the tests, instead of the local one they start.",
     ),
     (
+        "EMBEDSTREAM_AZURITE_HOME",
+        "`~/.cache/embedstream/azurite`",
+        "Where `deploy/dev.sh setup` installs Azurite, the Azure storage emulator of the az:// tests.",
+    ),
+    (
         "EMBEDSTREAM_BENCH_MODELS",
         "`~/.cache/embedstream/bench-models`",
         "Where `bench/families.py` caches its random models.",

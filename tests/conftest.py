@@ -103,6 +103,21 @@ def gcs_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """A real Azure Blob Storage emulator: Azurite (``flows.dev.azurite.LocalAzurite``,
+    installed by deploy/dev.sh setup) on a free loopback port, stopped afterwards.
+    ``options()`` points az:// URIs at it; ``create_container`` makes containers."""
+    from kafka_helpers import free_port
+
+    from flows.dev.azurite import LocalAzurite
+
+    server = LocalAzurite(port=free_port(), storage=tmp_path_factory.mktemp("azurite"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A fresh versioned bucket on ``s3_server``, for one test: its name."""

@@ -288,6 +288,43 @@ def test_gs_objects_from_the_gcs_emulator(tiny_bert, pool, gcs_server):
     assert letters == {"gone": "not_found", "big": "too_large", "other": "uri_not_allowed"}
 
 
+def test_az_and_abfs_blobs_from_azurite(tiny_bert, pool, azurite):
+    """az:// and abfs:// through the same reader, against Azurite: a blob embedded under
+    both forms, a missing blob not_found, a wrong account key forbidden."""
+    container = f"c{uuid.uuid4().hex[:12]}"
+    azurite.create_container(container)
+    stores = ObjectStores(azurite.options())
+    obstore.put(stores.store("az", container), "notes/a b+c é.txt", b"a document kept in Azure Blob Storage")
+    abfs = f"abfs://{container}@{azurite.options()['azure_storage_account_name']}.dfs.core.windows.net"
+    s = Settings(
+        allowed_uris=(f"az://{container}/", f"{abfs}/"),
+        object_store=tuple(f"{k}={v}" for k, v in azurite.options().items()),
+        output_format="json",
+    )
+    events = [
+        message({"doc_id": "az", "uri": f"az://{container}/notes/a b+c é.txt", "filename": "a.txt"}, 0),
+        message({"doc_id": "abfs", "uri": f"{abfs}/notes/a b+c é.txt", "filename": "a.txt"}, 1),
+        message({"doc_id": "gone", "uri": f"az://{container}/gone.txt"}, 2),
+    ]
+    out = outputs(Pipeline(s, tiny_bert, pool=pool).process(events))
+    texts = {r["doc_id"]: r["text"] for kind, r in out if kind == "VectorRecord"}
+    assert texts == {
+        "az": "a document kept in Azure Blob Storage",
+        "abfs": "a document kept in Azure Blob Storage",
+    }
+    assert [(r["doc_id"], r["reason"]) for kind, r in out if kind == "DeadLetter"] == [("gone", "not_found")]
+    wrong = ObjectStores(azurite.options(key=base64.b64encode(b"not the key").decode()))
+    with pytest.raises(FetchError) as refused:
+        fetch(
+            f"az://{container}/notes/a b+c é.txt",
+            roots=[],
+            max_bytes=100,
+            allowlist=UriAllowlist([f"az://{container}"]),
+            stores=wrong,
+        )
+    assert refused.value.reason == "forbidden"
+
+
 def test_an_unreachable_store_is_an_outage_not_a_dead_letter():
     """Nothing listens at the Azure endpoint: FetchUnavailable, which the flow waits out."""
     allow = UriAllowlist(["az://docs"])

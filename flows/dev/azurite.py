@@ -1,0 +1,154 @@
+"""A local Azure Blob Storage emulator for tests: Azurite (Microsoft's, MIT, from npm) on
+loopback, installed once into the cache by ``deploy/dev.sh setup`` (:func:`install`;
+needs Node.js 18+ and npm, which setup installs with apt where it can).
+
+It knows one account, Azurite's well-known development account; containers are made with
+a Shared Key signed request here, objects with any client. :meth:`LocalAzurite.options`
+is what ``--object-store`` takes to point az:// URIs at it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from pathlib import Path
+from typing import Optional
+
+VERSION = "3.37.0"
+HOME = Path(os.environ.get("EMBEDSTREAM_AZURITE_HOME", Path.home() / ".cache/embedstream/azurite"))
+#: Azurite's development account and its published key (not a secret).
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+_API_VERSION = "2021-08-06"
+
+
+def binary(home: Path = HOME) -> Path:
+    return home / VERSION / "node_modules" / ".bin" / "azurite-blob"
+
+
+def install(home: Path = HOME) -> Path:
+    """Installs Azurite into ``home`` unless it is there; returns its blob server."""
+    target = binary(home)
+    if target.exists():
+        return target
+    if shutil.which("npm") is None:
+        from flows.dev.containers import ContainerError, _apt_install
+
+        try:
+            _apt_install(["nodejs", "npm"])
+        except (ContainerError, subprocess.SubprocessError) as e:
+            raise RuntimeError(f"Azurite needs Node.js 18+ and npm: {e}") from None
+    prefix = home / VERSION
+    prefix.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(prefix), f"azurite@{VERSION}"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return target
+
+
+@dataclass
+class LocalAzurite:
+    port: int
+    storage: Path
+    _proc: Optional[subprocess.Popen] = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        """The account's blob endpoint (path style, as Azurite serves it)."""
+        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+
+    def options(self, key: str = ACCOUNT_KEY) -> dict[str, str]:
+        return {
+            "azure_storage_account_name": ACCOUNT,
+            "azure_storage_account_key": key,
+            "azure_storage_endpoint": self.endpoint,
+            "allow_http": "true",
+        }
+
+    def start(self, timeout: float = 60) -> str:
+        server = binary()
+        if not server.exists():
+            raise RuntimeError(f"Azurite is not installed at {server}: run deploy/dev.sh setup")
+        self.storage.mkdir(parents=True, exist_ok=True)
+        with open(self.storage / "azurite.log", "ab") as log:  # the child keeps its own copy
+            self._proc = subprocess.Popen(
+                [
+                    str(server),
+                    "--blobHost=127.0.0.1",
+                    f"--blobPort={self.port}",
+                    f"--location={self.storage}",
+                    "--skipApiVersionCheck",
+                    "--disableTelemetry",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"Azurite exited with {self._proc.returncode}; see {self.storage}/azurite.log"
+                )
+            try:
+                urllib.request.urlopen(f"{self.endpoint}?comp=list", timeout=2).close()
+            except urllib.error.HTTPError:
+                return self.endpoint  # it answers (403 to an unsigned request)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            return self.endpoint
+        raise RuntimeError(f"Azurite did not answer in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def create_container(self, name: str) -> None:
+        """Makes container ``name`` (nothing if it exists)."""
+        date = formatdate(usegmt=True)
+        to_sign = "\n".join(
+            [
+                "PUT",
+                *[""] * 4,  # content encoding, language, length (0 is empty), MD5
+                "application/xml",
+                *[""] * 6,  # date (x-ms-date instead), conditions, range
+                f"x-ms-date:{date}",
+                f"x-ms-version:{_API_VERSION}",
+                f"/{ACCOUNT}/{ACCOUNT}/{name}",
+                "restype:container",
+            ]
+        )
+        signature = hmac.new(base64.b64decode(ACCOUNT_KEY), to_sign.encode(), hashlib.sha256).digest()
+        request = urllib.request.Request(
+            f"{self.endpoint}/{name}?restype=container",
+            data=b"",
+            method="PUT",
+            headers={
+                "x-ms-date": date,
+                "x-ms-version": _API_VERSION,
+                "Content-Type": "application/xml",
+                "Authorization": f"SharedKey {ACCOUNT}:{base64.b64encode(signature).decode()}",
+            },
+        )
+        try:
+            urllib.request.urlopen(request, timeout=30).close()
+        except urllib.error.HTTPError as e:
+            if e.code != 409:  # it exists
+                raise
