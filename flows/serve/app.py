@@ -116,6 +116,9 @@ class Api:
             metrics=self.metrics,
         )
         self.stores = StorePool(served.store_url) if served.store_url else None
+        # Counts tokens: a chunker of the model's limit, no prompt (the texts carry theirs).
+        self._counter = embedder.chunker(prompt="")
+        [self._empty] = embedder.count_tokens([""])
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -152,23 +155,36 @@ class Api:
             raise too_large
         return schema.parse_json(b"".join(chunks))
 
+    def _count(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, special tokens included; ``max_tokens + 1`` for any text
+        longer than the model takes. The model's chunker counts in tens of microseconds
+        (Embedder.count_tokens sets up a tokenizer at each call: milliseconds)."""
+        over = self.served.embedder.max_tokens + 1
+        counts = []
+        for text in texts:
+            chunks = self._counter.chunk(text)
+            counts.append(self._empty if not chunks else chunks[0].n_tokens if len(chunks) == 1 else over)
+        return counts
+
     async def tokens(self, texts: list[str], prompt: Optional[str]) -> list[int]:
-        """Tokens of each text as the model sees it (after ``prompt``), before truncation."""
+        """Tokens of each text as the model sees it (after ``prompt``), up to one past the
+        model's limit."""
         seen = [prompt + t for t in texts] if prompt else texts
-        count = self.served.embedder.count_tokens
         if sum(map(len, seen)) <= _INLINE_CHARS:
-            return count(seen)
-        return await asyncio.to_thread(count, seen)
+            return self._count(seen)
+        return await asyncio.to_thread(self._count, seen)
 
     async def embed(self, texts: list[str], prompt: Optional[str]) -> tuple[np.ndarray, int, int]:
         """(vectors, tokens the model saw, inputs truncated)."""
-        limit = self.served.embedder.max_tokens
+        embedder = self.served.embedder
+        limit = embedder.max_tokens
         counts = await self.tokens(texts, prompt)
         long = [i for i, n in enumerate(counts) if n > limit]
         if long and not self.settings.serve_truncate_input:
+            [exact] = await asyncio.to_thread(embedder.count_tokens, [(prompt or "") + texts[long[0]]])
             raise ApiError(
                 413,
-                f"input[{long[0]}] has {counts[long[0]]} tokens; the model takes at most {limit} "
+                f"input[{long[0]}] has {exact} tokens; the model takes at most {limit} "
                 f"({len(long)} inputs too long; this server does not truncate)",
                 param="input",
                 code="input_too_long",
