@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from flows import codecs, outage
+from flows.fetch import FetchUnavailable
+from flows.object_store import ObjectStores
+from flows.object_store import _failure as describe_failure  # how fetches judge a failure
 from flows.settings import Settings
 
 log = logging.getLogger("embedstream.backfill")
@@ -82,14 +85,14 @@ class Listed:
     etag: Optional[str]
 
 
-def objects(prefix: Prefix, options: Mapping[str, str]) -> Iterator[Listed]:
+def objects(prefix: Prefix, stores: ObjectStores) -> Iterator[Listed]:
     """Every object ``prefix`` names, in key order, streamed page by page."""
-    store = open_store(prefix.root, options)
+    store = stores.store(prefix.scheme, prefix.bucket)
     if prefix.exact:
-        meta = _head(store, prefix.key)
+        meta = _head(store, prefix)
         if meta is not None:
             yield _listed(prefix, meta)
-    for meta in _walk(store, prefix.key or None):
+    for meta in _walk(store, prefix):
         yield _listed(prefix, meta)
 
 
@@ -99,25 +102,16 @@ def _listed(prefix: Prefix, meta: Mapping[str, Any]) -> Listed:
     )
 
 
-def open_store(root: str, options: Mapping[str, str]) -> Any:
-    """The obstore store of ``root`` (``s3://bucket``): credentials, region and endpoint from
-    the cloud's standard chain (environment, profiles, web identity, instance metadata),
-    then ``options`` (``--object-store KEY=VALUE``) over them."""
-    from obstore.store import from_url
-
-    return from_url(root, config=dict(options) or None)
-
-
-def _head(store: Any, key: str) -> Optional[Mapping[str, Any]]:
+def _head(store: Any, prefix: Prefix) -> Optional[Mapping[str, Any]]:
     import obstore
 
     def attempt() -> Optional[Mapping[str, Any]]:
         try:
-            return obstore.head(store, key)
+            return obstore.head(store, prefix.key)
         except FileNotFoundError:
             return None
         except Exception as e:
-            _raise_transient(e)
+            _raise_transient(prefix, e)
             raise
 
     return outage.wait_out("object_store", attempt, give_up_s=LIST_PATIENCE_S)
@@ -127,7 +121,7 @@ def _head(store: Any, key: str) -> Optional[Mapping[str, Any]]:
 LIST_PATIENCE_S = 300.0
 
 
-def _walk(store: Any, prefix: Optional[str]) -> Iterator[Mapping[str, Any]]:
+def _walk(store: Any, prefix: Prefix) -> Iterator[Mapping[str, Any]]:
     """The listing, page by page; where the store fails for a moment, listed again after
     the last key seen."""
     import obstore
@@ -138,14 +132,14 @@ def _walk(store: Any, prefix: Optional[str]) -> Iterator[Mapping[str, Any]]:
     def next_page() -> Optional[Sequence[Mapping[str, Any]]]:
         nonlocal pages
         if pages is None:
-            pages = iter(obstore.list(store, prefix, offset=last, chunk_size=PAGE))
+            pages = iter(obstore.list(store, prefix.key or None, offset=last, chunk_size=PAGE))
         try:
             return next(pages)
         except StopIteration:
             return None
         except Exception as e:
             pages = None  # a broken stream: the next attempt starts a new one after `last`
-            _raise_transient(e)
+            _raise_transient(prefix, e)
             raise
 
     while (page := outage.wait_out("object_store", next_page, give_up_s=LIST_PATIENCE_S)) is not None:
@@ -154,24 +148,13 @@ def _walk(store: Any, prefix: Optional[str]) -> Iterator[Mapping[str, Any]]:
             last = meta["path"]
 
 
-#: What an object store's failure says when waiting may cure it: unreachable, timing
-#: out, throttling, or a 5xx answer.
-_TRANSIENT = (
-    "error sending request",
-    "onnection",
-    "timed out",
-    "non-2xx status code: 5",
-    "429 Too Many Requests",
-    "SlowDown",
-)
-
-
-def _raise_transient(e: Exception) -> None:
-    """Raises :class:`flows.outage.Outage` for a failure that waiting may cure; anything
-    else (no such bucket, credentials refused) is for the caller."""
-    text = str(e)
-    if any(s in text for s in _TRANSIENT):
-        raise outage.Outage(text.splitlines()[0][:300]) from e
+def _raise_transient(prefix: Prefix, e: Exception) -> None:
+    """Raises :class:`flows.fetch.FetchUnavailable` (an outage) for a failure that waiting
+    may cure, judged as fetches judge it: unreachable, timing out, throttling, 5xx.
+    Anything else (no such bucket, credentials refused) is for the caller."""
+    found = describe_failure(prefix.uri(prefix.key), e)
+    if isinstance(found, FetchUnavailable):
+        raise found from e
 
 
 def event(obj: Listed, delete: bool = False) -> dict[str, Any]:
@@ -207,27 +190,29 @@ def publish(
     topic: str,
     uris: Sequence[str],
     *,
-    options: Mapping[str, str],
     delete: bool = False,
     json_format: bool = False,
     progress: bool = True,
 ) -> int:
     """Publishes an event for every object the ``uris`` name; returns how many, once
-    Kafka confirmed them all. A URI that does not end in a slash and names no object at
-    all (gone already) still gets its DELETE. Raises :class:`BackfillError`."""
+    Kafka confirmed them all. Stores are set up from ``settings.object_store`` over the
+    cloud's standard variables, as the workers' are. A URI that does not end in a slash
+    and names no object at all (gone already) still gets its DELETE. Raises
+    :class:`BackfillError`."""
     from confluent_kafka import Producer
 
     from flows.kafka.delivery import Delivery
     from flows.kafka.topics import CONFIRM_TIMEOUT_S
 
     prefixes = [Prefix.parse(u) for u in uris]
+    stores = ObjectStores(settings.object_store_options(), timeout_s=settings.fetch_timeout_s)
     producer = Producer({**settings.kafka_common(), "enable.idempotence": "true"})
     delivery = Delivery(producer, "events")
     sent = 0
     try:
         for prefix in prefixes:
             found = 0
-            for obj in objects(prefix, options):
+            for obj in objects(prefix, stores):
                 _send(delivery, topic, obj, delete, json_format)
                 found += 1
                 sent += 1

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,4 +127,92 @@ def test_publish_says_why_it_cannot_list(kafka_bootstrap, s3_server, s3_bucket):
     assert "wrong-secret" not in wrong.stderr + wrong.stdout  # credentials are never shown
     mixed = cli("publish", f"s3://{s3_bucket}/", "--doc-id-prefix", "x/", *common, env=s3_server.env())
     assert mixed.returncode == 2 and "doc_id is its URI" in mixed.stderr
+    bogus = cli("publish", f"s3://{s3_bucket}/", "--object-store", "bogus=1", *common, env=s3_server.env())
+    assert bogus.returncode == 2 and "'bogus'" in bogus.stderr, bogus.stderr
     assert events(kafka_bootstrap, topics.input) == []
+
+
+def test_a_bucket_indexed_by_backfill_then_kept_in_step_by_its_notifications(
+    kafka_bootstrap, s3_server, s3_bucket, tmp_path
+):
+    """`publish s3://…` indexes what the bucket holds (every extracted format, and an image
+    that becomes a dead letter without an image model); then an overwrite, a delete and a
+    new object arrive as S3 notifications keyed bucket/key, as MinIO keys them, with a
+    test event last in each partition. The sink's store holds exactly the bucket's text
+    documents, at their current versions, after each step. (The test event as the last
+    message of a partition also proves the group commits past it: `--until-end` ends.)"""
+    from test_s3_events import TEST_EVENT, aws_record, notification
+    from test_sink import TEXT_SAMPLES, expected, run_sink, store_rows
+
+    env = s3_server.env()
+    put(s3_server, s3_bucket, {f"kb/{n}": (SAMPLES / n).read_bytes() for n in [*TEXT_SAMPLES, "diagram.png"]})
+    root = f"s3://{s3_bucket}/kb"
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    store = f"lancedb:{tmp_path / 'lance'}"
+    sent = cli(
+        "publish", f"{root}/", "--brokers", kafka_bootstrap, "--topic", topics.input, "--quiet", env=env
+    )
+    assert sent.returncode == 0, sent.stderr
+    flow = ("--max-tokens", "48", "--allow-uri", f"s3://{s3_bucket}/")
+    first = topics.run(*flow, env=env)
+    assert "6 events (5 embedded, 0 deleted, 1 dead letters)" in first.stderr
+    assert "6 documents fetched" in first.stderr  # the image too: its dead letter comes later
+    [(_, letter, _)] = topics.read(topics.dlq)
+    assert (letter["doc_id"], letter["reason"]) == (f"{root}/diagram.png", "no_model_for_type")
+    run_sink(topics, store, "--from", "beginning")
+    rows = store_rows(store)
+    assert {r["doc_id"] for r in rows.values()} == {f"{root}/{n}" for n in TEXT_SAMPLES}
+    assert rows == expected(topics)
+
+    notes = put(s3_server, s3_bucket, {"kb/notes.txt": b"Notes, second edition: the broker was replaced."})
+    fresh = put(s3_server, s3_bucket, {"kb/new file.txt": b"A new document about vector search."})
+    import obstore
+
+    obstore.delete(bucket_store(s3_server, s3_bucket), "kb/guide.md")
+    changes = [
+        aws_record("ObjectCreated:Put", s3_bucket, "kb/notes.txt", version=notes["kb/notes.txt"]),
+        aws_record("ObjectRemoved:DeleteMarkerCreated", s3_bucket, "kb/guide.md"),
+        aws_record("ObjectCreated:Put", s3_bucket, "kb/new file.txt", version=fresh["kb/new file.txt"]),
+    ]
+    topics.produce([(f"{s3_bucket}/{r['s3']['object']['key']}".encode(), notification(r)) for r in changes])
+    for partition in range(2):
+        topics.produce([(None, TEST_EVENT)], partition=partition)
+    second = topics.run(*flow, env=env)
+    assert "5 events (2 embedded, 1 deleted, 0 dead letters, 2 skipped)" in second.stderr, second.stderr[
+        -2000:
+    ]
+    run_sink(topics, store)
+    rows = store_rows(store)
+    assert rows == expected(topics)
+    assert {r["doc_id"] for r in rows.values()} == {
+        f"{root}/{n}" for n in [*TEXT_SAMPLES, "new file.txt"] if n != "guide.md"
+    }
+    assert [r["text"] for r in rows.values() if r["doc_id"] == f"{root}/notes.txt"] == [
+        "Notes, second edition: the broker was replaced."
+    ]
+    assert len(topics.read(topics.dlq)) == 1  # still only the image
+
+
+def test_publish_waits_out_a_store_that_is_down(kafka_bootstrap, s3_server, s3_bucket):
+    put(s3_server, s3_bucket, {f"docs/{i}.txt": b"text" for i in range(3)})
+    topics = FlowTopics(kafka_bootstrap)
+    s3_server.stop(timeout=0)
+    try:
+        publish = ["publish", f"s3://{s3_bucket}/docs/", "--topic", topics.input, "--quiet"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *publish, "--brokers", kafka_bootstrap],
+            env={**os.environ, **s3_server.env()},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)
+        assert proc.poll() is None  # waiting, not failing
+    finally:
+        s3_server.start()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "published 3 document events" in out, err[-2000:]
+    assert "object_store unavailable" in err
+    assert [e["doc_id"] for _, e in events(kafka_bootstrap, topics.input)] == [
+        f"s3://{s3_bucket}/docs/{i}.txt" for i in range(3)
+    ]

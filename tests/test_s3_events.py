@@ -342,3 +342,98 @@ def test_a_spent_batch_budget_gives_each_message_back_once_with_all_its_records(
     out = outputs(p.process([first, three, last]))
     assert {r["doc_id"] for _, r, _ in out} == {"first.txt"}
     assert given_back == [three, last]
+
+
+# --- against the real S3 server ------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws_env(s3_server, monkeypatch):
+    """The worker's standard AWS variables, pointing at the local server."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+def put(s3_server, bucket: str, key: str, data: bytes) -> str:
+    """Writes an object; returns its version id."""
+    import obstore
+    from obstore.store import S3Store
+
+    return obstore.put(S3Store(bucket, **s3_server.store_options()), key, data)["version"]
+
+
+def texts(out) -> dict[str, str]:
+    """doc_id → its records' text, joined."""
+    found: dict[str, list[str]] = {}
+    for kind, record, _ in outputs(out):
+        if kind == "VectorRecord":
+            found.setdefault(record["doc_id"], []).append(record["text"])
+    return {doc_id: " ".join(parts) for doc_id, parts in found.items()}
+
+
+def test_a_hard_key_from_a_real_notification_is_fetched_and_embedded(minilm, pool, aws_env, s3_bucket):
+    """Spaces, '+', unicode and slashes, as AWS and as MinIO encode them in notifications."""
+    version = put(aws_env, s3_bucket, HARD_KEY, b"Quarterly summary of the ingestion pipeline.")
+    p = pipeline(minilm, pool, allowed_uris=(f"s3://{s3_bucket}/",))
+    for minio in (False, True):
+        data = notification(
+            aws_record("ObjectCreated:Put", s3_bucket, HARD_KEY, size=44, version=version, minio=minio),
+            minio=minio,
+        )
+        out = outputs(p.process([message(data, key=f"{s3_bucket}/{HARD_KEY}".encode())]))
+        assert [k for k, _, _ in out] == ["VectorRecord", "DocManifest"], out[0][1]
+        record = out[0][1]
+        assert record["doc_id"] == f"s3://{s3_bucket}/{HARD_KEY}"
+        assert record["text"] == "Quarterly summary of the ingestion pipeline."
+        assert record["metadata"]["s3.versionId"] == version
+        assert out[0][2].key == f"{s3_bucket}/{HARD_KEY}".encode()
+    assert p.counters.fetched == 2
+
+
+def test_an_overwrite_after_the_notification_does_not_change_what_it_embeds(minilm, pool, aws_env, s3_bucket):
+    first = put(aws_env, s3_bucket, "notes.txt", b"The first version talks about brokers.")
+    second = put(aws_env, s3_bucket, "notes.txt", b"The second version talks about databases.")
+    assert first != second  # the server keeps versions
+    p = pipeline(minilm, pool, allowed_uris=(f"s3://{s3_bucket}/",))
+    late = notification(aws_record("ObjectCreated:Put", s3_bucket, "notes.txt", version=first))
+    current = notification(aws_record("ObjectCreated:Put", s3_bucket, "notes.txt", version=second))
+    got = [texts(p.process([message(m)])) for m in (late, current)]
+    uri = f"s3://{s3_bucket}/notes.txt"
+    assert got == [
+        {uri: "The first version talks about brokers."},
+        {uri: "The second version talks about databases."},
+    ]
+
+
+def test_a_notification_of_several_records_fetches_each_and_accounts_for_each(
+    minilm, pool, aws_env, s3_bucket
+):
+    a = put(aws_env, s3_bucket, "a.txt", b"Alpha document about chunking.")
+    b = put(aws_env, s3_bucket, "dir/b.md", b"# Beta\n\nA document about embeddings.")
+    data = notification(
+        aws_record("ObjectCreated:Put", s3_bucket, "a.txt", version=a),
+        aws_record("ObjectCreated:CompleteMultipartUpload", s3_bucket, "dir/b.md", version=b),
+        aws_record("ObjectCreated:Put", s3_bucket, "missing.txt"),
+        aws_record("ObjectRemoved:Delete", s3_bucket, "old.txt"),
+        aws_record("ObjectTagging:Put", s3_bucket, "a.txt"),
+    )
+    p = pipeline(minilm, pool, allowed_uris=(f"s3://{s3_bucket}/",))
+    out = outputs(p.process([message(data, offset=3)]))
+    summary = [(k, r.get("doc_id"), r.get("reason")) for k, r, _ in out if k != "VectorRecord"]
+    root = f"s3://{s3_bucket}"
+    assert summary == [
+        ("DocManifest", f"{root}/a.txt", None),
+        ("DocManifest", f"{root}/dir/b.md", None),
+        ("DeadLetter", f"{root}/missing.txt", "not_found"),
+        ("DeleteMarker", f"{root}/old.txt", None),
+    ]
+    letter = next(r for k, r, _ in out if k == "DeadLetter")
+    assert letter["stage"] == "fetch" and letter["message"].startswith("Records[2] of 5: ")
+    assert json.loads(letter["payload"])["Records"][0]["s3"]["object"]["key"] == "missing.txt"
+    assert (
+        texts(p.process([message(data, offset=3)]))[f"{root}/dir/b.md"]
+        == "Beta\n\nA document about embeddings."
+    )
+    c = p.counters
+    assert (c.documents, c.deletes, c.dead_letters, c.skipped, c.events) == (4, 2, 2, 2, 10)

@@ -44,8 +44,9 @@ def add_commands(sub: Commands) -> None:
         "--object-store",
         action="append",
         metavar="KEY=VALUE",
-        help="object-store setting for listing, over the standard AWS_*, GOOGLE_* and AZURE_* "
-        "variables, e.g. aws_endpoint=http://minio:9000 (repeatable)",
+        help="an object_store setting for listing, as run takes it (instead of "
+        "EMBEDSTREAM_OBJECT_STORE; over the standard AWS_*, GOOGLE_* and AZURE_* variables), "
+        "e.g. aws_endpoint=http://minio:9000 (repeatable)",
     )
     publish.add_argument("--topic", help="default: the input topic")
     publish.add_argument("--json", action="store_true", help="JSON instead of Avro single-object encoding")
@@ -105,7 +106,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from flows import backfill
     from flows.kafka import topics
 
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args, object_store=tuple(args.object_store or ()) or None)
+    except ValueError as e:  # an --object-store key no store takes
+        print(f"embedstream: {e}", file=sys.stderr)
+        return 2
     topic = args.topic or settings.input_topic
     uris = [p for p in args.paths if backfill.is_object_uri(p)]
     paths = [p for p in args.paths if not backfill.is_object_uri(p)]
@@ -123,13 +128,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
             settings, topic, items, json_format=args.json, progress=not args.quiet, delete=args.delete
         )
     if uris:
-        options = dict(kv.split("=", 1) for kv in args.object_store or [])
         try:
             sent += backfill.publish(
                 settings,
                 topic,
                 uris,
-                options=options,
                 delete=args.delete,
                 json_format=args.json,
                 progress=not args.quiet,
