@@ -117,6 +117,8 @@ def minilm_server():
     server = Server(env={"EMBEDSTREAM_SERVE_API_KEY": KEY})
     yield server
     assert server.stop() == 0
+    log = "".join(server.output)
+    assert "API key: required" in log and KEY not in log  # the key never reaches the log
 
 
 @pytest.fixture(scope="module")
@@ -328,16 +330,73 @@ def test_an_input_over_the_models_tokens_is_truncated_and_the_header_says_so(min
     assert "x-embedstream-truncated-inputs" not in headers
 
 
-def test_no_truncate_input_refuses_long_inputs_with_413():
-    server = Server("--model", str(PROMPTED), "--no-truncate-input")
-    try:
-        status, _, body = request(server.url + "/v1/embeddings", {"input": ["fine", "word " * 100]}, key=None)
-        assert status == 413
-        error = error_of(body)
-        assert error["code"] == "input_too_long" and "input[1]" in error["message"]
-        assert request(server.url + "/v1/embeddings", {"input": "fine"}, key=None)[0] == 200
-    finally:
-        assert server.stop() == 0
+@pytest.fixture(scope="module")
+def strict_server():
+    """No truncation, a one-second timeout, and browsers of one origin allowed."""
+    server = Server(
+        "--no-truncate-input",
+        env={"EMBEDSTREAM_SERVE_TIMEOUT_S": "1", "EMBEDSTREAM_SERVE_CORS_ORIGINS": "https://app.example.com"},
+    )
+    yield server
+    assert server.stop() == 0
+
+
+def test_no_truncate_input_refuses_long_inputs_with_413(strict_server):
+    url = strict_server.url + "/v1/embeddings"
+    status, _, body = request(url, {"input": ["fine", "word " * 300]}, key=None)
+    assert status == 413
+    error = error_of(body)
+    assert error["code"] == "input_too_long" and "input[1] has 302 tokens" in error["message"]
+    assert request(url, {"input": "fine"}, key=None)[0] == 200
+
+
+def test_a_request_past_its_timeout_gets_503_and_never_reaches_the_model_if_it_waited(strict_server):
+    url = strict_server.url + "/v1/embeddings"
+    calls = strict_server.metric("embedstream_serve_model_calls_total")
+    long = {"input": ["several words of text for the model to read " * 20] * 64}  # seconds of work
+    started = strict_server.metric("embedstream_serve_queue_seconds_count")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(request, url, long, key=None)
+        while strict_server.metric("embedstream_serve_queue_seconds_count") == started:
+            time.sleep(0.01)  # until the long batch is in the model
+        waiting = pool.submit(request, url, {"input": "queued behind it"}, key=None)
+        answers = [first.result(), waiting.result()]
+    for status, headers, body in answers:
+        assert status == 503 and headers["retry-after"] == "1"
+        assert error_of(body)["code"] == "timeout"
+    assert strict_server.metric('embedstream_serve_rejected_total{reason="timeout"}') == 2
+    deadline = time.monotonic() + 60
+    while strict_server.metric("embedstream_serve_model_calls_total") == calls:  # the abandoned batch
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status, _, body = request(url, {"input": "after the timeouts"}, key=None)
+    assert status == 200
+    # The big batch and this one: the request that timed out while waiting was never computed.
+    assert strict_server.metric("embedstream_serve_model_calls_total") - calls == 2
+
+
+def test_cors_only_for_the_origins_given(strict_server, minilm_server):
+    preflight = {
+        "Origin": "https://app.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    for server, allowed in ((strict_server, True), (minilm_server, False)):
+        req = urllib.request.Request(server.url + "/v1/embeddings", headers=preflight, method="OPTIONS")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                headers = {k.lower(): v for k, v in r.headers.items()}
+        except urllib.error.HTTPError as e:
+            headers = {k.lower(): v for k, v in e.headers.items()}
+        got = headers.get("access-control-allow-origin")
+        assert got == ("https://app.example.com" if allowed else None), (server.url, headers)
+    req = urllib.request.Request(
+        strict_server.url + "/v1/embeddings",
+        data=b'{"input": "x"}',
+        headers={"Origin": "https://evil.example.com", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
 
 
 def test_the_api_key_is_required_and_checked(minilm_server):
