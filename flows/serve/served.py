@@ -102,7 +102,8 @@ def load(settings: Settings, *, store: Optional[str], table: Optional[str], mode
         prompts=prompts,
         matryoshka=matryoshka,
         store_url=store,
-        table=table,
+        # The table found at start stays the one searched, whatever tables come later.
+        table=spec.name if spec is not None else table,
         spec=spec,
     )
 
