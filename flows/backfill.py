@@ -60,12 +60,14 @@ class Prefix:
     @classmethod
     def parse(cls, uri: str) -> Prefix:
         scheme, _, rest = uri.partition("://")
+        scheme = scheme.lower()
         bucket, _, key = rest.partition("/")
         if not bucket:
             raise ValueError(f"{uri}: no bucket")
-        if "@" in bucket or "?" in rest or "#" in rest:
+        # abfs[s]:// names container@account.dfs.core.windows.net; elsewhere '@' is a login.
+        if ("@" in bucket and not scheme.startswith("abfs")) or "?" in rest or "#" in rest:
             raise ValueError(f"{uri}: name a bucket and a key prefix, no credentials or query")
-        return cls(scheme.lower(), bucket, key.strip("/"), bool(key) and not key.endswith("/"))
+        return cls(scheme, bucket, key.strip("/"), bool(key) and not key.endswith("/"))
 
     @property
     def root(self) -> str:

@@ -57,6 +57,8 @@ def test_prefixes_name_whole_segments():
     assert backfill.Prefix.parse("s3://docs/reports/") == backfill.Prefix("s3", "docs", "reports", False)
     assert backfill.Prefix.parse("gs://docs") == backfill.Prefix("gs", "docs", "", False)
     assert backfill.Prefix.parse("az://container/a/b.pdf").uri("a/b.pdf") == "az://container/a/b.pdf"
+    abfs = backfill.Prefix.parse("abfss://docs@account.dfs.core.windows.net/a/")
+    assert (abfs.scheme, abfs.bucket, abfs.key) == ("abfss", "docs@account.dfs.core.windows.net", "a")
     for bad in ("s3://", "s3:///key", "s3://user:secret@docs/a", "s3://docs/a?versionId=1"):
         with pytest.raises(ValueError):
             backfill.Prefix.parse(bad)
@@ -215,4 +217,36 @@ def test_publish_waits_out_a_store_that_is_down(kafka_bootstrap, s3_server, s3_b
     assert "object_store unavailable" in err
     assert [e["doc_id"] for _, e in events(kafka_bootstrap, topics.input)] == [
         f"s3://{s3_bucket}/docs/{i}.txt" for i in range(3)
+    ]
+
+
+def test_gs_and_az_prefixes_are_listed_the_same_way(kafka_bootstrap, gcs_server, azurite):
+    """Through the same code against Google's and Azure's emulators: each object under the
+    prefix, by whole segments, as an event naming it by URI."""
+    import uuid
+
+    import obstore
+
+    from flows.object_store import ObjectStores
+
+    name = f"b{uuid.uuid4().hex[:12]}"
+    gcs_server.create_bucket(name)
+    azurite.create_container(name)
+    az = ObjectStores(azurite.options()).store("az", name)
+    for key in ("wiki/a b.md", "wiki/sub/c.txt", "wiki-old/d.txt"):
+        gcs_server.put(name, key, b"text")
+        obstore.put(az, key, b"text")
+    topics = FlowTopics(kafka_bootstrap)
+    gs_options = (f"google_service_account_key={gcs_server.service_account_key()}", "allow_http=true")
+    for scheme, options in (
+        ("gs", gs_options),
+        ("az", tuple(f"{k}={v}" for k, v in azurite.options().items())),
+    ):
+        settings = Settings(brokers=kafka_bootstrap, object_store=options)
+        assert backfill.publish(settings, topics.input, [f"{scheme}://{name}/wiki"], progress=False) == 2
+    found = [(k.decode(), e["doc_id"], e["uri"]) for k, e in events(kafka_bootstrap, topics.input)]
+    assert found == [
+        (f"{name}/{key}", f"{scheme}://{name}/{key}", f"{scheme}://{name}/{key}")
+        for scheme in ("gs", "az")
+        for key in ("wiki/a b.md", "wiki/sub/c.txt")
     ]
