@@ -437,3 +437,15 @@ def test_a_notification_of_several_records_fetches_each_and_accounts_for_each(
     )
     c = p.counters
     assert (c.documents, c.deletes, c.dead_letters, c.skipped, c.events) == (4, 2, 2, 2, 10)
+
+
+def test_keys_that_urls_treat_specially_still_name_their_object(minilm, pool, aws_env, s3_bucket):
+    """'#', '?', a literal '%41', '&', '=' and ';' are all legal in keys: the URI carries
+    the key as stored, never re-parsed as a URL's fragment, query or escape."""
+    keys = ["x/y#z?.txt", "a%41b.txt", "q=1&r=2;s.txt"]
+    for key in keys:
+        put(aws_env, s3_bucket, key, f"The object stored under {key}.".encode())
+    p = pipeline(minilm, pool, allowed_uris=(f"s3://{s3_bucket}/",))
+    data = notification(*(aws_record("ObjectCreated:Put", s3_bucket, k) for k in keys))
+    got = texts(p.process([message(data)]))
+    assert got == {f"s3://{s3_bucket}/{k}": f"The object stored under {k}." for k in keys}
