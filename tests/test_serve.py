@@ -554,6 +554,12 @@ def test_search_reads_the_store_while_the_sink_writes_it(kafka_bootstrap, store_
         hits = found(6)
         assert {h["doc_id"] for h in hits} == {f"d{i}" for i in range(6)}
         assert {h["doc_id"] for h in search("vectors", filter={"half": "1"})} == {"d3", "d4", "d5"}
+        # One implementation: embedstream search's function gives the same hits.
+        from flows.search import search as library_search
+
+        library = library_search("where do vectors go?", k=10, store=store_url, model=str(PROMPTED))
+        assert [(h["doc_id"], h["rank"]) for h in hits] == [(h.doc_id, h.rank) for h in library]
+        assert [h["score"] for h in hits] == pytest.approx([h.score for h in library], abs=1e-6)
         assert search("vectors", k=2)[0]["rank"] == 1 and len(search("vectors", k=2)) == 2
 
         # The documents' side of the API embeds as the stream did, by the table's lineage.
