@@ -4,9 +4,11 @@ an object crossed the wire and how many fetches were in flight at once."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
+from typing import Optional
 
 
 class TcpProxy:
@@ -60,30 +62,54 @@ class TcpProxy:
             client.close()
             return
         asked = threading.Event()  # a request went up since the last answer began
-        threading.Thread(target=self._pipe, args=(client, server, asked, False), daemon=True).start()
-        self._pipe(server, client, asked, True)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, asked: threading.Event, answers: bool) -> None:
+        threading.Thread(target=self._requests, args=(client, server, asked), daemon=True).start()
+        # The server's bytes are read as fast as it sends them, whatever the client takes:
+        # to_client counts what the server sent, not what the client chose to read.
+        held: queue.Queue[Optional[bytes]] = queue.Queue()
+        threading.Thread(target=self._deliver, args=(held, client, server), daemon=True).start()
         try:
             while True:
-                data = src.recv(65536)
+                data = server.recv(65536)
                 if not data:
                     break
-                if not answers:
-                    asked.set()
-                else:
-                    if asked.is_set() and self.delay_s:
-                        time.sleep(self.delay_s)  # each answer, on reused connections too
-                    asked.clear()
-                    with self._lock:
-                        self.to_client += len(data)
-                dst.sendall(data)
+                if asked.is_set() and self.delay_s:
+                    time.sleep(self.delay_s)  # each answer, on reused connections too
+                asked.clear()
+                with self._lock:
+                    self.to_client += len(data)
+                held.put(data)
         except OSError:
             pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+        held.put(None)
+
+    def _requests(self, client: socket.socket, server: socket.socket, asked: threading.Event) -> None:
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                asked.set()
+                server.sendall(data)
+        except OSError:
+            pass
+        _close(client, server)
+
+    def _deliver(self, held: queue.Queue, client: socket.socket, server: socket.socket) -> None:
+        try:
+            while True:
+                data = held.get()
+                if data is None:
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        _close(client, server)
+
+
+def _close(*sockets: socket.socket) -> None:
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
