@@ -375,6 +375,20 @@ def test_a_request_past_its_timeout_gets_503_and_never_reaches_the_model_if_it_w
     assert strict_server.metric("embedstream_serve_model_calls_total") - calls == 2
 
 
+def test_a_body_that_does_not_arrive_in_time_gets_408(strict_server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"input": "half a bo'
+        )
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert error_of(answer.split("\r\n\r\n", 1)[1].encode())["code"] == "timeout"
+    assert request(strict_server.url + "/v1/embeddings", {"input": "next"}, key=None)[0] == 200
+
+
 def test_cors_only_for_the_origins_given(strict_server, minilm_server):
     preflight = {
         "Origin": "https://app.example.com",

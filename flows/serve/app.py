@@ -143,13 +143,21 @@ class Api:
         if declared is not None and declared.isdigit() and int(declared) > _DRAIN_FACTOR * limit:
             raise too_large  # not worth reading: the client may see the connection closed
         chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > _DRAIN_FACTOR * limit:
-                raise too_large
-            if size <= limit:
-                chunks.append(chunk)
+
+        async def read() -> int:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > _DRAIN_FACTOR * limit:
+                    raise too_large
+                if size <= limit:
+                    chunks.append(chunk)
+            return size
+
+        try:
+            size = await asyncio.wait_for(read(), self.settings.serve_timeout_s)
+        except asyncio.TimeoutError:  # a client that sends its body slowly holds no one else up
+            raise ApiError(408, "the request body did not arrive in time", code="timeout") from None
         if size > limit:
             # Read to the end and dropped, so that the client, still sending, gets the 413.
             raise too_large
