@@ -147,6 +147,8 @@ def _texts(value: Any, max_inputs: int, max_input_chars: int) -> list[str]:
         )
     for i, text in enumerate(texts):
         if isinstance(text, str):
+            if not _unicode(text):
+                raise invalid(f"input[{i}] is not valid Unicode (a lone surrogate)", param="input")
             if len(text) > max_input_chars:
                 raise ApiError(
                     413,
@@ -169,23 +171,36 @@ def _texts(value: Any, max_inputs: int, max_input_chars: int) -> list[str]:
     return texts
 
 
+def _unicode(text: str) -> bool:
+    """JSON's \\uD800 escapes give strings no UTF-8 can hold (nor the tokenizer)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_search(body: Any) -> SearchRequest:
     body = _object(body, SEARCH_FIELDS)
     query = body.get("query")
     if not isinstance(query, str) or not query.strip():
         raise invalid("query is required: a non-empty string", param="query", code="invalid_type")
+    if not _unicode(query):
+        raise invalid("query is not valid Unicode (a lone surrogate)", param="query")
     k = _int(body.get("k", 5), "k")
     if not 1 <= k <= MAX_K:
         raise invalid(f"k must be between 1 and {MAX_K}", param="k")
     filters = body.get("filter") or {}
     if not isinstance(filters, dict) or not all(
-        isinstance(key, str) and isinstance(v, str) for key, v in filters.items()
+        isinstance(key, str) and isinstance(v, str) and _unicode(key + v) for key, v in filters.items()
     ):
         raise invalid(
             "filter must be an object of metadata keys to string values", param="filter", code="invalid_type"
         )
     table = body.get("table")
-    if table is not None and not isinstance(table, str):
+    if table is not None and not (isinstance(table, str) and _unicode(table)):
         raise invalid("table must be a string", param="table", code="invalid_type")
     if body.get("mode") is not None:
         raise invalid(
