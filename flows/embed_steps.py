@@ -97,6 +97,8 @@ class Work:
     is_image: bool = False
     #: One row per fresh chunk, in order.
     vectors: Optional[np.ndarray] = None
+    #: The sparse vector of each fresh chunk, where a sparse model runs.
+    sparse: Optional[list[Any]] = None
     failure: Optional[Failure] = None
 
 
@@ -167,8 +169,11 @@ class Pipeline:
         transcriber: Optional[Transcriber] = None,
         state: Optional[ChunkState] = None,
         give_back: Optional[Callable[[list[InputMessage]], None]] = None,
+        sparse_embedder: Any = None,
     ) -> None:
         self.settings = settings
+        #: ``operators.SparseEmbedder`` (--sparse-model): a sparse vector per text chunk.
+        self.sparse_embedder = sparse_embedder
         #: Takes events not taken into their batch back to the source (group mode); the
         #: batch time budget applies only where they can go back.
         self.give_back = give_back
@@ -197,7 +202,12 @@ class Pipeline:
         )
         #: What makes a vector besides its text, per modality.
         self.text_model = Lineage(
-            embedder.model_id, embedder.model_revision, embedder.dtype, embedder.dim, self.prompt_name
+            embedder.model_id,
+            embedder.model_revision,
+            embedder.dtype,
+            embedder.dim,
+            self.prompt_name,
+            sparse_lineage(sparse_embedder) if sparse_embedder is not None else None,
         )
         self.image_model = (
             Lineage(image_embedder.model_id, image_embedder.model_revision, "f32", image_embedder.dim, None)
@@ -562,11 +572,31 @@ class Pipeline:
                         w.vectors = self.embedder.embed([c.text for c in _fresh(w)], **self.prompt_options)
                 except EmbedstreamError as e:
                     w.failure = Failure("embed", "model_error", str(e))
+        else:
+            at = 0
+            for w in ready:
+                n = sum(w.fresh)
+                w.vectors = vectors[at : at + n]
+                at += n
+        if self.sparse_embedder is not None:
+            self._embed_sparse([w for w in ready if w.failure is None])
+
+    def _embed_sparse(self, ready: list[Work]) -> None:
+        """The sparse vector of every fresh chunk, in one call as the dense ones."""
+        texts = [c.text for w in ready for c in _fresh(w)]
+        try:
+            found = self.sparse_embedder.embed(texts) if texts else []
+        except EmbedstreamError:
+            for w in ready:
+                try:
+                    w.sparse = self.sparse_embedder.embed([c.text for c in _fresh(w)])
+                except EmbedstreamError as e:
+                    w.failure = Failure("embed", "model_error", f"sparse model: {e}")
             return
         at = 0
         for w in ready:
             n = sum(w.fresh)
-            w.vectors = vectors[at : at + n]
+            w.sparse = list(found[at : at + n])
             at += n
 
     def _embed_images(self, ready: list[Work]) -> None:
@@ -637,7 +667,7 @@ class Pipeline:
         chunker = {"max_tokens": self.chunker.max_tokens, "overlap_tokens": self.chunker.overlap_tokens}
         fresh = [(c, cid) for c, cid, f in zip(w.chunks, w.ids, w.fresh) if f]
         vectors = records.text_records(
-            event, w.message, fresh, w.vectors, len(w.chunks), lineage, chunker, metadata
+            event, w.message, fresh, w.vectors, len(w.chunks), lineage, chunker, metadata, w.sparse
         )
         return self._with_manifest(w, s.output_topic, vectors, entries, lineage, "text", metadata)
 
@@ -726,9 +756,25 @@ _FETCH_RETRY_S = 0.2
 
 
 def _lineage_key(lineage: Lineage) -> str:
-    return lineage_key(
+    key = lineage_key(
         lineage.model_id, lineage.model_revision, lineage.dtype, lineage.prompt_name, lineage.dimension
     )
+    if lineage.sparse is not None:
+        s = lineage.sparse
+        key += "\x00sparse\x00" + "\x00".join(
+            (s["model_id"], s["model_revision"], s["dtype"], str(s["dimension"]))
+        )
+    return key
+
+
+def sparse_lineage(sparse_embedder: Any) -> dict[str, Any]:
+    """The ``SparseModel`` record of a sparse embedder: what its vectors depend on."""
+    return {
+        "model_id": sparse_embedder.model_id,
+        "model_revision": sparse_embedder.model_revision,
+        "dtype": sparse_embedder.dtype,
+        "dimension": int(sparse_embedder.dim),  # the vocabulary size
+    }
 
 
 def _fresh(w: Work) -> list[Chunk]:

@@ -26,6 +26,8 @@ class Lineage(NamedTuple):
     dtype: str
     dimension: int
     prompt_name: Optional[str]
+    #: The sparse model's lineage (``SparseModel`` of the schemas), where one runs.
+    sparse: Optional[dict[str, Any]] = None
 
 
 def version(source: InputMessage) -> dict[str, Any]:
@@ -63,9 +65,12 @@ def text_records(
     lineage: Lineage,
     chunker: dict[str, int],
     metadata: dict[str, str],
+    sparse: Optional[Sequence[Any]] = None,
 ) -> list[dict[str, Any]]:
-    """A VectorRecord for each ``(chunk, chunk id)`` with its row of ``vectors``."""
+    """A VectorRecord for each ``(chunk, chunk id)`` with its row of ``vectors`` (and
+    its item of ``sparse``: ``indices`` and ``values``, where a sparse model ran)."""
     embedded_at = codecs.now_ms()
+    sparse = sparse if sparse is not None else [None] * len(chunks)
     return [
         {
             "chunk_id": chunk_id,
@@ -90,8 +95,12 @@ def text_records(
             "dimension": lineage.dimension,
             "time_start_ms": chunk.time_start_ms,
             "time_end_ms": chunk.time_end_ms,
+            "sparse": None
+            if s is None
+            else {"indices": [int(i) for i in s.indices], "values": [float(v) for v in s.values]},
+            "sparse_model": lineage.sparse,
         }
-        for (chunk, chunk_id), vector in zip(chunks, vectors)
+        for (chunk, chunk_id), vector, s in zip(chunks, vectors, sparse)
     ]
 
 
@@ -171,6 +180,7 @@ def manifest(
         "event_time": event["event_time"],
         "emitted_at": codecs.now_ms(),
         "chunks": entries,
+        "sparse_model": lineage.sparse,
     }
 
 

@@ -57,6 +57,13 @@ def pipeline(settings: Settings) -> Pipeline:
                 dtype=settings.dtype,
                 truncate_dim=settings.truncate_dim,
             )
+            sparse_embedder = None
+            if settings.sparse_model:
+                from operators import SparseEmbedder
+
+                sparse_embedder = SparseEmbedder.load(
+                    settings.sparse_model, device=settings.device, dtype=settings.dtype
+                )
             state = None
             if settings.incremental:
                 from flows.chunk_state import ChunkState, ensure_topic
@@ -72,6 +79,7 @@ def pipeline(settings: Settings) -> Pipeline:
                 transcriber=transcriber,
                 state=state,
                 give_back=_give_back(settings),
+                sparse_embedder=sparse_embedder,
             )
         return _pipeline
 

@@ -1,11 +1,26 @@
-"""Search a store the sink keeps: embed the query with the table's own model (from the
-lineage the table records), then ask the store for the nearest chunks by cosine."""
+"""Search a store the sink keeps, in one of four modes (docs/search-modes.md):
+
+- ``dense``: the query embedded with the table's own model (from the lineage the table
+  records), chunks by cosine similarity;
+- ``sparse``: the query's sparse vector (the table's sparse model), chunks by the inner
+  product of the sparse vectors;
+- ``text``: the store's full-text index on the chunk text;
+- ``hybrid``: the result lists of every signal the table has, fused by reciprocal rank
+  fusion: a chunk scores the sum of ``1 / (rrf_k + rank)`` over the lists it is in
+  (``rrf_k`` = 60 by default, as in Cormack et al., 2009).
+
+Any mode can be followed by a cross-encoder (``--rerank``) that reads the query with
+each of the ``rerank_k`` best chunks and orders them by its score. ``embedstream
+search`` and ``embedstream serve``'s ``/search`` both come through :func:`retrieve`.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 from flows.stores import Hit, Store, StoreConfigError, TableSpec, open_store
 from operators import Embedder, EmbedstreamError, models
@@ -14,6 +29,13 @@ log = logging.getLogger("embedstream.search")
 
 #: Prompt names models give their query side (sentence-transformers' conventions).
 QUERY_PROMPTS = ("query", "search_query", "retrieval.query")
+#: The signals a table may offer, in the order hybrid fuses them.
+SIGNALS = ("dense", "sparse", "text")
+MODES = (*SIGNALS, "hybrid")
+#: Reciprocal rank fusion's constant: larger flattens the difference between ranks.
+RRF_K = 60
+#: Candidates per signal for fusion, and the chunks a reranker scores.
+RERANK_K = 50
 
 
 class SearchError(RuntimeError):
@@ -66,6 +88,170 @@ def query_embedder(
     return embedder
 
 
+def query_sparse_encoder(
+    spec: TableSpec, model: Optional[str] = None, *, device: str = "cpu", dtype: Optional[str] = None
+) -> Any:
+    """The table's sparse model (``operators.SparseEmbedder``): ``model`` if given, else
+    the model id of its lineage, found in the local Hugging Face cache."""
+    from operators import SparseEmbedder
+
+    if spec.sparse is None:
+        raise SearchError(f"table {spec.name} has no sparse vectors: its flow ran without --sparse-model")
+    source = model or spec.sparse.model_id
+    try:
+        encoder = SparseEmbedder.load(source, device=device, dtype=dtype or spec.sparse.dtype)
+    except EmbedstreamError as e:
+        raise SearchError(
+            f"the sparse model of table {spec.name}, {spec.sparse.model_id} (revision "
+            f"{spec.sparse.model_revision}), is not available here ({e}); pass its directory with "
+            "--sparse-model, or search with --mode dense or text"
+        ) from None
+    if encoder.model_revision != spec.sparse.model_revision:
+        message = (
+            f"{source} has revision {encoder.model_revision}, but the sparse vectors of table "
+            f"{spec.name} were made with {spec.sparse.model_revision}"
+        )
+        if model is None:
+            raise SearchError(message + "; pass the right model with --sparse-model")
+        log.warning("%s: the sparse scores may not mean much", message)
+    return encoder
+
+
+@dataclass
+class Query:
+    """A query as each signal needs it: its text, and its dense and sparse vectors
+    where the mode uses them."""
+
+    text: str
+    vector: Optional[Sequence[float]] = None
+    sparse: Optional[Any] = None
+
+
+@dataclass
+class Timings:
+    """Seconds spent per step of one search (encoding, each signal, fusion, reranking)."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def add(self, step: str, started: float) -> None:
+        self.steps[step] = self.steps.get(step, 0.0) + time.perf_counter() - started
+
+
+def signals(opened: Store, spec: TableSpec, mode: Optional[str]) -> tuple[str, list[str]]:
+    """The mode a search runs in (``mode``, or hybrid where the table has a second
+    signal, else dense) and the signals it asks. Raises :class:`SearchError` for a mode
+    the table cannot serve, saying why."""
+    available = opened.modes(spec)
+    usable = [s for s in SIGNALS if available.get(s) is None]
+    if mode is None:
+        mode = "hybrid" if len(usable) > 1 else "dense"
+    if mode not in MODES:
+        raise SearchError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "hybrid":
+        if len(usable) < 2:
+            reasons = "; ".join(f"{s}: {available[s]}" for s in SIGNALS if available.get(s))
+            raise SearchError(
+                f"hybrid search needs two signals, table {spec.name} has only dense ({reasons})"
+            )
+        return mode, usable
+    if available.get(mode) is not None:
+        raise SearchError(f"--mode {mode} is not available on table {spec.name}: {available[mode]}")
+    return mode, [mode]
+
+
+def retrieve(
+    opened: Store,
+    spec: TableSpec,
+    query: Query,
+    k: int,
+    filters: Optional[dict[str, str]] = None,
+    *,
+    mode: str = "dense",
+    used: Optional[list[str]] = None,
+    rrf_k: int = RRF_K,
+    depth: int = RERANK_K,
+    reranker: Any = None,
+    rerank_k: int = RERANK_K,
+    timings: Optional[Timings] = None,
+) -> list[Hit]:
+    """The ``k`` best chunks for ``query`` in ``mode``, best first: hybrid fuses the
+    top ``max(k, depth)`` of each signal in ``used`` (default: each the table has); a
+    ``reranker`` then scores the best ``rerank_k`` again and orders them by its score."""
+    filters = dict(filters or {})
+    timings = timings if timings is not None else Timings()
+    used = used or ([mode] if mode != "hybrid" else signals(opened, spec, "hybrid")[1])
+    wanted = max(k, rerank_k) if reranker is not None else k
+    per_signal = max(wanted, depth) if mode == "hybrid" else wanted
+    lists = []
+    for signal in used:
+        started = time.perf_counter()
+        if signal == "dense":
+            if query.vector is None:
+                raise SearchError("a dense search needs the query's vector")
+            lists.append(opened.search(spec, [float(x) for x in query.vector], per_signal, filters))
+        elif signal == "sparse":
+            if query.sparse is None:
+                raise SearchError("a sparse search needs the query's sparse vector")
+            indices, values = list(query.sparse.indices), list(query.sparse.values)
+            lists.append(opened.search_sparse(spec, indices, values, per_signal, filters))
+        elif signal == "text":
+            lists.append(opened.search_text(spec, query.text, per_signal, filters))
+        else:
+            raise SearchError(f"unknown signal {signal!r}")
+        timings.add(signal, started)
+    if mode == "hybrid":
+        started = time.perf_counter()
+        hits = fuse(lists, rrf_k)[:wanted]
+        timings.add("fusion", started)
+    else:
+        hits = lists[0][:wanted]
+    if reranker is not None:
+        started = time.perf_counter()
+        hits = rerank(reranker, query.text, hits[:rerank_k])
+        timings.add("rerank", started)
+    return hits[:k]
+
+
+def fuse(lists: Sequence[Sequence[Hit]], rrf_k: int = RRF_K) -> list[Hit]:
+    """Reciprocal rank fusion: each chunk scores the sum of ``1 / (rrf_k + rank)`` over
+    the lists it is in (ranks from 1), best first; ties go to the chunk with the better
+    best rank, then to the earlier list."""
+    scores: dict[str, float] = {}
+    best: dict[str, tuple[int, int]] = {}
+    first: dict[str, Hit] = {}
+    for at, hits in enumerate(lists):
+        for rank, hit in enumerate(hits, 1):
+            key = hit.chunk_id or f"{hit.doc_id}\x00{hit.chunk_index}"
+            scores[key] = scores.get(key, 0.0) + 1.0 / (rrf_k + rank)
+            best[key] = min(best.get(key, (rank, at)), (rank, at))
+            first.setdefault(key, hit)
+    order = sorted(scores, key=lambda key: (-scores[key], best[key]))
+    return [replace(first[key], rank=i, score=scores[key]) for i, key in enumerate(order, 1)]
+
+
+def rerank(reranker: Any, query: str, hits: Sequence[Hit]) -> list[Hit]:
+    """``hits`` ordered by a cross-encoder's score of (query, chunk text), which becomes
+    their score; ties keep the order they came in."""
+    if not hits:
+        return []
+    try:
+        scores = reranker.score(query, [h.text for h in hits])
+    except EmbedstreamError as e:
+        raise SearchError(f"the reranker failed: {e}") from None
+    order = sorted(range(len(hits)), key=lambda i: (-scores[i], i))
+    return [replace(hits[i], rank=n, score=float(scores[i])) for n, i in enumerate(order, 1)]
+
+
+def load_reranker(directory: str, *, device: str = "cpu", dtype: str = "f32") -> Any:
+    """``operators.Reranker`` from ``directory``, or a :class:`SearchError` saying why not."""
+    from operators import Reranker
+
+    try:
+        return Reranker.load(directory, device=device, dtype=dtype)
+    except EmbedstreamError as e:
+        raise SearchError(f"cannot load the reranker {directory}: {e}") from None
+
+
 def search(
     query: str,
     k: int = 5,
@@ -73,20 +259,51 @@ def search(
     table: Optional[str] = None,
     model: Optional[str] = None,
     filters: Optional[dict[str, str]] = None,
+    *,
+    mode: Optional[str] = None,
+    sparse_model: Optional[str] = None,
+    rerank: Optional[str] = None,
+    rerank_k: Optional[int] = None,
+    rrf_k: Optional[int] = None,
 ) -> list[Hit]:
-    """The ``k`` chunks nearest to ``query`` in a table of ``store`` (default: the
+    """The ``k`` best chunks for ``query`` in a table of ``store`` (default: the
     configured store), best first, optionally only those whose metadata has every
-    ``key=value`` of ``filters``."""
+    ``key=value`` of ``filters``; in ``mode`` (default: hybrid where the table has a
+    second signal, else dense), reranked by the cross-encoder in ``rerank``."""
     from flows.settings import Settings
 
     if k < 1:
         raise ValueError("k must be at least 1")
-    opened = open_store(store or Settings.from_env().store)
+    settings = Settings.from_env()
+    rerank_k = settings.rerank_k if rerank_k is None else rerank_k
+    rrf_k = settings.rrf_k if rrf_k is None else rrf_k
+    if rerank_k < 1 or rrf_k < 0:
+        raise SearchError("--rerank-k must be 1 or more and --rrf-k 0 or more")
+    opened = open_store(store or settings.store)
     try:
         spec = choose_table(opened, table)
-        embedder = query_embedder(spec, model)
-        vector = embedder.embed([query], prompt_name=query_prompt_name(embedder))[0]
-        return nearest(opened, spec, vector, k, filters)
+        mode, used = signals(opened, spec, mode)
+        reranker = load_reranker(rerank) if rerank else None
+        q = Query(query)
+        if "dense" in used:
+            embedder = query_embedder(spec, model)
+            q.vector = embedder.embed([query], prompt_name=query_prompt_name(embedder))[0]
+        if "sparse" in used:
+            encoder = query_sparse_encoder(spec, sparse_model or settings.sparse_model)
+            q.sparse = encoder.embed_query([query])[0]
+        return retrieve(
+            opened,
+            spec,
+            q,
+            k,
+            filters,
+            mode=mode,
+            used=used,
+            rrf_k=rrf_k,
+            depth=rerank_k,
+            reranker=reranker,
+            rerank_k=rerank_k,
+        )
     finally:
         opened.close()
 
@@ -105,12 +322,21 @@ def nearest(
 
 
 __all__ = [
+    "MODES",
     "Hit",
+    "Query",
     "SearchError",
     "StoreConfigError",
+    "Timings",
     "choose_table",
+    "fuse",
+    "load_reranker",
     "nearest",
     "query_embedder",
     "query_prompt_name",
+    "query_sparse_encoder",
+    "rerank",
+    "retrieve",
     "search",
+    "signals",
 ]

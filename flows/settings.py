@@ -74,6 +74,9 @@ class Settings:
     prompt_name: Optional[str] = None
     #: Keep the first dimensions of every vector (Matryoshka models; None: all).
     truncate_dim: Optional[int] = None
+    #: A sparse model directory (SPLADE, BGE-M3): each text chunk's VectorRecord also
+    #: gets its sparse vector, for `embedstream search --mode sparse|hybrid`.
+    sparse_model: Optional[str] = None
     #: Chunk size in model tokens (None: the model's limit).
     max_tokens: Optional[int] = None
     overlap_tokens: int = 0
@@ -174,6 +177,16 @@ class Settings:
     sink_dlq_topic: Optional[str] = None
     #: Most records the sink writes to the store in one batch (one transaction).
     sink_batch_size: int = 2000
+    #: `embedstream sink`: the language of the full-text index on chunk text: a PostgreSQL
+    #: text search configuration (english, simple, german…), which LanceDB's index follows
+    #: (simple: no stemming, no stop words). Fixed for a table when the sink creates it.
+    text_search_language: str = "english"
+    #: `embedstream search`, `serve`: hybrid mode's reciprocal rank fusion constant: a
+    #: chunk scores the sum of 1/(rrf_k + rank) over the result lists it is in.
+    rrf_k: int = 60
+    #: `embedstream search`, `serve`: candidates each signal contributes to hybrid fusion,
+    #: and how many of the best a reranker (--rerank) scores again.
+    rerank_k: int = 50
     #: `embedstream serve`: the address the HTTP API listens on (the loopback: only this
     #: machine; 0.0.0.0 in a container, behind a NetworkPolicy).
     serve_host: str = "127.0.0.1"
@@ -247,6 +260,12 @@ class Settings:
             raise ValueError("prompt_name and truncate_dim apply to the text model, not to CLIP's text tower")
         if self.truncate_dim is not None and self.truncate_dim <= 0:
             raise ValueError("truncate_dim must be positive")
+        if self.rrf_k < 0 or self.rerank_k < 1:
+            raise ValueError("rrf_k must be 0 or more, rerank_k 1 or more")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", self.text_search_language):
+            raise ValueError(
+                "text_search_language must name a text search configuration such as english or simple"
+            )
         if self.scaling not in (None, "group", "cluster"):
             raise ValueError("scaling must be group or cluster")
         if self.scaling == "group" and self.recovery_dir:
@@ -387,6 +406,7 @@ class Settings:
             "start_from",
             "tail",
             "sink_batch_size",
+            "text_search_language",
             "kafka",
         )
         return {**{k: shown[k] for k in keys}, "sink_dlq_topic": self.sink_dlq()}

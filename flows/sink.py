@@ -40,6 +40,7 @@ from flows.stores import (
     StoreError,
     TableSpec,
     Version,
+    check_sparse,
     open_store,
     plan,
     row_of,
@@ -79,6 +80,9 @@ def to_op(message: InputMessage, registry: Any = None) -> Optional[Op]:
                     f"the vector has {len(record['embedding'])} dimensions, "
                     f"the record says {record['dimension']}",
                 )
+            problem = check_sparse(record)
+            if problem is not None:
+                raise Rejected("bad_sparse_vector", problem)
             return RecordOp(spec, version, row_of(record))
         if kind == "DocManifest":
             return ManifestOp(
@@ -261,7 +265,8 @@ class StoreOutput(DynamicSink[InputMessage]):
         self.retry_s = retry_s
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
-        return _StorePartition(self.settings, open_store(self.settings.store), self.retry_s)
+        store = open_store(self.settings.store, text_language=self.settings.text_search_language)
+        return _StorePartition(self.settings, store, self.retry_s)
 
 
 def build(settings: Optional[Settings] = None) -> Dataflow:

@@ -181,19 +181,22 @@ def test_undecodable_and_inconsistent_records_are_rejected_with_a_reason():
 
 
 def test_postgres_over_pgvectors_index_limit_logs_and_searches_exactly(postgres_dsn, caplog):
+    """Over 4,000 dimensions (halfvec's index limit; Qwen3-Embedding-8B's 4,096) the
+    vectors are kept at full precision and scanned exactly."""
     big = {**MODEL, "model_id": "test/wide"}
     stream = []
     for i in range(5):
-        stream += version(f"w{i}", i, [f"wide {i}"], model=big, dim=2048)
+        stream += version(f"w{i}", i, [f"wide {i}"], model=big, dim=4096)
     with caplog.at_level("WARNING", logger="embedstream.sink"):
         apply(postgres_dsn, stream)
-    assert any("over pgvector's index limit" in r.getMessage() for r in caplog.records)
-    spec = TableSpec("test/wide", "r1", 2048)
+    assert any("over pgvector's index limit of 4000" in r.getMessage() for r in caplog.records)
+    spec = TableSpec("test/wide", "r1", 4096)
     store = open_store(postgres_dsn)
     try:
-        target = record("w3", 3, 0, 1, "wide 3", dim=2048)["embedding"]
+        target = record("w3", 3, 0, 1, "wide 3", dim=4096)["embedding"]
         hits = store.search(spec, target, 2, {})
         assert hits[0].doc_id == "w3" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert rows(postgres_dsn, spec) == expected(stream)  # float32, bit for bit
     finally:
         store.close()
 
@@ -209,10 +212,11 @@ def test_lancedb_indexes_a_table_once_it_is_large_enough(tmp_path, monkeypatch):
     apply(url, stream[:300])  # 100 documents: under the threshold, no index
     store = open_store(url)
     table = store.db.open_table(SPEC.name)
-    assert table.list_indices() == []
+    # The full-text index is made with the table; the vector index waits for rows.
+    assert [(i.index_type, i.columns) for i in table.list_indices()] == [("FTS", ["text"])]
     apply(url, stream[300:], batch_size=300)
     store = open_store(url)  # a fresh handle sees the latest version
-    indices = store.db.open_table(SPEC.name).list_indices()
+    indices = [i for i in store.db.open_table(SPEC.name).list_indices() if i.index_type != "FTS"]
     assert [(i.name, i.columns) for i in indices] == [("embedding_idx", ["embedding"])]
     assert indices[0].index_details["metric_type"] == "COSINE"
     target = record("d42", 42, 1, 2, "text 42 b")["embedding"]

@@ -25,6 +25,7 @@ SETTINGS_FLAGS = (
     "audio_language",
     "prompt_name",
     "truncate_dim",
+    "sparse_model",
     "max_tokens",
     "overlap_tokens",
     "incremental",
@@ -80,6 +81,11 @@ def add_commands(sub: Commands) -> None:
         help="the model's prompt for documents, e.g. document or passage (default: the model's default)",
     )
     run.add_argument("--truncate-dim", type=int, help="keep the first N dimensions (Matryoshka models)")
+    run.add_argument(
+        "--sparse-model",
+        metavar="DIR",
+        help="sparse model directory (SPLADE, BGE-M3): each chunk's record also gets its sparse vector",
+    )
     run.add_argument("--max-tokens", type=int, help="chunk size in model tokens (default: the model's limit)")
     run.add_argument("--overlap-tokens", type=int)
     run.add_argument(

@@ -67,6 +67,31 @@ def add_commands(sub: Commands) -> None:
         metavar="KEY=VALUE",
         help="only chunks whose metadata has KEY=VALUE (repeatable)",
     )
+    search.add_argument(
+        "--mode",
+        choices=["dense", "sparse", "text", "hybrid"],
+        help="dense vectors, sparse vectors, full text, or all of the table's signals fused "
+        "(default: hybrid where the table has a second signal, else dense)",
+    )
+    search.add_argument(
+        "--sparse-model",
+        metavar="DIR",
+        help="sparse model directory for the query (default: the table's, from its lineage)",
+    )
+    search.add_argument(
+        "--rerank", metavar="DIR", help="cross-encoder directory: score the best --rerank-k chunks again"
+    )
+    search.add_argument(
+        "--rerank-k",
+        type=int,
+        help="chunks the reranker scores, and each signal's candidates for hybrid "
+        "(default: $EMBEDSTREAM_RERANK_K or 50)",
+    )
+    search.add_argument(
+        "--rrf-k",
+        type=int,
+        help="hybrid's reciprocal rank fusion constant (default: $EMBEDSTREAM_RRF_K or 60)",
+    )
     search.set_defaults(func=cmd_search)
 
 
@@ -112,9 +137,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         filters[key] = value
     try:
         hits = search(
-            args.query, k=args.k, store=args.store, table=args.table, model=args.model, filters=filters
+            args.query,
+            k=args.k,
+            store=args.store,
+            table=args.table,
+            model=args.model,
+            filters=filters,
+            mode=args.mode,
+            sparse_model=args.sparse_model,
+            rerank=args.rerank,
+            rerank_k=args.rerank_k,
+            rrf_k=args.rrf_k,
         )
-    except (SearchError, StoreConfigError) as e:
+    except (SearchError, StoreConfigError, ValueError) as e:
         print(f"embedstream: {e}", file=sys.stderr)
         return 2
     if not hits:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Union
@@ -73,19 +74,44 @@ class Version:
 
 
 @dataclass(frozen=True)
+class SparseModel:
+    """The sparse model of a table's chunks (``VectorRecord.sparse_model``)."""
+
+    model_id: str
+    model_revision: str
+    dtype: str
+    #: Its vocabulary size: every token id is below it.
+    dimension: int
+
+    @classmethod
+    def of(cls, record: Optional[dict[str, Any]]) -> Optional[SparseModel]:
+        if not record:
+            return None
+        return cls(record["model_id"], record["model_revision"], record["dtype"], int(record["dimension"]))
+
+
+@dataclass(frozen=True)
 class TableSpec:
-    """One table per model: its lineage is what search needs to embed a query."""
+    """One table per model (and sparse model, where one ran): its lineage is what search
+    needs to encode a query."""
 
     model_id: str
     model_revision: str
     dimension: int
     dtype: str = "f32"
     prompt_name: Optional[str] = None
+    sparse: Optional[SparseModel] = None
 
     @property
     def name(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "_", self.model_id.rsplit("/", 1)[-1].lower()).strip("_")[:40]
-        digest = hashlib.sha256(f"{self.model_id}\x00{self.model_revision}\x00{self.dimension}".encode())
+        key = f"{self.model_id}\x00{self.model_revision}\x00{self.dimension}"
+        if self.sparse is not None:
+            # Sparse vectors need columns of their own: another table (names without one
+            # stay what they were before sparse models).
+            s = self.sparse
+            key += f"\x00sparse\x00{s.model_id}\x00{s.model_revision}\x00{s.dimension}"
+        digest = hashlib.sha256(key.encode())
         return f"chunks_{slug or 'model'}_{self.dimension}_{digest.hexdigest()[:8]}"
 
     @classmethod
@@ -97,9 +123,11 @@ class TableSpec:
             int(dimension),
             record["dtype"],
             record.get("prompt_name"),
+            SparseModel.of(record.get("sparse_model")),
         )
 
     def lineage(self) -> dict[str, Any]:
+        s = self.sparse
         return {
             "name": self.name,
             "model_id": self.model_id,
@@ -107,7 +135,31 @@ class TableSpec:
             "dimension": self.dimension,
             "dtype": self.dtype,
             "prompt_name": self.prompt_name,
+            "sparse_model_id": s.model_id if s else None,
+            "sparse_model_revision": s.model_revision if s else None,
+            "sparse_dtype": s.dtype if s else None,
+            "sparse_dimension": s.dimension if s else None,
         }
+
+    @classmethod
+    def from_lineage(cls, row: dict[str, Any]) -> TableSpec:
+        """The spec a catalog row (:meth:`lineage`) describes."""
+        sparse = None
+        if row.get("sparse_model_id"):
+            sparse = SparseModel(
+                row["sparse_model_id"],
+                row["sparse_model_revision"],
+                row["sparse_dtype"],
+                int(row["sparse_dimension"]),
+            )
+        return cls(
+            row["model_id"],
+            row["model_revision"],
+            int(row["dimension"]),
+            row["dtype"],
+            row["prompt_name"],
+            sparse,
+        )
 
 
 @dataclass
@@ -197,8 +249,8 @@ class Incomplete:
 
 
 def row_of(record: dict[str, Any]) -> dict[str, Any]:
-    """A VectorRecord as a row of its table."""
-    return {
+    """A VectorRecord as a row of its table (``sparse`` only where a sparse model ran)."""
+    row = {
         "chunk_id": record["chunk_id"],
         "doc_id": record["doc_id"],
         "doc_version": int(record["doc_version"]["offset"]),
@@ -213,6 +265,30 @@ def row_of(record: dict[str, Any]) -> dict[str, Any]:
         "embedded_at": int(record["embedded_at"]),
         "embedding": list(record["embedding"]),
     }
+    if record.get("sparse_model"):
+        sparse = record.get("sparse") or {"indices": [], "values": []}
+        row["sparse"] = {"indices": list(sparse["indices"]), "values": list(sparse["values"])}
+    return row
+
+
+def check_sparse(record: dict[str, Any]) -> Optional[str]:
+    """Why a VectorRecord's sparse vector cannot be stored (None: it can): token ids
+    must ascend, each once, below the vocabulary size, with a finite weight each."""
+    sparse, model = record.get("sparse"), record.get("sparse_model")
+    if sparse is None:
+        return "the record names a sparse model but carries no sparse vector" if model else None
+    if not model:
+        return "the record carries a sparse vector but no sparse_model"
+    indices, values = sparse["indices"], sparse["values"]
+    if len(indices) != len(values):
+        return f"the sparse vector has {len(indices)} indices and {len(values)} values"
+    if any(b <= a for a, b in zip(indices, indices[1:])):
+        return "the sparse vector's token ids do not ascend (each once)"
+    if indices and (indices[0] < 0 or indices[-1] >= int(model["dimension"])):
+        return f"a token id of the sparse vector is outside 0..{int(model['dimension']) - 1}"
+    if not all(math.isfinite(v) for v in values):
+        return "the sparse vector has a weight that is not a finite number"
+    return None
 
 
 def metadata_json(metadata: dict[str, str]) -> str:
@@ -324,6 +400,8 @@ class Hit:
     #: Audio: the milliseconds of the recording the chunk's speech covers.
     time_start_ms: Optional[int] = None
     time_end_ms: Optional[int] = None
+    #: Identifies the chunk across result lists (fusion, reranking).
+    chunk_id: Optional[str] = None
 
 
 class Store(Protocol):
@@ -339,24 +417,43 @@ class Store(Protocol):
 
     def write(self, changes: list[TableChanges]) -> None: ...
 
-    def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]: ...
+    def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]:
+        """Dense: by cosine similarity (the score), best first."""
+        ...
+
+    def modes(self, spec: TableSpec) -> dict[str, Optional[str]]:
+        """Each search signal (``dense``, ``sparse``, ``text``) and why the table cannot
+        serve it (None: it can)."""
+        ...
+
+    def search_sparse(
+        self, spec: TableSpec, indices: list[int], values: list[float], k: int, filters: dict[str, str]
+    ) -> list[Hit]:
+        """By the inner product of the sparse vectors (the score), best first."""
+        ...
+
+    def search_text(self, spec: TableSpec, query: str, k: int, filters: dict[str, str]) -> list[Hit]:
+        """Full-text: chunks with any of the query's terms, by the store's text rank."""
+        ...
 
     def rows(self, spec: TableSpec) -> list[dict[str, Any]]: ...
 
     def close(self) -> None: ...
 
 
-def open_store(url: str) -> Store:
-    """``postgresql://…`` (or ``postgres://``) or ``lancedb:DIR``."""
+def open_store(url: str, *, text_language: str = "english") -> Store:
+    """``postgresql://…`` (or ``postgres://``) or ``lancedb:DIR``. ``text_language``: the
+    full-text index's language for the tables this store creates (a PostgreSQL text
+    search configuration: english, simple, german…)."""
     if url.startswith(("postgresql://", "postgres://")):
         from flows.stores.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, text_language=text_language)
     if url.startswith("lancedb:"):
         from flows.stores.lance import LanceStore
 
         path = url[len("lancedb:") :]
         if not path:
             raise StoreConfigError("lancedb: needs a directory, as in lancedb:./vectors")
-        return LanceStore(path)
+        return LanceStore(path, text_language=text_language)
     raise StoreConfigError(f"unknown store {url!r}: use postgresql://… or lancedb:DIR")

@@ -5,6 +5,17 @@ A batch is one ``merge_insert`` per chunk table (upserts by ``chunk_id``, and th
 list and of deleted documents) in one commit, then one ``merge_insert`` of the document
 states. A kill between the two leaves states behind the rows; the sink's offsets are
 committed after both, so a restart replays the batch and converges.
+
+Search signals besides the dense vectors:
+
+- ``text``: LanceDB's own full-text index (``FTS``, BM25) on ``text``, made with the
+  table in the language of ``EMBEDSTREAM_TEXT_SEARCH_LANGUAGE`` (stemmed, stop words
+  removed; ``simple``: neither). Rows written after the index was last updated
+  (compaction updates it) are searched without it, so every row is found.
+- ``sparse``: LanceDB has no sparse vector type or index (as of 0.40), so a sparse
+  vector is stored as two list columns, ``sparse_indices`` and ``sparse_values``, and a
+  sparse search scores every row (a brute-force inner product over the columns, in
+  numpy): exact, and linear in the table's size.
 """
 
 from __future__ import annotations
@@ -14,15 +25,17 @@ import logging
 import os
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, Optional
 
 import lancedb
+import numpy as np
 import pyarrow as pa
-from lancedb.index import IvfHnswSq
+from lancedb.index import FTS, IvfHnswSq
 
 from flows.stores import (
     DocState,
     Hit,
+    StoreConfigError,
     StoreError,
     TableChanges,
     TableSpec,
@@ -53,8 +66,43 @@ CATALOG_SCHEMA = pa.schema(
         ("dimension", pa.int32()),
         ("dtype", pa.string()),
         ("prompt_name", pa.string()),
+        ("sparse_model_id", pa.string()),
+        ("sparse_model_revision", pa.string()),
+        ("sparse_dtype", pa.string()),
+        ("sparse_dimension", pa.int32()),
+        ("text_language", pa.string()),
     ]
 )
+#: Catalog columns added since the first catalogs (v1.6 of the schemas), with their SQL type.
+CATALOG_ADDED = {
+    "sparse_model_id": "STRING",
+    "sparse_model_revision": "STRING",
+    "sparse_dtype": "STRING",
+    "sparse_dimension": "INT",
+    "text_language": "STRING",
+}
+#: LanceDB's name of each stemming language, by PostgreSQL's text search configuration.
+LANGUAGES = {
+    "simple": None,
+    "arabic": "Arabic",
+    "danish": "Danish",
+    "dutch": "Dutch",
+    "english": "English",
+    "finnish": "Finnish",
+    "french": "French",
+    "german": "German",
+    "greek": "Greek",
+    "hungarian": "Hungarian",
+    "italian": "Italian",
+    "norwegian": "Norwegian",
+    "portuguese": "Portuguese",
+    "romanian": "Romanian",
+    "russian": "Russian",
+    "spanish": "Spanish",
+    "swedish": "Swedish",
+    "tamil": "Tamil",
+    "turkish": "Turkish",
+}
 DOCUMENTS_SCHEMA = pa.schema(
     [
         ("table_name", pa.string()),
@@ -67,7 +115,8 @@ DOCUMENTS_SCHEMA = pa.schema(
 )
 
 
-def chunk_schema(dimension: int) -> pa.Schema:
+def chunk_schema(dimension: int, sparse: bool = False) -> pa.Schema:
+    extra = [("sparse_indices", pa.list_(pa.int32())), ("sparse_values", pa.list_(pa.float32()))]
     return pa.schema(
         [
             ("chunk_id", pa.string()),
@@ -83,6 +132,7 @@ def chunk_schema(dimension: int) -> pa.Schema:
             ("metadata", pa.string()),
             ("embedded_at", pa.timestamp("ms", tz="UTC")),
             ("embedding", pa.list_(pa.float32(), dimension)),
+            *(extra if sparse else []),
         ]
     )
 
@@ -105,8 +155,24 @@ def _rows_of_docs(table, doc_ids: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def fts_config(language: str) -> FTS:
+    """The full-text index of a table whose text is in ``language`` (a PostgreSQL text
+    search configuration name)."""
+    if language not in LANGUAGES:
+        raise StoreConfigError(
+            f"LanceDB's full-text index has no language {language!r} (EMBEDSTREAM_TEXT_SEARCH_LANGUAGE); "
+            f"use one of {', '.join(LANGUAGES)}"
+        )
+    name = LANGUAGES[language]
+    if name is None:
+        return FTS(stem=False, remove_stop_words=False)
+    return FTS(language=name, stem=True, remove_stop_words=True)
+
+
 class LanceStore:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, text_language: str = "english") -> None:
+        fts_config(text_language)  # an unknown language fails here, before any write
+        self.text_language = text_language
         self.path = os.path.abspath(path)
         self.url = f"lancedb:{path}"
         self.db = lancedb.connect(self.path)
@@ -135,18 +201,28 @@ class LanceStore:
             self._open[name] = table
         return table
 
-    def tables(self) -> list[TableSpec]:
+    def _catalog_rows(self) -> list[dict[str, Any]]:
         catalog = self._table(CATALOG)
-        if catalog is None:
-            return []
-        specs = []
-        for row in catalog.to_arrow().to_pylist():
-            spec = TableSpec(
-                row["model_id"], row["model_revision"], row["dimension"], row["dtype"], row["prompt_name"]
-            )
-            if spec.name in self._names():
-                specs.append(spec)
-        return specs
+        return [] if catalog is None else catalog.to_arrow().to_pylist()
+
+    def tables(self) -> list[TableSpec]:
+        names = self._names()
+        specs = [TableSpec.from_lineage(row) for row in self._catalog_rows()]
+        return [spec for spec in specs if spec.name in names]
+
+    def _catalog(self):
+        """The catalog, with the columns of this version."""
+        catalog = self._table(CATALOG, CATALOG_SCHEMA)
+        missing = {c: t for c, t in CATALOG_ADDED.items() if c not in catalog.schema.names}
+        if missing:
+            catalog.add_columns({c: f"CAST(NULL AS {t})" for c, t in missing.items()})
+            self._open.pop(CATALOG, None)
+            catalog = self._table(CATALOG)
+        return catalog
+
+    def _language(self, name: str) -> str:
+        row = next((r for r in self._catalog_rows() if r["name"] == name), None)
+        return (row or {}).get("text_language") or self.text_language
 
     def _ensure(self, spec: TableSpec):
         table = self._table(spec.name)
@@ -156,14 +232,22 @@ class LanceStore:
             if missing:
                 table.add_columns({c: "CAST(NULL AS BIGINT)" for c in missing})
                 log.info("%s: added columns %s", spec.name, ", ".join(missing))
+            # ... and tables from before v1.6 the full-text index.
+            if not _has_text_index(table):
+                table.create_index("text", config=fts_config(self._language(spec.name)))
+                log.info("%s: full-text index on text built", spec.name)
             self._current.add(spec.name)
         if table is None:
-            table = self._table(spec.name, chunk_schema(spec.dimension))
-            catalog = self._table(CATALOG, CATALOG_SCHEMA)
-            catalog.merge_insert("name").when_matched_update_all().when_not_matched_insert_all().execute(
-                pa.Table.from_pylist([spec.lineage()], schema=CATALOG_SCHEMA)
+            table = self._table(spec.name, chunk_schema(spec.dimension, spec.sparse is not None))
+            table.create_index("text", config=fts_config(self.text_language))
+            lineage = {**spec.lineage(), "text_language": self.text_language}
+            self._catalog().merge_insert(
+                "name"
+            ).when_matched_update_all().when_not_matched_insert_all().execute(
+                pa.Table.from_pylist([lineage], schema=CATALOG_SCHEMA)
             )
             log.info("created LanceDB table %s for %s (dim %d)", spec.name, spec.model_id, spec.dimension)
+            self._current.add(spec.name)
         return table
 
     # --- sink --------------------------------------------------------------------------------
@@ -234,8 +318,9 @@ class LanceStore:
         else:
             source.update(ch.before)
         source.update(ch.after)
+        sparse = ch.spec.sparse is not None
         data = pa.Table.from_pylist(
-            [_to_lance(r) for r in source.values()], schema=chunk_schema(ch.spec.dimension)
+            [_to_lance(r, sparse) for r in source.values()], schema=chunk_schema(ch.spec.dimension, sparse)
         )
         merge = table.merge_insert("chunk_id").when_matched_update_all().when_not_matched_insert_all()
         if ch.finals:
@@ -272,39 +357,72 @@ class LanceStore:
         table = self._table(spec.name)
         return [] if table is None else [_from_lance(r) for r in table.to_arrow().to_pylist()]
 
+    def modes(self, spec: TableSpec) -> dict[str, Optional[str]]:
+        table = self._table(spec.name)
+        sparse = None
+        if spec.sparse is None:
+            sparse = "its chunks have no sparse vectors (the flow ran without --sparse-model)"
+        text = (
+            None if table is not None and _has_text_index(table) else "the table has no full-text index yet"
+        )
+        return {"dense": None, "sparse": sparse, "text": text}
+
     def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]:
         table = self._table(spec.name)
         query = table.search(vector, vector_column_name="embedding").metric("cosine")
         if filters:
-            # Metadata is canonical JSON text: a key and value pair matches as a member.
-            clauses = []
-            for key, value in filters.items():
-                member = metadata_json({key: value})[1:-1]
-                escaped = (
-                    member.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("'", "''")
-                )
-                clauses.append(
-                    "("
-                    + " OR ".join(f"metadata LIKE '{a}{escaped}{b}' ESCAPE '\\'" for a, b in _AROUND)
-                    + ")"
-                )
-            query = query.where(" AND ".join(clauses), prefilter=True)
-        hits = []
-        for rank, r in enumerate(query.limit(k).to_list(), 1):
-            hits.append(
-                Hit(
-                    rank,
-                    1.0 - float(r["_distance"]),
-                    r["doc_id"],
-                    r["page"],
-                    r["chunk_index"],
-                    r["text"],
-                    json.loads(r["metadata"]),
-                    r.get("time_start_ms"),
-                    r.get("time_end_ms"),
-                )
-            )
-        return hits
+            query = query.where(_where(filters), prefilter=True)
+        return [
+            _hit(rank, 1.0 - float(r["_distance"]), r) for rank, r in enumerate(query.limit(k).to_list(), 1)
+        ]
+
+    def search_text(self, spec: TableSpec, query: str, k: int, filters: dict[str, str]) -> list[Hit]:
+        table = self._table(spec.name)
+        if table is None or not query.strip():
+            return []
+        found = table.search(query, query_type="fts", fts_columns="text")
+        if filters:
+            found = found.where(_where(filters), prefilter=True)
+        return [_hit(rank, float(r["_score"]), r) for rank, r in enumerate(found.limit(k).to_list(), 1)]
+
+    def search_sparse(
+        self, spec: TableSpec, indices: list[int], values: list[float], k: int, filters: dict[str, str]
+    ) -> list[Hit]:
+        table = self._table(spec.name)
+        if table is None or spec.sparse is None or not len(indices):
+            return []
+        # The query as a dense array over the vocabulary: each row's score is then a
+        # gather and a sum over its non-zeros.
+        weights = np.zeros(spec.sparse.dimension, dtype=np.float32)
+        weights[np.asarray(indices, dtype=np.int64)] = np.asarray(values, dtype=np.float32)
+        scan = table.search().select(["chunk_id", "sparse_indices", "sparse_values"]).limit(None)
+        if filters:
+            scan = scan.where(_where(filters))
+        data = scan.to_arrow()
+        if data.num_rows == 0:
+            return []
+        ids = data.column("chunk_id").to_numpy(zero_copy_only=False)
+        scores = np.zeros(data.num_rows, dtype=np.float64)
+        at = 0
+        for chunk in data.column("sparse_indices").chunks:
+            values_chunk = data.column("sparse_values").slice(at, len(chunk)).combine_chunks()
+            offsets = chunk.offsets.to_numpy()
+            flat = chunk.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            products = weights[flat] * values_chunk.values.to_numpy(zero_copy_only=False)
+            # Sums between consecutive offsets (empty lists sum to 0).
+            sums = np.concatenate(([0.0], np.cumsum(products, dtype=np.float64)))
+            scores[at : at + len(chunk)] = sums[offsets[1:]] - sums[offsets[:-1]]
+            at += len(chunk)
+        positive = np.flatnonzero(scores > 0)
+        best = positive[np.argsort(-scores[positive], kind="stable")[:k]]
+        if not len(best):
+            return []
+        chosen = [str(ids[i]) for i in best]
+        rows = {
+            r["chunk_id"]: r
+            for r in table.search().where(f"chunk_id IN ({_in_list(chosen)})").limit(None).to_list()
+        }
+        return [_hit(rank, float(scores[i]), rows[str(ids[i])]) for rank, i in enumerate(best, 1)]
 
     def close(self) -> None:
         # A run that ends (--until-end, SIGTERM) leaves its tables compacted and indexed.
@@ -319,14 +437,56 @@ class LanceStore:
 _AROUND = [("%{", ",%"), ("%{", "}"), ("%,", ",%"), ("%,", "}")]
 
 
-def _to_lance(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "metadata": metadata_json(row["metadata"])}
+def _where(filters: dict[str, str]) -> str:
+    """Metadata is canonical JSON text: a key and value pair matches as a member."""
+    clauses = []
+    for key, value in filters.items():
+        member = metadata_json({key: value})[1:-1]
+        escaped = member.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("'", "''")
+        clauses.append(
+            "(" + " OR ".join(f"metadata LIKE '{a}{escaped}{b}' ESCAPE '\\'" for a, b in _AROUND) + ")"
+        )
+    return " AND ".join(clauses)
+
+
+def _hit(rank: int, score: float, r: dict[str, Any]) -> Hit:
+    return Hit(
+        rank,
+        score,
+        r["doc_id"],
+        r["page"],
+        r["chunk_index"],
+        r["text"],
+        json.loads(r["metadata"]),
+        r.get("time_start_ms"),
+        r.get("time_end_ms"),
+        r["chunk_id"],
+    )
+
+
+def _has_text_index(table) -> bool:
+    return any(i.columns == ["text"] and i.index_type == "FTS" for i in table.list_indices())
+
+
+def _to_lance(row: dict[str, Any], sparse: bool = False) -> dict[str, Any]:
+    out = {k: v for k, v in row.items() if k != "sparse"}
+    out["metadata"] = metadata_json(row["metadata"])
+    if sparse:
+        vector = row.get("sparse")
+        out["sparse_indices"] = None if vector is None else vector["indices"]
+        out["sparse_values"] = None if vector is None else vector["values"]
+    return out
 
 
 def _from_lance(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
+    out = {k: v for k, v in row.items() if k not in ("sparse_indices", "sparse_values")}
     out["metadata"] = json.loads(row["metadata"])
     at = row["embedded_at"]
     out["embedded_at"] = int(at.timestamp() * 1000) if hasattr(at, "timestamp") else at
     out["embedding"] = list(row["embedding"])
+    if "sparse_indices" in row:
+        indices = row["sparse_indices"]
+        out["sparse"] = (
+            None if indices is None else {"indices": list(indices), "values": list(row["sparse_values"])}
+        )
     return out

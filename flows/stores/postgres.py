@@ -1,9 +1,24 @@
 """PostgreSQL with pgvector: one transaction per batch.
 
-Each model's chunks live in their own table with a ``vector(d)`` column and an HNSW
-cosine index (pgvector cannot index more than 2,000 dimensions: above that the table
-is searched exactly, and the sink says so once). ``embedstream_tables`` records each
-table's model lineage; ``embedstream_documents`` the version applied per document.
+Each model's chunks live in their own table with an HNSW cosine index on the dense
+vectors: ``vector(d)`` up to 2,000 dimensions (pgvector's limit for ``vector`` in an
+index), ``halfvec(d)`` (16-bit floats) from 2,001 to 4,000 (the limit for ``halfvec``),
+so Qwen3-Embedding-4B's 2,560 get an index; above 4,000 (Qwen3-Embedding-8B's 4,096
+without ``--truncate-dim``) the vectors stay ``vector(d)`` at full precision and
+every search is an exact scan, which the sink says once. ``embedstream_tables`` records
+each table's model lineage; ``embedstream_documents`` the version applied per document.
+
+Two more signals for ``embedstream search --mode``:
+
+- ``text_tsv``: a ``tsvector`` generated from ``text`` in the table's text search
+  configuration (``EMBEDSTREAM_TEXT_SEARCH_LANGUAGE``, default english, fixed when the
+  table is made), with a GIN index.
+- ``sparse``: the chunk's sparse vector as ``sparsevec(vocabulary size)`` with an HNSW
+  inner-product index, in tables of a sparse model. pgvector indexes sparse vectors of
+  at most 1,000 non-zero entries, so the column keeps a chunk's 1,000 largest weights
+  (the record on the topic keeps them all). What that loses: a query term whose weight
+  in the chunk was below those 1,000 adds nothing to the chunk's score. SPLADE and
+  BGE-M3 give a chunk of 512 tokens far fewer non-zeros, so it rarely applies.
 
 PostgreSQL's ``text`` and ``jsonb`` cannot hold the NUL character (U+0000), which a
 chunk's text or a metadata string may carry (an extractor passes it through; LanceDB
@@ -13,11 +28,14 @@ as ``"ab"`` and a metadata filter matches the value without them. Identifiers (d
 chunk ids) are kept as they are; one that holds a NUL is refused as data.
 
 pgvector 0.6 to 0.8 serve; the store reads the server's version when it connects
-(``pgvector``, and a log line). From 0.8 on, searches scan the HNSW index iteratively
-(``hnsw.iterative_scan``) until k rows pass the metadata filter. Before 0.8 the index
-hands over its ``hnsw.ef_search`` nearest candidates (set to 4 k, 100 to 1,000) and the
-filter applies to those alone, so a filter that few rows match can return fewer than k
-hits; everything else works the same on every version.
+(``pgvector``, and a log line naming what it cannot use: :func:`missing_features`).
+From 0.8 on, searches scan the HNSW index iteratively (``hnsw.iterative_scan``) until
+k rows pass the metadata filter. Before 0.8 the index hands over its
+``hnsw.ef_search`` nearest candidates (set to 4 k, 100 to 1,000) and the filter applies
+to those alone, so a filter that few rows match can return fewer than k hits. Before
+0.7 there is no ``sparsevec`` (sparse vectors are not stored, and sparse search is
+unavailable) and no ``halfvec`` (2,001 to 4,000 dimensions are scanned exactly). Dense
+and full-text search work the same on every version.
 """
 
 from __future__ import annotations
@@ -25,7 +43,8 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import psycopg
@@ -49,8 +68,27 @@ log = logging.getLogger("embedstream.sink")
 
 #: pgvector's HNSW (and IVFFlat) indexes take vectors of at most this many dimensions.
 MAX_INDEXED_DIMENSIONS = 2000
+#: ... and ``halfvec`` ones of at most this many.
+MAX_INDEXED_HALFVEC_DIMENSIONS = 4000
+#: pgvector's HNSW index takes sparse vectors of at most this many non-zero entries.
+MAX_INDEXED_NONZEROS = 1000
 #: The first pgvector with iterative index scans.
 ITERATIVE_SCAN_SINCE = (0, 8, 0)
+#: The first pgvector with ``sparsevec`` and ``halfvec``.
+SPARSEVEC_SINCE = HALFVEC_SINCE = (0, 7, 0)
+
+
+def missing_features(version: tuple[int, ...]) -> list[str]:
+    """What a server's pgvector cannot do that this store would use, by name."""
+    missing = []
+    if version < SPARSEVEC_SINCE:
+        missing.append("sparsevec (sparse vectors are not stored; no sparse search)")
+    if version < HALFVEC_SINCE:
+        missing.append("halfvec (2,001 to 4,000 dimensions are scanned exactly, without an index)")
+    if version < ITERATIVE_SCAN_SINCE:
+        missing.append("hnsw.iterative_scan (a filtered search can return fewer than k hits)")
+    return missing
+
 
 #: The HNSW graph's build parameters. Each insert into the index costs about 20 times
 #: the rest of a row's write, so they set the sink's speed. On 12,000 real MiniLM
@@ -72,6 +110,12 @@ CREATE TABLE IF NOT EXISTS embedstream_tables (
     prompt_name text,
     indexed boolean NOT NULL DEFAULT false
 );
+ALTER TABLE embedstream_tables
+    ADD COLUMN IF NOT EXISTS sparse_model_id text,
+    ADD COLUMN IF NOT EXISTS sparse_model_revision text,
+    ADD COLUMN IF NOT EXISTS sparse_dtype text,
+    ADD COLUMN IF NOT EXISTS sparse_dimension integer,
+    ADD COLUMN IF NOT EXISTS text_language text;
 CREATE TABLE IF NOT EXISTS embedstream_documents (
     table_name text NOT NULL,
     doc_id text NOT NULL,
@@ -85,15 +129,39 @@ CREATE TABLE IF NOT EXISTS embedstream_documents (
 
 _UPSERT = """
 INSERT INTO {t} (chunk_id, doc_id, doc_version, chunk_index, page, char_start, char_end,
-                 time_start_ms, time_end_ms, text, metadata, embedded_at, embedding)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, to_timestamp(%s / 1000.0), %b)
+                 time_start_ms, time_end_ms, text, metadata, embedded_at, embedding{sparse_column})
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, to_timestamp(%s / 1000.0), %b{sparse_value})
 ON CONFLICT (chunk_id) DO UPDATE SET
     doc_id = EXCLUDED.doc_id, doc_version = EXCLUDED.doc_version,
     chunk_index = EXCLUDED.chunk_index, page = EXCLUDED.page,
     char_start = EXCLUDED.char_start, char_end = EXCLUDED.char_end,
     time_start_ms = EXCLUDED.time_start_ms, time_end_ms = EXCLUDED.time_end_ms, text = EXCLUDED.text,
-    metadata = EXCLUDED.metadata, embedded_at = EXCLUDED.embedded_at, embedding = EXCLUDED.embedding
+    metadata = EXCLUDED.metadata, embedded_at = EXCLUDED.embedded_at,
+    embedding = EXCLUDED.embedding{sparse_set}
 """
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a chunk table has, as read from the server (tables made by older versions
+    of the sink, or on an older pgvector, have less)."""
+
+    #: The dense column's type: vector or halfvec.
+    embedding: str
+    #: The text search configuration of its ``text_tsv`` column (None: no such column).
+    language: Optional[str]
+    #: Whether it has the ``sparse`` column.
+    sparse: bool
+
+
+def sparse_literal(indices: list[int], values: list[float], dimension: int) -> str:
+    """A sparse vector in pgvector's text form (1-based indices), keeping the
+    :data:`MAX_INDEXED_NONZEROS` largest weights."""
+    if len(values) > MAX_INDEXED_NONZEROS:
+        top = sorted(np.argsort(np.asarray(values, dtype=np.float64))[-MAX_INDEXED_NONZEROS:])
+        indices, values = [indices[i] for i in top], [values[i] for i in top]
+    body = ",".join(f"{i + 1}:{float(v)!r}" for i, v in zip(indices, values))
+    return "{" + body + "}/" + str(dimension)
 
 
 def _vector(values: list[float]) -> str:
@@ -132,12 +200,15 @@ def _register_vector_type(conn: psycopg.Connection) -> None:
 
 
 class PostgresStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, text_language: str = "english") -> None:
         self.url = url
         self.conn: psycopg.Connection | None = None
         self._known: set[str] = set()
         #: The server's pgvector, read at each connect.
         self.pgvector: tuple[int, ...] = ()
+        #: The text search configuration of the tables this store creates.
+        self.text_language = text_language
+        self._layouts: dict[str, _Layout] = {}
 
     def _connect(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:
@@ -151,22 +222,42 @@ class PostgresStore:
                 self.conn.execute(_SCHEMA)
                 _register_vector_type(self.conn)
                 self._detect_pgvector(self.conn)
+                self._check_language(self.conn)
             self._known.clear()
+            self._layouts.clear()
         return self.conn
 
     def _detect_pgvector(self, conn: psycopg.Connection) -> None:
         [text] = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
         version = pgvector_version(text)
         if version != self.pgvector:
+            missing = missing_features(version)
             log.info(
                 "PostgreSQL %s with pgvector %s%s",
                 conn.info.parameter_status("server_version"),
                 text,
-                ""
-                if version >= ITERATIVE_SCAN_SINCE
-                else " (no iterative index scans: a filtered search can return fewer than k hits)",
+                f"; not available before a newer pgvector: {'; '.join(missing)}" if missing else "",
             )
         self.pgvector = version
+
+    def _check_language(self, conn: psycopg.Connection) -> None:
+        found = conn.execute(
+            "SELECT 1 FROM pg_ts_config WHERE cfgname = %s", (self.text_language,)
+        ).fetchone()
+        if found is None:
+            names = [r[0] for r in conn.execute("SELECT cfgname FROM pg_ts_config ORDER BY 1").fetchall()]
+            raise StoreConfigError(
+                f"PostgreSQL has no text search configuration {self.text_language!r} "
+                f"(EMBEDSTREAM_TEXT_SEARCH_LANGUAGE); it has {', '.join(names)}"
+            )
+
+    @property
+    def sparsevec(self) -> bool:
+        return self.pgvector >= SPARSEVEC_SINCE
+
+    @property
+    def halfvec(self) -> bool:
+        return self.pgvector >= HALFVEC_SINCE
 
     def _run(self, fn):
         """Runs ``fn(conn)`` in one transaction; a lost connection is a StoreError (the
@@ -182,13 +273,46 @@ class PostgresStore:
     # --- tables ------------------------------------------------------------------------------
 
     def tables(self) -> list[TableSpec]:
+        columns = (
+            "model_id",
+            "model_revision",
+            "dimension",
+            "dtype",
+            "prompt_name",
+            "sparse_model_id",
+            "sparse_model_revision",
+            "sparse_dtype",
+            "sparse_dimension",
+        )
         rows = self._run(
             lambda c: c.execute(
-                "SELECT model_id, model_revision, dimension, dtype, prompt_name "
-                "FROM embedstream_tables ORDER BY name"
+                f"SELECT {', '.join(columns)} FROM embedstream_tables ORDER BY name"
             ).fetchall()
         )
-        return [TableSpec(*r) for r in rows]
+        return [TableSpec.from_lineage(dict(zip(columns, r))) for r in rows]
+
+    def _layout(self, conn: psycopg.Connection, spec: TableSpec) -> _Layout:
+        """The columns of ``spec``'s table, as the server has them."""
+        layout = self._layouts.get(spec.name)
+        if layout is None:
+            types = dict(
+                conn.execute(
+                    """SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+                       WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped""",
+                    (sql.Identifier(spec.name).as_string(conn),),
+                ).fetchall()
+            )
+            language = None
+            if "text_tsv" in types:
+                row = conn.execute(
+                    "SELECT coalesce(text_language, 'english') FROM embedstream_tables WHERE name = %s",
+                    (spec.name,),
+                ).fetchone()
+                language = row[0] if row else "english"
+            embedding = types.get("embedding", "vector").split("(")[0]
+            layout = _Layout(embedding, language, "sparse" in types)
+            self._layouts[spec.name] = layout
+        return layout
 
     def _ensure(self, conn: psycopg.Connection, spec: TableSpec, created: set[str]) -> None:
         """Creates ``spec``'s table if need be, in the caller's transaction. Its name goes
@@ -197,6 +321,8 @@ class PostgresStore:
         if spec.name in self._known or spec.name in created:
             return
         t = sql.Identifier(spec.name)
+        half = self.halfvec and MAX_INDEXED_DIMENSIONS < spec.dimension <= MAX_INDEXED_HALFVEC_DIMENSIONS
+        kind = "halfvec" if half else "vector"
         conn.execute(
             sql.SQL(
                 """CREATE TABLE IF NOT EXISTS {t} (
@@ -212,9 +338,9 @@ class PostgresStore:
                     text text NOT NULL,
                     metadata jsonb NOT NULL,
                     embedded_at timestamptz NOT NULL,
-                    embedding vector({d}) NOT NULL
+                    embedding {kind}({d}) NOT NULL
                 )"""
-            ).format(t=t, d=sql.Literal(spec.dimension))
+            ).format(t=t, kind=sql.SQL(kind), d=sql.Literal(spec.dimension))
         )
         # Tables from before v1.5 of the schemas lack the time columns.
         conn.execute(
@@ -228,31 +354,82 @@ class PostgresStore:
                 i=sql.Identifier(spec.name + "_doc"), t=t
             )
         )
-        indexed = spec.dimension <= MAX_INDEXED_DIMENSIONS
+        # The column's type as it is (a table made before halfvec keeps its vector).
+        self._layouts.pop(spec.name, None)
+        layout = self._layout(conn, spec)
+        indexed = spec.dimension <= (
+            MAX_INDEXED_HALFVEC_DIMENSIONS if layout.embedding == "halfvec" else MAX_INDEXED_DIMENSIONS
+        )
         if indexed:
             conn.execute(
                 sql.SQL(
-                    "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding vector_cosine_ops) "
+                    "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding {ops}) "
                     "WITH (m = {m}, ef_construction = {ef})"
                 ).format(
                     i=sql.Identifier(spec.name + "_hnsw"),
                     t=t,
+                    ops=sql.SQL(f"{layout.embedding}_cosine_ops"),
                     m=sql.Literal(HNSW_M),
                     ef=sql.Literal(HNSW_EF_CONSTRUCTION),
                 )
             )
         else:
             log.warning(
-                "%s: %d dimensions is over pgvector's index limit of %d: searches are exact scans",
+                "%s: %d dimensions is over pgvector's index limit of %d%s: searches are exact scans "
+                "(embed with --truncate-dim %d or less for an index)",
                 spec.name,
                 spec.dimension,
-                MAX_INDEXED_DIMENSIONS,
+                MAX_INDEXED_HALFVEC_DIMENSIONS if self.halfvec else MAX_INDEXED_DIMENSIONS,
+                " (halfvec)" if self.halfvec else " (pgvector before 0.7 has no halfvec)",
+                MAX_INDEXED_HALFVEC_DIMENSIONS if self.halfvec else MAX_INDEXED_DIMENSIONS,
+            )
+        language = layout.language or self.text_language
+        if layout.language is None:
+            # Tables from before the text signal get it (PostgreSQL rewrites the table once).
+            conn.execute(
+                sql.SQL(
+                    "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS text_tsv tsvector "
+                    "GENERATED ALWAYS AS (to_tsvector({lang}::regconfig, text)) STORED"
+                ).format(t=t, lang=sql.Literal(language))
+            )
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} USING gin (text_tsv)").format(
+                i=sql.Identifier(spec.name + "_text"), t=t
+            )
+        )
+        if spec.sparse is not None and not self.sparsevec:
+            log.warning(
+                "%s: pgvector %s has no sparsevec (0.7 and later): the sparse vectors of %s are not "
+                "stored, and search --mode sparse is unavailable on this table",
+                spec.name,
+                ".".join(map(str, self.pgvector)),
+                spec.sparse.model_id,
+            )
+        elif spec.sparse is not None:
+            conn.execute(
+                sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS sparse sparsevec({d})").format(
+                    t=t, d=sql.Literal(spec.sparse.dimension)
+                )
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (sparse sparsevec_ip_ops) "
+                    "WITH (m = {m}, ef_construction = {ef})"
+                ).format(
+                    i=sql.Identifier(spec.name + "_sparse"),
+                    t=t,
+                    m=sql.Literal(HNSW_M),
+                    ef=sql.Literal(HNSW_EF_CONSTRUCTION),
+                )
             )
         lineage = spec.lineage()
         conn.execute(
             """INSERT INTO embedstream_tables
-                   (name, model_id, model_revision, dimension, dtype, prompt_name, indexed)
-               VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING""",
+                   (name, model_id, model_revision, dimension, dtype, prompt_name, indexed,
+                    sparse_model_id, sparse_model_revision, sparse_dtype, sparse_dimension, text_language)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (name) DO UPDATE SET text_language = coalesce(
+                   embedstream_tables.text_language, EXCLUDED.text_language)""",
             (
                 spec.name,
                 lineage["model_id"],
@@ -261,8 +438,14 @@ class PostgresStore:
                 spec.dtype,
                 spec.prompt_name,
                 indexed,
+                lineage["sparse_model_id"],
+                lineage["sparse_model_revision"],
+                lineage["sparse_dtype"],
+                lineage["sparse_dimension"],
+                language,
             ),
         )
+        self._layouts.pop(spec.name, None)
         created.add(spec.name)
 
     # --- sink --------------------------------------------------------------------------------
@@ -304,15 +487,33 @@ class PostgresStore:
         spec = ch.spec
         self._ensure(conn, spec, created)
         t = sql.Identifier(spec.name)
-        upsert = sql.SQL(_UPSERT).format(t=t)
+        sparse = self._layout(conn, spec).sparse and spec.sparse is not None
+        upsert = sql.SQL(_UPSERT).format(
+            t=t,
+            sparse_column=sql.SQL(", sparse" if sparse else ""),
+            sparse_value=sql.SQL(", %s::sparsevec" if sparse else ""),
+            sparse_set=sql.SQL(", sparse = EXCLUDED.sparse" if sparse else ""),
+        )
+
+        def params(row: dict[str, Any]) -> tuple:
+            if not sparse:
+                return _params(row)
+            vector = row.get("sparse")
+            literal = (
+                None
+                if vector is None
+                else sparse_literal(vector["indices"], vector["values"], spec.sparse.dimension)
+            )
+            return (*_params(row), literal)
+
         with conn.cursor() as cur:
             if ch.before:
-                cur.executemany(upsert, map(_params, ch.before.values()))
+                cur.executemany(upsert, map(params, ch.before.values()))
             self._apply_finals(cur, t, ch)
             if ch.after:
                 # A generator: executemany pipelines each row as it is made, so the
                 # client's work overlaps the server's index inserts.
-                cur.executemany(upsert, map(_params, ch.after.values()))
+                cur.executemany(upsert, map(params, ch.after.values()))
             if ch.states:
                 cur.executemany(
                     """INSERT INTO embedstream_documents
@@ -390,32 +591,117 @@ class PostgresStore:
         # Every column as a row holds it: embedded_at in epoch ms, the vector as floats.
         read_as = {
             "embedded_at": sql.SQL("(extract(epoch FROM embedded_at) * 1000)::bigint"),
-            "embedding": sql.SQL("embedding::real[]"),
+            "embedding": sql.SQL("embedding::vector::real[]"),
         }
-        columns = sql.SQL(", ").join(read_as.get(c, sql.Identifier(c)) for c in COLUMNS)
-        query = sql.SQL("SELECT {c} FROM {t}").format(c=columns, t=sql.Identifier(spec.name))
-        rows = [dict(zip(COLUMNS, r)) for r in self._run(lambda conn: conn.execute(query).fetchall())]
+
+        def read(conn):
+            names = list(COLUMNS)
+            columns = [read_as.get(c, sql.Identifier(c)) for c in COLUMNS]
+            if spec.sparse is not None and self._layout(conn, spec).sparse:
+                names.append("sparse")
+                columns.append(sql.SQL("sparse::text"))
+            query = sql.SQL("SELECT {c} FROM {t}").format(
+                c=sql.SQL(", ").join(columns), t=sql.Identifier(spec.name)
+            )
+            return [dict(zip(names, r)) for r in conn.execute(query).fetchall()]
+
+        rows = self._run(read)
         for row in rows:
             row["embedding"] = list(row["embedding"])
+            if "sparse" in row:
+                row["sparse"] = _parse_sparse(row["sparse"])
         return rows
 
-    def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]:
-        where = (
-            sql.SQL(" AND ").join(sql.SQL("metadata ->> %s = %s") for _ in filters)
-            if filters
-            else sql.SQL("true")
-        )
-        params: list[Any] = [_vector(vector)]
-        for key, value in filters.items():
-            params += [_strip_nul(key), _strip_nul(value)]  # as the metadata was stored
-        params += [_vector(vector), k]
-        query = sql.SQL(
-            """SELECT doc_id, page, chunk_index, text, metadata, 1 - (embedding <=> %s::vector) AS score,
-                      time_start_ms, time_end_ms
-               FROM {t} WHERE {where} ORDER BY embedding <=> %s::vector LIMIT %s"""
-        ).format(t=sql.Identifier(spec.name), where=where)
+    def modes(self, spec: TableSpec) -> dict[str, Optional[str]]:
+        layout = self._run(lambda conn: self._layout(conn, spec))
+        sparse = None
+        if spec.sparse is None:
+            sparse = "its chunks have no sparse vectors (the flow ran without --sparse-model)"
+        elif not layout.sparse:
+            sparse = (
+                f"pgvector {'.'.join(map(str, self.pgvector))} has no sparsevec (0.7 and later), "
+                "so the sink stored no sparse vectors"
+            )
+        text = None if layout.language else "the table has no full-text column yet (the sink adds it)"
+        return {"dense": None, "sparse": sparse, "text": text}
 
+    def search(self, spec: TableSpec, vector: list[float], k: int, filters: dict[str, str]) -> list[Hit]:
         def run(conn):
+            kind = sql.SQL(self._layout(conn, spec).embedding)
+            literal = _vector(vector)
+            score = sql.SQL("1 - (embedding <=> %s::{kind})").format(kind=kind)
+            order = sql.SQL("embedding <=> %s::{kind}").format(kind=kind)
+            return self._nearest(conn, spec, score, [literal], order, [literal], k, filters)
+
+        return self._run(run)
+
+    def search_sparse(
+        self, spec: TableSpec, indices: list[int], values: list[float], k: int, filters: dict[str, str]
+    ) -> list[Hit]:
+        def run(conn):
+            if spec.sparse is None or not self._layout(conn, spec).sparse:
+                return []
+            literal = sparse_literal(list(indices), list(values), spec.sparse.dimension)
+            # <#> is the negative inner product (ascending is best first).
+            score = sql.SQL("-(sparse <#> %s::sparsevec)")
+            order = sql.SQL("sparse <#> %s::sparsevec")
+            return self._nearest(
+                conn, spec, score, [literal], order, [literal], k, filters, "sparse IS NOT NULL"
+            )
+
+        return self._run(run)
+
+    def search_text(self, spec: TableSpec, query: str, k: int, filters: dict[str, str]) -> list[Hit]:
+        def run(conn):
+            language = self._layout(conn, spec).language
+            if language is None:
+                return []
+            # Any of the query's terms (plainto_tsquery asks for all of them), ranked by
+            # cover density: chunks with more of the terms, closer together, first.
+            tsquery = sql.SQL(
+                "replace(plainto_tsquery({lang}::regconfig, %s)::text, ' & ', ' | ')::tsquery"
+            ).format(lang=sql.Literal(language))
+            score = sql.SQL("ts_rank_cd(text_tsv, {q})").format(q=tsquery)
+            where = sql.SQL("text_tsv @@ {q}").format(q=tsquery)
+            order = sql.SQL("{s} DESC").format(s=score)
+            return self._nearest(
+                conn, spec, score, [query], order, [query], k, filters, where, [query], ann=False
+            )
+
+        return self._run(run)
+
+    def _nearest(
+        self,
+        conn: psycopg.Connection,
+        spec: TableSpec,
+        score: sql.Composable,
+        score_params: list[Any],
+        order: sql.Composable,
+        order_params: list[Any],
+        k: int,
+        filters: dict[str, str],
+        condition: Any = None,
+        condition_params: Optional[list[Any]] = None,
+        ann: bool = True,
+    ) -> list[Hit]:
+        """The ``k`` rows first by ``order`` among those that pass ``condition`` and
+        ``filters``, with their ``score``."""
+        clauses: list[sql.Composable] = []
+        params: list[Any] = list(score_params)
+        if condition is not None:
+            clauses.append(sql.SQL(condition) if isinstance(condition, str) else condition)
+            params += condition_params or []
+        for key, value in filters.items():
+            clauses.append(sql.SQL("metadata ->> %s = %s"))
+            params += [_strip_nul(key), _strip_nul(value)]  # as the metadata was stored
+        params += [*order_params, k]
+        where = sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("true")
+        query = sql.SQL(
+            """SELECT doc_id, page, chunk_index, text, metadata, {score} AS score,
+                      time_start_ms, time_end_ms, chunk_id
+               FROM {t} WHERE {where} ORDER BY {order} LIMIT %s"""
+        ).format(score=score, t=sql.Identifier(spec.name), where=where, order=order)
+        if ann:
             # HNSW returns at most ef_search candidates, filtered afterwards: ask for
             # enough that k hits survive a filter (pgvector's default is 40).
             ef_search = min(max(100, 4 * k), 1000)
@@ -423,10 +709,10 @@ class PostgresStore:
             if self.pgvector >= ITERATIVE_SCAN_SINCE:
                 # Past the candidates, the index scan goes on until k rows pass the filter.
                 conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-            return conn.execute(query, params).fetchall()
-
-        rows = self._run(run)
-        return [Hit(i, float(r[5]), r[0], r[1], r[2], r[3], r[4], r[6], r[7]) for i, r in enumerate(rows, 1)]
+        rows = conn.execute(query, params).fetchall()
+        return [
+            Hit(i, float(r[5]), r[0], r[1], r[2], r[3], r[4], r[6], r[7], r[8]) for i, r in enumerate(rows, 1)
+        ]
 
     def close(self) -> None:
         if self.conn is not None:
@@ -452,6 +738,15 @@ def _params(r: dict[str, Any]) -> tuple:
         r["embedded_at"],
         _Embedding(r["embedding"]),
     )
+
+
+def _parse_sparse(text: Optional[str]) -> Optional[dict[str, list]]:
+    """pgvector's text form of a sparse vector as ``indices`` (0-based) and ``values``."""
+    if text is None:
+        return None
+    body = text[1 : text.index("}")]
+    pairs = [p.split(":") for p in body.split(",") if p]
+    return {"indices": [int(i) - 1 for i, _ in pairs], "values": [float(v) for _, v in pairs]}
 
 
 def _strip_nul(value: Any) -> Any:
