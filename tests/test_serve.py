@@ -296,6 +296,7 @@ def test_overload_gets_429_with_retry_after_and_the_server_keeps_serving(minilm)
         ({"input": "x", "input_type": "passage"}, 400, "input_type"),
         ({"input": "x", "inputs": "y"}, 400, "inputs"),
         (b'{"input": ["fine", "a lone surrogate \\ud800"]}', 400, "input"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, None),
     ],
 )
 def test_bad_input_gets_a_4xx_in_openais_shape(minilm_server, body, status, param):

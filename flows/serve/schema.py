@@ -79,6 +79,8 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise invalid(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise invalid("the body's JSON is nested too deeply", code="invalid_json") from None
 
 
 def _object(body: Any, fields: tuple[str, ...]) -> dict[str, Any]:
