@@ -615,3 +615,42 @@ def test_bad_flags_and_models_fail_at_start_with_a_clear_message(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2 and "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_database_outage_gets_503_and_not_ready_until_it_is_back(postgres_dsn):
+    from sink_helpers import manifest, record
+    from test_stores import apply
+
+    from flows.dev import postgres as local_postgres
+
+    if os.environ.get("EMBEDSTREAM_TEST_POSTGRES"):
+        pytest.skip("restarts the local server; $EMBEDSTREAM_TEST_POSTGRES points elsewhere")
+    embedder = Embedder.load(PROMPTED)
+    lineage = {"model_id": embedder.model_id, "model_revision": embedder.model_revision, "dtype": "f32"}
+    r = record(
+        "d0", 0, 0, 1, "Vectors live in a store.", model={**lineage, "prompt_name": None}, dim=embedder.dim
+    )
+    r["embedding"] = [float(x) for x in embedder.embed([r["text"]])[0]]
+    apply(postgres_dsn, [("VectorRecord", r), ("DocManifest", manifest([r]))])
+    server = Server("--store", postgres_dsn, "--model", str(PROMPTED))
+    url = server.url + "/search"
+    try:
+        assert request(url, {"query": "where are vectors?"}, key=None)[0] == 200
+        local_postgres.stop()
+        try:
+            status, headers, body = request(url, {"query": "where are vectors?"}, key=None)
+            assert status == 503 and headers["retry-after"] == "5"
+            assert error_of(body)["code"] == "store_unavailable"
+            assert get(server.url + "/readyz")[0] == 503
+            assert get(server.url + "/healthz")[0] == 200  # alive: a restart would not help
+            assert request(server.url + "/v1/embeddings", {"input": "still embedding"}, key=None)[0] == 200
+        finally:
+            local_postgres.start()
+        deadline = time.monotonic() + 60
+        while get(server.url + "/readyz")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        status, _, body = request(url, {"query": "where are vectors?"}, key=None)
+        assert status == 200 and json.loads(body)["data"][0]["doc_id"] == "d0"
+    finally:
+        assert server.stop() == 0

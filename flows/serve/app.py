@@ -287,9 +287,14 @@ class Api:
             ) from None
         except StoreConfigError as e:
             raise ApiError(400, str(e), param="table", code="store_error") from None
-        except StoreError as e:
+        except ApiError:
+            raise
+        except Exception as e:  # StoreError, or the store's own driver failing mid-query
             healthy = False
-            log.warning("search: store unavailable: %s", e)
+            if isinstance(e, StoreError):
+                log.warning("search: store unavailable: %s", e)
+            else:
+                log.error("search: the store failed", exc_info=e)
             raise ApiError(
                 503,
                 "the store is unavailable; retry later",
