@@ -645,9 +645,11 @@ class PostgresStore:
             # <#> is the negative inner product (ascending is best first).
             score = sql.SQL("-(sparse <#> %s::sparsevec)")
             order = sql.SQL("sparse <#> %s::sparsevec")
-            return self._nearest(
+            hits = self._nearest(
                 conn, spec, score, [literal], order, [literal], k, filters, "sparse IS NOT NULL"
             )
+            # A chunk that shares no term with the query is no match (as in text search).
+            return [h for h in hits if h.score > 0]
 
         return self._run(run)
 

@@ -1,0 +1,380 @@
+"""Search modes on the real stores (PostgreSQL 18 with pgvector 0.8, LanceDB): dense,
+sparse, full-text and hybrid (reciprocal rank fusion), the sparse field of VectorRecord
+v1.6 from codec to column, halfvec tables, and what a server with an older pgvector
+cannot do, named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from sink_helpers import MODEL, manifest, messages, record
+
+from flows import codecs
+from flows.search import Query, SearchError, fuse, retrieve, signals
+from flows.sink import Rejected, apply_ops, to_op
+from flows.stores import Hit, SparseModel, TableSpec, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 30522
+SPARSE = {"model_id": "test/tiny-sparse", "model_revision": "s1", "dtype": "f32", "dimension": VOCAB}
+SPEC = TableSpec(MODEL["model_id"], MODEL["model_revision"], 4, "f32", None)
+SPARSE_SPEC = TableSpec(MODEL["model_id"], MODEL["model_revision"], 4, "f32", None, SparseModel.of(SPARSE))
+
+TEXTS = {
+    "paths": "os.path.join joins one or more path components intelligently",
+    "errors": "KeyError is raised when a mapping key is not found in the set of existing keys",
+    "loops": "The for statement iterates over the items of any sequence in order",
+    "classes": "Classes provide a means of bundling data and functionality together",
+    "files": "open returns a file object; reading and writing files in text or binary mode",
+}
+
+
+def sparse_of(text: str) -> dict[str, list]:
+    """A deterministic sparse vector for ``text``: a token id per distinct word, its
+    weight growing with the word's length (long words are rarer)."""
+    weights: dict[int, float] = {}
+    for word in text.lower().replace(";", " ").split():
+        token = int.from_bytes(word.encode()[:8].ljust(8, b"\0"), "big") % VOCAB
+        weights[token] = max(weights.get(token, 0.0), len(word) / 10)
+    indices = sorted(weights)
+    return {"indices": indices, "values": [weights[i] for i in indices]}
+
+
+def stream_of(texts: dict[str, str], *, sparse: bool, metadata=None) -> list:
+    stream = []
+    for offset, (doc_id, text) in enumerate(texts.items()):
+        r = record(doc_id, offset, 0, 1, text, metadata=(metadata or {}).get(doc_id))
+        if sparse:
+            r["sparse"] = sparse_of(text)
+            r["sparse_model"] = SPARSE
+        m = manifest([r])
+        if sparse:
+            m["sparse_model"] = SPARSE
+        stream += [("VectorRecord", r), ("DocManifest", m)]
+    return stream
+
+
+def write(url: str, stream: list) -> None:
+    store = open_store(url)
+    try:
+        apply_ops(store, [to_op(m) for m in messages(stream)])
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def opened(store_url):
+    write(store_url, stream_of(TEXTS, sparse=True))
+    store = open_store(store_url)
+    yield store
+    store.close()
+
+
+def test_a_sparse_vector_travels_in_avro_and_old_records_read_as_none():
+    r = record("d", 1, 0, 1, "KeyError raised")
+    r["sparse"] = {"indices": [3, 17, 29999], "values": [0.5, 1.25, 2.0]}
+    r["sparse_model"] = SPARSE
+    name, back = codecs.decode_single_object(codecs.encode_single_object("VectorRecord", r))
+    assert name == "VectorRecord" and back["sparse"] == r["sparse"] and back["sparse_model"] == SPARSE
+    old = codecs.Schema(
+        "VectorRecord", json.loads((codecs.SCHEMA_DIR / "history" / "VectorRecord-1.5.avsc").read_text())
+    )
+    plain = record("d", 1, 0, 1, "no sparse")
+    data = codecs.SINGLE_OBJECT_MAGIC + old.fingerprint + old.write(plain)
+    assert codecs.decode_single_object(data)[1]["sparse"] is None
+    assert TableSpec.of(back) == SPARSE_SPEC and TableSpec.of(plain) == SPEC
+    # Sparse vectors live in a table of their own: adding a sparse model changes the name.
+    assert SPARSE_SPEC.name != SPEC.name
+
+
+@pytest.mark.parametrize(
+    "sparse, reason",
+    [
+        ({"indices": [5, 3], "values": [1.0, 1.0]}, "do not ascend"),
+        ({"indices": [3, 3], "values": [1.0, 1.0]}, "do not ascend"),
+        ({"indices": [1, VOCAB], "values": [1.0, 1.0]}, "outside 0..30521"),
+        ({"indices": [1, 2], "values": [1.0]}, "2 indices and 1 values"),
+        ({"indices": [1], "values": [float("nan")]}, "not a finite number"),
+        (None, "no sparse vector"),
+    ],
+)
+def test_a_malformed_sparse_vector_is_a_dead_letter_with_its_reason(sparse, reason):
+    r = record("d", 1, 0, 1, "text")
+    r["sparse"], r["sparse_model"] = sparse, SPARSE
+    [message] = messages([("VectorRecord", r)])
+    with pytest.raises(Rejected) as info:
+        to_op(message)
+    assert info.value.reason == "bad_sparse_vector" and reason in str(info.value)
+
+
+def test_sparse_vectors_are_stored_and_read_back(opened):
+    stored = {r["doc_id"]: r["sparse"] for r in opened.rows(SPARSE_SPEC)}
+    for doc_id, text in TEXTS.items():
+        expected = sparse_of(text)
+        assert stored[doc_id]["indices"] == expected["indices"]
+        np.testing.assert_array_equal(np.float32(stored[doc_id]["values"]), np.float32(expected["values"]))
+
+
+def test_sparse_search_ranks_by_the_inner_product(opened):
+    query = sparse_of("KeyError key not found mapping")
+    hits = opened.search_sparse(SPARSE_SPEC, query["indices"], query["values"], 3, {})
+    q = dict(zip(query["indices"], query["values"]))
+    expected = sorted(
+        (
+            (sum(q.get(i, 0.0) * v for i, v in zip(s["indices"], s["values"])), d)
+            for d, s in ((d, sparse_of(t)) for d, t in TEXTS.items())
+        ),
+        reverse=True,
+    )
+    expected = [(score, d) for score, d in expected if score > 0][:3]
+    assert [h.doc_id for h in hits] == [d for _, d in expected]
+    assert [h.score for h in hits] == pytest.approx([s for s, _ in expected], rel=1e-5)
+    assert hits[0].doc_id == "errors" and hits[0].chunk_id == "errors#0"
+
+
+def test_text_search_finds_exact_identifiers_and_stems(opened):
+    hits = opened.search_text(SPARSE_SPEC, "KeyError", 3, {})
+    assert [h.doc_id for h in hits] == ["errors"]
+    # English stemming: "iterating" finds "iterates"; any of the terms is enough.
+    hits = opened.search_text(SPARSE_SPEC, "iterating bundling", 5, {})
+    assert sorted(h.doc_id for h in hits) == ["classes", "loops"]
+    assert all(h.score > 0 for h in hits)
+    assert opened.search_text(SPARSE_SPEC, "the of and", 5, {}) == []  # stop words only
+
+
+def test_every_mode_filters_on_metadata(store_url):
+    metadata = {d: {"team": "a" if d in ("errors", "loops") else "b"} for d in TEXTS}
+    write(store_url, stream_of(TEXTS, sparse=True, metadata=metadata))
+    store = open_store(store_url)
+    try:
+        query = sparse_of("KeyError for items in order")
+        vector = record("errors", 1, 0, 1, TEXTS["errors"])["embedding"]
+        for hits in (
+            store.search_text(SPARSE_SPEC, "KeyError statement classes files", 5, {"team": "b"}),
+            store.search_sparse(SPARSE_SPEC, query["indices"], query["values"], 5, {"team": "b"}),
+            store.search(SPARSE_SPEC, vector, 5, {"team": "b"}),
+        ):
+            assert hits and {h.doc_id for h in hits} <= {"paths", "classes", "files"}
+    finally:
+        store.close()
+
+
+def test_hybrid_is_the_default_where_a_second_signal_exists(opened, store_url):
+    assert signals(opened, SPARSE_SPEC, None) == ("hybrid", ["dense", "sparse", "text"])
+    plain = store_url + "-plain" if store_url.startswith("lancedb:") else store_url
+    write(plain, stream_of(TEXTS, sparse=False))
+    store = open_store(plain)
+    try:
+        assert signals(store, SPEC, None) == ("hybrid", ["dense", "text"])
+        with pytest.raises(SearchError, match=r"--mode sparse is not available.*without --sparse-model"):
+            signals(store, SPEC, "sparse")
+    finally:
+        store.close()
+    with pytest.raises(SearchError, match="unknown search mode 'bm25'"):
+        signals(opened, SPARSE_SPEC, "bm25")
+
+
+def test_hybrid_fuses_the_lists_by_reciprocal_rank(opened):
+    vector = record("files", 4, 0, 1, TEXTS["files"])["embedding"]  # dense: "files" first
+    sparse = sparse_of("KeyError mapping key")
+    # indices and values, as operators.SparseVector has them
+    query = Query("KeyError mapping key", vector=vector, sparse=SimpleNamespace(**sparse))
+    lists = {
+        "dense": opened.search(SPARSE_SPEC, vector, 5, {}),
+        "sparse": opened.search_sparse(SPARSE_SPEC, sparse["indices"], sparse["values"], 5, {}),
+        "text": opened.search_text(SPARSE_SPEC, "KeyError mapping key", 5, {}),
+    }
+    hits = retrieve(opened, SPARSE_SPEC, query, 5, mode="hybrid", rrf_k=60, depth=5)
+    expected: dict[str, float] = {}
+    for found in lists.values():
+        for rank, h in enumerate(found, 1):
+            expected[h.doc_id] = expected.get(h.doc_id, 0.0) + 1 / (60 + rank)
+    assert {h.doc_id: h.score for h in hits} == pytest.approx(expected)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Two lists agree on "errors": it beats the chunk that dense alone ranks first.
+    assert hits[0].doc_id == "errors" and lists["dense"][0].doc_id == "files"
+    assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+
+
+def test_fusion_constant_and_ties():
+    def hit(doc_id: str) -> Hit:
+        return Hit(0, 0.0, doc_id, None, 0, doc_id, {}, chunk_id=doc_id)
+
+    a, b, c = hit("a"), hit("b"), hit("c")
+    fused = fuse([[a, b], [b, c]], rrf_k=0)
+    assert [(h.doc_id, h.score) for h in fused] == [("b", 1.5), ("a", 1.0), ("c", 0.5)]
+    # Equal scores: the better best rank, then the earlier list.
+    assert [h.doc_id for h in fuse([[a, b], [c, a], [b, c]], rrf_k=60)] == ["a", "c", "b"]
+    assert fuse([]) == []
+
+
+def test_a_sparse_vector_over_pgvectors_index_limit_keeps_its_largest_weights(postgres_dsn):
+    r = record("big", 1, 0, 1, "many terms")
+    rng = np.random.default_rng(7)
+    indices = sorted(rng.choice(VOCAB, size=1500, replace=False).tolist())
+    values = rng.uniform(0.01, 3.0, size=1500).astype(np.float32).tolist()
+    r["sparse"], r["sparse_model"] = {"indices": indices, "values": values}, SPARSE
+    m = manifest([r])
+    m["sparse_model"] = SPARSE
+    write(postgres_dsn, [("VectorRecord", r), ("DocManifest", m)])
+    store = open_store(postgres_dsn)
+    try:
+        [row] = store.rows(SPARSE_SPEC)
+    finally:
+        store.close()
+    kept = np.argsort(values)[-1000:]
+    assert row["sparse"]["indices"] == sorted(indices[i] for i in kept)
+    assert min(row["sparse"]["values"]) >= max(v for i, v in enumerate(values) if i not in set(kept))
+
+
+def test_postgres_tables_have_the_text_and_sparse_columns_and_indexes(postgres_dsn):
+    import psycopg
+
+    write(postgres_dsn, stream_of(TEXTS, sparse=True))
+    with psycopg.connect(postgres_dsn) as conn:
+        columns = dict(
+            conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0",
+                (SPARSE_SPEC.name,),
+            ).fetchall()
+        )
+        indexes = [
+            r[0]
+            for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (SPARSE_SPEC.name,))
+        ]
+        generated = conn.execute(
+            "SELECT generation_expression FROM information_schema.columns "
+            "WHERE table_name = %s AND column_name = 'text_tsv'",
+            (SPARSE_SPEC.name,),
+        ).fetchone()[0]
+    assert columns["embedding"] == "vector(4)" and columns["sparse"] == f"sparsevec({VOCAB})"
+    assert columns["text_tsv"] == "tsvector" and "'english'::regconfig" in generated
+    assert any("USING gin (text_tsv)" in i for i in indexes)
+    assert any("USING hnsw (sparse sparsevec_ip_ops)" in i for i in indexes)
+    assert any("USING hnsw (embedding vector_cosine_ops)" in i for i in indexes)
+
+
+def test_the_text_search_language_is_a_setting_fixed_per_table(postgres_dsn, tmp_path):
+    stream = stream_of({"run": "running runners ran"}, sparse=False)
+    store = open_store(postgres_dsn, text_language="simple")
+    try:
+        apply_ops(store, [to_op(m) for m in messages(stream)])
+        # simple: no stemming, so only the word as written matches.
+        assert [h.doc_id for h in store.search_text(SPEC, "running", 5, {})] == ["run"]
+        assert store.search_text(SPEC, "run", 5, {}) == []
+    finally:
+        store.close()
+    english = open_store(postgres_dsn)  # the table keeps its language
+    try:
+        assert english.search_text(SPEC, "run", 5, {}) == []
+    finally:
+        english.close()
+    lance = open_store(f"lancedb:{tmp_path / 'l'}", text_language="simple")
+    try:
+        apply_ops(lance, [to_op(m) for m in messages(stream)])
+        assert [h.doc_id for h in lance.search_text(SPEC, "running", 5, {})] == ["run"]
+        assert lance.search_text(SPEC, "run", 5, {}) == []
+    finally:
+        lance.close()
+    from flows.stores import StoreConfigError
+
+    with pytest.raises(StoreConfigError, match="no text search configuration 'klingon'"):
+        open_store(postgres_dsn, text_language="klingon").tables()
+    with pytest.raises(StoreConfigError, match="no language 'klingon'"):
+        open_store(f"lancedb:{tmp_path / 'k'}", text_language="klingon")
+
+
+def test_qwen3_4b_sized_vectors_are_halfvec_with_an_hnsw_index(postgres_dsn, caplog):
+    import psycopg
+
+    wide = {**MODEL, "model_id": "test/qwen3-4b-sized"}
+    stream = []
+    for i in range(6):
+        r = record(f"w{i}", i, 0, 1, f"wide {i}", dim=2560, model=wide)
+        stream += [("VectorRecord", r), ("DocManifest", manifest([r]))]
+    with caplog.at_level("WARNING", logger="embedstream.sink"):
+        write(postgres_dsn, stream)
+    assert not any("index limit" in r.getMessage() for r in caplog.records)
+    spec = TableSpec("test/qwen3-4b-sized", "r1", 2560)
+    with psycopg.connect(postgres_dsn) as conn:
+        [kind] = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attname = 'embedding'",
+            (spec.name,),
+        ).fetchone()
+        indexes = [
+            r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (spec.name,))
+        ]
+    assert kind == "halfvec(2560)"
+    assert any("USING hnsw (embedding halfvec_cosine_ops)" in i for i in indexes)
+    store = open_store(postgres_dsn + "&options=-c%20enable_seqscan%3Doff")  # through the index
+    try:
+        target = record("w4", 4, 0, 1, "wide 4", dim=2560, model=wide)["embedding"]
+        hits = store.search(spec, target, 3, {})
+        assert hits[0].doc_id == "w4" and hits[0].score == pytest.approx(1.0, abs=1e-3)
+        # 16-bit floats: each value within half a unit in the last place of a half.
+        stored = {r["doc_id"]: r["embedding"] for r in store.rows(spec)}
+        np.testing.assert_allclose(stored["w4"], target, rtol=1e-3, atol=1e-4)
+    finally:
+        store.close()
+
+
+def test_an_older_pgvector_is_reported_by_feature_and_dense_and_text_keep_working(
+    postgres_dsn, monkeypatch, caplog
+):
+    """A server whose pgvector is 0.6.2 (as pgserver bundles): no sparsevec, halfvec or
+    iterative scans. The store reads the version from pg_extension; here it is told 0.6.2
+    while the server runs 0.8, so every statement it sends must be one 0.6 knows."""
+    from flows.stores import postgres
+
+    monkeypatch.setattr(postgres, "pgvector_version", lambda text: (0, 6, 2))
+    with caplog.at_level("INFO", logger="embedstream.sink"):
+        write(postgres_dsn, stream_of(TEXTS, sparse=True))
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "pgvector 0.8" in said  # the version as the server spells it
+    for feature in ("sparsevec", "halfvec", "hnsw.iterative_scan"):
+        assert feature in said
+    assert "sparse vectors of test/tiny-sparse are not stored" in said
+    store = open_store(postgres_dsn)
+    try:
+        assert "sparse" not in store.rows(SPARSE_SPEC)[0]
+        assert store.pgvector == (0, 6, 2)
+        reasons = store.modes(SPARSE_SPEC)
+        assert reasons["dense"] is None and reasons["text"] is None
+        assert "no sparsevec (0.7 and later)" in reasons["sparse"]
+        assert signals(store, SPARSE_SPEC, None) == ("hybrid", ["dense", "text"])
+        vector = record("loops", 2, 0, 1, TEXTS["loops"])["embedding"]
+        assert store.search(SPARSE_SPEC, vector, 1, {})[0].doc_id == "loops"
+        assert [h.doc_id for h in store.search_text(SPARSE_SPEC, "KeyError", 5, {})] == ["errors"]
+    finally:
+        store.close()
+
+
+def test_embedstream_search_modes_on_the_command_line(opened, store_url, tmp_path):
+    """The real CLI: text mode needs no model; an unavailable mode is an error that says why."""
+
+    def search(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "flows.cli", "search", *args, "--store", store_url],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+
+    done = search("KeyError", "--mode", "text", "--k", "3")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split()[2] == "errors"
+    done = search("anything", "--mode", "sparse", "--sparse-model", str(tmp_path / "missing"))
+    assert done.returncode == 2 and "pass its directory with --sparse-model" in done.stderr
+    done = search("x", "--mode", "bm25")
+    assert done.returncode == 2 and "invalid choice: 'bm25'" in done.stderr
+    done = search("x", "--mode", "hybrid", "--rrf-k", "-1")
+    assert done.returncode == 2 and "--rrf-k" in done.stderr
