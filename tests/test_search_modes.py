@@ -378,3 +378,103 @@ def test_embedstream_search_modes_on_the_command_line(opened, store_url, tmp_pat
     assert done.returncode == 2 and "invalid choice: 'bm25'" in done.stderr
     done = search("x", "--mode", "hybrid", "--rrf-k", "-1")
     assert done.returncode == 2 and "--rrf-k" in done.stderr
+
+
+# --- embedstream serve: /search's modes and TEI's /rerank ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_store(tmp_path_factory):
+    """A LanceDB store of the tiny prompted model's vectors, and `embedstream serve` on it."""
+    from test_serve import PROMPTED, Server
+
+    from operators import Embedder
+
+    embedder = Embedder.load(PROMPTED)
+    url = f"lancedb:{tmp_path_factory.mktemp('served') / 'lance'}"
+    lineage = {"model_id": embedder.model_id, "model_revision": embedder.model_revision, "dtype": "f32"}
+    stream = []
+    vectors = embedder.embed(list(TEXTS.values()), prompt_name="document")
+    for offset, ((doc_id, text), vector) in enumerate(zip(TEXTS.items(), vectors)):
+        r = record(doc_id, offset, 0, 1, text, model={**lineage, "prompt_name": "document"}, dim=embedder.dim)
+        r["embedding"] = [float(x) for x in vector]
+        stream += [("VectorRecord", r), ("DocManifest", manifest([r]))]
+    write(url, stream)
+    server = Server("--store", url, "--model", str(PROMPTED))
+    yield url, server
+    assert server.stop() == 0
+
+
+def test_serve_searches_in_every_mode_as_the_library_does(served_store):
+    from test_serve import PROMPTED, error_of, request
+
+    from flows.search import search as library_search
+
+    url, server = served_store
+    for mode in ("dense", "text", "hybrid", None):
+        body = {"query": "KeyError mapping", "k": 5, **({"mode": mode} if mode else {})}
+        status, _, raw = request(server.url + "/search", body)
+        assert status == 200, raw
+        answer = json.loads(raw)
+        assert answer["mode"] == (mode or "hybrid")
+        library = library_search("KeyError mapping", k=5, store=url, model=str(PROMPTED), mode=mode)
+        assert [(h["doc_id"], h["rank"]) for h in answer["data"]] == [(h.doc_id, h.rank) for h in library]
+        assert [h["score"] for h in answer["data"]] == pytest.approx([h.score for h in library], abs=1e-6)
+    status, _, raw = request(server.url + "/search", {"query": "KeyError", "mode": "text", "k": 5})
+    assert [h["doc_id"] for h in json.loads(raw)["data"]] == ["errors"]
+    status, _, raw = request(server.url + "/search", {"query": "x", "mode": "bm25"})
+    assert status == 400 and error_of(raw)["param"] == "mode"
+    status, _, raw = request(server.url + "/search", {"query": "x", "mode": "sparse"})
+    assert status == 400 and error_of(raw)["code"] == "mode_unavailable"
+    assert "without --sparse-model" in error_of(raw)["message"]
+
+
+def test_serve_without_a_reranker_says_how_to_get_one(served_store):
+    from test_serve import error_of, request
+
+    _, server = served_store
+    status, _, raw = request(server.url + "/rerank", {"query": "q", "texts": ["a"]})
+    assert status == 404 and error_of(raw)["code"] == "no_reranker" and "--rerank" in error_of(raw)["message"]
+    status, _, raw = request(server.url + "/search", {"query": "q", "rerank": True})
+    assert status == 400 and error_of(raw)["code"] == "no_reranker"
+
+
+def test_serve_reranks_as_the_reranker_does(served_store):
+    from conftest import DATA
+    from test_serve import PROMPTED, Server, error_of, request
+
+    from operators import Reranker
+
+    url, _ = served_store
+    reranker = Reranker.load(DATA / "tiny-reranker-bert")
+    server = Server("--store", url, "--model", str(PROMPTED), "--rerank", str(DATA / "tiny-reranker-bert"))
+    try:
+        texts = list(TEXTS.values())
+        status, _, raw = request(server.url + "/rerank", {"query": "missing key", "texts": texts})
+        assert status == 200, raw
+        answer = json.loads(raw)
+        scores = reranker.score("missing key", texts)
+        assert sorted(a["index"] for a in answer) == list(range(len(texts)))
+        assert [a["score"] for a in answer] == pytest.approx(sorted(scores, reverse=True), abs=1e-6)
+        assert {a["index"]: a["score"] for a in answer} == pytest.approx(dict(enumerate(scores)), abs=1e-6)
+        status, _, raw = request(server.url + "/rerank", {"query": "q", "texts": ["a"], "return_text": True})
+        [one] = json.loads(raw)
+        assert one["index"] == 0 and one["text"] == "a"
+        assert one["score"] == pytest.approx(reranker.score("q", ["a"])[0], abs=1e-6)
+        for bad in (
+            {"query": "q"},
+            {"query": "q", "texts": []},
+            {"query": "q", "texts": [1]},
+            {"texts": ["a"]},
+        ):
+            status, _, raw = request(server.url + "/rerank", bad)
+            assert status == 400, bad
+            error_of(raw)
+        # /search with rerank: the hits come ordered by the reranker's scores of their texts.
+        status, _, raw = request(server.url + "/search", {"query": "missing key", "k": 5, "rerank": True})
+        hits = json.loads(raw)["data"]
+        assert [h["score"] for h in hits] == pytest.approx(
+            sorted(reranker.score("missing key", [h["text"] for h in hits]), reverse=True), abs=1e-6
+        )
+    finally:
+        assert server.stop() == 0

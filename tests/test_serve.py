@@ -553,7 +553,8 @@ def test_search_reads_the_store_while_the_sink_writes_it(kafka_bootstrap, store_
         url = server.url + "/search"
 
         def search(query: str, **kw: Any) -> list[dict[str, Any]]:
-            status, _, body = request(url, {"query": query, "k": 10, **kw})
+            # Dense: the cosine scores checked below (the default is hybrid, docs/search-modes.md).
+            status, _, body = request(url, {"query": query, "k": 10, "mode": "dense", **kw})
             assert status == 200, body
             return json.loads(body)["data"]
 
@@ -581,7 +582,9 @@ def test_search_reads_the_store_while_the_sink_writes_it(kafka_bootstrap, store_
         # One implementation: embedstream search's function gives the same hits.
         from flows.search import search as library_search
 
-        library = library_search("where do vectors go?", k=10, store=store_url, model=str(PROMPTED))
+        library = library_search(
+            "where do vectors go?", k=10, store=store_url, model=str(PROMPTED), mode="dense"
+        )
         assert [(h["doc_id"], h["rank"]) for h in hits] == [(h.doc_id, h.rank) for h in library]
         assert [h["score"] for h in hits] == pytest.approx([h.score for h in library], abs=1e-6)
         assert search("vectors", k=2)[0]["rank"] == 1 and len(search("vectors", k=2)) == 2

@@ -44,6 +44,15 @@ def add_commands(sub: Commands) -> None:
         help="model to serve (default: the table's, from its lineage, with --store; else $EMBEDSTREAM_MODEL "
         "or the default model)",
     )
+    serve.add_argument(
+        "--sparse-model",
+        metavar="DIR",
+        help="sparse model for /search's sparse signal (default: $EMBEDSTREAM_SPARSE_MODEL, else the "
+        "table's, from its lineage)",
+    )
+    serve.add_argument(
+        "--rerank", metavar="DIR", help="cross-encoder for /rerank and /search's rerank (default: none)"
+    )
     serve.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: $EMBEDSTREAM_DEVICE or cpu)")
     serve.add_argument("--dtype", help="f32, q8, bf16 or f16 (default: $EMBEDSTREAM_DTYPE or f32)")
     serve.add_argument(
@@ -83,7 +92,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = args.store or os.environ.get("EMBEDSTREAM_STORE")
     model = args.model or os.environ.get("EMBEDSTREAM_MODEL")
     try:
-        served = load(settings, store=store, table=args.table, model=model)
+        served = load(
+            settings,
+            store=store,
+            table=args.table,
+            model=model,
+            rerank=args.rerank,
+            sparse_model=args.sparse_model,
+        )
     except (SearchError, StoreConfigError, ValueError) as e:
         print(f"embedstream: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The HTTP API of ``embedstream serve``, a Starlette app: OpenAI's ``POST
-/v1/embeddings`` and ``GET /v1/models``, ``POST /search`` over the store the sink keeps,
-the probes ``/healthz`` and ``/readyz``, and ``/metrics``.
+/v1/embeddings`` and ``GET /v1/models``, ``POST /search`` over the store the sink keeps
+(in the search modes of :mod:`flows.search`), TEI's ``POST /rerank``, the probes
+``/healthz`` and ``/readyz``, and ``/metrics``.
 
 Every error is answered in OpenAI's shape, without a stack trace (those go to the log).
 """
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from flows.search import SearchError, choose_table, nearest
+from flows.search import Query, SearchError, choose_table, retrieve, signals
 from flows.serve import schema
 from flows.serve.auth import BearerAuth
 from flows.serve.batching import Batcher, Overloaded, Stopped, TimedOut
@@ -46,7 +47,7 @@ _INLINE_CHARS = 8192
 _DRAIN_FACTOR = 8
 #: Seconds /readyz waits for the store.
 _READY_TIMEOUT_S = 5.0
-ROUTES = ("/v1/embeddings", "/v1/models", "/search", "/healthz", "/readyz", "/metrics")
+ROUTES = ("/v1/embeddings", "/v1/models", "/search", "/rerank", "/healthz", "/readyz", "/metrics")
 
 
 def _json(body: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
@@ -119,6 +120,8 @@ class Api:
         # Counts tokens: a chunker of the model's limit, no prompt (the texts carry theirs).
         self._counter = embedder.chunker(prompt="")
         [self._empty] = embedder.count_tokens([""])
+        # One call at a time into the sparse model and the reranker (off the event loop).
+        self._models_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -279,8 +282,29 @@ class Api:
             why = self.served.compatible(spec)
             if why:
                 raise ApiError(400, why, param="table", code="model_mismatch")
-            [vector], _, _ = await self.embed([req.query], self.served.prompts["query"])
-            hits = await asyncio.to_thread(nearest, store, spec, vector, req.k, req.filters)
+            mode, used = await self._signals(store, spec, req)
+            query = Query(req.query)
+            if "dense" in used:
+                [query.vector], _, _ = await self.embed([req.query], self.served.prompts["query"])
+            if "sparse" in used:
+                [query.sparse] = await asyncio.to_thread(
+                    self._locked, self.served.sparse.embed_query, [req.query]
+                )
+            s = self.settings
+            hits = await asyncio.to_thread(
+                retrieve,
+                store,
+                spec,
+                query,
+                req.k,
+                req.filters,
+                mode=mode,
+                used=used,
+                rrf_k=s.rrf_k,
+                depth=s.rerank_k,
+                reranker=_LockedReranker(self.served.reranker, self._models_lock) if req.rerank else None,
+                rerank_k=s.rerank_k,
+            )
         except SearchError as e:
             raise ApiError(
                 404, str(e), type="not_found_error", param="table", code="table_not_found"
@@ -319,7 +343,66 @@ class Api:
             }
             for h in hits
         ]
-        return _json({"object": "list", "model": self.served.model_name, "table": spec.name, "data": data})
+        body = {
+            "object": "list",
+            "model": self.served.model_name,
+            "table": spec.name,
+            "mode": mode,
+            "data": data,
+        }
+        return _json(body)
+
+    async def _signals(self, store: Store, spec: Any, req: schema.SearchRequest) -> tuple[str, list[str]]:
+        """The mode and signals of a search, or a 400 saying why the table or this server
+        cannot serve the mode asked for."""
+        try:
+            mode, used = await asyncio.to_thread(signals, store, spec, req.mode)
+        except SearchError as e:
+            raise ApiError(400, str(e), param="mode", code="mode_unavailable") from None
+        if "sparse" in used and self.served.sparse is None:
+            if mode == "sparse" or len(used) == 2:
+                raise ApiError(
+                    400,
+                    f"table {spec.name} has sparse vectors, but this server has no sparse model for "
+                    "queries: start it with --sparse-model DIR",
+                    param="mode",
+                    code="mode_unavailable",
+                )
+            used = [u for u in used if u != "sparse"]
+        if req.rerank and self.served.reranker is None:
+            raise ApiError(
+                400,
+                "this server has no reranker: start it with --rerank DIR",
+                param="rerank",
+                code="no_reranker",
+            )
+        return mode, used
+
+    def _locked(self, fn: Any, *args: Any) -> Any:
+        with self._models_lock:
+            return fn(*args)
+
+    async def rerank(self, request: Request) -> Response:
+        """TEI's route: ``{"query", "texts"}`` → ``[{"index", "score"}]``, best first."""
+        if self.served.reranker is None:
+            raise ApiError(
+                404,
+                "this server has no reranker: start it with --rerank DIR",
+                type="not_found_error",
+                code="no_reranker",
+            )
+        s = self.settings
+        req = schema.parse_rerank(
+            await self.body(request), max_inputs=s.serve_max_inputs, max_input_chars=s.serve_max_input_chars
+        )
+        scores = await asyncio.to_thread(self._locked, self.served.reranker.score, req.query, req.texts)
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return _json(
+            [
+                {"index": i, "score": float(scores[i]), **({"text": req.texts[i]} if req.return_text else {})}
+                for i in order
+            ]
+        )
 
     async def healthz(self, request: Request) -> Response:
         alive, why = self.batcher.alive()
@@ -370,6 +453,17 @@ class Observe:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+class _LockedReranker:
+    """The server's reranker, one call at a time."""
+
+    def __init__(self, reranker: Any, lock: threading.Lock) -> None:
+        self.reranker, self.lock = reranker, lock
+
+    def score(self, query: str, texts: list[str]) -> list[float]:
+        with self.lock:
+            return self.reranker.score(query, texts)
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return _json(exc.body(), exc.status, exc.headers)
@@ -396,6 +490,7 @@ def build_app(served: Served, settings: Settings, metrics: Optional[ServeMetrics
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/search", api.search, methods=["POST"]),
+        Route("/rerank", api.rerank, methods=["POST"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", api.prometheus, methods=["GET"]),

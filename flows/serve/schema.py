@@ -20,7 +20,11 @@ INPUT_TYPES = {
 }
 #: Fields of an embeddings request. ``user`` is OpenAI's and accepted, unused.
 EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "input_type", "user")
-SEARCH_FIELDS = ("query", "k", "filter", "table", "mode")
+SEARCH_FIELDS = ("query", "k", "filter", "table", "mode", "rerank")
+#: TEI's /rerank request (``raw_scores`` and ``truncate`` are taken and ignored: scores are
+#: what the model's activation gives, and pairs are always truncated to the model's limit).
+RERANK_FIELDS = ("query", "texts", "return_text", "raw_scores", "truncate")
+SEARCH_MODES = ("dense", "sparse", "text", "hybrid")
 #: Most hits one /search returns.
 MAX_K = 1000
 
@@ -72,6 +76,17 @@ class SearchRequest:
     k: int
     filters: dict[str, str]
     table: Optional[str]
+    #: dense, sparse, text or hybrid (None: hybrid where the table has a second signal).
+    mode: Optional[str] = None
+    #: Whether the server's reranker (--rerank) orders the hits.
+    rerank: bool = False
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    texts: list[str]
+    return_text: bool
 
 
 def parse_json(raw: bytes) -> Any:
@@ -204,13 +219,46 @@ def parse_search(body: Any) -> SearchRequest:
     table = body.get("table")
     if table is not None and not (isinstance(table, str) and _unicode(table)):
         raise invalid("table must be a string", param="table", code="invalid_type")
-    if body.get("mode") is not None:
+    mode = body.get("mode")
+    if mode is not None and mode not in SEARCH_MODES:
+        raise invalid(f"mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}", param="mode")
+    rerank = body.get("rerank", False)
+    if not isinstance(rerank, bool):
+        raise invalid("rerank must be true or false", param="rerank", code="invalid_type")
+    return SearchRequest(query, k, dict(filters), table, mode, rerank)
+
+
+def parse_rerank(body: Any, *, max_inputs: int, max_input_chars: int) -> RerankRequest:
+    """TEI's ``{"query", "texts"}``, with its limits on inputs."""
+    body = _object(body, RERANK_FIELDS)
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip() or not _unicode(query):
+        raise invalid("query is required: a non-empty string", param="query", code="invalid_type")
+    texts = body.get("texts")
+    if not isinstance(texts, list) or not texts:
+        raise invalid("texts is required: a non-empty list of strings", param="texts", code="invalid_type")
+    if len(texts) > max_inputs:
         raise invalid(
-            "search modes are not available yet: this version searches by cosine over the dense vectors; "
-            "leave mode out",
-            param="mode",
+            f"texts has {len(texts)} items; at most {max_inputs} per request (EMBEDSTREAM_SERVE_MAX_INPUTS)",
+            param="texts",
+            code="too_many_inputs",
         )
-    return SearchRequest(query, k, dict(filters), table)
+    for i, text in enumerate([query, *texts]):
+        where = "query" if i == 0 else f"texts[{i - 1}]"
+        if not isinstance(text, str) or not _unicode(text):
+            raise invalid(f"{where} must be a string of valid Unicode", param="texts", code="invalid_type")
+        if len(text) > max_input_chars:
+            raise ApiError(
+                413,
+                f"{where} has {len(text)} characters; at most {max_input_chars} "
+                "(EMBEDSTREAM_SERVE_MAX_INPUT_CHARS)",
+                param="texts",
+                code="input_too_long",
+            )
+    for flag in ("return_text", "raw_scores", "truncate"):
+        if not isinstance(body.get(flag, False), bool):
+            raise invalid(f"{flag} must be true or false", param=flag, code="invalid_type")
+    return RerankRequest(query, list(texts), body.get("return_text", False))
 
 
 def embeddings_body(vectors: np.ndarray, model: str, tokens: int, encoding_format: str) -> dict[str, Any]:

@@ -11,9 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from flows.search import SearchError, choose_table, query_embedder, query_prompt_name
+from flows.search import (
+    SearchError,
+    choose_table,
+    load_reranker,
+    query_embedder,
+    query_prompt_name,
+    query_sparse_encoder,
+)
 from flows.settings import Settings
 from flows.stores import StoreError, TableSpec, open_store
 from operators import Embedder, models
@@ -36,6 +43,10 @@ class Served:
     store_url: Optional[str] = None
     table: Optional[str] = None
     spec: Optional[TableSpec] = None
+    #: The table's sparse model, for the sparse signal of /search (None: not loaded).
+    sparse: Any = None
+    #: The cross-encoder of /rerank and of /search's ``rerank`` (None: --rerank not given).
+    reranker: Any = None
 
     def compatible(self, spec: TableSpec) -> Optional[str]:
         """Why queries embedded here cannot search table ``spec`` (None: they can)."""
@@ -49,9 +60,19 @@ class Served:
         return None
 
 
-def load(settings: Settings, *, store: Optional[str], table: Optional[str], model: Optional[str]) -> Served:
+def load(
+    settings: Settings,
+    *,
+    store: Optional[str],
+    table: Optional[str],
+    model: Optional[str],
+    rerank: Optional[str] = None,
+    sparse_model: Optional[str] = None,
+) -> Served:
     """The served model. ``store``: the store of /search (None: embeddings only); ``model``:
-    a model given explicitly (with a store it overrides the table's lineage)."""
+    a model given explicitly (with a store it overrides the table's lineage); ``rerank``:
+    a cross-encoder directory; ``sparse_model``: the query side of the table's sparse
+    vectors (default: ``EMBEDSTREAM_SPARSE_MODEL``, else the lineage's model id)."""
     spec = None
     if store is not None:
         from flows import outage
@@ -95,6 +116,13 @@ def load(settings: Settings, *, store: Optional[str], table: Optional[str], mode
         if spec is not None and model is None:
             source = "default" if spec.model_id == models.DEFAULT_MODEL_ID else spec.model_id
         matryoshka = names_matryoshka(Path(models.resolve(source)))
+    sparse = None
+    if spec is not None and spec.sparse is not None:
+        try:
+            sparse = query_sparse_encoder(spec, sparse_model or settings.sparse_model, device=settings.device)
+        except SearchError as e:
+            log.warning("%s: /search goes without the sparse signal", e)
+    reranker = load_reranker(rerank, device=settings.device, dtype=settings.dtype) if rerank else None
     return Served(
         embedder=embedder,
         model_name=model_name,
@@ -105,6 +133,8 @@ def load(settings: Settings, *, store: Optional[str], table: Optional[str], mode
         # The table found at start stays the one searched, whatever tables come later.
         table=spec.name if spec is not None else table,
         spec=spec,
+        sparse=sparse,
+        reranker=reranker,
     )
 
 
