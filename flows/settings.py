@@ -205,7 +205,8 @@ class Settings:
     #: the requests waiting (None: 4 times the model's max_batch_tokens).
     serve_batch_tokens: Optional[int] = None
     #: `embedstream serve`: most tokens waiting for the model; past it requests get 429
-    #: with Retry-After instead of queueing (None: 8 times serve_batch_tokens).
+    #: with Retry-After instead of queueing (None: 16 times serve_batch_tokens: about 18 s of
+    #: MiniLM's work on 2 CPU cores, well under a second on a GPU).
     serve_queue_tokens: Optional[int] = None
     #: `embedstream serve`: seconds a request may wait and run before it gets 503.
     serve_timeout_s: float = 30.0

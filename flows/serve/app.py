@@ -112,7 +112,7 @@ class Api:
         self.batcher = Batcher(
             lambda texts, prompt: embedder.embed(texts, prompt=prompt),
             batch_tokens=batch_tokens,
-            queue_tokens=settings.serve_queue_tokens or 8 * batch_tokens,
+            queue_tokens=settings.serve_queue_tokens or 16 * batch_tokens,
             timeout_s=settings.serve_timeout_s,
             metrics=self.metrics,
         )
