@@ -585,7 +585,10 @@ def test_search_reads_the_store_while_the_sink_writes_it(kafka_bootstrap, store_
         library = library_search(
             "where do vectors go?", k=10, store=store_url, model=str(PROMPTED), mode="dense"
         )
-        assert [(h["doc_id"], h["rank"]) for h in hits] == [(h.doc_id, h.rank) for h in library]
+        assert [(h["doc_id"], h["rank"]) for h in hits] == [(h.doc_id, h.rank) for h in library], (
+            [(h["doc_id"], h["score"]) for h in hits],
+            [(h.doc_id, h.score) for h in library],
+        )
         assert [h["score"] for h in hits] == pytest.approx([h.score for h in library], abs=1e-6)
         assert search("vectors", k=2)[0]["rank"] == 1 and len(search("vectors", k=2)) == 2
 
