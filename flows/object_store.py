@@ -37,7 +37,7 @@ from typing import Any, Optional
 import obstore
 from obstore import exceptions as obstore_errors
 
-from flows.fetch import FetchError, FetchUnavailable, read_bounded
+from flows.fetch import _READ_CHUNK, FetchError, FetchUnavailable, read_bounded
 
 #: Each scheme's prefix of the pass-through keys it takes.
 SCHEMES = {"s3": "aws_", "gs": "google_", "az": "azure_", "abfs": "azure_", "abfss": "azure_"}
@@ -168,7 +168,7 @@ class ObjectStores:
             if size > max_bytes:
                 raise FetchError("too_large", f"{uri} is {size} bytes, over the limit of {max_bytes}")
             try:
-                return read_bounded(_Reader(iter(answer.stream(min_chunk_size=0))), max_bytes)
+                return read_bounded(_Reader(iter(answer.stream(min_chunk_size=_READ_CHUNK))), max_bytes)
             except FetchError as e:  # it grew between the headers and the body
                 raise FetchError(e.reason, f"{uri}: {e.message}") from None
         except FetchError:
