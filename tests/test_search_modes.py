@@ -146,6 +146,9 @@ def test_text_search_finds_exact_identifiers_and_stems(opened):
     assert sorted(h.doc_id for h in hits) == ["classes", "loops"]
     assert all(h.score > 0 for h in hits)
     assert opened.search_text(SPARSE_SPEC, "the of and", 5, {}) == []  # stop words only
+    # Query syntax is text: quotes, operators and fields are words like any other.
+    for query in ('"KeyError" raised', "KeyError AND (", "text:KeyError", "KeyError~ key*"):
+        assert [h.doc_id for h in opened.search_text(SPARSE_SPEC, query, 5, {})][:1] == ["errors"], query
 
 
 def test_every_mode_filters_on_metadata(store_url):

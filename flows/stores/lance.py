@@ -31,6 +31,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, IvfHnswSq
+from lancedb.query import MatchQuery
 
 from flows.stores import (
     DocState,
@@ -380,7 +381,8 @@ class LanceStore:
         table = self._table(spec.name)
         if table is None or not query.strip():
             return []
-        found = table.search(query, query_type="fts", fts_columns="text")
+        # The query as words, any of them (no query syntax: quotes, AND, field:value are text).
+        found = table.search(MatchQuery(query, "text"), query_type="fts")
         if filters:
             found = found.where(_where(filters), prefilter=True)
         return [_hit(rank, float(r["_score"]), r) for rank, r in enumerate(found.limit(k).to_list(), 1)]
