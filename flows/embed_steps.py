@@ -265,13 +265,13 @@ class Pipeline:
         upserts = _upserts(batch)
         left_out: set[int] = set()
         #: Documents whose store or server did not answer, even after quick retries.
-        unavailable: dict[int, Work] = {}
+        unavailable: dict[int, tuple[Work, outage.Outage]] = {}
 
         def attempt(w: Work) -> None:
             try:
                 self._fetch_and_extract(w)
-            except outage.Outage:
-                unavailable[id(w)] = w
+            except outage.Outage as e:
+                unavailable[id(w)] = (w, e)
             else:
                 unavailable.pop(id(w), None)
 
@@ -283,9 +283,12 @@ class Pipeline:
 
         def again() -> None:
             """The documents still unavailable, tried again together."""
-            list(self.threads.map(lambda w: self._guard(w, attempt), list(unavailable.values())))
+            list(self.threads.map(lambda w: self._guard(w, attempt), [w for w, _ in unavailable.values()]))
             if unavailable:
-                raise outage.Outage(f"{len(unavailable)} documents of the batch cannot be fetched yet")
+                _, error = next(iter(unavailable.values()))
+                raise outage.Outage(
+                    f"{len(unavailable)} documents of the batch cannot be fetched yet: {error}"
+                )
 
         with metrics.STAGE_SECONDS.labels("extract").time():
             list(self.threads.map(extract, upserts))
