@@ -229,7 +229,7 @@ def test_64_concurrent_requests_share_model_calls_and_get_their_own_vectors(mini
 
 def test_the_event_loop_answers_while_a_batch_computes(minilm_server):
     """The model call releases the GIL: probes are answered while a long batch runs."""
-    big = {"input": ["a long text about streaming embeddings and vector stores " * 20] * 96}
+    big = {"input": ["a long text about streaming embeddings and vector stores " * 12] * 48}
     done = threading.Event()
     answer: list[int] = []
 
