@@ -231,6 +231,8 @@ def _cause(text: str) -> str:
     lowered = text.lower()
     for needle, said in (
         ("timed out", "timed out"),
+        ("timedout", "timed out"),
+        ("kind: timeout", "timed out"),
         ("connection refused", "connection refused"),
         ("connection reset", "connection reset"),
         ("dns error", "name not resolved"),

@@ -7,6 +7,7 @@ store stopped under a batch and started again with nothing lost."""
 from __future__ import annotations
 
 import base64
+import http.server
 import os
 import socket
 import threading
@@ -341,6 +342,66 @@ def test_an_unreachable_store_is_an_outage_not_a_dead_letter():
     )
     with pytest.raises(FetchUnavailable, match="unavailable"):
         fetch("az://docs/x", roots=[], max_bytes=10, allowlist=allow, stores=stores)
+
+
+@pytest.mark.parametrize(
+    "status, code, outcome",
+    [
+        (503, "SlowDown", "unavailable"),
+        (429, "TooManyRequests", "unavailable"),
+        (500, "InternalError", "unavailable"),
+        (400, "InvalidRequest", "fetch_failed"),
+        (403, "AccessDenied", "forbidden"),
+    ],
+)
+def test_what_a_store_answers_is_typed(status, code, outcome):
+    """An S3 endpoint that answers every request with one error, as S3 writes it."""
+    body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        stores = ObjectStores(_local_s3(f"http://127.0.0.1:{server.server_address[1]}"))
+        try:
+            fetch("s3://docs/x", roots=[], max_bytes=10, allowlist=UriAllowlist(["s3://docs"]), stores=stores)
+        except FetchUnavailable as e:
+            got, message = "unavailable", str(e)
+        except FetchError as e:
+            got, message = e.reason, e.message
+        finally:
+            server.shutdown()
+    assert (got, f"HTTP {status} {code}" in message) == (outcome, True), message
+
+
+def test_a_store_that_never_answers_times_out():
+    """It accepts the connection and says nothing: the fetch ends at its timeout, as an
+    outage (retried), not a dead letter and not a hang."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        stores = ObjectStores(_local_s3(f"http://127.0.0.1:{silent.getsockname()[1]}"), timeout_s=1.0)
+        started = time.monotonic()
+        with pytest.raises(FetchUnavailable, match="timed out"):
+            fetch("s3://docs/x", roots=[], max_bytes=10, allowlist=UriAllowlist(["s3://docs"]), stores=stores)
+        assert time.monotonic() - started < 10
+
+
+def _local_s3(endpoint: str) -> dict[str, str]:
+    return {
+        "aws_endpoint": endpoint,
+        "aws_access_key_id": "k",
+        "aws_secret_access_key": "s",
+        "aws_region": "us-east-1",
+        "allow_http": "true",
+    }
 
 
 # --- the store down under a batch --------------------------------------------------------------
