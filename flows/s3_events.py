@@ -16,7 +16,8 @@ in notifications (form encoding: ``+`` for a space, ``%XX`` for the rest):
   (``LifecycleExpiration:Delete``, ``LifecycleExpiration:DeleteMarkerCreated``), are a
   DELETE;
 - every other type (``s3:TestEvent``, replication, tagging, ACL, restore, transition,
-  access) is skipped, and counted.
+  access, and MinIO's ``ObjectCreated:PutTagging``, ``DeleteTagging``, ``PutRetention`` and
+  ``PutLegalHold``, which change no content) is skipped, and counted.
 
 MinIO names its types with an ``s3:`` prefix (``s3:ObjectCreated:Put``); AWS does not.
 The object's ``size``, ``eTag``, ``versionId`` and ``sequencer`` go into the document's
@@ -49,11 +50,24 @@ SKIPPED_KINDS = frozenset(
         "ObjectTagging",
         "ObjectAcl",
         "ObjectAccessed",
+        "ObjectRetention",
+        "ObjectLegalHold",
+        "ObjectTransition",
+        "LifecycleDelMarkerExpiration",
         "ReducedRedundancyLostObject",
         "Scanner",
         "ILM",
     }
 )
+#: MinIO's ObjectCreated types that change only an object's tags, retention or legal hold
+#: (its "put" selection includes them): the content is what it was, so they are skipped,
+#: under the family AWS gives them.
+_METADATA_ONLY = {
+    "ObjectCreated:PutTagging": "ObjectTagging",
+    "ObjectCreated:DeleteTagging": "ObjectTagging",
+    "ObjectCreated:PutRetention": "ObjectRetention",
+    "ObjectCreated:PutLegalHold": "ObjectLegalHold",
+}
 #: The object's fields that go into metadata, under ``s3.``.
 _OBJECT_FIELDS = ("size", "eTag", "versionId", "sequencer")
 
@@ -153,6 +167,8 @@ def _event(raw: Any, timestamp_ms: int) -> tuple[str, Optional[dict[str, Any]]]:
     if not isinstance(name, str) or not name:
         raise DecodeError("bad_payload", "no eventName")
     kind = name.removeprefix("s3:")
+    if kind in _METADATA_ONLY:
+        return name, None
     if kind.startswith("ObjectCreated:"):
         op = "UPSERT"
     elif kind.startswith(_REMOVALS):
@@ -214,5 +230,8 @@ def _millis(value: Any) -> Optional[int]:
 
 def skipped_kind(event_name: str) -> str:
     """The family of a skipped event type, for the metric's label."""
-    kind = event_name.removeprefix("s3:").split(":", 1)[0]
+    name = event_name.removeprefix("s3:")
+    if name in _METADATA_ONLY:
+        return _METADATA_ONLY[name]
+    kind = name.split(":", 1)[0]
     return kind if kind in SKIPPED_KINDS else "other"

@@ -163,6 +163,25 @@ def test_event_types(event_name, op, minio):
         assert (record.event["uri"] is None) == (op == "DELETE")
 
 
+@pytest.mark.parametrize(
+    "event_name, kind",
+    [
+        ("ObjectCreated:PutTagging", "ObjectTagging"),
+        ("ObjectCreated:DeleteTagging", "ObjectTagging"),
+        ("ObjectCreated:PutRetention", "ObjectRetention"),
+        ("ObjectCreated:PutLegalHold", "ObjectLegalHold"),
+    ],
+)
+def test_minios_metadata_changes_are_skipped_not_embedded_again(event_name, kind):
+    """MinIO's "put" selection sends tag, retention and legal-hold changes as ObjectCreated
+    types: the content did not change, so nothing is fetched or embedded again."""
+    [record] = s3_events.parse(
+        notification(aws_record(event_name, "docs", "a.txt", version="v1", minio=True)), timestamp_ms=1
+    )
+    assert record.event is None and record.skipped == f"s3:{event_name}"
+    assert s3_events.skipped_kind(record.skipped) == kind
+
+
 def test_a_test_event_is_skipped():
     assert s3_events.looks_like(TEST_EVENT)
     [record] = s3_events.parse(TEST_EVENT, timestamp_ms=1)
