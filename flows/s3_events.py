@@ -17,7 +17,8 @@ in notifications (form encoding: ``+`` for a space, ``%XX`` for the rest):
   DELETE;
 - every other type (``s3:TestEvent``, replication, tagging, ACL, restore, transition,
   access, and MinIO's ``ObjectCreated:PutTagging``, ``DeleteTagging``, ``PutRetention`` and
-  ``PutLegalHold``, which change no content) is skipped, and counted.
+  ``PutLegalHold``, which change no content) is skipped, and counted; so is the creation
+  of an empty ``folder/`` object, which consoles make for folders.
 
 MinIO names its types with an ``s3:`` prefix (``s3:ObjectCreated:Put``); AWS does not.
 The object's ``size``, ``eTag``, ``versionId`` and ``sequencer`` go into the document's
@@ -55,6 +56,7 @@ SKIPPED_KINDS = frozenset(
         "ObjectTransition",
         "LifecycleDelMarkerExpiration",
         "ReducedRedundancyLostObject",
+        "FolderMarker",
         "Scanner",
         "ILM",
     }
@@ -68,6 +70,8 @@ _METADATA_ONLY = {
     "ObjectCreated:PutRetention": "ObjectRetention",
     "ObjectCreated:PutLegalHold": "ObjectLegalHold",
 }
+#: What a skipped record of an empty ``folder/`` object is called.
+FOLDER_MARKER = "FolderMarker"
 #: The object's fields that go into metadata, under ``s3.``.
 _OBJECT_FIELDS = ("size", "eTag", "versionId", "sequencer")
 
@@ -188,6 +192,9 @@ def _event(raw: Any, timestamp_ms: int) -> tuple[str, Optional[dict[str, Any]]]:
     except UnicodeDecodeError:
         raise DecodeError("bad_payload", f"s3.object.key {key!r} does not decode to UTF-8") from None
     obj = s3["object"]
+    if op == "UPSERT" and decoded.endswith("/") and str(obj.get("size", 0)) == "0":
+        # An empty "folder/" object, as consoles create for folders: no document.
+        return FOLDER_MARKER, None
     metadata = {f"s3.{f}": str(obj[f]) for f in _OBJECT_FIELDS if obj.get(f) not in (None, "")}
     metadata["s3.eventName"] = name
     uri = f"s3://{bucket}/{decoded}"

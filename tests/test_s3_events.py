@@ -182,6 +182,18 @@ def test_minios_metadata_changes_are_skipped_not_embedded_again(event_name, kind
     assert s3_events.skipped_kind(record.skipped) == kind
 
 
+def test_an_empty_folder_object_is_skipped_and_a_folder_with_content_is_not():
+    data = notification(
+        aws_record("ObjectCreated:Put", "docs", "reports/2026/", size=0),
+        aws_record("ObjectCreated:Put", "docs", "odd/", size=12),
+        aws_record("ObjectRemoved:Delete", "docs", "reports/2026/"),
+    )
+    folder, odd, removed = s3_events.parse(data, timestamp_ms=1)
+    assert folder.event is None and s3_events.skipped_kind(folder.skipped) == "FolderMarker"
+    assert odd.event["doc_id"] == "s3://docs/odd/" and odd.event["op"] == "UPSERT"
+    assert removed.event["op"] == "DELETE"  # harmless: a delete of a document never made
+
+
 def test_a_test_event_is_skipped():
     assert s3_events.looks_like(TEST_EVENT)
     [record] = s3_events.parse(TEST_EVENT, timestamp_ms=1)
