@@ -22,6 +22,8 @@ from .errors import (
 from .extract import SUPPORTED_TYPES, extract
 from .image_embed import ImageEmbedder
 from .isolation import ExtractorPool
+from .rerank import Reranker
+from .sparse import SparseEmbedder, SparseVector
 from .transcribe import Segment, Transcriber, Transcript
 
 __all__ = [
@@ -42,7 +44,10 @@ __all__ = [
     "Limits",
     "ModelError",
     "ModelNotFoundError",
+    "Reranker",
     "Segment",
+    "SparseEmbedder",
+    "SparseVector",
     "Transcriber",
     "Transcript",
     "UnsupportedError",

@@ -13,9 +13,15 @@ use crate::error::EmbedError;
 /// Resolves `model` to a directory holding `config.json`, `model.safetensors` and
 /// `tokenizer.json`: a path, or a hub id found in an offline Hugging Face cache.
 pub fn locate(model: &str, hub_caches: &[PathBuf]) -> Result<PathBuf, EmbedError> {
+    check_files(find(model, hub_caches)?)
+}
+
+/// Resolves `model` to a directory as [`locate`] does, without checking its files:
+/// for layouts that keep the encoder in a subdirectory (sentence-transformers' Router).
+pub fn find(model: &str, hub_caches: &[PathBuf]) -> Result<PathBuf, EmbedError> {
     let path = PathBuf::from(model);
     if path.is_dir() {
-        return check_files(path);
+        return Ok(path);
     }
     if let Some((org, name)) = model
         .split_once('/')
@@ -24,7 +30,7 @@ pub fn locate(model: &str, hub_caches: &[PathBuf]) -> Result<PathBuf, EmbedError
         for cache in hub_caches {
             let repo = cache.join(format!("models--{org}--{name}"));
             if let Some(snapshot) = hub_snapshot(&repo) {
-                return check_files(snapshot);
+                return Ok(snapshot);
             }
         }
     }
@@ -57,7 +63,7 @@ fn hub_snapshot(repo: &Path) -> Option<PathBuf> {
         .map(|e| e.path())
 }
 
-fn check_files(dir: PathBuf) -> Result<PathBuf, EmbedError> {
+pub fn check_files(dir: PathBuf) -> Result<PathBuf, EmbedError> {
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         if !dir.join(file).is_file() {
             return Err(EmbedError::ModelNotFound(format!(

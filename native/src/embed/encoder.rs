@@ -9,6 +9,14 @@ pub trait Encoder: Send + Sync {
     /// Hidden states `[batch, tokens, hidden]` of right-padded `ids` (`[batch, tokens]`
     /// u32); `mask` is 1 at tokens, 0 at padding.
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor>;
+
+    /// As [`Encoder::forward`] for sentence pairs, with each token's segment in
+    /// `type_ids` (`[batch, tokens]` u32): BERT's cross-encoders tell query from
+    /// passage by it. Encoders without token-type embeddings ignore it.
+    fn forward_typed(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let _ = type_ids;
+        self.forward(ids, mask)
+    }
 }
 
 /// A loaded encoder and what the embedder needs to know of it.

@@ -4,10 +4,13 @@
 mod config;
 mod dispatch;
 mod encoder;
+mod heads;
 mod image_prep;
 mod image_resize;
 mod models;
+pub mod rerank;
 mod settings;
+pub mod sparse;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +21,7 @@ use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, Tru
 use crate::device::{select_device, select_dtype};
 use crate::error::EmbedError;
 use crate::model_dir::{self, file_digest};
+use crate::nn::dense::LinearKind;
 use encoder::Encoder;
 pub use models::ClipEmbedder;
 pub use settings::{DenseModule, Pooling, Settings};
@@ -87,50 +91,31 @@ fn keep_buffers_on_heap() {
 impl Embedder {
     /// `options.max_batch_tokens == 0` picks the device's default.
     pub fn load(model: &str, options: &LoadOptions) -> Result<Self, EmbedError> {
-        let (device, device_name) = select_device(&options.device)?;
-        if device.is_cpu() {
-            keep_buffers_on_heap();
-        }
-        let (dtype, linears) = select_dtype(&options.dtype, &device)?;
-        let max_batch_tokens = match options.max_batch_tokens {
-            0 => default_max_batch_tokens(&device),
-            n => n,
-        };
         let dir = model_dir::locate(model, &options.hub_caches)?;
-        let config_json = model_dir::read_json(&dir.join("config.json"))?.ok_or_else(|| {
-            EmbedError::ModelNotFound(format!("{} has no config.json", dir.display()))
-        })?;
-        let weights = dir.join("model.safetensors");
-        let model_revision = file_digest(&weights)?;
-        // SAFETY: the file is mapped read-only; a concurrent writer is outside our
-        // contract, as for every memory-mapped model loader.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device)? };
-        let loaded = dispatch::load(&config_json, vb, linears).map_err(|e| match e {
-            EmbedError::Inference(e) => {
-                EmbedError::InvalidModel(format!("{}: {e}", weights.display()))
-            }
-            other => other,
-        })?;
-        let settings = settings::read(&dir, loaded.max_tokens)?;
-        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), settings.max_tokens)?;
-        let model = loaded.encoder;
-        let dense = load_dense(&settings.dense, loaded.hidden_size, dtype, &device)?;
+        let backbone = Backbone::load(&dir, options)?;
+        let settings = backbone.settings;
+        let dense = load_dense(
+            &settings.dense,
+            backbone.hidden_size,
+            backbone.dtype,
+            &backbone.device,
+        )?;
         let dim = settings
             .dense
             .last()
-            .map_or(loaded.hidden_size, |d| d.out_features);
+            .map_or(backbone.hidden_size, |d| d.out_features);
         Ok(Self {
-            model,
-            device,
-            tokenizer,
+            model: backbone.encoder,
+            device: backbone.device,
+            tokenizer: backbone.tokenizer,
             settings,
             model_id: model_dir::model_id(&dir),
-            model_revision,
+            model_revision: backbone.revision,
             dim,
             dense,
             dtype: options.dtype.clone(),
-            device_name,
-            max_batch_tokens,
+            device_name: backbone.device_name,
+            max_batch_tokens: backbone.max_batch_tokens,
             dir,
         })
     }
@@ -214,22 +199,13 @@ impl Embedder {
     /// Queues one padded batch; returns its pooled (and maybe normalised) f32 rows,
     /// still on the device.
     fn forward(&self, batch: &[&Encoding], skip: usize) -> Result<Tensor, EmbedError> {
-        let width = batch.iter().map(|e| e.len()).max().unwrap_or(0);
-        let mut ids = vec![0u32; batch.len() * width];
-        let mut mask = vec![0u32; batch.len() * width];
-        for (row, encoding) in batch.iter().enumerate() {
-            let at = row * width;
-            ids[at..at + encoding.len()].copy_from_slice(encoding.get_ids());
-            mask[at..at + encoding.len()].fill(1);
-        }
-        let shape = (batch.len(), width);
-        let ids = Tensor::from_vec(ids, shape, &self.device)?;
-        let mask = Tensor::from_vec(mask, shape, &self.device)?;
-        let hidden = self.model.forward(&ids, &mask)?;
+        let padded = Padded::new(batch, &self.device)?;
+        let (ids, mask) = (&padded.ids, &padded.mask);
+        let hidden = self.model.forward(ids, mask)?;
         let mut pooled = pool(
             self.settings.pooling,
             &hidden,
-            &pooling_mask(&mask, skip)?,
+            &pooling_mask(mask, skip)?,
             batch,
         )?;
         for (linear, tanh) in &self.dense {
@@ -248,6 +224,99 @@ impl Embedder {
             pooled.broadcast_div(&norms)?
         } else {
             pooled
+        })
+    }
+}
+
+/// An encoder of a model directory with its tokenizer and settings: what the
+/// embedder pools, and what the sparse encoders and rerankers put their heads on.
+pub(crate) struct Backbone {
+    pub encoder: Box<dyn Encoder>,
+    pub hidden_size: usize,
+    /// The directory's weights, for heads stored beside the encoder's.
+    pub vb: VarBuilder<'static>,
+    pub config: serde_json::Value,
+    pub settings: Settings,
+    /// Truncates at `settings.max_tokens`, never pads.
+    pub tokenizer: Tokenizer,
+    pub device: Device,
+    pub device_name: String,
+    pub dtype: DType,
+    pub max_batch_tokens: usize,
+    /// [`file_digest`] of the weights.
+    pub revision: String,
+}
+
+impl Backbone {
+    /// Loads the encoder of `dir` (`config.json`, `model.safetensors`, `tokenizer.json`).
+    pub(crate) fn load(dir: &Path, options: &LoadOptions) -> Result<Self, EmbedError> {
+        let (device, device_name) = select_device(&options.device)?;
+        if device.is_cpu() {
+            keep_buffers_on_heap();
+        }
+        let (dtype, linears): (DType, LinearKind) = select_dtype(&options.dtype, &device)?;
+        let max_batch_tokens = match options.max_batch_tokens {
+            0 => default_max_batch_tokens(&device),
+            n => n,
+        };
+        let config = model_dir::read_json(&dir.join("config.json"))?.ok_or_else(|| {
+            EmbedError::ModelNotFound(format!("{} has no config.json", dir.display()))
+        })?;
+        let weights = dir.join("model.safetensors");
+        let revision = file_digest(&weights)?;
+        // SAFETY: the file is mapped read-only; a concurrent writer is outside our
+        // contract, as for every memory-mapped model loader.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device)? };
+        let loaded = dispatch::load(&config, vb.clone(), linears).map_err(|e| match e {
+            EmbedError::Inference(e) => {
+                EmbedError::InvalidModel(format!("{}: {e}", weights.display()))
+            }
+            other => other,
+        })?;
+        let settings = settings::read(dir, loaded.max_tokens)?;
+        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), settings.max_tokens)?;
+        Ok(Self {
+            encoder: loaded.encoder,
+            hidden_size: loaded.hidden_size,
+            vb,
+            config,
+            settings,
+            tokenizer,
+            device,
+            device_name,
+            dtype,
+            max_batch_tokens,
+            revision,
+        })
+    }
+}
+
+/// A batch of encodings as right-padded `[batch, tokens]` u32 tensors.
+pub(crate) struct Padded {
+    pub ids: Tensor,
+    /// 1 at tokens, 0 at padding.
+    pub mask: Tensor,
+    /// Each token's segment (0, or 1 in the second text of a pair).
+    pub type_ids: Tensor,
+}
+
+impl Padded {
+    pub(crate) fn new(batch: &[&Encoding], device: &Device) -> candle_core::Result<Self> {
+        let width = batch.iter().map(|e| e.len()).max().unwrap_or(0);
+        let mut ids = vec![0u32; batch.len() * width];
+        let mut mask = vec![0u32; batch.len() * width];
+        let mut type_ids = vec![0u32; batch.len() * width];
+        for (row, encoding) in batch.iter().enumerate() {
+            let at = row * width;
+            ids[at..at + encoding.len()].copy_from_slice(encoding.get_ids());
+            mask[at..at + encoding.len()].fill(1);
+            type_ids[at..at + encoding.len()].copy_from_slice(encoding.get_type_ids());
+        }
+        let shape = (batch.len(), width);
+        Ok(Self {
+            ids: Tensor::from_vec(ids, shape, device)?,
+            mask: Tensor::from_vec(mask, shape, device)?,
+            type_ids: Tensor::from_vec(type_ids, shape, device)?,
         })
     }
 }

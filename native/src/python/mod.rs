@@ -1,6 +1,7 @@
 //! PyO3 bindings: conversions only. The typed API users see is in `operators/`.
 
 mod errors;
+mod retrieval;
 mod speech;
 
 use std::path::PathBuf;
@@ -415,6 +416,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChunker>()?;
     m.add_class::<PyImageEmbedder>()?;
     m.add_class::<speech::PyTranscriber>()?;
+    m.add_class::<retrieval::PySparseEmbedder>()?;
+    m.add_class::<retrieval::PyReranker>()?;
     m.add(
         "REASONS",
         crate::error::Reason::ALL.map(|r| r.as_str()).to_vec(),

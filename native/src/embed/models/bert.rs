@@ -226,13 +226,22 @@ impl Bert {
         })
     }
 
-    /// Every device and dtype: the padded batch as it comes.
-    fn forward_padded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Every device and dtype: the padded batch as it comes, every token of segment 0
+    /// unless `type_ids` says otherwise.
+    fn forward_padded(
+        &self,
+        ids: &Tensor,
+        type_ids: Option<&Tensor>,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let (batch, tokens) = ids.dims2()?;
         // Rows are right-padded: real tokens sit at the first positions of each row.
         let offset = self.position_offset;
         let positions = Tensor::arange(offset, offset + tokens as u32, ids.device())?;
-        let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
+        let token_type = match type_ids {
+            Some(types) => self.token_type_embeddings.forward(types)?,
+            None => self.token_type_embeddings.embeddings().narrow(0, 0, 1)?,
+        };
         let embedded = self
             .word_embeddings
             .forward(ids)?
@@ -273,7 +282,21 @@ impl Encoder for Bert {
         if ids.device().is_cpu() && self.dtype == DType::F32 {
             return self.forward_unpadded(ids, mask);
         }
-        self.forward_padded(ids, mask)
+        self.forward_padded(ids, None, mask)
+    }
+
+    fn forward_typed(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        // One segment only (RoBERTa): every token is of type 0, whatever the tokenizer says.
+        if self.token_type_embeddings.embeddings().dim(0)? < 2 {
+            return self.forward(ids, mask);
+        }
+        // A segment id past the table would fail deep in the gather: say which.
+        let types = self.token_type_embeddings.embeddings().dim(0)? as u32;
+        if type_ids.elem_count() > 0 && type_ids.flatten_all()?.max(0)?.to_scalar::<u32>()? >= types
+        {
+            candle_core::bail!("a token type id is past the model's {types} token types");
+        }
+        self.forward_padded(ids, Some(type_ids), mask)
     }
 }
 
@@ -342,7 +365,7 @@ mod tests {
             &[7, 4, 1, 6],
             50,
             |ids, mask| model.forward(ids, mask),
-            |ids, mask| model.forward_padded(ids, mask),
+            |ids, mask| model.forward_padded(ids, None, mask),
         )
     }
 }
