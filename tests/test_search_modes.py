@@ -151,6 +151,23 @@ def test_text_search_finds_exact_identifiers_and_stems(opened):
         assert [h.doc_id for h in opened.search_text(SPARSE_SPEC, query, 5, {})][:1] == ["errors"], query
 
 
+def test_text_search_weighs_rare_terms_over_frequent_ones(store_url):
+    """As BM25 does (LanceDB's index; PostgreSQL's ranking here, with each term's inverse
+    document frequency): a chunk with the query's rare term beats one that repeats its
+    common term."""
+    texts = {f"c{i}": f"the kafka broker number {i} stores events" for i in range(8)}
+    texts["many"] = "kafka kafka kafka kafka kafka broker broker broker"
+    texts["rare"] = "the zookeeper ensemble elected a leader"
+    write(store_url, stream_of(texts, sparse=False))
+    store = open_store(store_url)
+    try:
+        hits = store.search_text(SPEC, "kafka zookeeper", 10, {})
+    finally:
+        store.close()
+    assert hits[0].doc_id == "rare" and hits[1].doc_id == "many"
+    assert len(hits) == 10 and all(h.score > 0 for h in hits)
+
+
 def test_every_mode_filters_on_metadata(store_url):
     metadata = {d: {"team": "a" if d in ("errors", "loops") else "b"} for d in TEXTS}
     write(store_url, stream_of(TEXTS, sparse=True, metadata=metadata))
@@ -481,3 +498,70 @@ def test_serve_reranks_as_the_reranker_does(served_store):
         )
     finally:
         assert server.stop() == 0
+
+
+# --- the flow with a sparse model: records, chunk ids, store, search ------------------------------
+
+
+def test_the_flow_adds_each_chunks_sparse_vector_and_search_finds_it(tiny_bert, tmp_path):
+    """The flow's steps with the tiny SPLADE fixture beside the dense model: every record
+    carries the sparse vector SparseEmbedder gives its text and the model's lineage, which
+    changes the chunk ids; the sink stores them and sparse search ranks by them."""
+    from conftest import DATA
+
+    from flows.embed_steps import Pipeline
+    from flows.kafka.io import InputMessage
+    from flows.settings import Settings
+    from operators import ExtractorPool, SparseEmbedder
+
+    sparse = SparseEmbedder.load(DATA / "tiny-splade")
+    docs = {"errors.txt": " ".join(TEXTS.values()), "loops.txt": " ".join(reversed(list(TEXTS.values())))}
+    messages_in = [
+        InputMessage("documents", 0, i, k.encode(), codecs.encode_json({"doc_id": k, "content": v}), 1)
+        for i, (k, v) in enumerate(docs.items())
+    ]
+    with ExtractorPool(1) as pool:
+        with_sparse = Pipeline(Settings(max_tokens=32), tiny_bert, pool=pool, sparse_embedder=sparse)
+        plain = Pipeline(Settings(max_tokens=32), tiny_bert, pool=pool)
+        out = [codecs.decode_output(m.value, m.headers) for m in with_sparse.process(messages_in)]
+        ids_plain = {
+            r["chunk_id"]
+            for kind, r in (codecs.decode_output(m.value, m.headers) for m in plain.process(messages_in))
+            if kind == "VectorRecord"
+        }
+    vector_records = [r for kind, r in out if kind == "VectorRecord"]
+    assert len(vector_records) > 2
+    lineage = {
+        "model_id": sparse.model_id,
+        "model_revision": sparse.model_revision,
+        "dtype": "f32",
+        "dimension": sparse.dim,
+    }
+    expected = sparse.embed([r["text"] for r in vector_records])
+    for r, want in zip(vector_records, expected):
+        assert r["sparse_model"] == lineage
+        assert r["sparse"]["indices"] == want.indices
+        assert r["sparse"]["values"] == pytest.approx(want.values, rel=1e-6)
+    assert all(r["sparse_model"] == lineage for kind, r in out if kind == "DocManifest")
+    # The sparse model is part of the lineage: every chunk id differs from the plain run's.
+    assert ids_plain and not ids_plain & {r["chunk_id"] for r in vector_records}
+
+    url = f"lancedb:{tmp_path / 'lance'}"
+    store = open_store(url)
+    try:
+        apply_ops(store, [to_op(m) for m in with_sparse_messages(out)])
+        [spec] = store.tables()
+        assert spec.sparse == SparseModel.of(lineage)
+        query = sparse.embed_query(["KeyError missing key"])[0]
+        hits = store.search_sparse(spec, query.indices, query.values, 3, {})
+    finally:
+        store.close()
+    scores = {r["chunk_id"]: query.dot(e) for r, e in zip(vector_records, expected)}
+    assert [h.chunk_id for h in hits] == sorted(scores, key=lambda c: -scores[c])[: len(hits)]
+    assert [h.score for h in hits] == pytest.approx(
+        sorted(scores.values(), reverse=True)[: len(hits)], rel=1e-5
+    )
+
+
+def with_sparse_messages(out: list) -> list:
+    return messages([(kind, r) for kind, r in out])

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -72,6 +73,8 @@ MAX_INDEXED_DIMENSIONS = 2000
 MAX_INDEXED_HALFVEC_DIMENSIONS = 4000
 #: pgvector's HNSW index takes sparse vectors of at most this many non-zero entries.
 MAX_INDEXED_NONZEROS = 1000
+#: Rows counted at most for a query term's document frequency (full-text search).
+DF_COUNT_CAP = 100_000
 #: The first pgvector with iterative index scans.
 ITERATIVE_SCAN_SINCE = (0, 8, 0)
 #: The first pgvector with ``sparsevec`` and ``halfvec``.
@@ -658,19 +661,62 @@ class PostgresStore:
             language = self._layout(conn, spec).language
             if language is None:
                 return []
-            # Any of the query's terms (plainto_tsquery asks for all of them), ranked by
-            # cover density: chunks with more of the terms, closer together, first.
-            tsquery = sql.SQL(
-                "replace(plainto_tsquery({lang}::regconfig, %s)::text, ' & ', ' | ')::tsquery"
-            ).format(lang=sql.Literal(language))
-            score = sql.SQL("ts_rank_cd(text_tsv, {q})").format(q=tsquery)
-            where = sql.SQL("text_tsv @@ {q}").format(q=tsquery)
-            order = sql.SQL("{s} DESC").format(s=score)
+            terms = self._term_weights(conn, spec, language, query)
+            if not terms:
+                return []
+            # Chunks with any of the terms, scored as BM25 does: each term's inverse
+            # document frequency times its (length-normalised) frequency in the chunk.
+            # ts_rank of one term is that frequency; PostgreSQL has no IDF of its own.
+            parts = [sql.SQL("ts_rank(text_tsv, %s::tsquery, 1) * %s") for _ in terms]
+            score = sql.SQL("(") + sql.SQL(" + ").join(parts) + sql.SQL(")")
+            score_params = [x for term, idf in terms for x in (term, idf)]
+            where = sql.SQL("text_tsv @@ %s::tsquery")
+            anyone = " | ".join(term for term, _ in terms)
+            order = score + sql.SQL(" DESC")
             return self._nearest(
-                conn, spec, score, [query], order, [query], k, filters, where, [query], ann=False
+                conn, spec, score, score_params, order, score_params, k, filters, where, [anyone], ann=False
             )
 
         return self._run(run)
+
+    def _term_weights(
+        self, conn: psycopg.Connection, spec: TableSpec, language: str, query: str
+    ) -> list[tuple[str, float]]:
+        """The query's terms (as tsquery literals) with their inverse document frequency in
+        the table, ``ln(1 + (N - df + 0.5) / (df + 0.5))``. A term's df is counted up to
+        :data:`DF_COUNT_CAP` rows (through the GIN index); above that its weight is
+        already small."""
+        lexemes = [
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT lexeme FROM unnest(to_tsvector(%s::regconfig, %s)) ORDER BY 1",
+                (language, query),
+            ).fetchall()
+        ]
+        if not lexemes:
+            return []
+        # tsquery's own quoting: quotes and backslashes doubled, no normalisation again.
+        literals = ["'" + x.replace("\\", "\\\\").replace("'", "''") + "'" for x in lexemes]
+        t = sql.Identifier(spec.name)
+        [rows] = conn.execute(
+            sql.SQL("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)"),
+            (t.as_string(conn),),
+        ).fetchone()
+        counts = conn.execute(
+            sql.SQL(
+                """SELECT (SELECT count(*) FROM (
+                             SELECT 1 FROM {t} WHERE text_tsv @@ q::tsquery LIMIT {cap}) s)
+                   FROM unnest(%s::text[]) WITH ORDINALITY AS u(q, n) ORDER BY n"""
+            ).format(t=t, cap=sql.Literal(DF_COUNT_CAP)),
+            (literals,),
+        ).fetchall()
+        dfs = [int(c[0]) for c in counts]
+        total = max(int(rows), max(dfs), 1)  # reltuples is an estimate (-1 before ANALYZE)
+        return [
+            (literal, math.log(1 + (total - df + 0.5) / (df + 0.5)))
+            for literal, df in zip(literals, dfs)
+            if df > 0
+        ]
 
     def _nearest(
         self,
