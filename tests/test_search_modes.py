@@ -166,6 +166,30 @@ def test_text_search_weighs_rare_terms_over_frequent_ones(store_url):
         store.close()
     assert hits[0].doc_id == "rare" and hits[1].doc_id == "many"
     assert len(hits) == 10 and all(h.score > 0 for h in hits)
+    if store_url.startswith("postgresql"):
+        # The weights are BM25's IDF over the table's rows, before and after ANALYZE.
+        import math
+
+        import psycopg
+
+        store = open_store(store_url)
+        try:
+            for analyzed in (False, True):
+                if analyzed:
+                    with psycopg.connect(store_url, autocommit=True) as conn:
+                        conn.execute(f'ANALYZE "{SPEC.name}"')
+                weights = store._run(
+                    lambda c: dict(store._term_weights(c, SPEC, "english", "kafka zookeeper"))
+                )
+                n = len(texts)
+                assert weights == pytest.approx(
+                    {
+                        "'kafka'": math.log(1 + (n - 9 + 0.5) / 9.5),
+                        "'zookeep'": math.log(1 + (n - 1 + 0.5) / 1.5),
+                    }
+                ), analyzed
+        finally:
+            store.close()
 
 
 def test_every_mode_filters_on_metadata(store_url):

@@ -75,6 +75,8 @@ MAX_INDEXED_HALFVEC_DIMENSIONS = 4000
 MAX_INDEXED_NONZEROS = 1000
 #: Rows counted at most for a query term's document frequency (full-text search).
 DF_COUNT_CAP = 100_000
+#: Rows counted at most for a table's size when the planner has no estimate yet.
+ROW_COUNT_CAP = 1_000_000
 #: The first pgvector with iterative index scans.
 ITERATIVE_SCAN_SINCE = (0, 8, 0)
 #: The first pgvector with ``sparsevec`` and ``halfvec``.
@@ -698,10 +700,22 @@ class PostgresStore:
         # tsquery's own quoting: quotes and backslashes doubled, no normalisation again.
         literals = ["'" + x.replace("\\", "\\\\").replace("'", "''") + "'" for x in lexemes]
         t = sql.Identifier(spec.name)
+        # The planner's estimate of the rows now (its tuple density times the table's
+        # pages); before the first ANALYZE there is none, and the table is counted.
         [rows] = conn.execute(
-            sql.SQL("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)"),
+            """SELECT CASE WHEN relpages > 0 AND reltuples > 0
+                           THEN reltuples / relpages
+                                * (pg_relation_size(oid) / current_setting('block_size')::int)
+                           ELSE -1 END
+               FROM pg_class WHERE oid = to_regclass(%s)""",
             (t.as_string(conn),),
         ).fetchone()
+        if rows < 0:
+            [rows] = conn.execute(
+                sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} LIMIT {cap}) s").format(
+                    t=t, cap=sql.Literal(ROW_COUNT_CAP)
+                )
+            ).fetchone()
         counts = conn.execute(
             sql.SQL(
                 """SELECT (SELECT count(*) FROM (
@@ -711,7 +725,7 @@ class PostgresStore:
             (literals,),
         ).fetchall()
         dfs = [int(c[0]) for c in counts]
-        total = max(int(rows), max(dfs), 1)  # reltuples is an estimate (-1 before ANALYZE)
+        total = max(int(rows), max(dfs), 1)
         return [
             (literal, math.log(1 + (total - df + 0.5) / (df + 0.5)))
             for literal, df in zip(literals, dfs)
