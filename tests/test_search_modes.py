@@ -585,6 +585,15 @@ def test_the_flow_adds_each_chunks_sparse_vector_and_search_finds_it(tiny_bert, 
     assert [h.score for h in hits] == pytest.approx(
         sorted(scores.values(), reverse=True)[: len(hits)], rel=1e-5
     )
+    # embedstream search's function: the query through the table's sparse model, alone
+    # and fused with the dense and text signals.
+    from flows.search import search
+
+    models = {"model": str(DATA / "tiny-bert-cls"), "sparse_model": str(DATA / "tiny-splade")}
+    found = search("KeyError missing key", k=3, store=url, mode="sparse", **models)
+    assert [(h.chunk_id, h.score) for h in found] == [(h.chunk_id, h.score) for h in hits]
+    fused = search("KeyError missing key", k=3, store=url, **models)
+    assert len(fused) == 3 and 0 < fused[0].score <= 3 / 61
 
 
 def with_sparse_messages(out: list) -> list:
