@@ -70,6 +70,16 @@ impl Packed {
         self.ids.device()
     }
 
+    /// The real tokens' entries of a `[batch, tokens]` u32 tensor laid out as `ids`
+    /// (token types, for one), packed as the ids are: `[Σ lengths]`.
+    pub fn pack(&self, values: &Tensor) -> Result<Tensor> {
+        let mut packed = Vec::with_capacity(self.total());
+        for (row, &length) in values.to_vec2::<u32>()?.iter().zip(&self.lengths) {
+            packed.extend_from_slice(&row[..length]);
+        }
+        Tensor::from_vec(packed, self.total(), self.device())
+    }
+
     /// `[Σ lengths]` u32 positions, each plus `offset`.
     pub fn position_ids(&self, offset: u32) -> Result<Tensor> {
         let positions = self.positions.iter().map(|&p| p + offset).collect();

@@ -206,15 +206,26 @@ impl Bert {
         })
     }
 
-    /// The CPU path: real tokens only (see [`packed`]).
-    fn forward_unpadded(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// The CPU path: real tokens only (see [`packed`]), every token of segment 0
+    /// unless `type_ids` says otherwise.
+    fn forward_unpadded(
+        &self,
+        ids: &Tensor,
+        type_ids: Option<&Tensor>,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let hidden = self.word_embeddings.hidden_size();
         packed::forward(ids, mask, hidden, self.dtype, |packed| {
-            let token_type = self.token_type_embeddings.embeddings().narrow(0, 0, 1)?;
             let positions = packed.position_ids(self.position_offset)?;
-            let embedded = (self.word_embeddings.forward(&packed.ids)?
-                + self.position_embeddings.forward(&positions)?)?
-            .broadcast_add(&token_type)?;
+            let words = (self.word_embeddings.forward(&packed.ids)?
+                + self.position_embeddings.forward(&positions)?)?;
+            let embedded = match type_ids {
+                Some(types) => {
+                    (words + self.token_type_embeddings.forward(&packed.pack(types)?)?)?
+                }
+                None => words
+                    .broadcast_add(&self.token_type_embeddings.embeddings().narrow(0, 0, 1)?)?,
+            };
             let mut x = self.embeddings_norm.forward(&embedded)?;
             let heads = Heads::all(self.heads);
             for layer in &self.layers {
@@ -280,7 +291,7 @@ impl Bert {
 impl Encoder for Bert {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         if ids.device().is_cpu() && self.dtype == DType::F32 {
-            return self.forward_unpadded(ids, mask);
+            return self.forward_unpadded(ids, None, mask);
         }
         self.forward_padded(ids, None, mask)
     }
@@ -295,6 +306,9 @@ impl Encoder for Bert {
         if type_ids.elem_count() > 0 && type_ids.flatten_all()?.max(0)?.to_scalar::<u32>()? >= types
         {
             candle_core::bail!("a token type id is past the model's {types} token types");
+        }
+        if ids.device().is_cpu() && self.dtype == DType::F32 {
+            return self.forward_unpadded(ids, Some(type_ids), mask);
         }
         self.forward_padded(ids, Some(type_ids), mask)
     }
@@ -367,5 +381,25 @@ mod tests {
             |ids, mask| model.forward(ids, mask),
             |ids, mask| model.forward_padded(ids, None, mask),
         )
+    }
+
+    /// Sentence pairs: the second segment's token types reach both paths alike.
+    #[test]
+    fn token_types_reach_the_unpadded_path_as_the_padded_one() -> Result<()> {
+        let (model, _) = tiny_bert()?;
+        let types = |ids: &Tensor| ids.ge(25u32)?.to_dtype(DType::U32);
+        assert_packed_matches_padded(
+            &[7, 4, 1, 6],
+            50,
+            |ids, mask| model.forward_typed(ids, &types(ids)?, mask),
+            |ids, mask| model.forward_padded(ids, Some(&types(ids)?), mask),
+        )?;
+        // And they matter: the same ids with every token of segment 0 differ.
+        let ids = Tensor::new(&[[30u32, 31, 32]], &Device::Cpu)?;
+        let mask = Tensor::ones((1, 3), DType::U32, &Device::Cpu)?;
+        let typed = model.forward_typed(&ids, &types(&ids)?, &mask)?;
+        let plain = model.forward(&ids, &mask)?;
+        assert!((typed - plain)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-3);
+        Ok(())
     }
 }
