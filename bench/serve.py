@@ -361,6 +361,7 @@ def main() -> None:
         try:
             got = vectors(url, "default", sample)
             result["servers"][name] = {
+                "stack": our_stack(),
                 "cosine_min_to_library_f32": round(float(np.min((got * reference).sum(1))), 6),
                 **measure(url, "default", texts, loads, single_s),
             }
@@ -399,6 +400,15 @@ def main() -> None:
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     result["embedstream_version"] = version_of("embedstream")
     print(json.dumps(result, indent=2))
+
+
+def our_stack() -> str:
+    """What uvicorn's "auto" picks in this environment, as `embedstream serve` runs it."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"starlette {version_of('starlette')}, uvicorn {version_of('uvicorn')}, {http}, {loop}"
 
 
 def version_of(package: str) -> Optional[str]:
