@@ -21,7 +21,9 @@ Correctness never depends on the state being there: the changelog is written onl
 after the records of the batch were delivered, so the state never claims a chunk
 that the output topic lacks, and a chunk the state does not know (no changelog yet,
 a new worker, a replay, a document evicted or a restore that failed) is simply embedded
-again.
+again. With exactly-once the changelog writes are part of the batch's transaction, so
+the state moves with the outputs, atomically; it is read back with
+``isolation.level=read_committed``, so an aborted batch's writes are never restored.
 """
 
 from __future__ import annotations
@@ -209,7 +211,9 @@ class ChunkState:
 
     def remember(self, batch: Batch) -> list[OutputMessage]:
         """Each document's ids after the batch, in memory now and, once the batch's
-        records are delivered, in the changelog (messages the sink produces last)."""
+        records are delivered, in the changelog (messages the sink produces last; with
+        exactly-once, in the batch's transaction). Where that transaction aborts, the
+        member drops the partition's state and reads it back from the changelog."""
         latest: dict[tuple[str, int, str], tuple[Work, Optional[bytes]]] = {}
         for w in batch:
             if w.failure is not None or w.event is None:
@@ -272,6 +276,9 @@ class ChunkState:
                 "group.id": f"{self.settings.group_id}.state-restore",
                 "enable.auto.commit": "false",
                 "enable.partition.eof": "true",
+                # Up to the last stable offset: never the writes of an aborted (or still
+                # open) transaction.
+                "isolation.level": "read_committed",
             }
         )
         try:

@@ -12,7 +12,9 @@ committed in input order.
 The source depends on ``scaling``: in group mode (the default) each worker is a
 member of the consumer group (:mod:`flows.kafka.group`) and commits its offsets
 itself; in cluster mode a fixed Bytewax cluster shares the partitions
-(:class:`flows.kafka.io.KafkaInput`) and resumes from its recovery store. Configured
+(:class:`flows.kafka.io.KafkaInput`) and resumes from its recovery store. With
+``exactly_once`` (group mode only) each member commits a batch's outputs and its
+offsets in one Kafka transaction (:mod:`flows.kafka.transactions`). Configured
 by ``EMBEDSTREAM_*`` variables (see :class:`flows.settings.Settings`); the steps live
 in :mod:`flows.embed_steps`.
 """
@@ -30,6 +32,7 @@ from flows.embed_steps import Pipeline
 from flows.kafka import group
 from flows.kafka.group import GroupInput
 from flows.kafka.io import KafkaInput, KafkaOutput, ReadOptions
+from flows.kafka.transactions import Transactions, transactional_id
 from flows.settings import Settings
 
 
@@ -50,8 +53,28 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     consumer = {**kafka, "group.id": settings.group_id}
     options = ReadOptions.of(settings, settings.batch_size)
     group_mode = settings.scaling_mode() == "group"
+    exactly_once = settings.exactly_once
+    if exactly_once and not group_mode:
+        raise ValueError("exactly_once needs scaling=group (a Bytewax cluster cannot run it)")
+    member = settings.member() if exactly_once else ""  # fails now, clearly, without a stable name
+
+    def transactions(worker_index: int) -> Transactions:
+        # Made in each worker as it starts, like the sink's producer (the limits need the broker).
+        return Transactions(
+            {**sink_limits(), **kafka},
+            transactional_id(settings.group_id, member, worker_index),
+            flush_timeout_s=settings.flush_timeout(),
+            timeout_ms=settings.transaction_timeout_ms(),
+        )
+
     if group_mode:
-        source = GroupInput(consumer, settings.input_topic, options, on_moved=runtime.forget_state)
+        source = GroupInput(
+            consumer,
+            settings.input_topic,
+            options,
+            on_moved=runtime.forget_state,
+            transactions=transactions if exactly_once else None,
+        )
     else:
         source = KafkaInput(consumer, settings.input_topic, options)
 
@@ -62,10 +85,13 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
     batches = op.map("chunk", batches, lambda batch: pipeline().chunk(batch))
     batches = op.map("embed", batches, lambda batch: pipeline().embed(batch))
     records = op.flat_map("encode", batches, lambda batch: pipeline().encode(batch))
-    if group_mode:
-        sink = KafkaOutput(kafka, runtime_config=sink_limits, commit=group.commit)
+    flush_s = settings.flush_timeout()
+    if exactly_once:
+        sink = KafkaOutput(kafka, flush_s, transact=group.transact)
+    elif group_mode:
+        sink = KafkaOutput(kafka, flush_s, runtime_config=sink_limits, commit=group.commit)
     else:
-        sink = KafkaOutput(kafka, group_id=settings.group_id, runtime_config=sink_limits)
+        sink = KafkaOutput(kafka, flush_s, group_id=settings.group_id, runtime_config=sink_limits)
     op.output("kafka", records, sink)
     return flow
 

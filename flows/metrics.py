@@ -66,6 +66,28 @@ REBALANCES = Counter(
     "Input partitions assigned to, revoked from or lost by this process",
     ["kind"],
 )
+# Exactly-once (`--exactly-once`): one Kafka transaction per micro-batch
+TRANSACTIONS = Counter(
+    "embedstream_transactions",
+    "Micro-batch transactions by outcome: committed, or aborted (nothing of the batch visible "
+    "to read_committed consumers; it is processed again)",
+    ["outcome"],
+)
+TRANSACTION_SECONDS = Histogram(
+    "embedstream_transaction_seconds",
+    "From opening a micro-batch's transaction to its commit (records confirmed, offsets sent, committed)",
+    buckets=_LATENCY,
+)
+TRANSACTION_COMMIT_SECONDS = Histogram(
+    "embedstream_transaction_commit_seconds",
+    "Time of the commit of a micro-batch's transaction",
+    buckets=_LATENCY,
+)
+PRODUCER_FENCED = Counter(
+    "embedstream_producer_fenced",
+    "Transactional producers fenced (a newer one holds the transactional.id, or the broker aborted "
+    "a transaction past transaction.timeout.ms): the member rejoins with a new one",
+)
 
 # Outage waits (flows.outage): a dependency down blocks the batch instead of failing it
 OUTAGE_WAITS = Counter("embedstream_outage_waits", "Waits for an unavailable dependency", ["what"])

@@ -108,6 +108,24 @@ class Settings:
     #: ends well inside librdkafka's max.poll.interval.ms and the member is not evicted.
     #: Outage waits do not count. None: a fifth of max.poll.interval.ms (60 s by default).
     batch_max_s: Optional[float] = None
+    #: Group mode: exactly-once into the output topics. Each member writes a micro-batch's
+    #: records, manifests, delete markers and dead letters, its input offsets and (in
+    #: incremental mode) its chunk-state changelog writes in one Kafka transaction, so
+    #: consumers reading with isolation.level=read_committed see every record once
+    #: (docs/guarantees.md). Needs a stable member name (member_name or POD_NAME).
+    exactly_once: bool = False
+    #: Exactly-once: this member's name, unique in the group and the same after a
+    #: restart (a StatefulSet pod's name); its transactional.id is
+    #: "<group_id>.<member_name>.<worker index>". None: POD_NAME, or HOSTNAME inside
+    #: Kubernetes.
+    member_name: Optional[str] = None
+    #: Seconds a batch's records may take to be confirmed by Kafka (a broker outage is
+    #: waited out this long). Past it an at-least-once worker stops with nothing of the
+    #: batch committed; an exactly-once member aborts the batch's transaction and
+    #: processes it again. Exactly-once needs it under transaction.timeout.ms (checked at
+    #: start). None: 300 s; with exactly_once, 4/5 of transaction.timeout.ms (librdkafka's
+    #: default 60 s gives 48 s).
+    flush_timeout_s: Optional[float] = None
     #: Largest document accepted (inline or fetched).
     max_document_bytes: int = 64 * 1024 * 1024
     #: Most chunks of one document; more becomes a dead letter.
@@ -287,6 +305,10 @@ class Settings:
             raise ValueError("batch_size must be positive")
         if self.batch_max_s is not None and self.batch_max_s <= 0:
             raise ValueError("batch_max_s must be positive")
+        if self.flush_timeout_s is not None and self.flush_timeout_s <= 0:
+            raise ValueError("flush_timeout_s must be positive")
+        if self.exactly_once:
+            self._validate_exactly_once()
         from flows.allowlist import UriAllowlist
 
         UriAllowlist(self.allowed_uris)  # a bad prefix fails here, naming it
@@ -331,6 +353,57 @@ class Settings:
 
     def sink_dlq(self) -> str:
         return self.sink_dlq_topic or f"{self.output_topic}.sink-dlq"
+
+    def _validate_exactly_once(self) -> None:
+        if self.scaling == "cluster":
+            raise ValueError(
+                "exactly_once needs scaling=group: a Bytewax cluster resumes from its recovery "
+                "snapshots, which a Kafka transaction cannot commit together with the outputs; "
+                "run group-mode members (drop -a/-i and --scaling cluster)"
+            )
+        if "transactional.id" in self.kafka:
+            raise ValueError(
+                "transactional.id is derived from the member name with exactly_once "
+                "(<group_id>.<member_name>.<worker index>): leave it out of the Kafka settings"
+            )
+        timeout_ms = self.transaction_timeout_ms()
+        if self.flush_timeout() * 1000 >= timeout_ms:
+            raise ValueError(
+                f"transaction.timeout.ms ({timeout_ms}) must exceed the flush timeout "
+                f"({self.flush_timeout() * 1000:.0f} ms): a transaction would be aborted by the broker "
+                "while its records are still being confirmed. Raise it (--kafka "
+                "transaction.timeout.ms=N, at most the broker's transaction.max.timeout.ms) or "
+                "lower flush_timeout_s"
+            )
+
+    def transaction_timeout_ms(self) -> int:
+        """Exactly-once: how long a member's transaction may stay open before the broker
+        aborts it (``transaction.timeout.ms``; librdkafka's default, 60 s)."""
+        return int(self.kafka.get("transaction.timeout.ms", 60_000))
+
+    def flush_timeout(self) -> float:
+        """Seconds the output waits for Kafka to confirm a batch (``flush_timeout_s``)."""
+        if self.flush_timeout_s is not None:
+            return self.flush_timeout_s
+        return self.transaction_timeout_ms() / 1000 * 0.8 if self.exactly_once else 300.0
+
+    def member(self, environ: Optional[dict[str, str]] = None) -> str:
+        """Exactly-once's stable member name: ``member_name``, else the pod's name
+        (``POD_NAME``, or ``HOSTNAME`` inside Kubernetes). Raises ValueError without one:
+        a name that changes on restart would leave the last transaction of a killed
+        member open until transaction.timeout.ms, and one shared by two members would
+        fence them in turn."""
+        env = os.environ if environ is None else environ
+        in_kubernetes = bool(env.get("KUBERNETES_SERVICE_HOST"))
+        name = self.member_name or env.get("POD_NAME") or (env.get("HOSTNAME") if in_kubernetes else None)
+        if not name:
+            raise ValueError(
+                "exactly_once needs a stable member name: --member-name NAME (EMBEDSTREAM_MEMBER_NAME), "
+                "unique in the group and the same after a restart, or POD_NAME in Kubernetes"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", name):
+            raise ValueError(f"member name {name!r}: use letters, digits, '.', '_' and '-' only")
+        return name
 
     def batch_budget_s(self) -> float:
         """Seconds of work a group-mode micro-batch may take: ``batch_max_s``, else a fifth

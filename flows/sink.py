@@ -5,7 +5,8 @@
 Each batch the source hands over is decoded, planned against the versions the store
 has applied (:func:`flows.stores.plan`), written in one transaction (PostgreSQL) or
 one merge per table (LanceDB), and only then are its offsets committed under the
-sink's group; the sink resumes from them. A replay therefore rewrites what is there
+sink's group; the sink resumes from them. It reads with ``isolation.level=read_committed``:
+of an exactly-once flow it sees committed batches only. A replay therefore rewrites what is there
 and changes nothing. Records that cannot be written go to the sink's dead-letter
 topic with stage ``sink``. A store that is down blocks the batch (and so the
 consumption) until it is back.
@@ -277,7 +278,13 @@ def build(settings: Optional[Settings] = None) -> Dataflow:
         flow,
         health.watched(
             KafkaInput(
-                {**settings.kafka_common(), "group.id": settings.sink_group_id},
+                # Records of aborted transactions (exactly-once flows) are never read;
+                # on a topic written without transactions this changes nothing.
+                {
+                    **settings.kafka_common(),
+                    "group.id": settings.sink_group_id,
+                    "isolation.level": "read_committed",
+                },
                 settings.output_topic,
                 ReadOptions.of(settings, settings.sink_batch_size),
             )

@@ -62,7 +62,16 @@ def add_commands(sub: Commands) -> None:
     kafka_flags(redrive)
     redrive.set_defaults(func=cmd_redrive)
 
-    tail = sub.add_parser("tail", help="print output records compactly")
+    tail = sub.add_parser(
+        "tail",
+        help="print output records compactly",
+        description="Prints a topic's records compactly. Reads with isolation.level=read_committed: "
+        "of a flow run with --exactly-once, committed batches only, once each. Every consumer "
+        "downstream needs that setting for exactly-once (confluent-kafka and librdkafka: "
+        "isolation.level=read_committed, their default; the Java client and Kafka Connect: "
+        "isolation.level=read_committed, or consumer.override.isolation.level for a connector). "
+        "--kafka isolation.level=read_uncommitted shows aborted records too.",
+    )
     tail.add_argument("--topic", help="default: the output topic")
     tail.add_argument("-n", type=int, default=20, help="most records to print")
     tail.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for more")

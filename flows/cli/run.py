@@ -36,6 +36,8 @@ SETTINGS_FLAGS = (
     "start_from",
     "batch_size",
     "batch_max_s",
+    "exactly_once",
+    "member_name",
     "recovery_dir",
     "snapshot_s",
     "metrics_port",
@@ -138,6 +140,18 @@ def add_commands(sub: Commands) -> None:
         help="group mode: seconds of work a micro-batch may take before it takes in no more events "
         "(default: a fifth of max.poll.interval.ms, 60 s)",
     )
+    run.add_argument(
+        "--exactly-once",
+        action="store_true",
+        default=None,
+        help="group mode: each micro-batch's outputs and input offsets in one Kafka transaction; "
+        "consumers reading with isolation.level=read_committed see every record once",
+    )
+    run.add_argument(
+        "--member-name",
+        help="with --exactly-once: this member's stable name, unique in the group and the same after "
+        "a restart (default: POD_NAME)",
+    )
     run.add_argument("--allow-root", action="append", default=[], help="directory file:// URIs may read")
     run.add_argument(
         "--allow-uri",
@@ -200,15 +214,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows.embed import build
 
-    settings = settings_from(
-        args,
-        SETTINGS_FLAGS,
-        tail=until_end(args),
-        allowed_roots=tuple(args.allow_root) or None,
-        allowed_uris=tuple(args.allow_uri) or None,
-        object_store=tuple(args.object_store) or None,
-        fetch_concurrency=args.fetch_concurrency,
-    )
+    try:
+        settings = settings_from(
+            args,
+            SETTINGS_FLAGS,
+            tail=until_end(args),
+            allowed_roots=tuple(args.allow_root) or None,
+            allowed_uris=tuple(args.allow_uri) or None,
+            object_store=tuple(args.object_store) or None,
+            fetch_concurrency=args.fetch_concurrency,
+        )
+    except ValueError as e:  # a setting that cannot work (exactly-once in a cluster, …)
+        print(f"embedstream: {e}", file=sys.stderr)
+        return 2
     import dataclasses
     import os
 
@@ -225,6 +243,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = dataclasses.replace(settings, scaling=mode)
         settings.validate()
+        if settings.exactly_once:
+            settings.member()  # a stable name, or a clear error now
     except ValueError as e:
         print(f"embedstream: {e}", file=sys.stderr)
         return 2
@@ -271,6 +291,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         recovery = RecoveryConfig(store, timedelta(seconds=settings.backup_s))
     if mode == "group":
         log.info("group mode: a member of consumer group %s on %s", settings.group_id, settings.input_topic)
+        if settings.exactly_once:
+            log.info(
+                "exactly-once: member %s, transaction.timeout.ms=%d, flush timeout %.0f s",
+                settings.member(),
+                settings.transaction_timeout_ms(),
+                settings.flush_timeout(),
+            )
     elif process_id is not None:
         log.info("cluster process %d of %s", process_id, addresses)
     # SIGTERM drains: the sources stop, the batch in hand is finished, flushed and

@@ -17,6 +17,13 @@ owner; the others keep flowing). What makes that safe:
 - **Lost partitions** (this member was too slow and the group went on without it) are
   dropped without committing: their next owner processes the uncommitted events again,
   with identical records.
+- **Exactly-once** (``transactions``, :mod:`flows.kafka.transactions`): the sink hands a
+  batch's outputs to :func:`transact` instead, and its member commits them with the
+  input offsets in one transaction. A partition revoked or lost while that transaction
+  is open dooms it (aborted before the callback returns); an aborted batch is read
+  again from its first offset by this member where it still owns the partition, by the
+  next owner elsewhere; a fenced producer makes the member leave the group and rejoin
+  with a new one.
 
 Bytewax runs the dataflow unchanged: :class:`GroupInput` is a ``DynamicSource``, one
 member per worker thread, and the sink finds the member of each partition through
@@ -36,7 +43,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics, outage
-from flows.kafka.io import STOP, InputMessage, ReadOptions, input_message, report_lag, take_batch
+from flows.kafka.io import (
+    STOP,
+    InputMessage,
+    OutputMessage,
+    ReadOptions,
+    input_message,
+    report_lag,
+    take_batch,
+)
+from flows.kafka.transactions import Aborted, Fenced, Stuck, Transactions
 
 log = logging.getLogger("embedstream.group")
 
@@ -58,8 +74,10 @@ class GroupMember:
         options: ReadOptions,
         *,
         on_moved: Optional[OnMoved] = None,
+        transactions: Optional[Transactions] = None,
     ) -> None:
         self.topic = topic
+        self.config = config
         self.start_from = options.start_from
         self.batch_size, self.batch_bytes = options.batch_size, options.batch_bytes
         self.poll_s = options.poll_ms / 1000
@@ -80,26 +98,43 @@ class GroupMember:
         self.pending: list[InputMessage] = []
         #: Per partition: where the fetcher last found its end (nothing after it then).
         self.eof: dict[int, int] = {}
-        reset = "latest" if self.start_from == "latest" else "earliest"
-        self.consumer = Consumer(
-            {
-                **config,
-                "enable.auto.commit": "false",
-                "enable.partition.eof": "true",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "auto.offset.reset": reset,
-            }
-        )
+        #: Exactly-once: this member's transactional producer, and the consumer-group
+        #: metadata of when it last handed a batch over or was assigned partitions.
+        self.transactions = transactions
+        self.group_metadata: object = None
+        #: When the producer was fenced lately (more than a few: a duplicate member name).
+        self._fenced_at: list[float] = []
+        self.consumer = self._consumer()
         #: With ``tail=False``: each partition's first and end offsets when the worker started.
         self.starts: dict[int, int] = {}
         self.ends: Optional[dict[int, int]] = None if options.tail else self._end_offsets()
         self._next_drain_check = 0.0
-        self.consumer.subscribe(
-            [topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
-        )
+        self._subscribe()
         with _members_lock:
             _members.append(self)
         outage.add_keeper(self.keep_alive)
+        if self.transactions is not None:
+            self.transactions.start()
+
+    def _consumer(self) -> Consumer:
+        reset = "latest" if self.start_from == "latest" else "earliest"
+        config = {
+            **self.config,
+            "enable.auto.commit": "false",
+            "enable.partition.eof": "true",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "auto.offset.reset": reset,
+        }
+        if self.transactions is not None:
+            # Offsets a member's open transaction is committing are "unstable": a new
+            # owner waits for that transaction to end instead of starting before it.
+            config["isolation.level"] = "read_committed"
+        return Consumer(config)
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(
+            [self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
 
     # --- the source side -----------------------------------------------------------------
 
@@ -120,6 +155,10 @@ class GroupMember:
                 # never more than one batch is delivered but uncommitted.
                 return []
             batch = take_batch(self.pending, self.batch_size, self.batch_bytes)
+            if batch and self.transactions is not None:
+                # The group's generation that owns these partitions now: the batch's
+                # offsets are committed under it, or refused if the group moved on.
+                self.group_metadata = self.consumer.consumer_group_metadata()
             self.batch_start.clear()
             for m in batch:
                 self.batch_start.setdefault(m.partition, m.offset)
@@ -238,6 +277,99 @@ class GroupMember:
                     del self.in_flight[p]
             self._commit_uncommitted()
 
+    def transact(self, items: list[OutputMessage]) -> None:
+        """Exactly-once: ``items`` (outputs of the batch this member has in flight) and
+        their input offsets in one transaction. Committed, the batch is done; aborted,
+        its partitions are read again from the batch's first offsets; fenced, the member
+        rejoins with a new producer and reads them again too."""
+        assert self.transactions is not None
+        with self._lock:
+            offsets: dict[int, int] = {}
+            for item in items:
+                _topic, partition, offset = item.source
+                offsets[partition] = max(offsets.get(partition, -1), offset + 1)
+            produced = [i for i in items if not i.commit_only]
+            try:
+                self.transactions.run(
+                    produced,
+                    [KafkaTopicPartition(self.topic, p, o) for p, o in sorted(offsets.items())],
+                    self.group_metadata,
+                )
+            except Aborted as e:
+                self._rewind(sorted(offsets), f"its transaction was aborted ({e})")
+                return
+            except Fenced as e:
+                self._rewind(sorted(offsets), f"the producer was fenced or stuck ({e})")
+                self._rejoin(str(e), fenced=not isinstance(e, Stuck))
+                return
+            for p, offset in offsets.items():
+                if self.in_flight.get(p, offset + 1) <= offset:
+                    del self.in_flight[p]
+
+    def _rewind(self, parts: list[int], why: str) -> None:
+        """The batch's events of ``parts`` are not done: handed over again from the
+        batch's first offset where this member still owns the partition (what was
+        fetched after them is fetched again), and its chunk state of them is read back
+        from the changelog (the batch's own updates to it were never committed)."""
+        owned = self.owned or set()
+        again = {p: self.batch_start[p] for p in parts if p in owned and p in self.batch_start}
+        self.pending = [m for m in self.pending if m.partition not in parts]
+        for p in parts:
+            self.in_flight.pop(p, None)
+            self.eof.pop(p, None)
+        try:
+            for p, offset in again.items():
+                self.consumer.seek(KafkaTopicPartition(self.topic, p, offset))
+                self.position[p] = offset
+        except KafkaException as e:
+            # Never go on past events that are not done: the next owner, this member
+            # included, starts again from the group's committed offsets.
+            log.warning("could not rewind %s%s (%s): leaving the group to rejoin", self.topic, parts, e)
+            self._restart_consumer()
+        self._moved(parts)
+        log.warning(
+            "batch of %s%s not committed: %s; %s",
+            self.topic,
+            parts,
+            why,
+            f"reading {sorted(again)} again from offsets {[again[p] for p in sorted(again)]}"
+            if again
+            else "its partitions have moved: their new owner processes it",
+        )
+
+    def _rejoin(self, error: str, *, fenced: bool = True) -> None:
+        """After the producer was fenced: leaves the group (its partitions go to the other
+        members, or back to it), opens a new producer (which fences any older one of its
+        transactional.id) and joins again. Fenced three times within ten minutes, it stops
+        the worker: another worker is running under the same member name."""
+        assert self.transactions is not None
+        now = time.monotonic()
+        self._fenced_at = [t for t in self._fenced_at if now - t < 600] + ([now] if fenced else [])
+        if len(self._fenced_at) >= 3:
+            raise RuntimeError(
+                f"the transactional producer {self.transactions.transactional_id} was fenced "
+                f"{len(self._fenced_at)} times in ten minutes ({error}): is another worker running "
+                "under the same member name? Member names must be unique in the group"
+            )
+        log.error(
+            "transactional producer %s %s (%s): this member leaves the group and joins again "
+            "with a new producer",
+            self.transactions.transactional_id,
+            "fenced" if fenced else "stuck",
+            error,
+        )
+        self.transactions.close()
+        self._restart_consumer()
+        self.transactions.start()
+
+    def _restart_consumer(self) -> None:
+        """Leaves the group and joins it again as a new member, with nothing in hand."""
+        self.consumer.close()  # leaves the group: the revoke callback forgets every partition
+        self._forget(sorted(self.owned or ()))
+        self.owned, self.pending, self.in_flight, self.uncommitted = None, [], {}, {}
+        self.consumer = self._consumer()
+        self._subscribe()
+
     def _commit_uncommitted(self, partitions: Optional[Iterable[int]] = None) -> None:
         wanted = set(self.uncommitted) if partitions is None else set(partitions) & set(self.uncommitted)
         if not wanted:
@@ -257,6 +389,9 @@ class GroupMember:
 
     def _assigned(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         parts = [tp.partition for tp in partitions]
+        if self.transactions is not None:
+            # A new generation: what this member still owns is committed under it.
+            self.group_metadata = consumer.consumer_group_metadata()
         if not parts:  # a cooperative rebalance that gave this member nothing new
             with self._lock:
                 self.owned = self.owned or set()
@@ -278,6 +413,7 @@ class GroupMember:
         if not parts:
             return
         with self._lock:
+            self._doom(parts, "revoked")
             self._commit_uncommitted(parts)
             self._forget(parts)
         metrics.REBALANCES.labels("revoked").inc(len(parts))
@@ -286,6 +422,7 @@ class GroupMember:
     def _lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         parts = [tp.partition for tp in partitions]
         with self._lock:
+            self._doom(parts, "lost")
             for p in parts:
                 self.uncommitted.pop(p, None)
             self._forget(parts)
@@ -297,10 +434,24 @@ class GroupMember:
             sorted(parts),
         )
 
+    def _doom(self, parts: list[int], how: str) -> None:
+        """A transaction open for these partitions (this callback runs inside its
+        keep-alive) must never commit: their next owner starts from the last commit."""
+        if self.transactions is not None and self.transactions.partitions & set(parts):
+            self.transactions.doom(f"{self.topic}{sorted(parts)} {how}")
+
     def _forget(self, parts: list[int]) -> None:
         metrics.ASSIGNED_PARTITIONS.dec(len(set(parts) & (self.owned or set())))
         self.owned = (self.owned or set()) - set(parts)
         self.pending = [m for m in self.pending if m.partition not in parts]
+        stale = sorted(self.paused & set(parts))
+        if stale:
+            # librdkafka keeps a partition paused through its revocation: assigned here
+            # again later, it would never be fetched (seen after a broker restart).
+            try:
+                self.consumer.resume([KafkaTopicPartition(self.topic, p) for p in stale])
+            except KafkaException as e:
+                log.warning("could not resume %s%s as it leaves: %s", self.topic, stale, e)
         self.paused -= set(parts)
         for p in parts:
             self.in_flight.pop(p, None)
@@ -354,6 +505,8 @@ class GroupMember:
         started = time.monotonic()
         self.consumer.close()  # leaves the group: the revoke callback runs first
         log.info("left the group of %s in %.2f s", self.topic, time.monotonic() - started)
+        if self.transactions is not None:
+            self.transactions.close()
 
 
 def commit(offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
@@ -369,6 +522,28 @@ def commit(offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
             for p in mine:
                 left.pop((member.topic, p))
     return left
+
+
+def transact(items: list[OutputMessage]) -> None:
+    """Exactly-once's sink: hands a batch's outputs to the members that handed its events
+    over, each to commit its share in one transaction. Outputs of partitions no member
+    of this process has in flight any more (revoked or lost meanwhile) are not produced:
+    their new owner processes those events."""
+    with _members_lock:
+        members = list(_members)
+    left = list(items)
+    for member in members:
+        mine, rest = [], []
+        for item in left:
+            source = item.source
+            ours = source is not None and source[0] == member.topic and source[1] in member.in_flight
+            (mine if ours else rest).append(item)
+        if mine:
+            member.transact(mine)
+        left = rest
+    if left:
+        moved = sorted({(i.source[0], i.source[1]) for i in left if i.source is not None})
+        log.warning("%d outputs not produced: their partitions %s moved to another member", len(left), moved)
 
 
 def give_back(messages: list[InputMessage]) -> None:
@@ -397,9 +572,22 @@ class GroupInput(DynamicSource[InputMessage]):
     """The input topic read as a consumer group: one member per worker thread."""
 
     def __init__(
-        self, config: dict, topic: str, options: ReadOptions, *, on_moved: Optional[OnMoved] = None
+        self,
+        config: dict,
+        topic: str,
+        options: ReadOptions,
+        *,
+        on_moved: Optional[OnMoved] = None,
+        transactions: Optional[Callable[[int], Transactions]] = None,
     ) -> None:
         self.config, self.topic, self.options, self.on_moved = config, topic, options, on_moved
+        #: Exactly-once: makes the transactional producer of a worker, by its index.
+        self.transactions = transactions
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _GroupPartition:
-        return _GroupPartition(GroupMember(self.config, self.topic, self.options, on_moved=self.on_moved))
+        transactions = self.transactions(worker_index) if self.transactions is not None else None
+        return _GroupPartition(
+            GroupMember(
+                self.config, self.topic, self.options, on_moved=self.on_moved, transactions=transactions
+            )
+        )

@@ -10,6 +10,8 @@ Sink: an idempotent producer that checks every delivery report and flushes each 
 before returning (:mod:`flows.kafka.delivery`), so a snapshot never covers a record
 that is not in Kafka. A full producer queue blocks (backpressure) instead of raising; a
 failed or unconfirmed delivery raises, and the worker stops rather than lose a record.
+With exactly-once (``transact``) the sink hands each batch to its group member's
+transactional producer instead (:mod:`flows.kafka.transactions`).
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ def ask_broker(call: Callable[[], T], patience_s: float = 120.0) -> T:
 #: Group mode's offset commit: delivered offsets (next offset per topic-partition) in,
 #: those no group member of this process handed over out.
 CommitFn = Callable[[dict[tuple[str, int], int]], dict[tuple[str, int], int]]
+#: Exactly-once: a batch's outputs, produced and committed with their input offsets in
+#: one transaction.
+TransactFn = Callable[[list["OutputMessage"]], None]
 
 
 class _Partition(StatefulSourcePartition[InputMessage, int]):
@@ -206,6 +211,8 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         #: The next offset to hand over (after those in ``pending``).
         self.next_offset = start
         self.pending: list[InputMessage] = []
+        #: Where the fetcher last found the partition's end, nothing pending before it.
+        self.eof_at: Optional[int] = None
 
     def next_batch(self) -> list[InputMessage]:
         if STOP.is_set():
@@ -218,7 +225,7 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
                 if err is None:
                     self.pending.append(input_message(msg))
                 elif err.code() == KafkaError._PARTITION_EOF:
-                    pass
+                    self.eof_at = msg.offset()
                 elif err.fatal():
                     raise KafkaException(err)
                 else:  # transient (broker down, rebalance of leaders): librdkafka retries
@@ -229,6 +236,13 @@ class _Partition(StatefulSourcePartition[InputMessage, int]):
         if batch:
             self.next_offset = batch[-1].offset + 1
             report_lag(self.consumer, self.topic, {self.partition: self.next_offset})
+        if not self.pending and self.eof_at is not None:
+            # A transactional topic ends in commit markers, which no consumer receives: past
+            # the last record, the end is where the fetcher found it.
+            # Never past the end seen at start: what came after it was not handed over.
+            end = self.eof_at if self.end is None else min(self.eof_at, self.end)
+            self.next_offset = max(self.next_offset, end)
+            self.eof_at = None
         elif self.end is not None and self.end == 0:
             raise StopIteration
         return batch
@@ -305,7 +319,11 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         flush_timeout_s: float,
         group_id: Optional[str],
         commit: Optional[CommitFn] = None,
+        transact: Optional[TransactFn] = None,
     ) -> None:
+        self.transact = transact
+        if transact is not None:
+            return  # each group member produces through its own transactional producer
         self.producer = Producer(
             {
                 "enable.idempotence": "true",
@@ -327,6 +345,9 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         )
 
     def write_batch(self, items: list[OutputMessage]) -> None:
+        if self.transact is not None:
+            self.transact(items)
+            return
         produced = [i for i in items if not i.commit_only]
         self._deliver([i for i in produced if not i.after_delivery])
         self._deliver([i for i in produced if i.after_delivery])
@@ -366,6 +387,8 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
             log.warning("could not commit offsets %s: %s", done, e)
 
     def close(self) -> None:
+        if self.transact is not None:
+            return
         self.producer.flush(self.flush_timeout_s)
         if self.committer is not None:
             self.committer.close()
@@ -383,13 +406,17 @@ class KafkaOutput(DynamicSink[OutputMessage]):
         group_id: Optional[str] = None,
         runtime_config: Optional[Callable[[], dict]] = None,
         commit: Optional[CommitFn] = None,
+        transact: Optional[TransactFn] = None,
     ) -> None:
         self.config = config
         self.flush_timeout_s = flush_timeout_s
         self.group_id = group_id
         self.runtime_config = runtime_config
         self.commit = commit
+        self.transact = transact
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
+        if self.transact is not None:
+            return _SinkPartition({}, self.flush_timeout_s, None, transact=self.transact)
         config = {**(self.runtime_config() if self.runtime_config else {}), **self.config}
         return _SinkPartition(config, self.flush_timeout_s, self.group_id, self.commit)

@@ -173,6 +173,8 @@ def read_all(
     seconds without a new message (or at ``limit``)."""
     consumer = Consumer(
         {
+            # Committed transactions only (librdkafka's default), unless the settings say otherwise.
+            "isolation.level": "read_committed",
             **settings.kafka_common(),
             "group.id": f"embedstream-tail-{codecs.now_ms()}",
             "auto.offset.reset": "earliest",
