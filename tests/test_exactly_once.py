@@ -1,0 +1,370 @@
+"""Exactly-once into the output topics (``--exactly-once``) on a real broker: members
+killed at random moments and between produce and commit, a member added and removed,
+the broker restarted, a zombie member resumed after its partitions moved, and an
+outage inside a transaction; a read_committed consumer sees every chunk exactly once,
+and the chunk-state changelog matches the committed records."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from eos_helpers import (
+    TINY_MODEL,
+    Expected,
+    Member,
+    check_changelog,
+    check_exactly_once,
+    committed_total,
+    metric,
+    open_transaction_ends,
+    read_as,
+    stable_past,
+    start_member,
+)
+from kafka_helpers import FlowTopics, avro_event, free_port, run_args, wait_for
+from test_incremental import doc_text, edited, upsert
+
+from flows.settings import Settings
+
+PARTITIONS = 8
+BATCH = "16"
+#: Events produced at a time: a fault follows each wave, while it is processed.
+WAVE = 200
+#: A killed member leaves the group after this; the default (45 s) would stall the test.
+FAST_GROUP = ("--kafka", "session.timeout.ms=6000", "--kafka", "heartbeat.interval.ms=1000")
+#: Longer than any wait here, so only a fenced producer (a restart) ends a transaction early.
+TXN_TIMEOUT = ("--kafka", "transaction.timeout.ms=120000")
+
+
+def scenario_events(docs: int = 1000) -> list[tuple[bytes, bytes, str]]:
+    """2,000 events: a first version of each document (one in 50 a broken PDF: a dead
+    letter), then an edit of each (one in ten a DELETE; the broken ones fixed), as
+    (key, value, outcome)."""
+    rng = random.Random(35)
+    first, second = [], []
+    for i in range(docs):
+        doc_id = f"doc-{i}"
+        text = doc_text(i, paragraphs=2)
+        if i % 50 == 7:
+            broken = avro_event(doc_id, content=b"%PDF-1.4 broken", filename="x.pdf")
+            first.append((doc_id.encode(), broken, "DeadLetter"))
+            second.append((*upsert(doc_id, text), "DocManifest"))
+            continue
+        first.append((*upsert(doc_id, text), "DocManifest"))
+        if i % 10 == 9:
+            second.append((doc_id.encode(), avro_event(doc_id, op="DELETE"), "DeleteMarker"))
+        else:
+            second.append((*upsert(doc_id, edited(text, rng)), "DocManifest"))
+    return first + second
+
+
+def expected_outcomes(topics: FlowTopics, events: list[tuple[bytes, bytes, str]]) -> list[Expected]:
+    """Each input event, where the broker put it, with the outcome it must have."""
+    outcome = {(key, value): kind for key, value, kind in events}
+    found = []
+    for _, _, msg in read_as(topics.bootstrap, topics.input, "read_uncommitted"):
+        kind = outcome[(msg.key(), msg.value())]
+        found.append(Expected(msg.key().decode(), msg.partition(), msg.offset(), kind))
+    assert len(found) == len(events)
+    return found
+
+
+def progress(topics: FlowTopics, at_least: int, members: dict[str, Member], timeout: float = 240) -> None:
+    assert wait_for(lambda: committed_total(topics) >= at_least, timeout=timeout, every=0.5), (
+        f"stuck below {at_least} committed events ({committed_total(topics)})\n"
+        + "\n".join(m.tail() for m in members.values())
+    )
+
+
+class Churn:
+    """The members of one scenario and the faults done to them, each logged."""
+
+    def __init__(self, topics: FlowTopics, gates: Path, args: tuple[str, ...], seed: str) -> None:
+        self.topics, self.gates, self.args = topics, gates, args
+        self.rng = random.Random(seed)
+        self.members = {name: start_member(topics, name, gates, *args) for name in ("a", "b")}
+        self.log: list[str] = []
+
+    def restart(self, name: str) -> Member:
+        self.members[name] = start_member(self.topics, name, self.gates, *self.args)
+        return self.members[name]
+
+    def kill(self) -> None:
+        """kill -9 at whatever moment this is, and the member restarted under its name."""
+        name = self.rng.choice(["a", "b"])
+        self.members[name].kill()
+        self.restart(name)
+        self.log.append(f"kill -9 {name} at {committed_total(self.topics)} committed")
+
+    def kill_between_produce_and_commit(self) -> None:
+        name = self.rng.choice(["a", "b"])
+        held = self.members[name]
+        held.hold("_commit")
+        assert wait_for(lambda: held.reached("_commit"), timeout=120), held.tail()
+        # Its records are in the topic and its offsets in the transaction, uncommitted.
+        bootstrap, output = self.topics.bootstrap, self.topics.output
+        open_ends = open_transaction_ends(bootstrap, output)
+        assert open_ends, "the held member's transaction is open"
+        held.kill()
+        held.release("_commit")
+        restarted = self.restart(name)
+        # The restart under the same name fences the dead member and aborts what it left
+        # open, long before transaction.timeout.ms (120 s) would have.
+        started = time.monotonic()
+        assert wait_for(lambda: stable_past(bootstrap, output, open_ends), timeout=45), (
+            "the killed member's open transaction stalled read_committed consumers\n" + restarted.tail()
+        )
+        self.log.append(
+            f"kill -9 {name} between produce and commit; its transaction aborted "
+            f"{time.monotonic() - started:.1f} s after the restart"
+        )
+
+    def add(self) -> None:
+        joined = self.restart("c")
+        assert wait_for(lambda: "assigned " in joined.text(), timeout=120), joined.tail()
+        self.log.append("c joined")
+
+    def remove(self) -> None:
+        assert self.members["c"].stop() == 0, self.members["c"].tail()
+        self.log.append("c left (SIGTERM)")
+
+    def broker(self) -> None:
+        from flows.dev.kafka import LocalKafka
+
+        broker = LocalKafka()
+        broker.stop()
+        time.sleep(self.rng.uniform(1, 3))
+        broker.start()
+        self.log.append("broker restarted")
+
+    def stop_all(self) -> dict[str, int]:
+        for m in self.members.values():
+            if m.proc.poll() is None:
+                m.proc.terminate()
+        return {name: m.proc.wait(timeout=120) for name, m in self.members.items()}
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_two_members_deliver_every_chunk_once_through_kills_churn_and_a_broker_restart(
+    kafka_bootstrap, tmp_path, mode
+):
+    incremental = mode == "incremental"
+    topics = FlowTopics(kafka_bootstrap, partitions=PARTITIONS)
+    events = scenario_events()
+    args = ("--batch-size", BATCH, "--max-tokens", "64", *FAST_GROUP, *TXN_TIMEOUT)
+    if incremental:
+        args += ("--incremental",)
+    churn = Churn(topics, tmp_path, args, seed=f"issue-35-{mode}")
+    faults = [churn.kill, churn.kill, churn.kill_between_produce_and_commit, churn.add, churn.kill]
+    faults += [churn.remove, churn.kill]
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):  # restarts only the project's own broker
+        faults.insert(churn.rng.randrange(len(faults) + 1), churn.broker)
+    try:
+        for number in range(0, len(events), WAVE):
+            # The next wave once most of the last is done, so each fault lands mid-stream.
+            progress(topics, number - WAVE // 4, churn.members)
+            topics.produce([(k, v) for k, v, _ in events[number : number + WAVE]])
+            if faults:
+                time.sleep(churn.rng.uniform(0.2, 1.5))  # a random moment of the wave's processing
+                faults.pop(0)()
+        progress(topics, len(events), churn.members)
+    finally:
+        codes = churn.stop_all()
+    print("\n".join(churn.log))
+    members = churn.members
+    assert codes["a"] == 0 and codes["b"] == 0, "\n".join(m.tail() for m in members.values())
+
+    expected = expected_outcomes(topics, events)
+    found = check_exactly_once(topics, expected, incremental=incremental)
+    uncommitted = len(read_as(kafka_bootstrap, topics.output, "read_uncommitted"))
+    committed = len(read_as(kafka_bootstrap, topics.output))
+    print(f"{mode}: {found['records']} records once each; {uncommitted - committed} aborted records")
+    assert uncommitted > committed, "the transaction of the member killed before its commit was aborted"
+    if incremental:
+        state_topic = Settings(group_id=topics.group).chunk_state_topic()
+        entries = check_changelog(topics, state_topic, expected, found["manifests"])
+        assert entries == sum(e.outcome != "DeadLetter" for e in expected)
+    logs = {name: m.text() for name, m in members.items()}
+    assert "left the group" in logs["c"]
+    assert all("transactional producer" in t for t in logs.values())
+
+
+def test_a_zombie_member_is_refused_and_its_transaction_never_becomes_visible(kafka_bootstrap, tmp_path):
+    """A member stopped (SIGSTOP) past its session timeout with a batch in hand; its
+    partitions move and the other member processes them. Resumed (SIGCONT), it produces
+    that batch, but the coordinator refuses its offsets (an old generation: KIP-447),
+    the transaction aborts, and the member rejoins. A read_uncommitted consumer sees the
+    aborted records; a read_committed one, every outcome exactly once."""
+    topics = FlowTopics(kafka_bootstrap, partitions=4)
+    events = [
+        (f"z-{i}".encode(), avro_event(f"z-{i}", content=f"Zombie document {i}.".encode(), filename="a.txt"))
+        for i in range(300)
+    ]
+    topics.produce(events)
+    args = ("--batch-size", "8", *FAST_GROUP)
+    zombie = start_member(topics, "zombie", tmp_path, *args)
+    zombie.hold("_produce")
+    assert wait_for(lambda: zombie.reached("_produce"), timeout=120), zombie.tail()
+    other = start_member(topics, "other", tmp_path, *args)
+    try:
+        # Stopped with its batch computed and not yet produced.
+        os.kill(zombie.proc.pid, signal.SIGSTOP)
+        zombie.release("_produce")
+        # Past the zombie's session timeout its partitions move; the other member does
+        # all the work, the zombie's batch included.
+        assert wait_for(lambda: committed_total(topics) == len(events), timeout=180), other.tail()
+        assert re.search(r"now owning \[0, 1, 2, 3\]", other.text()), other.tail()
+        before = len(read_as(kafka_bootstrap, topics.output, "read_uncommitted"))
+        os.kill(zombie.proc.pid, signal.SIGCONT)
+        assert wait_for(lambda: "not committed" in zombie.text(), timeout=60), zombie.tail()
+        # It produced after the move: a read_uncommitted consumer sees those records.
+        assert len(read_as(kafka_bootstrap, topics.output, "read_uncommitted")) > before
+        # And it rejoins the group rather than stopping.
+        assert wait_for(lambda: zombie.text().count("assigned ") >= 2, timeout=60), zombie.tail()
+    finally:
+        for m in (zombie, other):
+            if m.proc.poll() is None:
+                os.kill(m.proc.pid, signal.SIGCONT)
+        codes = [m.stop() for m in (zombie, other)]
+    assert codes == [0, 0], zombie.tail() + other.tail()
+    text = zombie.text()
+    assert re.search(r"ILLEGAL_GENERATION|UNKNOWN_MEMBER_ID|generation|fenced", text, re.I), text[-3000:]
+    committed = read_as(kafka_bootstrap, topics.output)
+    expected = [
+        Expected(msg.key().decode(), msg.partition(), msg.offset(), "DocManifest")
+        for _, _, msg in read_as(kafka_bootstrap, topics.input, "read_uncommitted")
+    ]
+    found = check_exactly_once(topics, expected, incremental=False)
+    assert found["records"] == len(events)
+    aborted = len(read_as(kafka_bootstrap, topics.output, "read_uncommitted")) - len(committed)
+    assert aborted > 0, "read_uncommitted consumers see the aborted records"
+    # The sink reads committed records only, and finds the end of a transactional topic
+    # (its last offsets are commit markers, which no consumer receives).
+    sink = subprocess.run(
+        [
+            sys.executable, "-m", "flows.cli", "sink", "--until-end", "--from", "beginning",
+            "--brokers", kafka_bootstrap, "--output-topic", topics.output,
+            "--store", f"lancedb:{tmp_path / 'lance'}", "--group-id", f"{topics.output}.sink",
+            "--metrics-port", "0",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert sink.returncode == 0, sink.stderr[-3000:]
+    assert f"sink worker done: {len(events)} records, {len(events)} manifests" in sink.stderr, sink.stderr[
+        -2000:
+    ]
+
+
+def test_a_broker_outage_inside_a_transaction_is_waited_out_without_aborting(kafka_bootstrap, tmp_path):
+    """The broker goes away as a batch's transaction produces its records: the member
+    waits for the records to be confirmed, polling the group meanwhile, and the same
+    transaction commits once the broker is back; none is aborted."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("restarts only the project's own local broker")
+    from flows.dev.kafka import LocalKafka
+
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    events = [
+        (f"o-{i}".encode(), avro_event(f"o-{i}", content=f"Outage document {i}.".encode(), filename="a.txt"))
+        for i in range(40)
+    ]
+    port = free_port()
+    member = start_member(topics, "solo", tmp_path, "--batch-size", "8", "--metrics-port", str(port))
+    member.hold("_produce")
+    topics.produce(events)
+    broker = LocalKafka()
+    try:
+        assert wait_for(lambda: member.reached("_produce"), timeout=120), member.tail()
+        broker.stop()
+        member.release("_produce")
+        time.sleep(6)
+        broker.start()
+        assert wait_for(lambda: committed_total(topics) == len(events), timeout=180), member.tail()
+        samples = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        assert member.stop() == 0, member.tail()
+    assert "waiting for Kafka to confirm" in member.text(), "the member waited the broker out"
+    assert metric(samples, 'embedstream_transactions_total{outcome="aborted"}') == 0, member.tail()
+    assert metric(samples, 'embedstream_transactions_total{outcome="committed"}') >= 5
+    assert metric(samples, "embedstream_producer_fenced_total") == 0
+    assert metric(samples, "embedstream_transaction_commit_seconds_count") >= 5
+    assert "revoked" not in member.text().split("waiting for Kafka to confirm")[1].split("left the group")[0]
+    expected = [
+        Expected(msg.key().decode(), msg.partition(), msg.offset(), "DocManifest")
+        for _, _, msg in read_as(kafka_bootstrap, topics.input, "read_uncommitted")
+    ]
+    check_exactly_once(topics, expected, incremental=False)
+
+
+def test_the_local_brokers_transaction_log_has_one_replica_and_min_isr_one(kafka_bootstrap):
+    """A single broker must be able to run transactions: its transaction state log is
+    created with one replica and min.insync.replicas=1 (a production cluster: 3 and 2)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("checks the project's own local broker")
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    from flows.dev.kafka import LocalKafka
+
+    config = (LocalKafka().home / f"server-{LocalKafka().port}.properties").read_text()
+    assert "transaction.state.log.replication.factor=1" in config.splitlines()
+    assert "transaction.state.log.min.isr=1" in config.splitlines()
+    producer = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "transactional.id": "embedstream-tests.txnlog"}
+    )
+    producer.init_transactions(60)  # creates the log if no transaction ran yet
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    meta = admin.list_topics("__transaction_state", timeout=30).topics["__transaction_state"]
+    assert meta.partitions and all(len(p.replicas) == 1 for p in meta.partitions.values())
+    resource = ConfigResource(ResourceType.TOPIC, "__transaction_state")
+    described = admin.describe_configs([resource])[resource].result(timeout=30)
+    assert described["min.insync.replicas"].value == "1"
+
+
+def test_exactly_once_refuses_cluster_mode_and_a_missing_member_name(kafka_bootstrap):
+    topics = FlowTopics(kafka_bootstrap)
+    env = {k: v for k, v in os.environ.items() if k not in ("POD_NAME", "KUBERNETES_SERVICE_HOST")}
+    for args, extra_env, says in (
+        (("--exactly-once", "--scaling", "cluster"), {}, "exactly_once needs scaling=group"),
+        (("--exactly-once", "--member-name", "m", "-a", "127.0.0.1:2101"), {}, "needs scaling=group"),
+        (("--exactly-once",), {}, "exactly_once needs a stable member name: --member-name"),
+        (("--exactly-once", "--member-name", "a b"), {}, "member name 'a b'"),
+        (
+            ("--exactly-once", "--member-name", "m"),
+            {"EMBEDSTREAM_FLUSH_TIMEOUT_S": "60"},
+            "transaction.timeout.ms (60000) must exceed the flush timeout (60000 ms)",
+        ),
+        (
+            ("--exactly-once", "--member-name", "m", "--kafka", "transactional.id=x"),
+            {},
+            "transactional.id is derived from the member name",
+        ),
+    ):
+        result = subprocess.run(
+            run_args(topics, "--model", TINY_MODEL, *args),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, **extra_env},
+        )
+        assert result.returncode == 2 and says in result.stderr, (args, result.stderr[-2000:])
+    # The flush timeout follows the transaction timeout, and a longer one is refused.
+    settings = Settings(exactly_once=True, member_name="m", kafka={"transaction.timeout.ms": "90000"})
+    assert settings.flush_timeout() == 72
+    with pytest.raises(ValueError, match="must exceed the flush timeout"):
+        Settings(exactly_once=True, member_name="m", flush_timeout_s=60).validate()
+    assert Settings().flush_timeout() == 300  # at-least-once keeps its 300 s
+    assert Settings(exactly_once=True).member({"POD_NAME": "embedstream-3"}) == "embedstream-3"
+    in_pod = {"HOSTNAME": "embedstream-0", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert Settings(exactly_once=True).member(in_pod) == "embedstream-0"
+    with pytest.raises(ValueError, match="stable member name"):
+        Settings(exactly_once=True).member({"HOSTNAME": "laptop"})  # outside Kubernetes: not stable enough
