@@ -1,6 +1,7 @@
 """A local Azure Blob Storage emulator for tests: Azurite (Microsoft's, MIT, from npm) on
 loopback, installed once into the cache by ``deploy/dev.sh setup`` (:func:`install`;
-needs Node.js 18+ and npm, which setup installs with apt where it can).
+needs Node.js and npm, which setup installs with apt where it can). 3.35.0 is the last
+release that declares support for Debian bookworm's Node.js 18 (3.36 wants 21, 3.37 22).
 
 It knows one account, Azurite's well-known development account; containers are made with
 a Shared Key signed request here, objects with any client. :meth:`LocalAzurite.options`
@@ -23,7 +24,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Optional
 
-VERSION = "3.37.0"
+VERSION = "3.35.0"
 HOME = Path(os.environ.get("EMBEDSTREAM_AZURITE_HOME", Path.home() / ".cache/embedstream/azurite"))
 #: Azurite's development account and its published key (not a secret).
 ACCOUNT = "devstoreaccount1"
@@ -46,7 +47,7 @@ def install(home: Path = HOME) -> Path:
         try:
             _apt_install(["nodejs", "npm"])
         except (ContainerError, subprocess.SubprocessError) as e:
-            raise RuntimeError(f"Azurite needs Node.js 18+ and npm: {e}") from None
+            raise RuntimeError(f"Azurite needs Node.js and npm: {e}") from None
     prefix = home / VERSION
     prefix.mkdir(parents=True, exist_ok=True)
     subprocess.run(
