@@ -20,12 +20,14 @@ def parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def test_an_abbreviated_option_is_an_error_not_another_option(capsys):
-    # `--mode` once read as `--model`: a search with another model, silently.
+    # `--mode` once read as `--model`: a search with another model, silently. Now that
+    # both exist, a prefix of either is still no option.
     with pytest.raises(SystemExit) as exit:
-        build_parser().parse_args(["search", "q", "--mode", "dense"])
+        build_parser().parse_args(["search", "q", "--mod", "dense"])
     assert exit.value.code == 2
-    assert "unrecognized arguments: --mode dense" in capsys.readouterr().err
+    assert "unrecognized arguments: --mod dense" in capsys.readouterr().err
     assert build_parser().parse_args(["search", "q", "--model", "dense"]).model == "dense"
+    assert build_parser().parse_args(["search", "q", "--mode", "dense"]).mode == "dense"
 
 
 @pytest.mark.parametrize(
