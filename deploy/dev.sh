@@ -60,7 +60,8 @@ quickstart() {
     step "search: \"how are long documents split?\""
     "$es" search "how are long documents split?" --store "$store" --k 3
     step "search: \"what happens to files that cannot be read?\""
-    "$es" search "what happens to files that cannot be read?" --store "$store" --k 3
+    # Dense: the README shows these cosine scores (the default, hybrid, fuses ranks).
+    "$es" search "what happens to files that cannot be read?" --store "$store" --k 3 --mode dense
     echo
     echo "The broker keeps running: '$es kafka stop' stops it."
 }
