@@ -365,7 +365,7 @@ def test_search_embeds_the_query_with_the_tables_model_and_its_query_prompt(tmp_
     apply(store, stream)
 
     query = "where do vectors go?"
-    hits = search(query, k=4, store=store, model=str(model_dir))
+    hits = search(query, k=4, store=store, model=str(model_dir), mode="dense")  # cosine scores
     q = embedder.embed([query], prompt_name="query")[0]
     want = sorted(
         ((float(q @ v / np.linalg.norm(v) / np.linalg.norm(q)), f"d{i}") for i, v in enumerate(vectors))
