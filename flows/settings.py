@@ -75,7 +75,8 @@ class Settings:
     #: Keep the first dimensions of every vector (Matryoshka models; None: all).
     truncate_dim: Optional[int] = None
     #: A sparse model directory (SPLADE, BGE-M3): each text chunk's VectorRecord also
-    #: gets its sparse vector, for `embedstream search --mode sparse|hybrid`.
+    #: gets its sparse vector, for `embedstream search --mode sparse|hybrid`, which (as
+    #: `serve`) encodes queries with it (default there: the table's, from its lineage).
     sparse_model: Optional[str] = None
     #: Chunk size in model tokens (None: the model's limit).
     max_tokens: Optional[int] = None
