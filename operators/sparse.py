@@ -9,6 +9,7 @@ lexical index, and learned expansions match what dense vectors miss.
 from __future__ import annotations
 
 import heapq
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Literal, Optional, Union
 
 from . import _native, models
 from .embed import NativeModel
+from .errors import ModelError
 
 #: ``"splade"``: a masked-LM model with SPLADE pooling, for queries and documents alike;
 #: ``"splade-inference-free"``: a SPLADE document encoder whose queries get a fixed
@@ -67,6 +69,21 @@ def _vectors(rows: list[tuple[list[int], list[float]]]) -> list[SparseVector]:
     return [SparseVector(indices, values) for indices, values in rows]
 
 
+def _saved_max_active_dims(directory: os.PathLike) -> Optional[int]:
+    """The ``max_active_dims`` that sentence-transformers saved with the model, if any."""
+    path = os.path.join(directory, "config_sentence_transformers.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("max_active_dims")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{path}: {e}") from e
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ModelError(f"{path}: max_active_dims must be a positive integer, not {value!r}")
+    return value
+
+
 def _texts(texts: Sequence[str], method: str) -> list[str]:
     if isinstance(texts, str):
         raise TypeError(f"{method}() takes a sequence of strings, not a single string")
@@ -92,8 +109,13 @@ class SparseEmbedder(NativeModel):
     entries: they mark structure, not content, and BGE-M3's code drops them too.
     """
 
-    def __init__(self, native: _native.SparseEmbedder) -> None:
+    def __init__(self, native: _native.SparseEmbedder, max_active_dims: Optional[int] = None) -> None:
         self._native = native
+        if max_active_dims is not None and (
+            isinstance(max_active_dims, bool) or not isinstance(max_active_dims, int) or max_active_dims <= 0
+        ):
+            raise ValueError(f"max_active_dims must be a positive integer, not {max_active_dims!r}")
+        self._max_active_dims = max_active_dims
 
     @classmethod
     def load(
@@ -103,28 +125,45 @@ class SparseEmbedder(NativeModel):
         device: str = "cpu",
         dtype: str = "f32",
         max_batch_tokens: Optional[int] = None,
+        max_active_dims: Optional[int] = None,
     ) -> SparseEmbedder:
         """Loads a sparse model; ``device``, ``dtype`` and ``max_batch_tokens`` as for
-        :meth:`operators.Embedder.load` (the heads run in f32 on the CPU). Raises
-        ``ModelNotFoundError`` for a missing directory or file and ``ModelError`` for a
-        model of no sparse family, naming what was expected."""
+        :meth:`operators.Embedder.load` (the heads run in f32 on the CPU).
+        ``max_active_dims`` keeps each vector's largest weights only, as
+        sentence-transformers does; by default the model's own
+        (``config_sentence_transformers.json``), else all. Raises ``ModelNotFoundError``
+        for a missing directory or file and ``ModelError`` for a model of no sparse
+        family, naming what was expected."""
         if max_batch_tokens is not None and max_batch_tokens <= 0:
             raise ValueError("max_batch_tokens must be positive")
         native = _native.SparseEmbedder(
             models.resolve(model), device, dtype, max_batch_tokens or 0, [str(p) for p in models.hub_caches()]
         )
-        return cls(native)
+        if max_active_dims is None:
+            max_active_dims = _saved_max_active_dims(native.path)
+        return cls(native, max_active_dims)
 
     def embed(self, texts: Sequence[str]) -> list[SparseVector]:
         """Sparse vectors of documents (or passages, chunks), in input order; runs without
         the GIL. Texts past ``max_tokens`` are truncated; an empty text gives what its
         special tokens alone give, which may be nothing."""
-        return _vectors(self._native.embed(_texts(texts, "embed")))
+        return self._capped(self._native.embed(_texts(texts, "embed")))
 
     def embed_query(self, texts: Sequence[str]) -> list[SparseVector]:
         """Sparse vectors of search queries: as :meth:`embed`, except for inference-free
         SPLADE, where each of a query's tokens gets its fixed weight."""
-        return _vectors(self._native.embed_queries(_texts(texts, "embed_query")))
+        return self._capped(self._native.embed_queries(_texts(texts, "embed_query")))
+
+    def _capped(self, rows: list[tuple[list[int], list[float]]]) -> list[SparseVector]:
+        vectors = _vectors(rows)
+        if self._max_active_dims is None:
+            return vectors
+        return [v.top(self._max_active_dims) for v in vectors]
+
+    @property
+    def max_active_dims(self) -> Optional[int]:
+        """Most entries of a vector, or None for no limit."""
+        return self._max_active_dims
 
     @property
     def family(self) -> SparseFamily:

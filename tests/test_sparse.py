@@ -164,6 +164,26 @@ def test_models_of_no_sparse_family_are_refused_by_name(tmp_path):
         SparseEmbedder.load(pooling)
 
 
+def test_max_active_dims_keeps_the_largest_weights(tmp_path, splade):
+    texts = [r["text"] for r in reference(SPLADE)]
+    full = splade.embed(texts)
+    assert splade.max_active_dims is None and max(map(len, full)) > 10
+    capped = SparseEmbedder.load(SPLADE, max_active_dims=10)
+    assert capped.embed(texts) == [v.top(10) for v in full]
+    assert capped.embed_query(texts) == [v.top(10) for v in full]
+    # The limit sentence-transformers saved with the model, as it applies it.
+    copy = tmp_path / "capped"
+    shutil.copytree(SPLADE, copy)
+    config = json.loads((copy / "config_sentence_transformers.json").read_text())
+    (copy / "config_sentence_transformers.json").write_text(json.dumps({**config, "max_active_dims": 7}))
+    assert SparseEmbedder.load(copy).embed(texts) == [v.top(7) for v in full]
+    (copy / "config_sentence_transformers.json").write_text(json.dumps({**config, "max_active_dims": 0}))
+    with pytest.raises(ModelError, match="max_active_dims must be a positive integer"):
+        SparseEmbedder.load(copy)
+    with pytest.raises(ValueError, match="max_active_dims"):
+        SparseEmbedder.load(SPLADE, max_active_dims=-1)
+
+
 def test_embed_takes_a_sequence(splade):
     with pytest.raises(TypeError, match="sequence of strings"):
         splade.embed("one text")
