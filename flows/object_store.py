@@ -72,6 +72,22 @@ _ALLOW_HTTP_VARIABLES = {
 }
 _STATUS = re.compile(r"status code: (\d{3})")
 _CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
+#: The request that failed: its method and scheme://host (never its path or query).
+_REQUEST = re.compile(r"Error performing [A-Z]+ (https?://[^/\s?]+)(\S*)")
+#: Hosts and paths of the credential providers object_store asks (instance metadata,
+#: STS for web identity, OAuth token endpoints).
+_CREDENTIAL_SOURCES = (
+    "169.254.169.254",
+    "169.254.170.2",
+    "fd00:ec2::254",
+    "metadata.google.internal",
+    "sts.",
+    "oauth2.googleapis.com",
+    "login.microsoftonline.com",
+    "/latest/api/token",
+    "/latest/meta-data",
+    "/metadata/identity",
+)
 
 
 def is_object_uri(uri: str) -> bool:
@@ -202,6 +218,10 @@ def _failure(uri: str, e: Exception) -> Exception:
     said = f"HTTP {status}" if status else _cause(text)
     if code:
         said += f" {code.group(1)}"
+    request = _REQUEST.search(text)
+    if request and any(source in request.group(1) + request.group(2) for source in _CREDENTIAL_SOURCES):
+        # The store was not reached: the credential chain failed on its way there.
+        said = f"credentials not obtained from {request.group(1)}: {said}"
     if isinstance(e, (FileNotFoundError, obstore_errors.NotFoundError)):
         return FetchError("not_found", f"{uri} does not exist ({said})")
     if isinstance(e, (obstore_errors.PermissionDeniedError, obstore_errors.UnauthenticatedError)):

@@ -383,6 +383,49 @@ def test_what_a_store_answers_is_typed(status, code, outcome):
     assert (got, f"HTTP {status} {code}" in message) == (outcome, True), message
 
 
+@pytest.mark.parametrize("status, expected", [(403, FetchError), (500, FetchUnavailable)])
+def test_a_credential_chain_that_fails_says_so(status, expected, monkeypatch):
+    """No keys in the environment: object_store asks the instance metadata endpoint (here
+    a local server that refuses, or fails): the message names it, not the object."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_PUT = answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata) as metadata:
+        threading.Thread(target=metadata.serve_forever, daemon=True).start()
+        stores = ObjectStores(
+            {
+                "aws_endpoint": "http://127.0.0.1:9",
+                "aws_region": "us-east-1",
+                "aws_metadata_endpoint": f"http://127.0.0.1:{metadata.server_address[1]}",
+                "allow_http": "true",
+            }
+        )
+        try:
+            with pytest.raises(
+                expected, match=f"credentials not obtained from http://127.0.0.1:.*HTTP {status}"
+            ):
+                fetch(
+                    "s3://docs/x",
+                    roots=[],
+                    max_bytes=10,
+                    allowlist=UriAllowlist(["s3://docs"]),
+                    stores=stores,
+                )
+        finally:
+            metadata.shutdown()
+
+
 def test_a_store_that_never_answers_times_out():
     """It accepts the connection and says nothing: the fetch ends at its timeout, as an
     outage (retried), not a dead letter and not a hang."""
