@@ -383,6 +383,8 @@ def test_an_older_pgvector_is_reported_by_feature_and_dense_and_text_keep_workin
         write(postgres_dsn, stream_of(TEXTS, sparse=True))
     said = "\n".join(r.getMessage() for r in caplog.records)
     assert "pgvector 0.8" in said  # the version as the server spells it
+    [line] = [r for r in caplog.records if "not available before a newer pgvector" in r.getMessage()]
+    assert line.levelname == "WARNING"
     for feature in ("sparsevec", "halfvec", "hnsw.iterative_scan"):
         assert feature in said
     assert "sparse vectors of test/tiny-sparse are not stored" in said

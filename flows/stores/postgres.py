@@ -237,7 +237,8 @@ class PostgresStore:
         version = pgvector_version(text)
         if version != self.pgvector:
             missing = missing_features(version)
-            log.info(
+            log.log(
+                logging.WARNING if missing else logging.INFO,
                 "PostgreSQL %s with pgvector %s%s",
                 conn.info.parameter_status("server_version"),
                 text,
