@@ -264,6 +264,39 @@ def test_a_zombie_member_is_refused_and_its_transaction_never_becomes_visible(ka
     ]
 
 
+def test_a_fenced_producer_stops_producing_and_its_member_rejoins(kafka_bootstrap, tmp_path):
+    """Another producer takes a member's transactional.id mid-batch: the member's
+    producer is fenced, never produces again, and the member leaves the group and
+    rejoins with a new producer (which fences the intruder in turn); every event's
+    records are committed once."""
+    from confluent_kafka import Producer
+
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    events = [
+        (f"f-{i}".encode(), avro_event(f"f-{i}", content=f"Fenced document {i}.".encode(), filename="a.txt"))
+        for i in range(60)
+    ]
+    member = start_member(topics, "f", tmp_path, "--batch-size", "4", *FAST_GROUP)
+    member.hold("_produce")
+    topics.produce(events)
+    try:
+        assert wait_for(lambda: member.reached("_produce"), timeout=120), member.tail()
+        intruder = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{topics.group}.f.0"})
+        intruder.init_transactions(60)
+        member.release("_produce")
+        assert wait_for(lambda: committed_total(topics) == len(events), timeout=180), member.tail()
+    finally:
+        assert member.stop() == 0, member.tail()
+    text = member.text()
+    assert re.search(r"transactional producer \S+\.f\.0 fenced", text), text[-3000:]
+    assert text.count("transactional producer") >= 3  # ready, fenced, ready again
+    expected = [
+        Expected(msg.key().decode(), msg.partition(), msg.offset(), "DocManifest")
+        for _, _, msg in read_as(kafka_bootstrap, topics.input, "read_uncommitted")
+    ]
+    check_exactly_once(topics, expected, incremental=False)
+
+
 def test_a_broker_outage_inside_a_transaction_is_waited_out_without_aborting(kafka_bootstrap, tmp_path):
     """The broker goes away as a batch's transaction produces its records: the member
     waits for the records to be confirmed, polling the group meanwhile, and the same

@@ -189,17 +189,33 @@ class Transactions:
                 )
             # A broker outage is waited out here, the member polling (outage keepers).
             delivery.confirm(self.flush_timeout_s)
+        except (KafkaException, SystemError) as e:
+            # A fatal error (fenced) surfaces from produce() or flush(); confluent-kafka
+            # may wrap it in a SystemError raised from within a delivery callback.
+            cause = e if isinstance(e, KafkaException) else e.__cause__
+            if not isinstance(cause, KafkaException):
+                raise
+            error = cause.args[0] if cause.args else KafkaError(KafkaError._FAIL)
+            if _fenced(error):
+                self._failed(error)
+            self._not_delivered(error.str(), cause)
         except DeliveryError as e:
             if self.doomed:
                 self._refuse_if_doomed()
-            self._delivery_aborts += 1
-            self._abort(f"records not confirmed: {e}")
-            if self._delivery_aborts >= MAX_DELIVERY_ABORTS:
-                raise DeliveryError(
-                    f"{e} ({self._delivery_aborts} transactions in a row aborted for this; nothing of "
-                    "them is visible, and the batch is processed again when the worker restarts)"
-                ) from e
-            raise Aborted(str(e)) from e
+            self._not_delivered(str(e), e)
+
+    def _not_delivered(self, why: str, cause: BaseException) -> None:
+        """Aborts a transaction whose records Kafka did not take: the batch is processed
+        again, and after a few such aborts in a row the worker stops, as at-least-once
+        does at once (a cause that lasts must not loop for ever)."""
+        self._delivery_aborts += 1
+        self._abort(f"records not confirmed: {why}")
+        if self._delivery_aborts >= MAX_DELIVERY_ABORTS:
+            raise DeliveryError(
+                f"{why} ({self._delivery_aborts} transactions in a row aborted for this; nothing of "
+                "them is visible, and the batch is processed again when the worker restarts)"
+            ) from cause
+        raise Aborted(why) from cause
 
     def _send_offsets(
         self,
