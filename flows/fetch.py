@@ -136,7 +136,7 @@ def read_bounded(source: Union[int, BinaryIO], limit: int) -> bytes:
     read = (lambda n: os.read(source, n)) if isinstance(source, int) else source.read
     parts, total = [], 0
     while total <= limit:
-        part = read(min(limit + 1 - total, _READ_CHUNK))
+        part = read(min(limit + 1 - total, READ_CHUNK))
         if not part:
             return b"".join(parts)
         parts.append(part)
@@ -208,7 +208,7 @@ _KINDS = {
     stat.S_IFSOCK: "a socket",
 }
 #: Bytes asked of the source per read.
-_READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 20
 
 #: Schemes the fetch metrics name; any other is counted as "other".
 _LABELS = frozenset({"file", "s3", "gs", "az", "abfs", "abfss", "https", "http"})

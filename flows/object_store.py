@@ -37,7 +37,7 @@ from typing import Any, Optional
 import obstore
 from obstore import exceptions as obstore_errors
 
-from flows.fetch import _READ_CHUNK, FetchError, FetchUnavailable, read_bounded
+from flows.fetch import READ_CHUNK, FetchError, FetchUnavailable, read_bounded
 
 #: Each scheme's prefix of the pass-through keys it takes.
 SCHEMES = {"s3": "aws_", "gs": "google_", "az": "azure_", "abfs": "azure_", "abfss": "azure_"}
@@ -184,13 +184,13 @@ class ObjectStores:
             if size > max_bytes:
                 raise FetchError("too_large", f"{uri} is {size} bytes, over the limit of {max_bytes}")
             try:
-                return read_bounded(_Reader(iter(answer.stream(min_chunk_size=_READ_CHUNK))), max_bytes)
+                return read_bounded(_Reader(iter(answer.stream(min_chunk_size=READ_CHUNK))), max_bytes)
             except FetchError as e:  # it grew between the headers and the body
                 raise FetchError(e.reason, f"{uri}: {e.message}") from None
         except FetchError:
             raise
         except Exception as e:
-            raise _failure(uri, e) from None
+            raise failure(uri, e) from None
 
 
 class _Reader:
@@ -210,8 +210,9 @@ class _Reader:
         return bytes(part)
 
 
-def _failure(uri: str, e: Exception) -> Exception:
-    """The FetchError or FetchUnavailable for what obstore raised."""
+def failure(uri: str, e: Exception) -> Exception:
+    """The FetchError or FetchUnavailable for what obstore raised about ``uri`` (a
+    listing's too, in ``embedstream publish s3://…``)."""
     text = str(e)
     status = _status(e)
     code = _CODE.search(text)
@@ -238,6 +239,10 @@ def _failure(uri: str, e: Exception) -> Exception:
         return FetchError("fetch_failed", f"{uri}: {type(e).__name__}")
     # A transport error in the body's stream (a connection cut mid-way) and the like.
     return FetchUnavailable(f"{uri}: the object store is unavailable ({type(e).__name__})")
+
+
+#: The name this had first (flows/backfill.py imports it).
+_failure = failure
 
 
 def _status(e: Exception) -> Optional[int]:

@@ -42,12 +42,7 @@ def install(home: Path = HOME) -> Path:
     if target.exists():
         return target
     if shutil.which("npm") is None:
-        from flows.dev.containers import ContainerError, _apt_install
-
-        try:
-            _apt_install(["nodejs", "npm"])
-        except (ContainerError, subprocess.SubprocessError) as e:
-            raise RuntimeError(f"Azurite needs Node.js and npm: {e}") from None
+        _apt_install(["nodejs", "npm"])
     prefix = home / VERSION
     prefix.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -56,6 +51,15 @@ def install(home: Path = HOME) -> Path:
         stdout=subprocess.DEVNULL,
     )
     return target
+
+
+def _apt_install(packages: list[str]) -> None:
+    """Installs Debian ``packages`` as root where apt-get is; else says what to run."""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise RuntimeError(f"Azurite needs Node.js and npm: install {' and '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=900)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, timeout=1800)
 
 
 @dataclass
