@@ -600,3 +600,43 @@ def test_the_flow_adds_each_chunks_sparse_vector_and_search_finds_it(tiny_bert, 
 
 def with_sparse_messages(out: list) -> list:
     return messages([(kind, r) for kind, r in out])
+
+
+def test_embedstream_run_with_a_sparse_model_on_kafka(kafka_bootstrap, tmp_path):
+    """The real command on the real broker: `embedstream run --sparse-model` (the setting
+    the workers load the model from), then the sink's operations into a store and a
+    sparse search through embedstream search's function."""
+    from conftest import DATA
+    from kafka_helpers import FlowTopics
+
+    from flows.kafka.io import InputMessage
+    from flows.search import search
+    from operators import SparseEmbedder
+
+    topics = FlowTopics(kafka_bootstrap)
+    topics.produce(
+        [(d.encode(), codecs.encode_json({"doc_id": d, "content": text})) for d, text in TEXTS.items()]
+    )
+    done = topics.run("--model", str(DATA / "tiny-bert-cls"), "--sparse-model", str(DATA / "tiny-splade"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = topics.read(topics.output)
+    sparse = SparseEmbedder.load(DATA / "tiny-splade")
+    vector_records = [r for kind, r, _ in out if kind == "VectorRecord"]
+    assert {r["doc_id"] for r in vector_records} == set(TEXTS)
+    for r, want in zip(vector_records, sparse.embed([r["text"] for r in vector_records])):
+        assert r["sparse"]["indices"] == want.indices and r["sparse_model"]["model_id"] == sparse.model_id
+    url = f"lancedb:{tmp_path / 'lance'}"
+    store = open_store(url)
+    try:
+        read = [
+            InputMessage(
+                m.topic(), m.partition(), m.offset(), m.key(), m.value(), 0, tuple(m.headers() or ())
+            )
+            for _, _, m in out
+        ]
+        apply_ops(store, [to_op(m) for m in read])
+    finally:
+        store.close()
+    models = {"model": str(DATA / "tiny-bert-cls"), "sparse_model": str(DATA / "tiny-splade")}
+    hits = search("KeyError missing key", k=5, store=url, mode="sparse", **models)
+    assert hits and all(h.score > 0 for h in hits)
