@@ -640,3 +640,46 @@ def test_embedstream_run_with_a_sparse_model_on_kafka(kafka_bootstrap, tmp_path)
     models = {"model": str(DATA / "tiny-bert-cls"), "sparse_model": str(DATA / "tiny-splade")}
     hits = search("KeyError missing key", k=5, store=url, mode="sparse", **models)
     assert hits and all(h.score > 0 for h in hits)
+
+
+def test_serve_searches_a_sparse_table_with_its_sparse_model(tiny_bert, tmp_path):
+    """/search over a table of the tiny SPLADE's vectors: `serve --sparse-model` encodes
+    queries as the library does, in sparse mode and in hybrid over three signals."""
+    from conftest import DATA
+    from test_serve import Server, request
+
+    from flows.embed_steps import Pipeline
+    from flows.kafka.io import InputMessage
+    from flows.search import search as library_search
+    from flows.settings import Settings
+    from operators import ExtractorPool, SparseEmbedder
+
+    sparse = SparseEmbedder.load(DATA / "tiny-splade")
+    events = [
+        InputMessage("documents", 0, i, d.encode(), codecs.encode_json({"doc_id": d, "content": t}), 1)
+        for i, (d, t) in enumerate(TEXTS.items())
+    ]
+    with ExtractorPool(1) as pool:
+        out = Pipeline(Settings(), tiny_bert, pool=pool, sparse_embedder=sparse).process(events)
+    url = f"lancedb:{tmp_path / 'lance'}"
+    store = open_store(url)
+    try:
+        apply_ops(
+            store, [to_op(m) for m in messages([codecs.decode_output(m.value, m.headers) for m in out])]
+        )
+    finally:
+        store.close()
+    models = {"model": str(DATA / "tiny-bert-cls"), "sparse_model": str(DATA / "tiny-splade")}
+    server = Server("--store", url, "--model", models["model"], "--sparse-model", models["sparse_model"])
+    try:
+        for mode in ("sparse", None):
+            body = {"query": "KeyError missing key", "k": 5, **({"mode": mode} if mode else {})}
+            status, _, raw = request(server.url + "/search", body)
+            assert status == 200, raw
+            answer = json.loads(raw)
+            assert answer["mode"] == (mode or "hybrid")
+            library = library_search("KeyError missing key", k=5, store=url, mode=mode, **models)
+            assert [h["doc_id"] for h in answer["data"]] == [h.doc_id for h in library]
+            assert [h["score"] for h in answer["data"]] == pytest.approx([h.score for h in library], abs=1e-6)
+    finally:
+        assert server.stop() == 0
