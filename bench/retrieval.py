@@ -19,7 +19,7 @@ sentence), so a query never finds itself. Metrics are per document: the chunk hi
 (top 50) are mapped to their documents, first occurrence kept, and recall@10 and
 nDCG@10 (one relevant document: 1/log2(1 + rank)) are averaged over the queries.
 Latency is per query, from the query text to the hits (query encoding included),
-median and 90th percentile over the queries.
+median and 90th percentile over the queries, and the median of each step.
 
 The documents go through the flow's own steps without Kafka: ``operators.extract``,
 the model's chunker, ``Embedder.embed``, :func:`flows.records.text_records`, Avro
@@ -249,13 +249,18 @@ def measure(
             used = available if mode == "hybrid" else [mode]
             per_kind: dict[str, list[tuple[float, float]]] = {}
             latencies = []
+            steps: dict[str, list[float]] = {}
             for q in queries:
                 started = time.perf_counter()
+                timings = Timings()
                 query = Query(q["query"])
                 if "dense" in used:
                     query.vector = embedder.embed([q["query"]], prompt_name=prompt)[0]
+                    timings.add("encode dense", started)
                 if "sparse" in used:
+                    encoding = time.perf_counter()
                     query.sparse = sparse.embed_query([q["query"]])[0]
+                    timings.add("encode sparse", encoding)
                 hits = retrieve(
                     store,
                     spec,
@@ -266,9 +271,11 @@ def measure(
                     depth=HITS,
                     reranker=reranker if with_rerank else None,
                     rerank_k=rerank_k,
-                    timings=Timings(),
+                    timings=timings,
                 )
                 latencies.append(time.perf_counter() - started)
+                for step, seconds in timings.steps.items():
+                    steps.setdefault(step, []).append(seconds)
                 per_kind.setdefault(q["kind"], []).append(scores(ranked_docs(hits)[:CUTOFF], q["relevant"]))
             name = mode + (" + rerank" if with_rerank else "")
             rows = {
@@ -292,6 +299,9 @@ def measure(
                     "median": round(1000 * statistics.median(latencies), 2),
                     "p90": round(1000 * latencies[int(0.9 * (len(latencies) - 1))], 2),
                 },
+                # Where the time goes: the median of each step (query encoding, each
+                # signal's store query, fusion, reranking).
+                "step_median_ms": {k: round(1000 * statistics.median(v), 2) for k, v in steps.items()},
             }
             print(
                 f"  {url.split(':')[0]:<10} {name:<16} nDCG@10 {rows['all']['ndcg@10']:.3f}", file=sys.stderr
