@@ -311,7 +311,12 @@ def test_a_broker_outage_inside_a_transaction_is_waited_out_without_aborting(kaf
         for i in range(40)
     ]
     port = free_port()
-    member = start_member(topics, "solo", tmp_path, "--batch-size", "8", "--metrics-port", str(port))
+    # Session and transaction timeouts longer than any restart of a loaded broker: this
+    # outage must be ridden out, neither the group nor the broker giving up on the member.
+    patient = ("--kafka", "session.timeout.ms=180000", "--kafka", "transaction.timeout.ms=240000")
+    member = start_member(
+        topics, "solo", tmp_path, "--batch-size", "8", "--metrics-port", str(port), *patient
+    )
     member.hold("_produce")
     topics.produce(events)
     broker = LocalKafka()
