@@ -29,7 +29,7 @@ from typing import Any, Optional
 from flows import codecs, outage
 from flows.fetch import FetchUnavailable
 from flows.object_store import ObjectStores
-from flows.object_store import _failure as describe_failure  # how fetches judge a failure
+from flows.object_store import failure as describe_failure  # how fetches judge a failure
 from flows.settings import Settings
 
 log = logging.getLogger("embedstream.backfill")

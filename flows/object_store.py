@@ -241,10 +241,6 @@ def failure(uri: str, e: Exception) -> Exception:
     return FetchUnavailable(f"{uri}: the object store is unavailable ({type(e).__name__})")
 
 
-#: The name this had first (flows/backfill.py imports it).
-_failure = failure
-
-
 def _status(e: Exception) -> Optional[int]:
     found = _STATUS.search(str(e))
     return int(found.group(1)) if found else None
