@@ -46,7 +46,7 @@ CACHE = Path.home() / ".cache" / "embedstream"
 #: About 12 tokens with MiniLM's tokenizer, special tokens included.
 QUERY = "how does the sink keep the vector store in step?"
 #: (concurrency, texts per request, seconds measured).
-LOADS = [(1, 1, 6), (16, 1, 6), (64, 1, 8), (1, 32, 6), (16, 32, 12), (64, 32, 20)]
+LOADS = [(1, 1, 5), (16, 1, 5), (64, 1, 6), (1, 32, 5), (16, 32, 8), (64, 32, 12)]
 WARMUP_S = 2.0
 
 
@@ -218,23 +218,6 @@ def vectors(url: str, model: str, texts: list[str]) -> Any:
         return np.array([d["embedding"] for d in json.loads(r.read())["data"]], dtype=np.float32)
 
 
-def measure(
-    url: str, model: str, texts: list[str], loads: list[tuple[int, int, int]], single_s: float
-) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for concurrency, size, window in loads:
-        bodies = [
-            {"model": model, "input": [texts[(i * size + j) % len(texts)] for j in range(size)]}
-            for i in range(256)
-        ]
-        results[f"c{concurrency}_texts{size}"] = run_client(url, bodies, concurrency, window)
-        print(f"  c={concurrency} texts={size}: {results[f'c{concurrency}_texts{size}']}", file=sys.stderr)
-    single = [{"model": model, "input": QUERY}]
-    results["single_query"] = run_client(url, single, 1, single_s)
-    print(f"  single query: {results['single_query']}", file=sys.stderr)
-    return results
-
-
 # --- the ASGI stack -----------------------------------------------------------------------------
 
 TRIVIAL_APP = """
@@ -316,6 +299,7 @@ def main() -> None:
     p.add_argument("--stack", action="store_true", help="also measure the ASGI servers on a trivial app")
     p.add_argument("--asgi-venv", type=Path, default=CACHE / "asgi-bench-venv")
     p.add_argument("--no-peer", action="store_true", help="embedstream only")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over every load and server")
     p.add_argument(
         "--quick", action="store_true", help="one-second windows: checks the script, measures nothing"
     )
@@ -325,7 +309,7 @@ def main() -> None:
         return
 
     loads = [(1, 1, 1), (4, 32, 1)] if args.quick else LOADS
-    single_s = 1 if args.quick else 8
+    single_s = 1 if args.quick else 6
     import corpus
     import machine
     import numpy as np
@@ -354,52 +338,80 @@ def main() -> None:
         result["asgi_stack"] = stack(args.asgi_venv)
     sample = texts[:64]
     reference = embedder.embed(sample)
-    for dtype in args.dtypes.split(","):
-        name = f"embedstream-{dtype}"
-        print(f"{name}:", file=sys.stderr)
-        proc, url = start_ours(free_port(), dtype, args.threads)
-        try:
-            got = vectors(url, "default", sample)
-            result["servers"][name] = {
-                "stack": our_stack(),
-                "cosine_min_to_library_f32": round(float(np.min((got * reference).sum(1))), 6),
-                **measure(url, "default", texts, loads, single_s),
-            }
-        finally:
-            stop(proc)
-    if not args.no_peer:
-        print("infinity:", file=sys.stderr)
-
-        proc, url = start_infinity(free_port(), args.peer_venv, model_dir, args.threads)
-        try:
+    # Every server up at once, each load run on each in turn and the rounds in rotated
+    # order: the shared machine drifts, and this spreads the drift over all of them.
+    servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
+    try:
+        for dtype in args.dtypes.split(","):
+            proc, url = start_ours(free_port(), dtype, args.threads)
+            servers[f"embedstream-{dtype}"] = (proc, url, "default")
+            result["servers"][f"embedstream-{dtype}"] = {"stack": our_stack()}
+        if not args.no_peer:
+            proc, url = start_infinity(free_port(), args.peer_venv, model_dir, args.threads)
+            servers["infinity"] = (proc, url, model_dir)
             peer_version = subprocess.run(
                 [str(args.peer_venv / "bin" / "python"), "-c",
                  "import importlib.metadata as m; print(m.version('infinity-emb'), m.version('torch'))"],
                 capture_output=True, text=True,
             ).stdout.split()  # fmt: skip
-            got = vectors(url, model_dir, sample)
             result["servers"]["infinity"] = {
                 "version": {"infinity-emb": peer_version[0], "torch": peer_version[1]},
                 "settings": "v2 --engine torch --device cpu --no-bettertransformer, else defaults",
-                "cosine_min_to_library_f32": round(float(np.min((got * reference).sum(1))), 6),
-                **measure(url, model_dir, texts, loads, single_s),
             }
-        finally:
+        for name, (_, url, model) in servers.items():
+            got = vectors(url, model, sample)
+            result["servers"][name]["cosine_min_to_library_f32"] = round(
+                float(np.min((got * reference).sum(1))), 6
+            )
+        runs: dict[str, dict[str, list[dict]]] = {name: {} for name in servers}
+        names = list(servers)
+        for round_ in range(args.rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for concurrency, size, window in [*loads, (1, 0, single_s)]:
+                key = f"c{concurrency}_texts{size}" if size else "single_query"
+                for name in order:
+                    _, url, model = servers[name]
+                    bodies = (
+                        [{"model": model, "input": [texts[(i * size + j) % len(texts)] for j in range(size)]}
+                         for i in range(256)]
+                        if size else [{"model": model, "input": QUERY}]
+                    )  # fmt: skip
+                    got_run = run_client(url, bodies, concurrency, window)
+                    runs[name].setdefault(key, []).append(got_run)
+                    print(f"  round {round_ + 1} {key} {name}: {got_run}", file=sys.stderr)
+    finally:
+        for proc, _, _ in servers.values():
             stop(proc)
+    for name, by_key in runs.items():
+        for key, measured in by_key.items():
+            result["servers"][name][key] = summary(measured)
+    if "infinity" in runs:
         ours, peer = result["servers"]["embedstream-f32"], result["servers"]["infinity"]
         result["ratios_f32_to_infinity"] = {
             key: {
                 "throughput": round(ours[key]["requests_per_s"] / peer[key]["requests_per_s"], 2),
                 "p99": round(ours[key]["p99_ms"] / peer[key]["p99_ms"], 2),
             }
-            for key in ours
-            if isinstance(ours[key], dict)
-            and ours[key].get("requests_per_s")
-            and peer.get(key, {}).get("requests_per_s")
+            for key in runs["infinity"]
+            if ours[key].get("requests_per_s") and peer[key].get("requests_per_s")
         }
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     result["embedstream_version"] = version_of("embedstream")
     print(json.dumps(result, indent=2))
+
+
+def summary(runs: list[dict]) -> dict[str, Any]:
+    """The median of each figure over the rounds, and the rounds themselves."""
+    done = [r for r in runs if r.get("requests")]
+    if not done:
+        return {"runs": runs}
+    return {
+        **{
+            k: round(statistics.median(r[k] for r in done), 2) for k in ("requests_per_s", "p50_ms", "p99_ms")
+        },
+        "errors": sum(r["errors"] for r in runs),
+        "runs": runs,
+    }
 
 
 def our_stack() -> str:
