@@ -209,7 +209,7 @@ def test_the_check_of_commands_can_fail(text):
         "```\nkafka-console-producer.sh --bootstrap-server 127.0.0.1:39092 --topic documents\n```\n",
         "```\npip install -e '.[test]' && python -m pytest -q -k sink\n```\n",
         '```\nembedstream sink --store "$(embedstream postgres dsn)"   # or any DSN\n```\n',
-        "`embedstream search \"QUERY\" [--k N] [--filter K=V]` and `embedstream_tables`",
+        '`embedstream search "QUERY" [--k N] [--filter K=V]` and `embedstream_tables`',
         "```\nembedstream models pull|path --whisper\n```\n",
         '```\nembedstream run --audio-model "$(embedstream models path --whisper)" --audio-language en\n```',
         "```\n0@0 notes/hello.md #0/1 dim=384 'Hello embedstream turns documents into vectors'\n```\n",

@@ -25,7 +25,10 @@ from flows.settings import Settings, redact_url
         ("postgresql://app@db/vectors?sslpassword=hunter2", "postgresql://app@db/vectors?sslpassword=***"),
         ("postgresql://db/vectors?Password=hunter2#x", "postgresql://db/vectors?Password=***#x"),
         # Nothing secret: unchanged.
-        ("postgresql://app@db/vectors?application_name=a@b", "postgresql://app@db/vectors?application_name=a@b"),
+        (
+            "postgresql://app@db/vectors?application_name=a@b",
+            "postgresql://app@db/vectors?application_name=a@b",
+        ),
         ("lancedb:/data/vectors", "lancedb:/data/vectors"),
         ("postgresql://db/vectors", "postgresql://db/vectors"),
     ],
