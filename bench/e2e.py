@@ -126,7 +126,7 @@ def latencies(bootstrap: str, texts: list[str], rate: float, *extra: str) -> dic
     }
 
 
-def compare_exactly_once(docs: int, batch_sizes: list[int], trickle_docs: int = 60) -> dict:
+def compare_exactly_once(docs: int, batch_sizes: list[int], trickle_docs: int = 60, repeats: int = 2) -> dict:
     from flows.settings import CPU_BATCH_SIZE
 
     bootstrap = LocalKafka().start()
@@ -152,7 +152,7 @@ def compare_exactly_once(docs: int, batch_sizes: list[int], trickle_docs: int = 
     for size in sizes:
         flags = ("--batch-size", str(size))
         runs: dict[str, list[float]] = {"at_least_once": [], "exactly_once": []}
-        for _ in range(2 if size == CPU_BATCH_SIZE else 1):  # alternated: the CPU is shared
+        for _ in range(repeats if size == CPU_BATCH_SIZE else 1):  # alternated: the CPU is shared
             runs["at_least_once"].append(drain_rate(topics, docs, overhead["at_least_once"], *flags))
             runs["exactly_once"].append(
                 drain_rate(topics, docs, overhead["exactly_once"], *flags, *EXACTLY_ONCE)
@@ -192,10 +192,11 @@ def main() -> None:
     )
     parser.add_argument("--batch-sizes", default="8,32,128", help="with --exactly-once-compare")
     parser.add_argument("--trickle-docs", type=int, default=60, help="latency: events sent at 4 a second")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each mode at the default batch size")
     args = parser.parse_args()
     if args.exactly_once_compare:
         sizes = [int(s) for s in args.batch_sizes.split(",") if s]
-        print(json.dumps(compare_exactly_once(args.docs, sizes, args.trickle_docs), indent=2))
+        print(json.dumps(compare_exactly_once(args.docs, sizes, args.trickle_docs, args.repeats), indent=2))
         return
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     base = paragraphs(1000)
