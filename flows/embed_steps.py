@@ -268,12 +268,13 @@ class Pipeline:
         unavailable: dict[int, tuple[Work, outage.Outage]] = {}
 
         def attempt(w: Work) -> None:
+            # Out of the waiting set whatever this try ends in: a refusal (404, too large,
+            # unreadable) is the document's dead letter, not a reason to wait on.
+            unavailable.pop(id(w), None)
             try:
                 self._fetch_and_extract(w)
             except outage.Outage as e:
                 unavailable[id(w)] = (w, e)
-            else:
-                unavailable.pop(id(w), None)
 
         def extract(w: Work) -> None:
             if w.message is not upserts[0].message and batch.budget.spent():

@@ -490,3 +490,43 @@ def test_the_store_stopped_mid_batch_and_started_again_loses_nothing(
     )
     assert counter(metrics.OUTAGE_WAITS.labels("object store")) > waits
     assert counter(metrics.FETCH_RETRIES.labels("s3")) > retries
+
+
+def test_a_document_unavailable_and_then_refused_ends_as_its_dead_letter(tiny_bert, pool):
+    """The store throttles (503 SlowDown) past the quick retries, so the batch waits; then
+    it answers 404. The wait ends with the document's not_found dead letter, and the
+    batch completes (it once waited forever: the refused document stayed 'unavailable')."""
+    asked = []
+
+    class Throttled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            status, code = (503, "SlowDown") if len(asked) <= 4 else (404, "NoSuchKey")
+            body = f"<?xml version='1.0'?><Error><Code>{code}</Code></Error>".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttled) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        options = tuple(f"{k}={v}" for k, v in _local_s3(endpoint).items())
+        p = Pipeline(settings("docs", object_store=options), tiny_bert, pool=pool)
+        result: list[Any] = []
+        batch = threading.Thread(
+            target=lambda: result.append(
+                p.process([message({"doc_id": "gone", "uri": "s3://docs/gone.txt"})])
+            )
+        )
+        batch.start()
+        batch.join(timeout=60)
+        server.shutdown()
+    assert not batch.is_alive(), "the batch still waits for a document the store refused"
+    assert len(asked) > 4  # the wait asked again after the quick retries
+    letters = [r for kind, r in outputs(result[0]) if kind == "DeadLetter"]
+    assert [(r["doc_id"], r["reason"]) for r in letters] == [("gone", "not_found")]
