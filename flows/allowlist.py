@@ -15,9 +15,9 @@ segments, before or after decoding, and credentials in the URI are refused outri
 For http(s) the host is compared case-insensitively and the port must be the prefix's
 (the scheme's default where neither names one).
 
-:meth:`UriAllowlist.names_host` says whether a prefix names a host (or address)
-literally: :mod:`flows.fetch_https` opens a private, loopback or link-local address
-only to a prefix that names that address.
+:meth:`UriAllowlist.names_address` says whether a prefix names an address on a scheme
+and port: :mod:`flows.fetch_https` opens a private, loopback or link-local address only
+there, never to a name that resolves to it on another port.
 """
 
 from __future__ import annotations
@@ -114,6 +114,16 @@ class UriAllowlist:
             return False
         return any(p.scheme in WEB_SCHEMES and _host_of(p.authority) == host for p in self._prefixes)
 
+    def names_address(self, address: str, scheme: str, port: int) -> bool:
+        """Whether an http(s) prefix names this address on this scheme and port: what
+        opens a loopback or private address to a fetch. A prefix for 127.0.0.1:8080 opens
+        nothing else on 127.0.0.1 to a name that resolves (or rebinds) there."""
+        try:
+            authority = f"{_host_key(address.strip('[]'))}:{port}"
+        except _Refused:
+            return False
+        return any(p.scheme == scheme and p.authority == authority for p in self._prefixes)
+
 
 def redact(uri: str) -> str:
     """``uri`` without any user name or password, fit for logs and dead letters."""
@@ -146,7 +156,10 @@ def _parse(uri: str) -> _Target:
         if ":" in authority or authority.count("@") > (scheme in ("abfs", "abfss")):
             raise _Refused("a bucket or container name holds no ':' or '@'")
     elif scheme in WEB_SCHEMES:
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+        except ValueError as e:  # "Invalid IPv6 URL" and the like
+            raise _Refused(str(e)) from None
         if parts.username is not None or parts.password is not None or "@" in parts.netloc:
             raise _Refused("credentials in a URI are refused: they would be logged and recorded")
         try:

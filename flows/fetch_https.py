@@ -3,8 +3,8 @@ letting an event's URI reach what it must not (SSRF).
 
 :func:`fetch_https` resolves the host itself and refuses loopback, link-local (cloud
 metadata endpoints included), private, unique-local, shared, unspecified, multicast and
-reserved addresses, unless an allowed prefix names that very address
-(``http://127.0.0.1:8080/``, ``https://[fd00::7]/``): a prefix with a host *name* never
+reserved addresses, unless an allowed prefix names that very address on the same scheme
+and port (``http://127.0.0.1:8080/``, ``https://[fd00::7]/``): a prefix with a host *name* never
 opens a private address, so a name whose DNS turns to ``169.254.169.254`` or ``127.0.0.1``
 is refused. It then connects to the address it checked, so a second lookup cannot change
 it, with TLS verified against the host name (SNI and certificate; the system's CA store,
@@ -245,7 +245,7 @@ def _addresses(
     allowed, refused = [], []
     for ip in found:
         kind = refused_kind(ip)
-        if kind and not allowlist.names_host(str(ip)):
+        if kind and not allowlist.names_address(str(ip), uri.partition("://")[0].lower(), port):
             refused.append(f"{ip} ({kind})")
         else:
             allowed.append(ip)

@@ -169,3 +169,12 @@ def test_host_names_compare_in_their_dns_spelling():
     assert allow.names_host("xn--bcher-kva.example")
     for uri in ("https://bücher.example%00.evil.test/", "https://bü cher.example/"):
         assert "is not a host name" in refusal(allow, uri)
+
+
+def test_a_malformed_web_uri_is_refused_not_an_internal_error():
+    """urlsplit raises a bare ValueError on a broken IPv6 host: it must become the
+    event's uri_not_allowed dead letter, not an internal error with a stack trace."""
+    allow = UriAllowlist(["https://wiki.example.com/"])
+    with pytest.raises(FetchError) as e:
+        allow.check("https://[::1/x")
+    assert e.value.reason == "uri_not_allowed"

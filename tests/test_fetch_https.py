@@ -302,6 +302,19 @@ def test_a_name_that_resolves_to_loopback_is_refused_unless_its_address_is_named
     assert plain.connections == before + 1
 
 
+def test_an_address_named_for_one_port_opens_no_other_port_to_a_name(plain, other):
+    """A prefix naming 127.0.0.1 on one server's port opens that address only on that
+    port and scheme: a name that resolves (or rebinds) to 127.0.0.1 reaches nothing
+    else there, such as another local service."""
+    port, elsewhere = plain.server_address[1], other.server_address[1]
+    before = other.connections
+    e = refused(f"http://localhost:{elsewhere}/doc", f"http://localhost:{elsewhere}/", f"{plain.base}/")
+    assert e.reason == "uri_not_allowed" and "127.0.0.1 (loopback)" in e.message
+    assert other.connections == before
+    e = refused(f"https://localhost:{port}/doc", f"https://localhost:{port}/", f"{plain.base}/")
+    assert e.reason == "uri_not_allowed"
+
+
 def test_a_redirect_to_a_loopback_name_is_checked_again():
     """From an allowed server on 127.0.0.2 to ``localhost``, whose prefix is allowed
     but whose address nothing names."""
