@@ -98,10 +98,10 @@ OTHER_VARIABLES: list[tuple[str, str, str]] = [
         "`~/.cache/embedstream/kafka`",
         "The local broker's jars and data (`embedstream kafka start`). Not a librdkafka setting.",
     ),
-    ("EMBEDSTREAM_KAFKA_PORT", "`39092`", "The local broker's client port. Not a librdkafka setting."),
+    ("EMBEDSTREAM_KAFKA_PORT", "`29092`", "The local broker's client port. Not a librdkafka setting."),
     (
         "EMBEDSTREAM_KAFKA_CONTROLLER_PORT",
-        "`39093`",
+        "`29093`",
         "The local broker's controller port. Not a librdkafka setting.",
     ),
     (

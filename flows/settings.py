@@ -36,7 +36,7 @@ GPU_BATCH_SIZE = 2048
 @dataclass(frozen=True)
 class Settings:
     #: Kafka bootstrap servers (comma-separated).
-    brokers: str = "127.0.0.1:39092"
+    brokers: str = "127.0.0.1:29092"
     input_topic: str = "documents"
     output_topic: str = "vectors"
     dlq_topic: str = "documents.dlq"

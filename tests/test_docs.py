@@ -206,7 +206,7 @@ def test_the_check_of_commands_can_fail(text):
     "text",
     [
         "```bash\nembedstream run --until-end -w 2 --kafka security.protocol=SASL_SSL  # two workers\n```\n",
-        "```\nkafka-console-producer.sh --bootstrap-server 127.0.0.1:39092 --topic documents\n```\n",
+        "```\nkafka-console-producer.sh --bootstrap-server 127.0.0.1:29092 --topic documents\n```\n",
         "```\npip install -e '.[test]' && python -m pytest -q -k sink\n```\n",
         '```\nembedstream sink --store "$(embedstream postgres dsn)"   # or any DSN\n```\n',
         '`embedstream search "QUERY" [--k N] [--filter K=V]` and `embedstream_tables`',

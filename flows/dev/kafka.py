@@ -29,8 +29,10 @@ def pom() -> bytes:
 @dataclass(frozen=True)
 class LocalKafka:
     home: Path = Path(os.environ.get("EMBEDSTREAM_KAFKA_HOME", Path.home() / ".cache/embedstream/kafka"))
-    port: int = int(os.environ.get("EMBEDSTREAM_KAFKA_PORT", "39092"))
-    controller_port: int = int(os.environ.get("EMBEDSTREAM_KAFKA_CONTROLLER_PORT", "39093"))
+    # Below Linux's ephemeral range (32768-60999): a port in it can be taken at any time
+    # as the source port of some outgoing connection, and the broker then cannot bind.
+    port: int = int(os.environ.get("EMBEDSTREAM_KAFKA_PORT", "29092"))
+    controller_port: int = int(os.environ.get("EMBEDSTREAM_KAFKA_CONTROLLER_PORT", "29093"))
 
     @property
     def bootstrap(self) -> str:
