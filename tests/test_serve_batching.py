@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from flows.serve.batching import Batcher, Overloaded
+from flows.serve.batching import Batcher, Overloaded, Stopped
 from flows.serve.metrics import ServeMetrics
 from operators import Embedder
 
@@ -81,3 +81,42 @@ def test_a_full_queue_refuses_at_once_but_an_empty_one_takes_any_request(prompte
     assert isinstance(results[0], np.ndarray)  # over the bound, but the queue was empty
     assert all(isinstance(r, Overloaded) and r.retry_after_s >= 1 for r in results[1:])
     assert [texts for texts, _ in embed.calls] == [["a long request"]]
+
+
+def test_stop_answers_the_call_in_flight_and_refuses_the_jobs_it_had_taken(prompted):
+    """Jobs the batching task has taken from the queue are answered on stop: those in the
+    model call in flight get their vectors, those of a later call (another prompt) get
+    Stopped. None waits for its timeout."""
+    import threading
+
+    query, passage = prompted.prompts["query"], prompted.prompts["document"]
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(texts: list[str], prompt: object) -> np.ndarray:
+        entered.set()  # the call is in flight: stop() comes now
+        assert release.wait(30)
+        return prompted.embed(texts, prompt=prompt)
+
+    async def main() -> tuple[list[object], float]:
+        batcher = Batcher(
+            gated, batch_tokens=10_000, queue_tokens=10_000, timeout_s=20, metrics=ServeMetrics()
+        )
+        batcher.start()
+        # Both are waiting when the task first runs: one take, two calls (one per prompt).
+        requests = [
+            asyncio.ensure_future(batcher.embed(["in flight"], query, 5)),
+            asyncio.ensure_future(batcher.embed(["taken, not started"], passage, 5)),
+        ]
+        assert await asyncio.to_thread(entered.wait, 30)
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.2)
+        release.set()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        await stopping
+        return results, asyncio.get_running_loop().time() - started
+
+    (flown, taken), took = asyncio.run(main())
+    np.testing.assert_array_equal(flown, prompted.embed(["in flight"], prompt=query))
+    assert isinstance(taken, Stopped), taken
+    assert took < 10  # answered on stop, not at the 20 s timeout

@@ -12,6 +12,9 @@ The queue is bounded in tokens: a request that would take it past the bound is r
 at once (:class:`Overloaded`, answered 429 with Retry-After) instead of growing memory
 and latency. A request over its deadline (``timeout_s``) gets :class:`TimedOut`; if it
 was still waiting, it never reaches the model.
+
+On :meth:`Batcher.stop` the model call in flight finishes and answers its requests;
+every other request, waiting or taken for a later call, gets :class:`Stopped`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class Batcher:
         self._queued_tokens = 0
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
+        self._stopping = False
+        #: Jobs taken from the queue whose model call has not answered them yet.
+        self._taken: list[_Job] = []
         # One thread: one model call at a time, each using every core the model is given.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedstream-model")
         #: Tokens per second of the recent calls, for Retry-After.
@@ -92,16 +98,27 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="embedstream-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Lets the model call in flight finish and answer its requests (what a drain on
+        SIGTERM waits for); every other request, waiting or already taken for a later
+        call, gets :class:`Stopped`."""
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None and not self._task.done():
             try:
                 await self._task
             except asyncio.CancelledError:
-                pass
-        for job in self._queue:
+                if not self._task.cancelled():  # stop() itself was cancelled
+                    raise
+            except Exception:
+                log.exception("the batching task failed")
+        for job in [*self._taken, *self._queue]:
             if not job.future.done():
                 job.future.set_exception(Stopped("the server is stopping"))
+        self._taken = []
         self._queue.clear()
+        self._queued_tokens = 0
+        self._gauges()
         self._model_thread.shutdown(wait=True)
 
     def alive(self) -> tuple[bool, str]:
@@ -120,6 +137,8 @@ class Batcher:
         :class:`TimedOut` or the model's error."""
         if self._wake is None:
             raise Stopped("the batcher has not started")
+        if self._stopping:
+            raise Stopped("the server is stopping")
         # An empty queue admits any request, so one larger than the bound is not refused forever.
         if self._queue and self._queued_tokens + tokens > self.queue_tokens:
             self.metrics.rejected.labels("queue_full").inc()
@@ -177,17 +196,20 @@ class Batcher:
     async def _run(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            jobs = self._take()
+            self._taken = self._take()
             by_prompt: dict[Optional[str], list[_Job]] = {}
-            for job in jobs:
+            for job in self._taken:
                 by_prompt.setdefault(job.prompt, []).append(job)
             for prompt, group in by_prompt.items():
+                if self._stopping:
+                    return  # stop() answers the rest of self._taken
                 await self._call(loop, prompt, group)
+            self._taken = []
 
     async def _call(self, loop: asyncio.AbstractEventLoop, prompt: Optional[str], jobs: list[_Job]) -> None:
         jobs = [j for j in jobs if not j.dropped]
