@@ -16,13 +16,14 @@ import hmac
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
 from typing import Optional
+
+from flows.dev import service
 
 VERSION = "3.35.0"
 HOME = Path(os.environ.get("EMBEDSTREAM_AZURITE_HOME", Path.home() / ".cache/embedstream/azurite"))
@@ -86,44 +87,34 @@ class LocalAzurite:
         if not server.exists():
             raise RuntimeError(f"Azurite is not installed at {server}: run deploy/dev.sh setup")
         self.storage.mkdir(parents=True, exist_ok=True)
-        with open(self.storage / "azurite.log", "ab") as log:  # the child keeps its own copy
-            self._proc = subprocess.Popen(
-                [
-                    str(server),
-                    "--blobHost=127.0.0.1",
-                    f"--blobPort={self.port}",
-                    f"--location={self.storage}",
-                    "--skipApiVersionCheck",
-                    "--disableTelemetry",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"Azurite exited with {self._proc.returncode}; see {self.storage}/azurite.log"
-                )
-            try:
-                urllib.request.urlopen(f"{self.endpoint}?comp=list", timeout=2).close()
-            except urllib.error.HTTPError:
-                return self.endpoint  # it answers (403 to an unsigned request)
-            except OSError:
-                time.sleep(0.2)
-                continue
-            return self.endpoint
-        raise RuntimeError(f"Azurite did not answer in {timeout:.0f} s")
+        self._proc = service.start_child(
+            [
+                str(server),
+                "--blobHost=127.0.0.1",
+                f"--blobPort={self.port}",
+                f"--location={self.storage}",
+                "--skipApiVersionCheck",
+                "--disableTelemetry",
+            ],
+            self.storage / "azurite.log",
+            self._answers,
+            timeout,
+            "Azurite",
+        )
+        return self.endpoint
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.endpoint}?comp=list", timeout=2).close()
+        except urllib.error.HTTPError:
+            return True  # it answers (403 to an unsigned request)
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        service.stop_child(self._proc)
+        self._proc = None
 
     def create_container(self, name: str) -> None:
         """Makes container ``name`` (nothing if it exists)."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
+
+from flows.dev import service
 
 
 def binary() -> Path:
@@ -59,41 +60,34 @@ class LocalGCS:
 
     def start(self, timeout: float = 30) -> str:
         self.storage.mkdir(parents=True, exist_ok=True)
-        with open(self.storage / "fake-gcs-server.log", "ab") as log:  # the child keeps its own copy
-            self._proc = subprocess.Popen(
-                [
-                    str(binary()),
-                    "-scheme=http",
-                    "-host=127.0.0.1",
-                    f"-port={self.port}",
-                    "-backend=filesystem",
-                    f"-filesystem-root={self.storage / 'data'}",
-                    f"-external-url={self.endpoint}",
-                    f"-public-host=127.0.0.1:{self.port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"fake-gcs-server exited with {self._proc.returncode}")
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=2).close()
-                return self.endpoint
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"fake-gcs-server did not answer in {timeout:.0f} s")
+        self._proc = service.start_child(
+            [
+                str(binary()),
+                "-scheme=http",
+                "-host=127.0.0.1",
+                f"-port={self.port}",
+                "-backend=filesystem",
+                f"-filesystem-root={self.storage / 'data'}",
+                f"-external-url={self.endpoint}",
+                f"-public-host=127.0.0.1:{self.port}",
+            ],
+            self.storage / "fake-gcs-server.log",
+            self._answers,
+            timeout,
+            "fake-gcs-server",
+        )
+        return self.endpoint
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=2).close()
+            return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        service.stop_child(self._proc)
+        self._proc = None
 
     def create_bucket(self, name: str) -> None:
         try:

@@ -1,6 +1,7 @@
-"""What the local services (the broker, the schema registry) share: their Java artefacts
-fetched once from Maven Central, and a process that outlives the command that started
-it, known by its pid file."""
+"""What the local services share: their Java artefacts fetched once from Maven Central
+(the broker, the schema registry), a process that outlives the command that started it,
+known by its pid file, and a child process that lives as long as a test session
+(the object-store emulators)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 def fetch_with_maven(pom_xml: bytes, home: Path, target: Path, goal: list[str], what: str) -> None:
@@ -69,3 +70,33 @@ def stop(pid_file: Path, timeout: float) -> bool:
         os.kill(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     return True
+
+
+def start_child(
+    argv: list[str], log_file: Path, ready: Callable[[], bool], timeout: float, what: str
+) -> subprocess.Popen:
+    """Starts ``argv`` with its output in ``log_file`` and waits until ``ready()`` holds;
+    raises, naming the log, if it exits or does not get ready within ``timeout``."""
+    with open(log_file, "ab") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log_file}")
+        if ready():
+            return proc
+        time.sleep(0.2)
+    stop_child(proc)
+    raise RuntimeError(f"{what} did not answer in {timeout:.0f} s; see {log_file}")
+
+
+def stop_child(proc: Optional[subprocess.Popen], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
