@@ -26,6 +26,7 @@ import openai
 import pytest
 from conftest import DATA
 from kafka_helpers import FlowTopics, free_port
+from test_serve_batching import mismatched_copy
 
 from operators import Embedder
 
@@ -668,3 +669,78 @@ def test_a_database_outage_gets_503_and_not_ready_until_it_is_back(postgres_dsn)
         assert status == 200 and json.loads(body)["data"][0]["doc_id"] == "d0"
     finally:
         assert server.stop() == 0
+
+
+def test_a_model_failure_in_search_is_500_model_error_and_the_store_connection_stays(postgres_dsn, tmp_path):
+    """The query encoder, the sparse encoder and the reranker each fail on a real input:
+    500 model_error in OpenAI's shape, the trace in the log, and the pooled PostgreSQL
+    connection given back (a store failure would be 503 with Retry-After, and dropped)."""
+    import psycopg
+    from sink_helpers import manifest, record
+    from test_stores import apply
+
+    from operators import SparseEmbedder
+
+    embedder, splade = Embedder.load(PROMPTED), SparseEmbedder.load(DATA / "tiny-splade")
+    texts = ["Vectors live in a store.", "The sink keeps the store in step.", "Chunks carry their text."]
+    lineage = {"model_id": embedder.model_id, "model_revision": embedder.model_revision, "dtype": "f32"}
+    sparse_model = {"model_id": splade.model_id, "model_revision": splade.model_revision, "dtype": "f32"}
+    sparse_model["dimension"] = splade.dim
+    stream = []
+    for i, (text, vector, sparse) in enumerate(zip(texts, embedder.embed(texts), splade.embed(texts))):
+        r = record(f"d{i}", i, 0, 1, text, model={**lineage, "prompt_name": None}, dim=embedder.dim)
+        r["embedding"] = [float(x) for x in vector]
+        r["sparse"] = {"indices": list(sparse.indices), "values": list(sparse.values)}
+        r["sparse_model"] = sparse_model
+        m = manifest([r])
+        m["sparse_model"] = sparse_model
+        stream += [("VectorRecord", r), ("DocManifest", m)]
+    apply(postgres_dsn, stream)
+    server = Server(
+        "--store", postgres_dsn,
+        "--model", mismatched_copy("tiny-prompted", tmp_path / "dense"),
+        "--sparse-model", mismatched_copy("tiny-splade", tmp_path / "sparse"),
+        "--rerank", mismatched_copy("tiny-reranker-bert", tmp_path / "reranker"),
+    )  # fmt: skip
+    url = server.url + "/search"
+
+    def connections() -> set[int]:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return {pid for (pid,) in rows}
+
+    try:
+        for mode in ("dense", "sparse", "hybrid"):
+            status, _, raw = request(
+                url, {"query": "where are vectors?", "mode": mode, "rerank": True}, key=None
+            )
+            assert status == 200 and json.loads(raw)["data"], raw
+        pooled = connections()
+        assert pooled
+        failing = [
+            {"query": "[OOV] vectors", "mode": "dense"},  # the query's dense vector
+            {"query": "[OOV] vectors", "mode": "sparse"},  # its sparse vector
+            {"query": "[OOV] vectors", "mode": "text", "rerank": True},  # the reranker after the store
+        ]
+        for body in failing:
+            status, headers, raw = request(url, body, key=None)
+            assert status == 500, (body, raw)
+            error = error_of(raw)
+            assert (error["type"], error["code"]) == ("server_error", "model_error"), body
+            assert "retry-after" not in headers and "\n" not in error["message"]
+        status, _, raw = request(server.url + "/rerank", {"query": "[OOV]", "texts": ["a"]}, key=None)
+        assert status == 500 and error_of(raw)["code"] == "model_error"
+        assert connections() == pooled  # the same connection, given back healthy
+        assert (
+            request(url, {"query": "where are vectors?", "mode": "hybrid", "rerank": True}, key=None)[0]
+            == 200
+        )
+        assert get(server.url + "/readyz")[0] == 200
+    finally:
+        assert server.stop() == 0
+    log = "".join(server.output)
+    assert "store unavailable" not in log and "the store failed" not in log
+    assert log.count("Traceback") >= len(failing) + 1  # each failure logged with its trace

@@ -5,12 +5,15 @@ rows each request gets back are its own."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DATA
 
-from flows.serve.batching import Batcher, Overloaded, Stopped
+from flows.serve.batching import Batcher, ModelFailed, Overloaded, Stopped
 from flows.serve.metrics import ServeMetrics
 from operators import Embedder
 
@@ -18,6 +21,22 @@ from operators import Embedder
 @pytest.fixture(scope="module")
 def prompted():
     return Embedder.load(DATA / "tiny-prompted")  # prompts: query "query: ", document "passage: "
+
+
+def mismatched_copy(model: str, into: Path) -> str:
+    """A copy of a tiny model whose tokenizer knows one token more than the model's
+    vocabulary, "[OOV]" (as a tokenizer from another revision would): it loads and
+    answers, and the model's native call fails on any input containing "[OOV]" (candle:
+    index-select invalid index)."""
+    shutil.copytree(DATA / model, into)
+    vocab = json.loads((into / "config.json").read_text())["vocab_size"]
+    tokenizer = json.loads((into / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append(
+        {"id": vocab, "content": "[OOV]", "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": False}
+    )  # fmt: skip
+    (into / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return str(into)
 
 
 class Recording:
@@ -120,3 +139,21 @@ def test_stop_answers_the_call_in_flight_and_refuses_the_jobs_it_had_taken(promp
     np.testing.assert_array_equal(flown, prompted.embed(["in flight"], prompt=query))
     assert isinstance(taken, Stopped), taken
     assert took < 10  # answered on stop, not at the 20 s timeout
+
+
+def test_an_input_the_model_refuses_fails_its_own_request_only(tmp_path):
+    """A call that fails is made again per request: the others get their vectors."""
+    mismatched = Embedder.load(mismatched_copy("tiny-prompted", tmp_path / "m"))
+    embed = Recording(mismatched)
+    jobs = [(["fine"], None, 5), (["an [OOV] text"], None, 5), (["also fine", "and this"], None, 5)]
+    results = run(embed, jobs, batch_tokens=1000, queue_tokens=1000)
+    assert isinstance(results[1], ModelFailed) and "invalid index" in str(results[1])
+    assert "\n" not in str(results[1])  # the first line; the trace goes to the log
+    for i in (0, 2):
+        np.testing.assert_array_equal(results[i], mismatched.embed(jobs[i][0]))
+    assert [texts for texts, _ in embed.calls] == [
+        ["fine", "an [OOV] text", "also fine", "and this"],
+        ["fine"],
+        ["an [OOV] text"],
+        ["also fine", "and this"],
+    ]

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from flows.search import Query, SearchError, choose_table, retrieve, signals
 from flows.serve import schema
 from flows.serve.auth import BearerAuth
-from flows.serve.batching import Batcher, Overloaded, Stopped, TimedOut
+from flows.serve.batching import Batcher, ModelFailed, Overloaded, Stopped, TimedOut, call_model
 from flows.serve.metrics import ServeMetrics
 from flows.serve.schema import ApiError
 from flows.serve.served import Served
@@ -219,9 +219,8 @@ class Api:
             raise ApiError(
                 503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "1"}
             ) from None
-        except Exception as e:  # the model failed on this batch
-            log.error("embedding failed: %r", e)
-            raise ApiError(500, f"the model failed: {e}", type="server_error", code="model_error") from None
+        except ModelFailed as e:  # the batcher logged it with its trace
+            raise model_error(e) from None
         m = self.metrics
         m.tokens.inc(tokens)
         m.inputs.inc(len(texts))
@@ -313,6 +312,9 @@ class Api:
             raise ApiError(400, str(e), param="table", code="store_error") from None
         except ApiError:
             raise
+        except ModelFailed as e:  # the query's encoders or the reranker: the store is fine
+            log.error("search: the model failed", exc_info=e.__cause__)
+            raise model_error(e) from None
         except Exception as e:  # StoreError, or the store's own driver failing mid-query
             healthy = False
             if isinstance(e, StoreError):
@@ -379,8 +381,10 @@ class Api:
         return mode, used
 
     def _locked(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` of the sparse model or the reranker, one call at a time; raises
+        :class:`ModelFailed` if it fails."""
         with self._models_lock:
-            return fn(*args)
+            return call_model(fn, *args)
 
     async def rerank(self, request: Request) -> Response:
         """TEI's route: ``{"query", "texts"}`` → ``[{"index", "score"}]``, best first."""
@@ -395,7 +399,11 @@ class Api:
         req = schema.parse_rerank(
             await self.body(request), max_inputs=s.serve_max_inputs, max_input_chars=s.serve_max_input_chars
         )
-        scores = await asyncio.to_thread(self._locked, self.served.reranker.score, req.query, req.texts)
+        try:
+            scores = await asyncio.to_thread(self._locked, self.served.reranker.score, req.query, req.texts)
+        except ModelFailed as e:
+            log.error("rerank: the model failed", exc_info=e.__cause__)
+            raise model_error(e) from None
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return _json(
             [
@@ -454,14 +462,21 @@ class Observe:
 
 
 class _LockedReranker:
-    """The server's reranker, one call at a time."""
+    """The server's reranker, one call at a time. It fails with :class:`ModelFailed`,
+    which :func:`flows.search.rerank` lets through (it turns only the library's own
+    errors into a SearchError), so /search tells it from a store's failure."""
 
     def __init__(self, reranker: Any, lock: threading.Lock) -> None:
         self.reranker, self.lock = reranker, lock
 
     def score(self, query: str, texts: list[str]) -> list[float]:
         with self.lock:
-            return self.reranker.score(query, texts)
+            return call_model(self.reranker.score, query, texts)
+
+
+def model_error(e: ModelFailed) -> ApiError:
+    """500 in OpenAI's shape: the cause's first line, no trace (that is in the log)."""
+    return ApiError(500, f"the model failed: {e}", type="server_error", code="model_error")
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

@@ -4,7 +4,9 @@ hands the model whatever is waiting, up to a token budget, as one call per promp
 The model call runs on a thread of its own; the native code releases the GIL, so the
 event loop goes on accepting and parsing requests while a batch computes, and those
 requests form the next batch. There is no timer: a request that finds the model idle
-runs at once, alone; under load, batches grow by themselves. Inside a call the native
+runs at once, alone; under load, batches grow by themselves. A call that fails is
+made again for each of its requests alone, so one input the model refuses fails only
+its own request. Inside a call the native
 embedder sorts the texts by length and packs its forward passes under
 ``max_batch_tokens``, as the flow does with chunks.
 
@@ -25,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 
@@ -33,6 +35,7 @@ from flows.serve.metrics import ServeMetrics
 
 log = logging.getLogger("embedstream.serve")
 
+T = TypeVar("T")
 #: ``embed(texts, prompt)``: rows in input order.
 EmbedFn = Callable[[list[str], Optional[str]], np.ndarray]
 
@@ -51,6 +54,30 @@ class TimedOut(Exception):
 
 class Stopped(Exception):
     """The batcher is stopping."""
+
+
+class ModelFailed(Exception):
+    """A model call failed (the native code raised, or panicked): answered 500
+    ``model_error``. The message is the first line of the cause; the cause, with its
+    trace, goes to the log."""
+
+    @classmethod
+    def of(cls, error: BaseException) -> ModelFailed:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        failed = cls(first[:300])
+        failed.__cause__ = error
+        return failed
+
+
+def call_model(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, any failure of it raised as :class:`ModelFailed` (on a model thread:
+    the caller tells a model's failure from a store's by its type)."""
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a PanicException from native code is a BaseException
+        raise ModelFailed.of(e) from e
 
 
 @dataclass(eq=False)
@@ -134,7 +161,7 @@ class Batcher:
     async def embed(self, texts: list[str], prompt: Optional[str], tokens: int) -> np.ndarray:
         """The vectors of ``texts`` after ``prompt``, rows in order. ``tokens``: what the
         model will see of them, for the budget. Raises :class:`Overloaded`,
-        :class:`TimedOut` or the model's error."""
+        :class:`TimedOut`, :class:`Stopped` or :class:`ModelFailed`."""
         if self._wake is None:
             raise Stopped("the batcher has not started")
         if self._stopping:
@@ -225,10 +252,17 @@ class Batcher:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a PanicException from native code is a BaseException
-            log.error("model call of %d inputs failed: %r", len(texts), e)
+            if len(jobs) > 1:
+                # One request's input may be what the model refuses: each request alone,
+                # so that only it gets the error and the others their vectors.
+                log.warning("model call of %d requests failed (%s): each alone", len(jobs), ModelFailed.of(e))
+                for job in jobs:
+                    await self._call(loop, prompt, [job])
+                return
+            log.error("model call of %d inputs failed", len(texts), exc_info=e)
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+                    job.future.set_exception(ModelFailed.of(e))
             return
         took = time.monotonic() - started
         self._rate = tokens / took if took > 0 else self._rate
