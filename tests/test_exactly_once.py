@@ -406,3 +406,77 @@ def test_exactly_once_refuses_cluster_mode_and_a_missing_member_name(kafka_boots
     assert Settings(exactly_once=True).member(in_pod) == "embedstream-0"
     with pytest.raises(ValueError, match="stable member name"):
         Settings(exactly_once=True).member({"HOSTNAME": "laptop"})  # outside Kubernetes: not stable enough
+
+
+def test_a_worker_commits_only_its_own_batch_never_one_whose_partition_moved(kafka_bootstrap):
+    """The workers of one process (``-w 2``) are two members of the group, each with its
+    own transactional producer. Worker 0 is evicted (past max.poll.interval.ms) with a
+    batch in hand, and its partition moves to worker 1, which takes a batch of it. When
+    worker 0's outputs then reach its sink, they are dropped (worker 1 processes those
+    events), never committed through worker 1's transaction; worker 1 commits its own
+    batch, with its own group metadata."""
+    from flows.kafka import group
+    from flows.kafka.group import GroupInput
+    from flows.kafka.io import KafkaOutput, OutputMessage, ReadOptions
+    from flows.kafka.transactions import Transactions, transactional_id
+
+    topics = FlowTopics(kafka_bootstrap, partitions=1)
+    topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4)])
+    config = {
+        "bootstrap.servers": kafka_bootstrap,
+        "group.id": topics.group,
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "1000",
+        "max.poll.interval.ms": "6000",
+    }
+
+    def transactions(worker: int) -> Transactions:
+        name = transactional_id(topics.group, "w", worker)
+        return Transactions({"bootstrap.servers": kafka_bootstrap}, name, flush_timeout_s=30)
+
+    source = GroupInput(
+        config, topics.input, ReadOptions(batch_size=4, poll_ms=200), transactions=transactions
+    )
+    sink = KafkaOutput({}, 30, transact=group.transact)
+
+    def outputs(worker: int, batch: list) -> list[OutputMessage]:
+        return [
+            OutputMessage(
+                topics.output,
+                m.key,
+                f"worker {worker}: ".encode() + m.value,
+                source=(m.topic, m.partition, m.offset),
+            )
+            for m in batch
+        ]
+
+    def batch_of(member, poll=lambda: None) -> list:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            poll()
+            batch = member.next_batch()
+            if batch:
+                return batch
+        raise AssertionError("no batch in 60 s")
+
+    first = source.build("documents", 0, 2).member
+    second = None
+    try:
+        held = batch_of(first)
+        second = source.build("documents", 1, 2).member
+        # Worker 0 spends longer on its batch than max.poll.interval.ms: the group goes on
+        # without it, and worker 1 takes the partition from its committed offset.
+        taken = batch_of(second)
+        assert [m.offset for m in taken] == [m.offset for m in held]
+        # An outage wait anywhere in the process polls every member (the keepers): worker 0
+        # learns it lost the partition.
+        assert wait_for(lambda: (first.keep_alive(), 0 not in first.in_flight)[1], timeout=30)
+        sink.build("kafka", 0, 2).write_batch(outputs(0, held))
+        sink.build("kafka", 1, 2).write_batch(outputs(1, taken))
+    finally:
+        for member in (first, second):
+            if member is not None:
+                member.close()
+    values = [msg.value() for _, _, msg in read_as(kafka_bootstrap, topics.output)]
+    assert values == [f"worker 1: event {i}".encode() for i in range(4)]
+    assert topics.committed() == [4]

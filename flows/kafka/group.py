@@ -75,8 +75,11 @@ class GroupMember:
         *,
         on_moved: Optional[OnMoved] = None,
         transactions: Optional[Transactions] = None,
+        worker_index: int = 0,
     ) -> None:
         self.topic = topic
+        #: The Bytewax worker this member's batches flow through (its sink is that worker's).
+        self.worker_index = worker_index
         self.config = config
         self.start_from = options.start_from
         self.batch_size, self.batch_bytes = options.batch_size, options.batch_bytes
@@ -284,6 +287,21 @@ class GroupMember:
         rejoins with a new producer and reads them again too."""
         assert self.transactions is not None
         with self._lock:
+            # Outputs of partitions revoked or lost since the batch was handed over are not
+            # produced: their new owner, maybe another worker of this process, processes
+            # those events and commits their offsets itself.
+            mine = [i for i in items if i.source is not None and i.source[1] in self.in_flight]
+            if len(mine) < len(items):
+                moved = sorted({i.source[1] for i in items if i.source is not None} - set(self.in_flight))
+                log.warning(
+                    "%d outputs not produced: %s%s moved to another member",
+                    len(items) - len(mine),
+                    self.topic,
+                    moved,
+                )
+            if not mine:
+                return
+            items = mine
             offsets: dict[int, int] = {}
             for item in items:
                 _topic, partition, offset = item.source
@@ -524,26 +542,18 @@ def commit(offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
     return left
 
 
-def transact(items: list[OutputMessage]) -> None:
-    """Exactly-once's sink: hands a batch's outputs to the members that handed its events
-    over, each to commit its share in one transaction. Outputs of partitions no member
-    of this process has in flight any more (revoked or lost meanwhile) are not produced:
-    their new owner processes those events."""
+def transact(items: list[OutputMessage], worker_index: int) -> None:
+    """Exactly-once's sink of one Bytewax worker: hands a batch's outputs to the member
+    of that worker, which handed its events over (the flow never moves an item between
+    workers), to commit them in one transaction. Never to another worker's member, even
+    one that owns their partition now: its own batch covers those events, and it must
+    commit only that, under its own group generation."""
     with _members_lock:
-        members = list(_members)
-    left = list(items)
-    for member in members:
-        mine, rest = [], []
-        for item in left:
-            source = item.source
-            ours = source is not None and source[0] == member.topic and source[1] in member.in_flight
-            (mine if ours else rest).append(item)
-        if mine:
-            member.transact(mine)
-        left = rest
-    if left:
-        moved = sorted({(i.source[0], i.source[1]) for i in left if i.source is not None})
-        log.warning("%d outputs not produced: their partitions %s moved to another member", len(left), moved)
+        member = next((m for m in _members if m.worker_index == worker_index), None)
+    if member is None:
+        log.warning("%d outputs not produced: worker %d has left the group", len(items), worker_index)
+        return
+    member.transact(items)
 
 
 def give_back(messages: list[InputMessage]) -> None:
@@ -588,6 +598,11 @@ class GroupInput(DynamicSource[InputMessage]):
         transactions = self.transactions(worker_index) if self.transactions is not None else None
         return _GroupPartition(
             GroupMember(
-                self.config, self.topic, self.options, on_moved=self.on_moved, transactions=transactions
+                self.config,
+                self.topic,
+                self.options,
+                on_moved=self.on_moved,
+                transactions=transactions,
+                worker_index=worker_index,
             )
         )

@@ -167,9 +167,9 @@ def ask_broker(call: Callable[[], T], patience_s: float = 120.0) -> T:
 #: Group mode's offset commit: delivered offsets (next offset per topic-partition) in,
 #: those no group member of this process handed over out.
 CommitFn = Callable[[dict[tuple[str, int], int]], dict[tuple[str, int], int]]
-#: Exactly-once: a batch's outputs, produced and committed with their input offsets in
-#: one transaction.
-TransactFn = Callable[[list["OutputMessage"]], None]
+#: Exactly-once: a batch's outputs and the index of the worker whose sink has them,
+#: produced and committed with their input offsets in one transaction.
+TransactFn = Callable[[list["OutputMessage"], int], None]
 
 
 class _Partition(StatefulSourcePartition[InputMessage, int]):
@@ -320,8 +320,10 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
         group_id: Optional[str],
         commit: Optional[CommitFn] = None,
         transact: Optional[TransactFn] = None,
+        worker_index: int = 0,
     ) -> None:
         self.transact = transact
+        self.worker_index = worker_index
         if transact is not None:
             return  # each group member produces through its own transactional producer
         self.producer = Producer(
@@ -346,7 +348,7 @@ class _SinkPartition(StatelessSinkPartition[OutputMessage]):
 
     def write_batch(self, items: list[OutputMessage]) -> None:
         if self.transact is not None:
-            self.transact(items)
+            self.transact(items, self.worker_index)
             return
         produced = [i for i in items if not i.commit_only]
         self._deliver([i for i in produced if not i.after_delivery])
@@ -417,6 +419,8 @@ class KafkaOutput(DynamicSink[OutputMessage]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
         if self.transact is not None:
-            return _SinkPartition({}, self.flush_timeout_s, None, transact=self.transact)
+            return _SinkPartition(
+                {}, self.flush_timeout_s, None, transact=self.transact, worker_index=worker_index
+            )
         config = {**(self.runtime_config() if self.runtime_config else {}), **self.config}
         return _SinkPartition(config, self.flush_timeout_s, self.group_id, self.commit)
