@@ -9,6 +9,11 @@
   fusion: a chunk scores the sum of ``1 / (rrf_k + rank)`` over the lists it is in
   (``rrf_k`` = 60 by default, as in Cormack et al., 2009).
 
+With ``per_document`` (``--per-document``) a search returns one hit per document:
+each signal's list is collapsed to its documents (a document ranks where its best chunk
+does), hybrid fuses documents instead of chunks, and each document is shown by its best
+chunk.
+
 Any mode can be followed by a cross-encoder (``--rerank``) that reads the query with
 each of the ``rerank_k`` best chunks and orders them by its score. ``embedstream
 search`` and ``embedstream serve``'s ``/search`` both come through :func:`retrieve`.
@@ -173,15 +178,19 @@ def retrieve(
     reranker: Any = None,
     rerank_k: int = RERANK_K,
     timings: Optional[Timings] = None,
+    per_document: bool = False,
 ) -> list[Hit]:
     """The ``k`` best chunks for ``query`` in ``mode``, best first: hybrid fuses the
     top ``max(k, depth)`` of each signal in ``used`` (default: each the table has); a
-    ``reranker`` then scores the best ``rerank_k`` again and orders them by its score."""
+    ``reranker`` then scores the best ``rerank_k`` again and orders them by its score.
+    ``per_document``: the best chunk of each of the ``k`` best documents found among
+    each signal's top ``max(k, depth)`` chunks (see :func:`fuse`)."""
     filters = dict(filters or {})
     timings = timings if timings is not None else Timings()
     used = used or ([mode] if mode != "hybrid" else signals(opened, spec, "hybrid")[1])
     wanted = max(k, rerank_k) if reranker is not None else k
-    per_signal = max(wanted, depth) if mode == "hybrid" else wanted
+    # A document's chunks take several places in a list: collapsing needs the depth.
+    per_signal = max(wanted, depth) if mode == "hybrid" or per_document else wanted
     lists = []
     for signal in used:
         started = time.perf_counter()
@@ -201,10 +210,10 @@ def retrieve(
         timings.add(signal, started)
     if mode == "hybrid":
         started = time.perf_counter()
-        hits = fuse(lists, rrf_k)[:wanted]
+        hits = fuse(lists, rrf_k, per_document=per_document)[:wanted]
         timings.add("fusion", started)
     else:
-        hits = lists[0][:wanted]
+        hits = (collapse(lists[0]) if per_document else lists[0])[:wanted]
     if reranker is not None:
         started = time.perf_counter()
         hits = rerank(reranker, query.text, hits[:rerank_k])
@@ -212,21 +221,53 @@ def retrieve(
     return hits[:k]
 
 
-def fuse(lists: Sequence[Sequence[Hit]], rrf_k: int = RRF_K) -> list[Hit]:
+def fuse(lists: Sequence[Sequence[Hit]], rrf_k: int = RRF_K, *, per_document: bool = False) -> list[Hit]:
     """Reciprocal rank fusion: each chunk scores the sum of ``1 / (rrf_k + rank)`` over
     the lists it is in (ranks from 1), best first; ties go to the chunk with the better
-    best rank, then to the earlier list."""
+    best rank, then to the earlier list.
+
+    ``per_document``: documents are fused instead, each ranked in each list where its
+    best chunk is among the list's documents (:func:`collapse`), so that two signals
+    that find one document by different chunks agree on it. Each document is shown by
+    its chunk that fuses best, with the document's score."""
+    chunks = _rrf([[(_chunk_key(h), h) for h in hits] for hits in lists], rrf_k)
+    if not per_document:
+        return [replace(hit, rank=i, score=score) for i, (hit, score) in enumerate(chunks, 1)]
+    shown: dict[str, Hit] = {}
+    for hit, _ in chunks:
+        shown.setdefault(hit.doc_id, hit)
+    documents = _rrf([[(h.doc_id, h) for h in collapse(hits)] for hits in lists], rrf_k)
+    return [replace(shown[hit.doc_id], rank=i, score=score) for i, (hit, score) in enumerate(documents, 1)]
+
+
+def collapse(hits: Sequence[Hit]) -> list[Hit]:
+    """Each document's first (best) hit, in order: a ranking of documents."""
+    seen: set[str] = set()
+    kept = []
+    for hit in hits:
+        if hit.doc_id not in seen:
+            seen.add(hit.doc_id)
+            kept.append(hit)
+    return kept
+
+
+def _chunk_key(hit: Hit) -> str:
+    return hit.chunk_id or f"{hit.doc_id}\x00{hit.chunk_index}"
+
+
+def _rrf(lists: Sequence[Sequence[tuple[str, Hit]]], rrf_k: int) -> list[tuple[Hit, float]]:
+    """Reciprocal rank fusion of ranked lists of (key, hit): each key's first hit and its
+    score, best first."""
     scores: dict[str, float] = {}
     best: dict[str, tuple[int, int]] = {}
     first: dict[str, Hit] = {}
-    for at, hits in enumerate(lists):
-        for rank, hit in enumerate(hits, 1):
-            key = hit.chunk_id or f"{hit.doc_id}\x00{hit.chunk_index}"
+    for at, items in enumerate(lists):
+        for rank, (key, hit) in enumerate(items, 1):
             scores[key] = scores.get(key, 0.0) + 1.0 / (rrf_k + rank)
             best[key] = min(best.get(key, (rank, at)), (rank, at))
             first.setdefault(key, hit)
     order = sorted(scores, key=lambda key: (-scores[key], best[key]))
-    return [replace(first[key], rank=i, score=scores[key]) for i, key in enumerate(order, 1)]
+    return [(first[key], scores[key]) for key in order]
 
 
 def rerank(reranker: Any, query: str, hits: Sequence[Hit]) -> list[Hit]:
@@ -265,11 +306,13 @@ def search(
     rerank: Optional[str] = None,
     rerank_k: Optional[int] = None,
     rrf_k: Optional[int] = None,
+    per_document: bool = False,
 ) -> list[Hit]:
     """The ``k`` best chunks for ``query`` in a table of ``store`` (default: the
     configured store), best first, optionally only those whose metadata has every
     ``key=value`` of ``filters``; in ``mode`` (default: hybrid where the table has a
-    second signal, else dense), reranked by the cross-encoder in ``rerank``."""
+    second signal, else dense), reranked by the cross-encoder in ``rerank``;
+    ``per_document``: the best chunk of each of the ``k`` best documents."""
     from flows.settings import Settings
 
     if k < 1:
@@ -303,6 +346,7 @@ def search(
             depth=rerank_k,
             reranker=reranker,
             rerank_k=rerank_k,
+            per_document=per_document,
         )
     finally:
         opened.close()
@@ -329,6 +373,7 @@ __all__ = [
     "StoreConfigError",
     "Timings",
     "choose_table",
+    "collapse",
     "fuse",
     "load_reranker",
     "nearest",

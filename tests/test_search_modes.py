@@ -6,6 +6,7 @@ cannot do, named."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from sink_helpers import MODEL, manifest, messages, record
+from sink_helpers import MODEL, manifest, messages, record, version
 
 from flows import codecs
 from flows.search import Query, SearchError, fuse, retrieve, signals
@@ -184,12 +185,63 @@ def test_text_search_weighs_rare_terms_over_frequent_ones(store_url):
                 n = len(texts)
                 assert weights == pytest.approx(
                     {
-                        "'kafka'": math.log(1 + (n - 9 + 0.5) / 9.5),
-                        "'zookeep'": math.log(1 + (n - 1 + 0.5) / 1.5),
+                        "kafka": math.log(1 + (n - 9 + 0.5) / 9.5),
+                        "zookeep": math.log(1 + (n - 1 + 0.5) / 1.5),
                     }
                 ), analyzed
         finally:
             store.close()
+
+
+#: Chunks of different lengths, without stop words (so that every word is a position
+#: in both stores' indexes), repeating the query's terms a different number of times.
+BM25_TEXTS = {
+    "short": "kafka broker",
+    "long": "kafka partitions replicate segments brokers producers append records consumers fetch "
+    "batches kafka",
+    "repeats": "kafka kafka kafka kafka logs",
+    "rare": "zookeeper quorum elected leader",
+    "both": "zookeeper kafka migration guide covers controller quorum configuration",
+    "none": "postgres vacuum reclaims storage",
+}
+
+
+def okapi_bm25(texts: dict[str, str], query: list[str], k1: float = 1.2, b: float = 0.75) -> dict[str, float]:
+    """BM25 of each text for the query's words, computed here from the words: each term's
+    IDF ``ln(1 + (N - df + 0.5) / (df + 0.5))`` times its saturated, length-normalised
+    frequency (texts of words that are their own stems, no stop words)."""
+    words = {d: t.split() for d, t in texts.items()}
+    avgdl = sum(len(w) for w in words.values()) / len(words)
+    scores = {}
+    for d, w in words.items():
+        score = 0.0
+        for term in query:
+            df = sum(term in other for other in words.values())
+            tf = w.count(term)
+            if tf:
+                idf = math.log(1 + (len(texts) - df + 0.5) / (df + 0.5))
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(w) / avgdl))
+        if score:
+            scores[d] = score
+    return scores
+
+
+def test_text_search_scores_are_okapi_bm25_on_both_stores(store_url):
+    """PostgreSQL has no BM25 of its own (ts_rank has no document frequencies, and
+    normalises length by a logarithm): the store computes it from the tsvector's
+    positions, so its scores are LanceDB's (tantivy's BM25, k1 1.2, b 0.75)."""
+    write(store_url, stream_of(BM25_TEXTS, sparse=False))
+    store = open_store(store_url)
+    try:
+        hits = store.search_text(SPEC, "kafka zookeeper", 10, {})
+    finally:
+        store.close()
+    expected = okapi_bm25(BM25_TEXTS, ["kafka", "zookeeper"])
+    assert {h.doc_id: h.score for h in hits} == pytest.approx(expected, rel=1e-4)
+    assert [h.doc_id for h in hits] == sorted(expected, key=lambda d: -expected[d])
+    # Length matters linearly against the average: the two-word chunk beats the one that
+    # says "kafka" twice in twelve words, and repeating a term saturates.
+    assert expected["short"] > expected["long"] and expected["repeats"] < 2.2 * expected["short"]
 
 
 def test_every_mode_filters_on_metadata(store_url):
@@ -244,6 +296,53 @@ def test_hybrid_fuses_the_lists_by_reciprocal_rank(opened):
     # Two lists agree on "errors": it beats the chunk that dense alone ranks first.
     assert hits[0].doc_id == "errors" and lists["dense"][0].doc_id == "files"
     assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+
+
+def test_per_document_fusion_agrees_on_a_document_found_by_different_chunks(store_url):
+    """Dense finds the guide by its second chunk, text by its first: chunk fusion ranks
+    neither above the FAQ's one chunk that both lists hold second, document fusion ranks
+    the guide first (first in both lists), shown by its best fused chunk."""
+    guide = [
+        "kafka consumer groups rebalance partitions between members",
+        "offsets are committed after processing",
+    ]
+    others = {
+        "faq": ["kafka questions answered"],
+        "pets": ["cats sleep most of the day"],
+        "tea": ["green tea is steeped briefly"],
+    }
+    stream = version("guide", 0, guide)
+    for offset, (doc_id, texts) in enumerate(others.items(), 1):
+        stream += version(doc_id, offset, texts)
+    write(store_url, stream)
+    dense_of = {doc_id: record(doc_id, 0, 0, 1, texts[0])["embedding"] for doc_id, texts in others.items()}
+    second = np.asarray(record("guide", 0, 1, 2, guide[1])["embedding"])
+    vector = second + 0.9 * np.asarray(dense_of["faq"])  # nearest: guide#1, then faq#0
+    query = Query("kafka rebalance", vector=[float(x) for x in vector / np.linalg.norm(vector)])
+    store = open_store(store_url)
+    try:
+        dense = store.search(SPEC, list(query.vector), 10, {})
+        text = store.search_text(SPEC, query.text, 10, {})
+        assert [h.chunk_id for h in dense[:2]] == ["guide#1", "faq#0"]
+        assert [h.chunk_id for h in text] == ["guide#0", "faq#0"]
+        # Each signal's best two chunks.
+        fused = {"mode": "hybrid", "used": ["dense", "text"], "depth": 2}
+        by_chunk = retrieve(store, SPEC, query, 2, **fused)
+        by_doc = retrieve(store, SPEC, query, 2, **fused, per_document=True)
+        dense_docs = retrieve(store, SPEC, query, 10, mode="dense", per_document=True)
+    finally:
+        store.close()
+    assert [h.chunk_id for h in by_chunk] == ["faq#0", "guide#1"]
+    assert [h.score for h in by_chunk] == pytest.approx([2 / 62, 1 / 61])
+    # Each document once, by its rank among the list's documents: the guide is first in
+    # both (2/61), the FAQ second in both; the guide's chunks tie (1/61 each), and the
+    # one from the earlier list, dense, shows it.
+    assert [(h.doc_id, h.chunk_id) for h in by_doc] == [("guide", "guide#1"), ("faq", "faq#0")]
+    assert [h.score for h in by_doc] == pytest.approx([2 / 61, 2 / 62])
+    assert [h.rank for h in by_doc] == [1, 2]
+    # A single signal collapses the same way: its documents, each by its best chunk.
+    assert [h.doc_id for h in dense_docs] == list(dict.fromkeys(h.doc_id for h in dense))
+    assert [h.chunk_id for h in dense_docs][:2] == ["guide#1", "faq#0"]
 
 
 def test_fusion_constant_and_ties():
@@ -416,6 +515,9 @@ def test_embedstream_search_modes_on_the_command_line(opened, store_url, tmp_pat
         )
 
     done = search("KeyError", "--mode", "text", "--k", "3")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split()[2] == "errors"
+    done = search("KeyError", "--mode", "text", "--per-document")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].split()[2] == "errors"
     done = search("anything", "--mode", "sparse", "--sparse-model", str(tmp_path / "missing"))

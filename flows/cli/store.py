@@ -92,6 +92,11 @@ def add_commands(sub: Commands) -> None:
         type=int,
         help="hybrid's reciprocal rank fusion constant (default: $EMBEDSTREAM_RRF_K or 60)",
     )
+    search.add_argument(
+        "--per-document",
+        action="store_true",
+        help="one hit per document, its best chunk; hybrid fuses documents instead of chunks",
+    )
     search.set_defaults(func=cmd_search)
 
 
@@ -148,6 +153,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             rerank=args.rerank,
             rerank_k=args.rerank_k,
             rrf_k=args.rrf_k,
+            per_document=args.per_document,
         )
     except (SearchError, StoreConfigError, ValueError) as e:
         print(f"embedstream: {e}", file=sys.stderr)

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -77,6 +78,14 @@ MAX_INDEXED_NONZEROS = 1000
 DF_COUNT_CAP = 100_000
 #: Rows counted at most for a table's size when the planner has no estimate yet.
 ROW_COUNT_CAP = 1_000_000
+#: BM25's term-frequency saturation and length normalisation: Robertson's defaults, which
+#: Lucene and tantivy (so LanceDB's full-text index) use too.
+BM25_K1 = 1.2
+BM25_B = 0.75
+#: Rows read for a table's average chunk length (BM25's avgdl), the first ones stored,
+#: and for how long a store keeps it (reading them costs more than a search).
+AVGDL_SAMPLE = 1000
+AVGDL_KEEP_S = 60.0
 #: The first pgvector with iterative index scans.
 ITERATIVE_SCAN_SINCE = (0, 8, 0)
 #: The first pgvector with ``sparsevec`` and ``halfvec``.
@@ -214,6 +223,8 @@ class PostgresStore:
         #: The text search configuration of the tables this store creates.
         self.text_language = text_language
         self._layouts: dict[str, _Layout] = {}
+        #: Each table's average chunk length and when it was read (monotonic seconds).
+        self._avgdl: dict[str, tuple[float, float]] = {}
 
     def _connect(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:
@@ -488,6 +499,7 @@ class PostgresStore:
         self._run(lambda conn: [self._write_table(conn, ch, created) for ch in changes])
         # Only now, after the commit: a batch the server refused rolled the tables back.
         self._known |= created
+        self._avgdl.clear()  # the chunks' lengths changed
 
     def _write_table(self, conn: psycopg.Connection, ch: TableChanges, created: set[str]) -> None:
         spec = ch.spec
@@ -667,26 +679,55 @@ class PostgresStore:
             terms = self._term_weights(conn, spec, language, query)
             if not terms:
                 return []
-            # Chunks with any of the terms, scored as BM25 does: each term's inverse
-            # document frequency times its (length-normalised) frequency in the chunk.
-            # ts_rank of one term is that frequency; PostgreSQL has no IDF of its own.
-            parts = [sql.SQL("ts_rank(text_tsv, %s::tsquery, 1) * %s") for _ in terms]
-            score = sql.SQL("(") + sql.SQL(" + ").join(parts) + sql.SQL(")")
-            score_params = [x for term, idf in terms for x in (term, idf)]
+            # Chunks with any of the terms, scored by BM25 (Okapi, k1 1.2, b 0.75, as
+            # LanceDB's index): per term, its inverse document frequency times its
+            # saturated frequency in the chunk, normalised by the chunk's length against
+            # the table's average. Frequencies and lengths are the tsvector's positions.
+            # PostgreSQL's ts_rank has neither document frequencies nor this length norm.
+            lexemes = [lexeme for lexeme, _ in terms]
+            idfs = [idf for _, idf in terms]
+            avgdl = self._average_length(conn, spec)
+            score = sql.SQL(
+                """(SELECT coalesce(sum(w.idf * u.tf * {k1_1}
+                                        / (u.tf + {k1} * (1 - {b} + {b} * d.dl / %s))), 0)
+                    FROM (SELECT sum(greatest(cardinality(positions), 1)) AS dl
+                          FROM unnest(text_tsv)) d,
+                         (SELECT lexeme, greatest(cardinality(positions), 1) AS tf
+                          FROM unnest(text_tsv)) u
+                    JOIN unnest(%s::text[], %s::float8[]) AS w(lexeme, idf) ON u.lexeme = w.lexeme)"""
+            ).format(k1_1=sql.Literal(BM25_K1 + 1), k1=sql.Literal(BM25_K1), b=sql.Literal(BM25_B))
             where = sql.SQL("text_tsv @@ %s::tsquery")
-            anyone = " | ".join(term for term, _ in terms)
-            order = score + sql.SQL(" DESC")
+            anyone = " | ".join(tsquery_literal(x) for x in lexemes)
+            # By the output column, so that each row's score is computed once.
+            order = sql.SQL("score DESC, chunk_id")
             return self._nearest(
-                conn, spec, score, score_params, order, score_params, k, filters, where, [anyone], ann=False
+                conn, spec, score, [avgdl, lexemes, idfs], order, [], k, filters, where, [anyone], ann=False
             )
 
         return self._run(run)
 
+    def _average_length(self, conn: psycopg.Connection, spec: TableSpec) -> float:
+        """The mean length, in lexeme positions, of the table's first
+        :data:`AVGDL_SAMPLE` chunks (BM25's avgdl; stop words are not counted), read
+        again after :data:`AVGDL_KEEP_S` seconds."""
+        kept = self._avgdl.get(spec.name)
+        if kept is not None and time.monotonic() - kept[1] < AVGDL_KEEP_S:
+            return kept[0]
+        [avgdl] = conn.execute(
+            sql.SQL(
+                """SELECT avg((SELECT sum(greatest(cardinality(positions), 1)) FROM unnest(text_tsv)))
+                   FROM (SELECT text_tsv FROM {t} LIMIT {n}) s"""
+            ).format(t=sql.Identifier(spec.name), n=sql.Literal(AVGDL_SAMPLE))
+        ).fetchone()
+        average = float(avgdl or 0.0) or 1.0
+        self._avgdl[spec.name] = (average, time.monotonic())
+        return average
+
     def _term_weights(
         self, conn: psycopg.Connection, spec: TableSpec, language: str, query: str
     ) -> list[tuple[str, float]]:
-        """The query's terms (as tsquery literals) with their inverse document frequency in
-        the table, ``ln(1 + (N - df + 0.5) / (df + 0.5))``. A term's df is counted up to
+        """The query's terms (lexemes) with their inverse document frequency in the table,
+        ``ln(1 + (N - df + 0.5) / (df + 0.5))``. A term's df is counted up to
         :data:`DF_COUNT_CAP` rows (through the GIN index); above that its weight is
         already small."""
         lexemes = [
@@ -698,8 +739,7 @@ class PostgresStore:
         ]
         if not lexemes:
             return []
-        # tsquery's own quoting: quotes and backslashes doubled, no normalisation again.
-        literals = ["'" + x.replace("\\", "\\\\").replace("'", "''") + "'" for x in lexemes]
+        literals = [tsquery_literal(x) for x in lexemes]
         t = sql.Identifier(spec.name)
         # The planner's estimate of the rows now (its tuple density times the table's
         # pages); before the first ANALYZE there is none, and the table is counted.
@@ -728,8 +768,8 @@ class PostgresStore:
         dfs = [int(c[0]) for c in counts]
         total = max(int(rows), max(dfs), 1)
         return [
-            (literal, math.log(1 + (total - df + 0.5) / (df + 0.5)))
-            for literal, df in zip(literals, dfs)
+            (lexeme, math.log(1 + (total - df + 0.5) / (df + 0.5)))
+            for lexeme, df in zip(lexemes, dfs)
             if df > 0
         ]
 
@@ -783,6 +823,12 @@ class PostgresStore:
                 self.conn.close()
             finally:
                 self.conn = None
+
+
+def tsquery_literal(lexeme: str) -> str:
+    """``lexeme`` as a tsquery operand, taken as it is (no normalisation again): quoted,
+    with quotes and backslashes doubled."""
+    return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _params(r: dict[str, Any]) -> tuple:
