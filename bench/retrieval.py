@@ -15,9 +15,14 @@ relevant document:
   dense vectors are known to miss.
 
 Every text used as a query is removed from the indexed document (headings, the first
-sentence), so a query never finds itself. Metrics are per document: the chunk hits
-(top 50) are mapped to their documents, first occurrence kept, and recall@10 and
-nDCG@10 (one relevant document: 1/log2(1 + rank)) are averaged over the queries.
+sentence), so a query never finds itself. The headline metrics are per document: the
+chunk hits (top 50) are mapped to their documents, first occurrence kept (a document's
+later chunks neither count nor push others down), and recall@10 and nDCG@10 (binary
+relevance) are averaged over the queries. What a user of chunk search sees is the
+chunk list itself, where several chunks of one document take several places:
+``chunks_first_hit@10`` is the nDCG@10 of the first chunk of a relevant document
+among the ten best chunks (1/log2(1 + its rank), 0 when none), and ``chunks_hit@10``
+how often there is one.
 Latency is per query, from the query text to the hits (query encoding included),
 median and 90th percentile over the queries, and the median of each step.
 
@@ -222,11 +227,30 @@ def ranked_docs(hits) -> list[str]:
     return list(dict.fromkeys(h.doc_id for h in hits))
 
 
+def chunk_scores(hits, relevant: list[str]) -> tuple[float, float]:
+    """Whether a chunk of a relevant document is among the ten best chunks, and the
+    nDCG@10 of the first such chunk: what a user of chunk search sees."""
+    for rank, hit in enumerate(hits[:CUTOFF], 1):
+        if hit.doc_id in relevant:
+            return 1.0, 1 / math.log2(1 + rank)
+    return 0.0, 0.0
+
+
 def scores(docs: list[str], relevant: list[str]) -> tuple[float, float]:
     """recall@10 and nDCG@10 (binary relevance) of a ranking of documents."""
     found = [i for i, d in enumerate(docs, 1) if d in relevant]
     ideal = sum(1 / math.log2(1 + i) for i in range(1, min(len(relevant), CUTOFF) + 1))
     return len(found) / len(relevant), sum(1 / math.log2(1 + i) for i in found) / ideal
+
+
+def quality(found: list[tuple[float, float, float, float]]) -> dict[str, Any]:
+    """The means of each metric over queries (their scores as :func:`scores` and
+    :func:`chunk_scores` give them)."""
+    names = ("recall@10", "ndcg@10", "chunks_hit@10", "chunks_first_hit@10")
+    row: dict[str, Any] = {"queries": len(found)}
+    for at, name in enumerate(names):
+        row[name] = round(statistics.mean(x[at] for x in found), 4)
+    return row
 
 
 def measure(
@@ -236,18 +260,22 @@ def measure(
     sparse: Any,
     reranker: Any,
     rerank_k: int,
+    rrf_k: int,
 ) -> dict[str, Any]:
     store = open_store(url)
     try:
         [spec] = store.tables()
         available = signals(store, spec, "hybrid")[1]
         modes = [m for m in ("dense", "sparse", "text") if m in available] + ["hybrid"]
-        runs = [(m, False) for m in modes] + ([(m, True) for m in ("dense", "hybrid")] if reranker else [])
+        # Each mode as chunks, then dense and hybrid one hit per document (--per-document).
+        runs = [(m, False, False) for m in modes] + [(m, False, True) for m in ("dense", "hybrid")]
+        if reranker:
+            runs += [(m, True, False) for m in ("dense", "hybrid")]
         prompt = query_prompt_name(embedder)
         results: dict[str, Any] = {}
-        for mode, with_rerank in runs:
+        for mode, with_rerank, per_document in runs:
             used = available if mode == "hybrid" else [mode]
-            per_kind: dict[str, list[tuple[float, float]]] = {}
+            per_kind: dict[str, list[tuple[float, float, float, float]]] = {}
             latencies = []
             steps: dict[str, list[float]] = {}
             for q in queries:
@@ -271,27 +299,19 @@ def measure(
                     depth=HITS,
                     reranker=reranker if with_rerank else None,
                     rerank_k=rerank_k,
+                    rrf_k=rrf_k,
                     timings=timings,
+                    per_document=per_document,
                 )
                 latencies.append(time.perf_counter() - started)
                 for step, seconds in timings.steps.items():
                     steps.setdefault(step, []).append(seconds)
-                per_kind.setdefault(q["kind"], []).append(scores(ranked_docs(hits)[:CUTOFF], q["relevant"]))
-            name = mode + (" + rerank" if with_rerank else "")
-            rows = {
-                kind: {
-                    "queries": len(v),
-                    "recall@10": round(statistics.mean(r for r, _ in v), 4),
-                    "ndcg@10": round(statistics.mean(n for _, n in v), 4),
-                }
-                for kind, v in sorted(per_kind.items())
-            }
-            every = [x for v in per_kind.values() for x in v]
-            rows["all"] = {
-                "queries": len(every),
-                "recall@10": round(statistics.mean(r for r, _ in every), 4),
-                "ndcg@10": round(statistics.mean(n for _, n in every), 4),
-            }
+                per_kind.setdefault(q["kind"], []).append(
+                    scores(ranked_docs(hits)[:CUTOFF], q["relevant"]) + chunk_scores(hits, q["relevant"])
+                )
+            name = mode + (" + rerank" if with_rerank else "") + (" per document" if per_document else "")
+            rows = {kind: quality(v) for kind, v in sorted(per_kind.items())}
+            rows["all"] = quality([x for v in per_kind.values() for x in v])
             latencies.sort()
             results[name] = {
                 "quality": rows,
@@ -317,6 +337,7 @@ def main() -> int:
     parser.add_argument("--sparse-model", help="sparse model directory: adds the sparse mode")
     parser.add_argument("--rerank", help="cross-encoder directory: adds dense and hybrid + rerank")
     parser.add_argument("--rerank-k", type=int, default=50)
+    parser.add_argument("--rrf-k", type=int, default=60, help="hybrid's fusion constant (default 60)")
     parser.add_argument("--postgres", help="a PostgreSQL DSN (default: a local server of its own)")
     args = parser.parse_args()
 
@@ -345,7 +366,7 @@ def main() -> int:
                 sink_s = ingest(url, messages)
                 found[name] = {
                     "sink_seconds": round(sink_s, 2),
-                    "modes": measure(url, queries, embedder, sparse, reranker, args.rerank_k),
+                    "modes": measure(url, queries, embedder, sparse, reranker, args.rerank_k, args.rrf_k),
                 }
         finally:
             if local_postgres is not None:
@@ -368,7 +389,7 @@ def main() -> int:
         },
         "ingest_seconds": {k: round(v, 2) for k, v in steps.items()},
         "hits_per_query": HITS,
-        "rrf_k": 60,
+        "rrf_k": args.rrf_k,
         "stores": found,
     }
     print(json.dumps(result, indent=2))
