@@ -42,12 +42,15 @@ class Member:
         return f"--- {self.name} ---\n" + self.text()[-4000:]
 
     def hold(self, step: str) -> None:
-        """The member's next transaction waits before ``step`` until :meth:`release`."""
-        (self.gates / f"{step}.reached").unlink(missing_ok=True)
+        """The member's next transaction (of each of its workers) waits before ``step``
+        until :meth:`release`."""
+        for reached in self.gates.glob(f"{step}.*reached"):
+            reached.unlink(missing_ok=True)
         (self.gates / step).touch()
 
-    def reached(self, step: str) -> bool:
-        return (self.gates / f"{step}.reached").exists()
+    def reached(self, step: str, worker: Optional[int] = None) -> bool:
+        """Whether a transaction of the member (of its worker ``worker``) waits before ``step``."""
+        return (self.gates / (f"{step}.reached" if worker is None else f"{step}.{worker}.reached")).exists()
 
     def release(self, step: str) -> None:
         (self.gates / step).unlink(missing_ok=True)

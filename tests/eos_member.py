@@ -4,9 +4,10 @@
 
 Each step of :class:`flows.kafka.transactions.Transactions` named in ``GATES`` first
 looks for the file ``GATES_DIR/<step>``: while it exists, the transaction waits there,
-after touching ``GATES_DIR/<step>.reached``. A test opens a gate to hold a member at an
-exact moment (its records produced and confirmed, the commit not sent) and then kills,
-stops or releases it. Nothing else changes: the member is the real one.
+after touching ``GATES_DIR/<step>.reached`` and ``GATES_DIR/<step>.<worker index>.reached``.
+A test opens a gate to hold a member (each of its workers, with ``-w N``) at an exact
+moment (its records produced and confirmed, the commit not sent) and then kills, stops
+or releases it. Nothing else changes: the member is the real one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def install(gates: Path) -> None:
         def gated(self, *args, _step=step, _original=original, **kwargs):
             gate = gates / _step
             if gate.exists():
+                worker = self.transactional_id.rsplit(".", 1)[1]
+                (gates / f"{_step}.{worker}.reached").touch()
                 (gates / f"{_step}.reached").touch()
                 while gate.exists():
                     time.sleep(0.02)

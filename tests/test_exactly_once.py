@@ -79,7 +79,13 @@ def expected_outcomes(topics: FlowTopics, events: list[tuple[bytes, bytes, str]]
 
 
 def progress(topics: FlowTopics, at_least: int, members: dict[str, Member], timeout: float = 240) -> None:
-    assert wait_for(lambda: committed_total(topics) >= at_least, timeout=timeout, every=0.5), (
+    def done() -> bool:
+        # A member that failed ends the wait at once (one stopped on purpose exits 0).
+        failed = [name for name, m in members.items() if m.proc.poll() not in (None, 0)]
+        assert not failed, f"{failed} failed\n" + "\n".join(m.tail() for m in members.values())
+        return committed_total(topics) >= at_least
+
+    assert wait_for(done, timeout=timeout, every=0.5), (
         f"stuck below {at_least} committed events ({committed_total(topics)})\n"
         + "\n".join(m.tail() for m in members.values())
     )
@@ -480,3 +486,59 @@ def test_a_worker_commits_only_its_own_batch_never_one_whose_partition_moved(kaf
     values = [msg.value() for _, _, msg in read_as(kafka_bootstrap, topics.output)]
     assert values == [f"worker 1: event {i}".encode() for i in range(4)]
     assert topics.committed() == [4]
+
+
+def test_two_workers_of_a_member_are_both_fenced_after_kill_9_and_every_chunk_is_committed_once(
+    kafka_bootstrap, tmp_path
+):
+    """``-w 2``: member "a" runs two workers, each a member of the group with its own
+    transactional producer (``<group>.a.0``, ``<group>.a.1``), beside member "b" with one,
+    in incremental mode on 6 partitions. "a" is killed (kill -9) while both its workers
+    hold a transaction open, records produced and offsets sent. Restarted under its name,
+    it fences both zombies at once, so read_committed consumers are not held up until
+    transaction.timeout.ms. A read_committed consumer sees every chunk exactly once, and
+    the changelog holds exactly the committed versions."""
+    topics = FlowTopics(kafka_bootstrap, partitions=6)
+    events = scenario_events(docs=160)
+    topics.produce([(k, v) for k, v, _ in events[:60]])
+    args = ("--batch-size", "8", "--max-tokens", "64", "--incremental", *FAST_GROUP, *TXN_TIMEOUT)
+    members = {
+        "a": start_member(topics, "a", tmp_path, "-w", "2", *args),
+        "b": start_member(topics, "b", tmp_path, *args),
+    }
+    bootstrap, output = topics.bootstrap, topics.output
+    try:
+        # Everyone in the group and working, then the rest with both of a's workers held
+        # with their records produced and their offsets in the transaction, uncommitted.
+        progress(topics, 60, members)
+        held = members["a"]
+        held.hold("_commit")
+        topics.produce([(k, v) for k, v, _ in events[60:]])
+        assert wait_for(lambda: held.reached("_commit", 0) and held.reached("_commit", 1), timeout=120), (
+            held.tail()
+        )
+        open_ends = open_transaction_ends(bootstrap, output)
+        assert open_ends, "a's transactions are open"
+        held.kill()
+        held.release("_commit")
+        members["a"] = start_member(topics, "a", tmp_path, "-w", "2", *args)
+        # Both transactional ids are taken over at start: both open transactions abort
+        # long before transaction.timeout.ms (120 s).
+        assert wait_for(lambda: stable_past(bootstrap, output, open_ends), timeout=45), (
+            "a killed worker's open transaction stalled read_committed consumers\n" + members["a"].tail()
+        )
+        progress(topics, len(events), members)
+    finally:
+        codes = {name: m.stop() for name, m in members.items()}
+    assert codes == {"a": 0, "b": 0}, "\n".join(m.tail() for m in members.values())
+    restarted = members["a"].text()
+    for worker in (0, 1):
+        assert f"transactional producer {topics.group}.a.{worker} ready" in restarted, restarted[-3000:]
+
+    expected = expected_outcomes(topics, events)
+    found = check_exactly_once(topics, expected, incremental=True)
+    state_topic = Settings(group_id=topics.group).chunk_state_topic()
+    entries = check_changelog(topics, state_topic, expected, found["manifests"])
+    assert entries == sum(e.outcome != "DeadLetter" for e in expected)
+    aborted = len(read_as(bootstrap, output, "read_uncommitted")) - len(read_as(bootstrap, output))
+    assert aborted > 0, "the killed workers' transactions were aborted, not committed"
