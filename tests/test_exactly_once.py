@@ -253,6 +253,14 @@ def test_a_zombie_member_is_refused_and_its_transaction_never_becomes_visible(ka
     assert found["records"] == len(events)
     aborted = len(read_as(kafka_bootstrap, topics.output, "read_uncommitted")) - len(committed)
     assert aborted > 0, "read_uncommitted consumers see the aborted records"
+    # `embedstream tail` prints what a read_committed consumer reads: no aborted record.
+    tail = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "tail", "--brokers", kafka_bootstrap, "--topic", topics.output,
+         "-n", "100000", "--timeout", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert tail.returncode == 0, tail.stderr[-2000:]
+    assert len(re.findall(r"^\d+@\d+ ", tail.stdout, re.M)) == len(committed), tail.stdout[-2000:]
     # The sink reads committed records only, and finds the end of a transactional topic
     # (its last offsets are commit markers, which no consumer receives).
     sink = subprocess.run(
@@ -282,7 +290,10 @@ def test_a_fenced_producer_stops_producing_and_its_member_rejoins(kafka_bootstra
         (f"f-{i}".encode(), avro_event(f"f-{i}", content=f"Fenced document {i}.".encode(), filename="a.txt"))
         for i in range(60)
     ]
-    member = start_member(topics, "f", tmp_path, "--batch-size", "4", *FAST_GROUP)
+    port = free_port()
+    member = start_member(
+        topics, "f", tmp_path, "--batch-size", "4", "--metrics-port", str(port), *FAST_GROUP
+    )
     member.hold("_produce")
     topics.produce(events)
     try:
@@ -291,8 +302,12 @@ def test_a_fenced_producer_stops_producing_and_its_member_rejoins(kafka_bootstra
         intruder.init_transactions(60)
         member.release("_produce")
         assert wait_for(lambda: committed_total(topics) == len(events), timeout=180), member.tail()
+        samples = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         assert member.stop() == 0, member.tail()
+    assert metric(samples, "embedstream_producer_fenced_total") == 1, samples
+    assert metric(samples, 'embedstream_transactions_total{outcome="aborted"}') == 1, samples
+    assert metric(samples, 'embedstream_transactions_total{outcome="committed"}') >= len(events) // 4
     text = member.text()
     assert re.search(r"transactional producer \S+\.f\.0 fenced", text), text[-3000:]
     assert text.count("transactional producer") >= 3  # ready, fenced, ready again
