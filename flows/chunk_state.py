@@ -153,7 +153,9 @@ class ChunkState:
         self._restored: set[tuple[str, int]] = set()
         #: A lock per partition being restored: partitions restore side by side.
         self._restoring: dict[tuple[str, int], threading.Lock] = {}
-        #: Guards the three above; never held while the changelog is read.
+        #: Per input partition: how often it was dropped (moved between workers).
+        self._moves: dict[tuple[str, int], int] = {}
+        #: Guards the four above; never held while the changelog is read.
         self._lock = threading.Lock()
 
     def get(self, topic: str, partition: int, doc_id: str) -> Optional[bytes]:
@@ -162,19 +164,35 @@ class ChunkState:
         with self._lock:
             return self._docs.get((sys.intern(topic), partition, doc_id))
 
-    def put(self, topic: str, partition: int, doc_id: str, value: Optional[bytes]) -> None:
-        """Remembers a document's packed ids (None: forgets it, as after a DELETE)."""
+    def put(
+        self, topic: str, partition: int, doc_id: str, value: Optional[bytes], moves: Optional[int] = None
+    ) -> bool:
+        """Remembers a document's packed ids (None: forgets it, as after a DELETE), unless
+        the partition moved since ``moves`` was read (:meth:`moves`): then the batch that
+        would write this is not committed by its worker, and another worker of this
+        process may own the partition now. Returns whether it was remembered."""
+        if moves is not None and self.moves(topic, partition) != moves:
+            return False
         self._restore_once(topic, partition)
         key = (sys.intern(topic), partition, doc_id)
         with self._lock:
+            if moves is not None and self._moves.get((topic, partition), 0) != moves:
+                return False
             if value is None:
                 self._docs.pop(key)
             else:
                 self._docs.put(key, value)
+        return True
+
+    def moves(self, topic: str, partition: int) -> int:
+        """How often the partition was dropped so far."""
+        with self._lock:
+            return self._moves.get((topic, partition), 0)
 
     def drop(self, topic: str, partition: int) -> None:
         """Forgets a partition (revoked: another worker owns its changelog now)."""
         with self._lock:
+            self._moves[(topic, partition)] = self._moves.get((topic, partition), 0) + 1
             self._restored.discard((topic, partition))
             for key in [k for k in self._docs.items if k[0] == topic and k[1] == partition]:
                 self._docs.pop(key)
@@ -199,6 +217,8 @@ class ChunkState:
         what that earlier event leaves behind is not known yet."""
         seen: set[str] = set()
         for w in batch:
+            w.state_moves = self.moves(w.message.topic, w.message.partition)
+        for w in batch:
             if w.event is None:
                 continue
             doc_id = w.event["doc_id"]
@@ -213,15 +233,17 @@ class ChunkState:
         """Each document's ids after the batch, in memory now and, once the batch's
         records are delivered, in the changelog (messages the sink produces last; with
         exactly-once, in the batch's transaction). Where that transaction aborts, the
-        member drops the partition's state and reads it back from the changelog."""
+        member drops the partition's state and reads it back from the changelog. A
+        partition that moved since the batch read the state is left alone: its new
+        owner, maybe another worker of this process, processes these events again."""
         latest: dict[tuple[str, int, str], tuple[Work, Optional[bytes]]] = {}
         for w in batch:
             if w.failure is not None or w.event is None:
                 continue  # the document keeps what it had (or there is none)
             m, doc_id = w.message, w.event["doc_id"]
             value = None if w.event["op"] == "DELETE" else pack(w.ids)
-            self.put(m.topic, m.partition, doc_id, value)
-            latest[(m.topic, m.partition, doc_id)] = (w, value)
+            if self.put(m.topic, m.partition, doc_id, value, w.state_moves):
+                latest[(m.topic, m.partition, doc_id)] = (w, value)
         with self._lock:
             self._publish()
         return [

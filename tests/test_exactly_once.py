@@ -557,3 +557,35 @@ def test_two_workers_of_a_member_are_both_fenced_after_kill_9_and_every_chunk_is
     assert entries == sum(e.outcome != "DeadLetter" for e in expected)
     aborted = len(read_as(bootstrap, output, "read_uncommitted")) - len(read_as(bootstrap, output))
     assert aborted > 0, "the killed workers' transactions were aborted, not committed"
+
+
+def test_a_batch_whose_partition_moved_leaves_the_next_owners_chunk_state_alone():
+    """Incremental mode with ``-w 2``: the workers of a process share the chunk state, by
+    input partition. Worker 0 reads it for a batch; the partition then moves to worker 1
+    (both callbacks drop it) before worker 0's batch is encoded. Worker 0's outcome is
+    never committed (its sink drops outputs of partitions it lost), so it must not reach
+    the state worker 1 reads: worker 1 embeds every chunk of the document, and worker 0
+    writes no changelog entry for it."""
+    from flows.chunk_state import ChunkState
+    from flows.embed_steps import Batch, Work
+    from flows.kafka.io import InputMessage
+
+    state = ChunkState(Settings(incremental=True), restore=False)
+
+    def batch(offset: int) -> Batch:
+        message = InputMessage("docs", 0, offset, b"d", b"", None)
+        ids = ["ab" * 32, "cd" * 32]
+        return Batch([Work(message, event={"doc_id": "d", "op": "UPSERT"}, ids=ids, fresh=[True, True])])
+
+    held = batch(5)
+    state.mark_fresh(held)
+    state.drop("docs", 0)  # revoked from worker 0
+    state.drop("docs", 0)  # assigned to worker 1
+    assert state.remember(held) == [], "worker 0 writes no changelog entry for a partition it lost"
+    taken = batch(5)
+    state.mark_fresh(taken)
+    assert taken[0].fresh == [True, True], "worker 0's uncommitted outcome reached worker 1's state"
+    assert len(state.remember(taken)) == 1
+    after = batch(6)
+    state.mark_fresh(after)
+    assert after[0].fresh == [False, False], "worker 1's own outcome is remembered"
