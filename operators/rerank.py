@@ -13,7 +13,9 @@ from . import _native, models
 class Reranker:
     """A cross-encoder from a Hugging Face-format directory (or a hub id found in an
     offline HF cache): ``BertForSequenceClassification`` (ms-marco-MiniLM style) or
-    ``XLMRobertaForSequenceClassification`` (bge-reranker style), with one label.
+    ``XLMRobertaForSequenceClassification`` (bge-reranker style), with one label; or an
+    LLM reranker (Qwen3-Reranker: a ``Qwen3ForCausalLM`` scoring P("yes") of the next
+    token in the chat template of its model card, which is its score, 0 to 1).
 
     Scores are what sentence-transformers' ``CrossEncoder.predict`` returns (within
     1e-4): the logit after the activation saved with the model (``activation``: ms-marco

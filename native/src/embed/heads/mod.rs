@@ -4,3 +4,4 @@
 pub(super) mod classifier;
 pub(super) mod mlm;
 pub(super) mod sparse_linear;
+pub(super) mod yes_no;
