@@ -18,8 +18,9 @@ owner; the others keep flowing). What makes that safe:
   dropped without committing: their next owner processes the uncommitted events again,
   with identical records.
 - **Exactly-once** (``transactions``, :mod:`flows.kafka.transactions`): the sink hands a
-  batch's outputs to :func:`transact` instead, and its member commits them with the
-  input offsets in one transaction. A partition revoked or lost while that transaction
+  batch's outputs to :func:`transact` instead, and the member of the sink's own worker
+  (the one that handed the batch over) commits them with the input offsets in one
+  transaction. A partition revoked or lost while that transaction
   is open dooms it (aborted before the callback returns); an aborted batch is read
   again from its first offset by this member where it still owns the partition, by the
   next owner elsewhere; a fenced producer makes the member leave the group and rejoin
