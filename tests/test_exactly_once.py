@@ -547,6 +547,9 @@ def test_two_workers_of_a_member_are_both_fenced_after_kill_9_and_every_chunk_is
         codes = {name: m.stop() for name, m in members.items()}
     assert codes == {"a": 0, "b": 0}, "\n".join(m.tail() for m in members.values())
     restarted = members["a"].text()
+    # Its timeouts as it starts: the flush timeout under transaction.timeout.ms, and the
+    # batch time budget (a fifth of max.poll.interval.ms) outside the transaction.
+    assert "flush timeout 96 s; a batch's 60 s budget of work runs before its transaction opens" in restarted
     for worker in (0, 1):
         assert f"transactional producer {topics.group}.a.{worker} ready" in restarted, restarted[-3000:]
 

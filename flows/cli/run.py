@@ -293,10 +293,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("group mode: a member of consumer group %s on %s", settings.group_id, settings.input_topic)
         if settings.exactly_once:
             log.info(
-                "exactly-once: member %s, transaction.timeout.ms=%d, flush timeout %.0f s",
+                "exactly-once: member %s, transaction.timeout.ms=%d, flush timeout %.0f s; a batch's "
+                "%.0f s budget of work runs before its transaction opens",
                 settings.member(),
                 settings.transaction_timeout_ms(),
                 settings.flush_timeout(),
+                settings.batch_budget_s(),
             )
     elif process_id is not None:
         log.info("cluster process %d of %s", process_id, addresses)
