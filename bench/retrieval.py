@@ -24,7 +24,8 @@ chunk list itself, where several chunks of one document take several places:
 among the ten best chunks (1/log2(1 + its rank), 0 when none), and ``chunks_hit@10``
 how often there is one.
 Latency is per query, from the query text to the hits (query encoding included),
-median and 90th percentile over the queries, and the median of each step.
+median and 90th percentile over the queries, and the median of each step. Each store's
+``analysis`` says why fusion gains what it gains (see :func:`analysis`).
 
 The documents go through the flow's own steps without Kafka: ``operators.extract``,
 the model's chunker, ``Embedder.embed``, :func:`flows.records.text_records`, Avro
@@ -273,6 +274,7 @@ def measure(
             runs += [(m, True, False) for m in ("dense", "hybrid")]
         prompt = query_prompt_name(embedder)
         results: dict[str, Any] = {}
+        rankings: dict[str, list[list[str]]] = {}  # each query's documents, per mode
         for mode, with_rerank, per_document in runs:
             used = available if mode == "hybrid" else [mode]
             per_kind: dict[str, list[tuple[float, float, float, float]]] = {}
@@ -309,6 +311,9 @@ def measure(
                 per_kind.setdefault(q["kind"], []).append(
                     scores(ranked_docs(hits)[:CUTOFF], q["relevant"]) + chunk_scores(hits, q["relevant"])
                 )
+                if not with_rerank:
+                    key = mode + (" per document" if per_document else "")
+                    rankings.setdefault(key, []).append(ranked_docs(hits))
             name = mode + (" + rerank" if with_rerank else "") + (" per document" if per_document else "")
             rows = {kind: quality(v) for kind, v in sorted(per_kind.items())}
             rows["all"] = quality([x for v in per_kind.values() for x in v])
@@ -326,9 +331,54 @@ def measure(
             print(
                 f"  {url.split(':')[0]:<10} {name:<16} nDCG@10 {rows['all']['ndcg@10']:.3f}", file=sys.stderr
             )
+        results["analysis"] = analysis(queries, rankings)
         return results
     finally:
         store.close()
+
+
+#: Which of (dense, text) hold a relevant document.
+OUTCOMES = {
+    (True, True): "both",
+    (True, False): "dense only",
+    (False, True): "text only",
+    (False, False): "neither",
+}
+
+
+def analysis(queries: list[dict[str, Any]], rankings: dict[str, list[list[str]]]) -> dict[str, Any]:
+    """Why fusion gains what it gains: how often the dense and text lists hold a
+    relevant document at rank 1 and in the top ten (both, one, neither), the nDCG@10 of
+    an oracle that takes the better of the two for each query (a bound no fusion of
+    ranks is held to, but a measure of the room), and per fused mode the queries whose
+    first relevant document it moves up or down against dense."""
+    dense, text = rankings["dense"], rankings["text"]
+
+    def first(docs: list[str], relevant: list[str]) -> int:
+        return next((i for i, d in enumerate(docs, 1) if d in relevant), 0)
+
+    counts: Counter[str] = Counter()
+    oracle = []
+    for q, d, t in zip(queries, dense, text):
+        for cut in (1, CUTOFF):
+            found = (0 < first(d, q["relevant"]) <= cut, 0 < first(t, q["relevant"]) <= cut)
+            counts[f"@{cut} {OUTCOMES[found]}"] += 1
+        oracle.append(max(scores(d[:CUTOFF], q["relevant"])[1], scores(t[:CUTOFF], q["relevant"])[1]))
+    moved = {}
+    for mode in (m for m in rankings if m.startswith("hybrid")):
+        change: Counter[str] = Counter()
+        for q, d, f in zip(queries, dense, rankings[mode]):
+            a, b = first(d, q["relevant"]) or 10**6, first(f, q["relevant"]) or 10**6
+            change["up"] += b < a
+            change["down"] += b > a
+            change["lost dense's rank 1"] += a == 1 < b
+            change["won rank 1"] += b == 1 < a
+        moved[mode] = dict(change)
+    return {
+        "relevant document in dense and text": dict(sorted(counts.items())),
+        "oracle ndcg@10 (better of dense and text per query)": round(statistics.mean(oracle), 4),
+        "first relevant document against dense": moved,
+    }
 
 
 def main() -> int:
@@ -364,9 +414,11 @@ def main() -> int:
             found = {}
             for name, url in stores.items():
                 sink_s = ingest(url, messages)
+                modes = measure(url, queries, embedder, sparse, reranker, args.rerank_k, args.rrf_k)
                 found[name] = {
                     "sink_seconds": round(sink_s, 2),
-                    "modes": measure(url, queries, embedder, sparse, reranker, args.rerank_k, args.rrf_k),
+                    "analysis": modes.pop("analysis"),
+                    "modes": modes,
                 }
         finally:
             if local_postgres is not None:
