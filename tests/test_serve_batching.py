@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from flows.serve.batching import Batcher, ModelFailed, Overloaded, Stopped
+from flows.serve.batching import INLINE_TOKENS, Batcher, ModelFailed, Overloaded, Stopped
 from flows.serve.metrics import ServeMetrics
 from operators import Embedder
 
@@ -157,3 +157,35 @@ def test_an_input_the_model_refuses_fails_its_own_request_only(tmp_path):
         ["an [OOV] text"],
         ["also fine", "and this"],
     ]
+
+
+def test_a_short_request_alone_runs_on_the_loops_thread_and_others_on_the_model_thread(prompted):
+    """A short request with no other in flight is computed at once on the event loop's
+    thread; one that is long, or not alone, goes to the model thread. Same vectors."""
+    import threading
+
+    threads: list[int] = []
+
+    def embed(texts: list[str], prompt: object) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return prompted.embed(texts, prompt=prompt)
+
+    async def main() -> tuple[int, list[np.ndarray]]:
+        batcher = Batcher(
+            embed, batch_tokens=10_000, queue_tokens=10_000, timeout_s=60, metrics=ServeMetrics()
+        )
+        batcher.start()
+        try:
+            got = [
+                await batcher.embed(["short"], None, INLINE_TOKENS, alone=True),
+                await batcher.embed(["long"], None, INLINE_TOKENS + 1, alone=True),
+                await batcher.embed(["not alone"], None, 3, alone=False),
+            ]
+        finally:
+            await batcher.stop()
+        return threading.get_ident(), got
+
+    loop_thread, got = asyncio.run(main())
+    assert threads[0] == loop_thread and threads[1] != loop_thread and threads[2] != loop_thread
+    for text, vectors in zip(["short", "long", "not alone"], got):
+        np.testing.assert_array_equal(vectors, prompted.embed([text]))

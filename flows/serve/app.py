@@ -204,7 +204,8 @@ class Api:
             )
         tokens = sum(min(n, limit) for n in counts)
         try:
-            vectors = await self.batcher.embed(texts, prompt, tokens)
+            # Alone: no other request is being read or answered, so none would join its batch.
+            vectors = await self.batcher.embed(texts, prompt, tokens, alone=self.metrics.active <= 1)
         except Overloaded as e:
             raise ApiError(
                 429,
@@ -456,11 +457,16 @@ class Observe:
                 status = message["status"]
             await send(message)
 
+        m = self.metrics
+        m.active += 1
+        m.in_flight.set(m.active)
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            m.active -= 1
+            m.in_flight.set(m.active)
+            m.requests.labels(route, str(status)).inc()
+            m.latency.labels(route).observe(time.perf_counter() - started)
 
 
 class _LockedReranker:

@@ -4,11 +4,12 @@ hands the model whatever is waiting, up to a token budget, as one call per promp
 The model call runs on a thread of its own; the native code releases the GIL, so the
 event loop goes on accepting and parsing requests while a batch computes, and those
 requests form the next batch. There is no timer: a request that finds the model idle
-runs at once, alone; under load, batches grow by themselves. A call that fails is
-made again for each of its requests alone, so one input the model refuses fails only
-its own request. Inside a call the native
-embedder sorts the texts by length and packs its forward passes under
-``max_batch_tokens``, as the flow does with chunks.
+runs at once, alone (a short one that is the only request in flight runs on the event
+loop's own thread, sparing two thread handoffs); under load, batches grow by
+themselves. A call that fails is made again for each of its requests alone, so one
+input the model refuses fails only its own request. Inside a call the native embedder
+sorts the texts by length and packs its forward passes under ``max_batch_tokens``, as
+the flow does with chunks.
 
 The queue is bounded in tokens: a request that would take it past the bound is refused
 at once (:class:`Overloaded`, answered 429 with Retry-After) instead of growing memory
@@ -38,6 +39,11 @@ log = logging.getLogger("embedstream.serve")
 T = TypeVar("T")
 #: ``embed(texts, prompt)``: rows in input order.
 EmbedFn = Callable[[list[str], Optional[str]], np.ndarray]
+
+
+#: A request of at most this many tokens that is alone (no other request in flight) and
+#: finds the model idle is computed on the event loop's thread (a few ms at most).
+INLINE_TOKENS = 64
 
 
 class Overloaded(Exception):
@@ -111,6 +117,8 @@ class Batcher:
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._stopping = False
+        #: A model call is running (on the model thread, or inline).
+        self._busy = False
         #: Jobs taken from the queue whose model call has not answered them yet.
         self._taken: list[_Job] = []
         # One thread: one model call at a time, each using every core the model is given.
@@ -158,9 +166,12 @@ class Batcher:
 
     # --- requests -------------------------------------------------------------------------------
 
-    async def embed(self, texts: list[str], prompt: Optional[str], tokens: int) -> np.ndarray:
+    async def embed(
+        self, texts: list[str], prompt: Optional[str], tokens: int, *, alone: bool = False
+    ) -> np.ndarray:
         """The vectors of ``texts`` after ``prompt``, rows in order. ``tokens``: what the
-        model will see of them, for the budget. Raises :class:`Overloaded`,
+        model will see of them, for the budget. ``alone``: no other request is in flight
+        (a short request is then computed at once, inline). Raises :class:`Overloaded`,
         :class:`TimedOut`, :class:`Stopped` or :class:`ModelFailed`."""
         if self._wake is None:
             raise Stopped("the batcher has not started")
@@ -170,6 +181,8 @@ class Batcher:
         if self._queue and self._queued_tokens + tokens > self.queue_tokens:
             self.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(self._queued_tokens, self._retry_after_s())
+        if alone and tokens <= INLINE_TOKENS and not self._busy and not self._queue:
+            return self._inline(texts, prompt, tokens)
         job = _Job(texts, prompt, tokens, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._queued_tokens += tokens
@@ -185,6 +198,32 @@ class Batcher:
             self.metrics.rejected.labels("timeout").inc()
             raise TimedOut(f"no answer within {self.timeout_s:g} s (EMBEDSTREAM_SERVE_TIMEOUT_S)")
         return job.future.result()
+
+    def _inline(self, texts: list[str], prompt: Optional[str], tokens: int) -> np.ndarray:
+        """The model call on the event loop's own thread: no handoff to the model thread
+        and back (about 0.3 ms of a 13-token query's 6 ms here). The loop waits for it,
+        but no other request is in flight to be held up, and the call is short."""
+        self._busy = True
+        started = time.monotonic()
+        try:
+            vectors = call_model(self._embed, texts, prompt)
+        except ModelFailed as e:
+            log.error("model call of %d inputs failed", len(texts), exc_info=e.__cause__)
+            raise
+        finally:
+            self._busy = False
+        self.metrics.queue_wait.observe(0.0)
+        self._observe(time.monotonic() - started, len(texts), 1, tokens)
+        return vectors
+
+    def _observe(self, took: float, inputs: int, requests: int, tokens: int) -> None:
+        self._rate = tokens / took if took > 0 else self._rate
+        m = self.metrics
+        m.model_calls.inc()
+        m.model_seconds.observe(took)
+        m.batch_inputs.observe(inputs)
+        m.batch_requests.observe(requests)
+        m.batch_tokens.observe(tokens)
 
     def _drop(self, job: _Job) -> None:
         job.dropped = True
@@ -247,6 +286,7 @@ class Batcher:
         started = time.monotonic()
         for job in jobs:
             self.metrics.queue_wait.observe(started - job.enqueued)
+        self._busy = True
         try:
             vectors = await loop.run_in_executor(self._model_thread, self._embed, texts, prompt)
         except asyncio.CancelledError:
@@ -264,14 +304,9 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(ModelFailed.of(e))
             return
-        took = time.monotonic() - started
-        self._rate = tokens / took if took > 0 else self._rate
-        m = self.metrics
-        m.model_calls.inc()
-        m.model_seconds.observe(took)
-        m.batch_inputs.observe(len(texts))
-        m.batch_requests.observe(len(jobs))
-        m.batch_tokens.observe(tokens)
+        finally:
+            self._busy = False
+        self._observe(time.monotonic() - started, len(texts), len(jobs), tokens)
         at = 0
         for job in jobs:
             rows = vectors[at : at + len(job.texts)]

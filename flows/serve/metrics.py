@@ -66,6 +66,12 @@ class ServeMetrics:
         self.truncated = Counter(
             "embedstream_serve_truncated_inputs", "Inputs cut to the model's longest input", registry=r
         )
+        self.in_flight = Gauge(
+            "embedstream_serve_requests_in_flight", "Requests being answered, of every route", registry=r
+        )
+        #: The same, as a number: one means the request asking is alone (the batcher may then
+        #: compute a short one inline).
+        self.active = 0
         self.rejected = Counter(
             "embedstream_serve_rejected", "Requests refused by the batcher, by reason", ["reason"], registry=r
         )
