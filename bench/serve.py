@@ -5,10 +5,12 @@ Starlette app.
 
 The load comes from a separate process (this script with ``--client``): asyncio
 workers, one keep-alive HTTP/1.1 connection each, a closed loop (each worker sends its
-next request when the last is answered). A configuration is measured over a window
-after a warm-up: requests/s are the answers completed in the window over its length,
-latencies (p50, p99) those answers' times at the client. Workers finish their last
-request before the next configuration starts, so none inherits a backlog.
+next request when the last is answered). A configuration is measured in a steady
+state: the window opens after a warm-up and once every worker has had its first answer,
+and closes after its length once it holds two answers per worker; requests/s are the
+answers completed in the window over its length, latencies (p50, p99) those answers'
+times at the client. Workers finish their last request before the next configuration
+starts, so none inherits a backlog.
 
 Both servers get the same threads (``--threads``: RAYON_NUM_THREADS for ours,
 OMP/MKL threads and torch's for Infinity) on the same cores as the client.
@@ -22,6 +24,13 @@ Setup of the peers' environments (never the project's .venv)::
         httptools==0.9.0 uvloop==0.23.0 granian==2.8.9
 
     python bench/serve.py [--stack] [--dtypes f32,bf16] > bench/results/serve-amd-epyc-avx512.json
+
+Before and after a change, on the same minutes of a shared machine: the other version in
+a worktree (with the native library the main tree built), both servers up at once::
+
+    git worktree add /tmp/serve-base HEAD~1
+    cp operators/_native*.so /tmp/serve-base/operators/
+    python bench/serve.py --no-peer --baseline /tmp/serve-base --loads single_query,c64_texts32
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ QUERY = "how does the sink keep the vector store in step?"
 #: (concurrency, texts per request, seconds measured).
 LOADS = [(1, 1, 5), (16, 1, 5), (64, 1, 6), (1, 32, 5), (16, 32, 8), (64, 32, 12)]
 WARMUP_S = 2.0
+#: Longest a load runs, warm-up included, however slow the server.
+MAX_LOAD_S = 240.0
 
 
 # --- the load generator (its own process) -------------------------------------------------------
@@ -78,16 +89,34 @@ async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head:
 
 
 async def _load(url: str, bodies: list[bytes], concurrency: int, warmup_s: float, window_s: float) -> dict:
+    """The window opens after the warm-up and once every worker has had its first answer
+    (until then the server works off the first burst of ``concurrency`` requests sent at
+    once, not a steady state), and closes after ``window_s`` once it holds at least two
+    answers per worker. A fixed window would keep only the answers that came back inside
+    it: a slow server's long latencies would fall out of its p99."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     path = "/" + url.split("//", 1)[1].split("/", 1)[1]
     started = time.perf_counter()
-    window_start, window_end = started + warmup_s, started + warmup_s + window_s
+    give_up = started + MAX_LOAD_S
+    window: list[float] = []  # [start, end] once every worker has had an answer
+    first_answers = 0
     answered: list[tuple[float, float, int]] = []  # (sent, answered, status)
 
+    def open_window(now: float) -> None:
+        start = max(now, started + warmup_s)
+        window.extend([start, start + window_s])
+
+    def measuring(now: float) -> bool:
+        if not window:
+            return now < give_up
+        inside = sum(1 for _, a, _ in answered if a >= window[0])
+        return now < give_up and (now < window[1] or inside < 2 * concurrency)
+
     async def worker(n: int) -> None:
+        nonlocal first_answers
         reader, writer = await asyncio.open_connection(host, int(port))
         i = n
-        while time.perf_counter() < window_end:
+        while measuring(time.perf_counter()):
             body = bodies[i % len(bodies)]
             i += concurrency
             head = (
@@ -96,11 +125,20 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, warmup_s: float
             ).encode()
             sent = time.perf_counter()
             status = await _one(reader, writer, head, body)
-            answered.append((sent, time.perf_counter(), status))
+            now = time.perf_counter()
+            answered.append((sent, now, status))
+            if i - concurrency == n:  # this worker's first answer
+                first_answers += 1
+                if first_answers == concurrency:
+                    open_window(now)
         writer.close()
 
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
-    inside = [(s, a, st) for s, a, st in answered if window_start <= a <= window_end]
+    if not window:
+        return {"requests": 0, "errors": 0}
+    start = window[0]
+    end = max(window[1], max(a for _, a, _ in answered))
+    inside = [(s, a, st) for s, a, st in answered if a >= start]
     latencies = sorted(a - s for s, a, st in inside if st == 200)
     errors = sum(1 for _, _, st in inside if st != 200)
     if not latencies:
@@ -108,7 +146,9 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, warmup_s: float
     return {
         "requests": len(latencies),
         "errors": errors,
-        "requests_per_s": round(len(latencies) / window_s, 2),
+        "window_s": round(end - start, 2),
+        "warmup_s": round(start - started, 2),
+        "requests_per_s": round(len(latencies) / (end - start), 2),
         "p50_ms": round(1000 * statistics.median(latencies), 2),
         "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
     }
@@ -129,7 +169,7 @@ def run_client(
         out = subprocess.run(
             [sys.executable, __file__, "--client", url, "--bodies", f.name, "--concurrency", str(concurrency),
              "--warmup", str(warmup_s), "--window", str(window_s)],
-            capture_output=True, text=True, timeout=window_s + warmup_s + 300,
+            capture_output=True, text=True, timeout=MAX_LOAD_S + 300,
         )  # fmt: skip
     finally:
         os.unlink(f.name)
@@ -183,10 +223,14 @@ def thread_env(threads: int) -> dict[str, str]:
     }
 
 
-def start_ours(port: int, dtype: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_ours(
+    port: int, dtype: str, threads: int, tree: Optional[Path] = None
+) -> tuple[subprocess.Popen, str]:
+    """``embedstream serve`` of this checkout, or of the checkout ``tree``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--dtype", dtype],
         env=thread_env(threads),
+        cwd=tree,  # `python -m` imports flows and operators from the working directory first
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -299,6 +343,17 @@ def main() -> None:
     p.add_argument("--stack", action="store_true", help="also measure the ASGI servers on a trivial app")
     p.add_argument("--asgi-venv", type=Path, default=CACHE / "asgi-bench-venv")
     p.add_argument("--no-peer", action="store_true", help="embedstream only")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also serve from the checkout DIR (a git worktree of another version), as embedstream-base-f32",
+    )
+    p.add_argument(
+        "--loads",
+        help="only these loads, comma-separated: c1_texts1, c16_texts1, c64_texts1, c1_texts32, c16_texts32, "
+        "c64_texts32, single_query (default: all)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="rounds over every load and server")
     p.add_argument(
         "--quick", action="store_true", help="one-second windows: checks the script, measures nothing"
@@ -310,6 +365,13 @@ def main() -> None:
 
     loads = [(1, 1, 1), (4, 32, 1)] if args.quick else LOADS
     single_s = 1 if args.quick else 6
+    every = [*loads, (1, 0, single_s)]
+    if args.loads:
+        wanted = set(args.loads.split(","))
+        unknown = wanted - {load_key(c, n) for c, n, _ in every}
+        if unknown:
+            p.error(f"unknown loads: {', '.join(sorted(unknown))}")
+        every = [(c, n, w) for c, n, w in every if load_key(c, n) in wanted]
     import corpus
     import machine
     import numpy as np
@@ -346,6 +408,13 @@ def main() -> None:
             proc, url = start_ours(free_port(), dtype, args.threads)
             servers[f"embedstream-{dtype}"] = (proc, url, "default")
             result["servers"][f"embedstream-{dtype}"] = {"stack": our_stack()}
+        if args.baseline:
+            proc, url = start_ours(free_port(), "f32", args.threads, args.baseline.resolve())
+            servers["embedstream-base-f32"] = (proc, url, "default")
+            result["servers"]["embedstream-base-f32"] = {
+                "tree": str(args.baseline),
+                "commit": commit_of(args.baseline),
+            }
         if not args.no_peer:
             proc, url = start_infinity(free_port(), args.peer_venv, model_dir, args.threads)
             servers["infinity"] = (proc, url, model_dir)
@@ -367,8 +436,8 @@ def main() -> None:
         names = list(servers)
         for round_ in range(args.rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
-            for concurrency, size, window in [*loads, (1, 0, single_s)]:
-                key = f"c{concurrency}_texts{size}" if size else "single_query"
+            for concurrency, size, window in every:
+                key = load_key(concurrency, size)
                 for name in order:
                     _, url, model = servers[name]
                     bodies = (
@@ -385,19 +454,39 @@ def main() -> None:
     for name, by_key in runs.items():
         for key, measured in by_key.items():
             result["servers"][name][key] = summary(measured)
-    if "infinity" in runs:
-        ours, peer = result["servers"]["embedstream-f32"], result["servers"]["infinity"]
-        result["ratios_f32_to_infinity"] = {
-            key: {
-                "throughput": round(ours[key]["requests_per_s"] / peer[key]["requests_per_s"], 2),
-                "p99": round(ours[key]["p99_ms"] / peer[key]["p99_ms"], 2),
-            }
-            for key in runs["infinity"]
-            if ours[key].get("requests_per_s") and peer[key].get("requests_per_s")
-        }
+    for peer, name in (
+        ("infinity", "ratios_f32_to_infinity"),
+        ("embedstream-base-f32", "ratios_f32_to_base"),
+    ):
+        if peer in runs:
+            result[name] = ratios(result["servers"]["embedstream-f32"], result["servers"][peer], runs[peer])
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     result["embedstream_version"] = version_of("embedstream")
+    result["commit"] = commit_of(Path(__file__).resolve().parent.parent)
     print(json.dumps(result, indent=2))
+
+
+def ratios(ours: dict[str, Any], peer: dict[str, Any], keys: Any) -> dict[str, Any]:
+    """Our requests/s and p99 over the peer's, per load."""
+    return {
+        key: {
+            "throughput": round(ours[key]["requests_per_s"] / peer[key]["requests_per_s"], 2),
+            "p50": round(ours[key]["p50_ms"] / peer[key]["p50_ms"], 2),
+            "p99": round(ours[key]["p99_ms"] / peer[key]["p99_ms"], 2),
+        }
+        for key in keys
+        if ours[key].get("requests_per_s") and peer[key].get("requests_per_s")
+    }
+
+
+def load_key(concurrency: int, size: int) -> str:
+    return f"c{concurrency}_texts{size}" if size else "single_query"
+
+
+def commit_of(tree: Path) -> str:
+    return subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def summary(runs: list[dict]) -> dict[str, Any]:
