@@ -254,6 +254,7 @@ class ChunkState:
                 source=(w.message.topic, w.message.partition, w.message.offset),
                 partition=partition,
                 after_delivery=True,
+                source_assignment=w.message.assignment,
             )
             for (_, partition, doc_id), (w, value) in latest.items()
         ]

@@ -641,6 +641,7 @@ class Pipeline:
             self.encoder.encode(name, record),
             ((codecs.TYPE_HEADER, name.encode()),),
             (m.topic, m.partition, m.offset),
+            source_assignment=m.assignment,
         )
 
     def _outputs(self, w: Work) -> list[OutputMessage]:
@@ -649,7 +650,10 @@ class Pipeline:
             return [self._message(w, s.dlq_topic, w.message.key, "DeadLetter", self.dead_letter(w))]
         if w.event is None:  # only records that are not embedded: its offset is done
             m = w.message
-            return [OutputMessage("", None, None, source=(m.topic, m.partition, m.offset), commit_only=True)]
+            source = (m.topic, m.partition, m.offset)
+            return [
+                OutputMessage("", None, None, source=source, commit_only=True, source_assignment=m.assignment)
+            ]
         event = w.event
         if event["op"] == "DELETE":
             # Every topic that may hold the document's records gets its delete: which one

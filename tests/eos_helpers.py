@@ -41,16 +41,22 @@ class Member:
     def tail(self) -> str:
         return f"--- {self.name} ---\n" + self.text()[-4000:]
 
-    def hold(self, step: str) -> None:
-        """The member's next transaction (of each of its workers) waits before ``step``
-        until :meth:`release`."""
+    def hold(self, step: str, *, polling: bool = False) -> None:
+        """The member's next transaction (of each of its workers), or its next batch at a
+        pipeline step, waits before ``step`` until :meth:`release`; ``polling``: as an
+        outage wait does, the member polling the group meanwhile."""
         for reached in self.gates.glob(f"{step}.*reached"):
             reached.unlink(missing_ok=True)
-        (self.gates / step).touch()
+        (self.gates / step).write_text("poll" if polling else "")
 
     def reached(self, step: str, worker: Optional[int] = None) -> bool:
         """Whether a transaction of the member (of its worker ``worker``) waits before ``step``."""
         return (self.gates / (f"{step}.reached" if worker is None else f"{step}.{worker}.reached")).exists()
+
+    def held_partitions(self, step: str) -> set[int]:
+        """The input partitions of the batch held before ``step``."""
+        text = (self.gates / f"{step}.reached").read_text()
+        return {int(p) for p in text.split(",") if p}
 
     def release(self, step: str) -> None:
         (self.gates / step).unlink(missing_ok=True)

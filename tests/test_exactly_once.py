@@ -278,6 +278,60 @@ def test_a_zombie_member_is_refused_and_its_transaction_never_becomes_visible(ka
     ]
 
 
+@pytest.mark.parametrize("step", ["embed", "_produce"], ids=["before-its-sink", "inside-its-transaction"])
+def test_a_partition_that_leaves_and_comes_back_while_a_batch_is_held_is_committed_once(
+    kafka_bootstrap, tmp_path, step
+):
+    """Member "a" holds a batch of both partitions, polling the group as an outage wait
+    does: before its sink (at the embed step) or inside its transaction (before
+    producing). Member "b" joins and takes one of the partitions, commits its events and
+    leaves, so the partition comes back to "a" while that batch is still held. Released,
+    the batch must neither commit that partition's events nor, aborted, read them again:
+    "b" committed them, under an earlier assignment. A read_committed consumer sees every
+    event's outcome once."""
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    per_partition = 12
+    for p in (0, 1):
+        topics.produce(
+            [
+                (key.encode(), avro_event(key, content=f"Document {key}.".encode(), filename="a.txt"))
+                for key in (f"p{p}-{i}" for i in range(per_partition))
+            ],
+            partition=p,
+        )
+    args = ("--batch-size", str(2 * per_partition), *FAST_GROUP, *TXN_TIMEOUT)
+    # A batch waits up to 1 s to fill: a's first one takes every event of both partitions.
+    a = start_member(topics, "a", tmp_path, *args, env={"EMBEDSTREAM_POLL_MS": "1000"})
+    a.hold(step, polling=True)
+    b = None
+    try:
+        assert wait_for(lambda: a.reached(step), timeout=120), a.tail()
+        assert a.held_partitions(step) == {0, 1}, a.tail()
+        b = start_member(topics, "b", tmp_path, *args)
+        taken = re.compile(rf"assigned {re.escape(topics.input)}\[(\d)\]")
+        assert wait_for(lambda: taken.search(b.text()), timeout=120), b.tail()
+        moved = int(taken.search(b.text()).group(1))
+        assert wait_for(lambda: topics.committed()[moved] == per_partition, timeout=120), b.tail()
+        assert b.stop() == 0, b.tail()
+        # Back to "a", whose batch is still held.
+        back = f"assigned {topics.input}[{moved}];"
+        assert wait_for(lambda: back in a.text(), timeout=120), a.tail()
+        assert f"revoked {topics.input}[{moved}]" in a.text()
+        a.release(step)
+        assert wait_for(lambda: committed_total(topics) == 2 * per_partition, timeout=120), a.tail()
+    finally:
+        a.release(step)
+        codes = [m.stop() for m in (a, b) if m is not None]
+    assert codes == [0] * len(codes), a.tail() + (b.tail() if b else "")
+    print(a.tail())
+    expected = [
+        Expected(msg.key().decode(), msg.partition(), msg.offset(), "DocManifest")
+        for _, _, msg in read_as(kafka_bootstrap, topics.input, "read_uncommitted")
+    ]
+    found = check_exactly_once(topics, expected, incremental=False)
+    assert found["records"] == 2 * per_partition
+
+
 def test_a_fenced_producer_stops_producing_and_its_member_rejoins(kafka_bootstrap, tmp_path):
     """Another producer takes a member's transactional.id mid-batch: the member's
     producer is fenced, never produces again, and the member leaves the group and
@@ -467,6 +521,7 @@ def test_a_worker_commits_only_its_own_batch_never_one_whose_partition_moved(kaf
                 m.key,
                 f"worker {worker}: ".encode() + m.value,
                 source=(m.topic, m.partition, m.offset),
+                source_assignment=m.assignment,
             )
             for m in batch
         ]
@@ -501,6 +556,79 @@ def test_a_worker_commits_only_its_own_batch_never_one_whose_partition_moved(kaf
     values = [msg.value() for _, _, msg in read_as(kafka_bootstrap, topics.output)]
     assert values == [f"worker 1: event {i}".encode() for i in range(4)]
     assert topics.committed() == [4]
+
+
+def test_a_batch_handed_over_before_its_partition_left_and_came_back_is_never_committed(kafka_bootstrap):
+    """The window of issue 35, forced at the member: a batch is handed over, the member
+    loses its partition (evicted past max.poll.interval.ms, learnt in an outage wait's
+    poll), gets it back under a new assignment and hands over a longer batch of the same
+    events, before the first batch reaches the sink. (Bytewax itself runs a worker's
+    batch to its sink before it asks for the next; this holds even if it did not.) The
+    first batch is not committed, though its partition is in flight again and the
+    member's group metadata is current: each event's record is committed once."""
+    from flows.kafka import group
+    from flows.kafka.group import GroupInput
+    from flows.kafka.io import KafkaOutput, OutputMessage, ReadOptions
+    from flows.kafka.transactions import Transactions, transactional_id
+
+    topics = FlowTopics(kafka_bootstrap, partitions=1)
+    topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4)])
+    config = {
+        "bootstrap.servers": kafka_bootstrap,
+        "group.id": topics.group,
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "1000",
+        "max.poll.interval.ms": "6000",
+    }
+    source = GroupInput(
+        config,
+        topics.input,
+        ReadOptions(batch_size=8, poll_ms=200),
+        transactions=lambda worker: Transactions(
+            {"bootstrap.servers": kafka_bootstrap},
+            transactional_id(topics.group, "m", worker),
+            flush_timeout_s=30,
+        ),
+    )
+    sink = KafkaOutput({}, 30, transact=group.transact).build("kafka", 0, 1)
+
+    def outputs(batch: list) -> list[OutputMessage]:
+        return [
+            OutputMessage(
+                topics.output,
+                m.key,
+                m.value,
+                source=(m.topic, m.partition, m.offset),
+                source_assignment=m.assignment,
+            )
+            for m in batch
+        ]
+
+    def batch_of(member) -> list:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            batch = member.next_batch()
+            if batch:
+                return batch
+        raise AssertionError("no batch in 60 s")
+
+    member = source.build("documents", 0, 1).member
+    try:
+        old = batch_of(member)
+        assert [m.offset for m in old] == [0, 1, 2, 3]
+        time.sleep(8)  # past max.poll.interval.ms: the group goes on without the member
+        assert wait_for(lambda: (member.keep_alive(), 0 not in member.in_flight)[1], timeout=30)
+        topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4, 8)])
+        new = batch_of(member)  # the partition back, from the committed offset
+        assert [m.offset for m in new] == list(range(len(new))) and len(new) > len(old)
+        assert new[0].assignment > old[0].assignment
+        sink.write_batch(outputs(old))
+        sink.write_batch(outputs(new))
+    finally:
+        member.close()
+    values = [msg.value() for _, _, msg in read_as(kafka_bootstrap, topics.output)]
+    assert values == [f"event {i}".encode() for i in range(len(new))]
+    assert topics.committed() == [len(new)]
 
 
 def test_two_workers_of_a_member_are_both_fenced_after_kill_9_and_every_chunk_is_committed_once(

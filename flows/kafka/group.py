@@ -17,6 +17,12 @@ owner; the others keep flowing). What makes that safe:
 - **Lost partitions** (this member was too slow and the group went on without it) are
   dropped without committing: their next owner processes the uncommitted events again,
   with identical records.
+- **Each assignment of a partition is numbered** (``assignment``), and every event
+  carries the number it was read under, and its outputs too. A partition revoked and
+  assigned back while a batch of it is still on its way (an outage wait polls the group)
+  is a new assignment: the old batch's events of it are neither committed nor read
+  again from that batch's first offset. The new assignment starts from the group's
+  committed offset, which the owner in between may have moved past them.
 - **Exactly-once** (``transactions``, :mod:`flows.kafka.transactions`): the sink hands a
   batch's outputs to :func:`transact` instead, and the member of the sink's own worker
   (the one that handed the batch over) commits them with the input offsets in one
@@ -93,6 +99,10 @@ class GroupMember:
         self.in_flight: dict[int, int] = {}
         #: Per partition: the first offset of the batch in flight.
         self.batch_start: dict[int, int] = {}
+        #: Per partition owned: the number of its current assignment to this member, unique
+        #: within the member (``_assignments`` counts them).
+        self.assignment: dict[int, int] = {}
+        self._assignments = 0
         #: Partitions paused while an outage wait keeps this member alive.
         self.paused: set[int] = set()
         #: Per partition: offsets delivered whose commit has not succeeded yet.
@@ -183,7 +193,7 @@ class GroupMember:
                     continue  # fetched just before its partition was revoked
                 if self.ends is not None and msg.offset() >= self.ends.get(msg.partition(), 0):
                     continue  # past the end seen at start: left for the next run, uncommitted
-                self.pending.append(input_message(msg))
+                self.pending.append(input_message(msg, self.assignment.get(msg.partition(), 0)))
             elif err.code() == KafkaError._PARTITION_EOF:
                 if self.owned is not None and msg.partition() in self.owned:
                     self.eof[msg.partition()] = msg.offset()
@@ -232,7 +242,7 @@ class GroupMember:
         """Events of the batch in flight that the flow did not take in (its time budget
         ran out), each the rest of its partition's share: handed over again first."""
         with self._lock:
-            mine = [m for m in messages if m.partition in self.in_flight]  # not revoked meanwhile
+            mine = [m for m in messages if self._in_hand(m.partition, m.assignment)]  # not moved meanwhile
             first: dict[int, int] = {}
             for m in mine:
                 first.setdefault(m.partition, m.offset)
@@ -289,13 +299,18 @@ class GroupMember:
         assert self.transactions is not None
         with self._lock:
             # Outputs of partitions revoked or lost since the batch was handed over are not
-            # produced: their new owner, maybe another worker of this process, processes
-            # those events and commits their offsets itself.
-            mine = [i for i in items if i.source is not None and i.source[1] in self.in_flight]
+            # produced, even where the partition has been assigned to this member again:
+            # their owner (another member, another worker of this process, or this member
+            # under its new assignment) processes those events and commits them itself.
+            mine = [
+                i for i in items if i.source is not None and self._in_hand(i.source[1], i.source_assignment)
+            ]
             if len(mine) < len(items):
-                moved = sorted({i.source[1] for i in items if i.source is not None} - set(self.in_flight))
+                moved = sorted(
+                    {i.source[1] for i in items if i.source is not None} - {i.source[1] for i in mine}
+                )
                 log.warning(
-                    "%d outputs not produced: %s%s moved to another member",
+                    "%d outputs not produced: %s%s moved since their batch was handed over",
                     len(items) - len(mine),
                     self.topic,
                     moved,
@@ -304,9 +319,11 @@ class GroupMember:
                 return
             items = mine
             offsets: dict[int, int] = {}
+            handed: dict[int, int] = {}
             for item in items:
                 _topic, partition, offset = item.source
                 offsets[partition] = max(offsets.get(partition, -1), offset + 1)
+                handed[partition] = item.source_assignment
             produced = [i for i in items if not i.commit_only]
             try:
                 self.transactions.run(
@@ -315,21 +332,33 @@ class GroupMember:
                     self.group_metadata,
                 )
             except Aborted as e:
-                self._rewind(sorted(offsets), f"its transaction was aborted ({e})")
+                self._rewind(handed, f"its transaction was aborted ({e})")
                 return
             except Fenced as e:
-                self._rewind(sorted(offsets), f"the producer was fenced or stuck ({e})")
+                self._rewind(handed, f"the producer was fenced or stuck ({e})")
                 self._rejoin(str(e), fenced=not isinstance(e, Stuck))
                 return
             for p, offset in offsets.items():
                 if self.in_flight.get(p, offset + 1) <= offset:
                     del self.in_flight[p]
 
-    def _rewind(self, parts: list[int], why: str) -> None:
-        """The batch's events of ``parts`` are not done: handed over again from the
-        batch's first offset where this member still owns the partition (what was
-        fetched after them is fetched again), and its chunk state of them is read back
-        from the changelog (the batch's own updates to it were never committed)."""
+    def _in_hand(self, partition: int, assignment: int) -> bool:
+        """Whether an event of ``partition`` read under ``assignment`` belongs to the batch
+        this member has in flight: the partition is in flight and still under that
+        assignment (not revoked or lost since, even if assigned back)."""
+        return partition in self.in_flight and self.assignment.get(partition) == assignment
+
+    def _rewind(self, handed: dict[int, int], why: str) -> None:
+        """The batch's events of the partitions in ``handed`` (each with the assignment it
+        was handed over under) are not done: handed over again from the batch's first
+        offset where this member still owns the partition under that assignment (what
+        was fetched after them is fetched again), and its chunk state of them is read
+        back from the changelog (the batch's own updates to it were never committed). A
+        partition assigned to this member again since is left alone: its new assignment
+        reads from the group's committed offset, which the owner in between may have
+        moved past the batch (reading from the batch's start would repeat its work)."""
+        parts = sorted(p for p, n in handed.items() if self.assignment.get(p, n) == n)
+        reassigned = sorted(set(handed) - set(parts))
         owned = self.owned or set()
         again = {p: self.batch_start[p] for p in parts if p in owned and p in self.batch_start}
         self.pending = [m for m in self.pending if m.partition not in parts]
@@ -347,13 +376,16 @@ class GroupMember:
             self._restart_consumer()
         self._moved(parts)
         log.warning(
-            "batch of %s%s not committed: %s; %s",
+            "batch of %s%s not committed: %s; %s%s",
             self.topic,
-            parts,
+            sorted(handed),
             why,
             f"reading {sorted(again)} again from offsets {[again[p] for p in sorted(again)]}"
             if again
             else "its partitions have moved: their new owner processes it",
+            f"; {reassigned} were assigned again since, and are read from the group's committed offsets"
+            if reassigned
+            else "",
         )
 
     def _rejoin(self, error: str, *, fenced: bool = True) -> None:
@@ -418,6 +450,8 @@ class GroupMember:
         with self._lock:
             self.owned = (self.owned or set()) | set(parts)
             for p in parts:
+                self._assignments += 1
+                self.assignment[p] = self._assignments
                 self.position.pop(p, None)
                 self.eof.pop(p, None)
         if self.start_from.isdigit() and partitions:
@@ -474,6 +508,7 @@ class GroupMember:
         self.paused -= set(parts)
         for p in parts:
             self.in_flight.pop(p, None)
+            self.assignment.pop(p, None)
             self.position.pop(p, None)
             self.eof.pop(p, None)
             metrics.forget_lag(self.topic, p)

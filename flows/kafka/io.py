@@ -50,6 +50,9 @@ class InputMessage:
     value: Optional[bytes]
     timestamp_ms: Optional[int]
     headers: tuple[tuple[str, bytes], ...] = ()
+    #: Group mode: which assignment of its partition to the member it was read under
+    #: (see ``GroupMember.assignment``); its outputs carry it as ``source_assignment``.
+    assignment: int = 0
 
     @property
     def size(self) -> int:
@@ -72,6 +75,9 @@ class OutputMessage:
     #: Never produced: it only marks its input event done, for the offset commit (an
     #: event that yields nothing, such as an S3 test event).
     commit_only: bool = False
+    #: The ``assignment`` of the input event it came from: exactly-once drops outputs of
+    #: an assignment of their partition that has ended, even if it was assigned again.
+    source_assignment: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class ReadOptions:
         return cls(settings.start_from, settings.tail, batch_size, settings.batch_bytes, settings.poll_ms)
 
 
-def input_message(msg) -> InputMessage:
+def input_message(msg, assignment: int = 0) -> InputMessage:
     """A consumed confluent-kafka message as the flow sees it."""
     return InputMessage(
         msg.topic(),
@@ -103,6 +109,7 @@ def input_message(msg) -> InputMessage:
         msg.value(),
         msg.timestamp()[1],
         tuple(msg.headers() or ()),
+        assignment,
     )
 
 
