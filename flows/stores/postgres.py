@@ -707,9 +707,9 @@ class PostgresStore:
         return self._run(run)
 
     def _average_length(self, conn: psycopg.Connection, spec: TableSpec) -> float:
-        """The mean length, in lexeme positions, of the table's first
-        :data:`AVGDL_SAMPLE` chunks (BM25's avgdl; stop words are not counted), read
-        again after :data:`AVGDL_KEEP_S` seconds."""
+        """The mean length, in lexeme positions, of a sample of :data:`AVGDL_SAMPLE`
+        chunks, whichever the scan returns first (BM25's avgdl; stop words are not
+        counted), read again after :data:`AVGDL_KEEP_S` seconds."""
         kept = self._avgdl.get(spec.name)
         if kept is not None and time.monotonic() - kept[1] < AVGDL_KEEP_S:
             return kept[0]
