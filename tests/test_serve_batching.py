@@ -159,6 +159,42 @@ def test_an_input_the_model_refuses_fails_its_own_request_only(tmp_path):
     ]
 
 
+def test_a_failed_call_is_not_made_again_per_request_once_stop_was_asked(tmp_path):
+    """stop() waits for the call in flight; if that call fails, its requests are not
+    retried one by one (more model calls during the drain) but refused with Stopped."""
+    import threading
+
+    mismatched = Embedder.load(mismatched_copy("tiny-prompted", tmp_path / "m"))
+    embed = Recording(mismatched)
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(texts: list[str], prompt: object) -> np.ndarray:
+        entered.set()
+        assert release.wait(30)
+        return embed(texts, prompt)
+
+    async def main() -> tuple[list[object], ServeMetrics]:
+        metrics = ServeMetrics()
+        batcher = Batcher(gated, batch_tokens=1000, queue_tokens=1000, timeout_s=20, metrics=metrics)
+        batcher.start()
+        requests = [
+            asyncio.ensure_future(batcher.embed(texts, None, 5)) for texts in (["fine"], ["an [OOV] text"])
+        ]
+        assert await asyncio.to_thread(entered.wait, 30)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.2)
+        release.set()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        await stopping
+        return results, metrics
+
+    results, metrics = asyncio.run(main())
+    assert all(isinstance(r, Stopped) for r in results), results
+    assert len(embed.calls) == 1  # the failed call only, no retries
+    # Each request's wait is observed once, with the call it first went into.
+    assert metrics.registry.get_sample_value("embedstream_serve_queue_seconds_count") == 2
+
+
 def test_a_short_request_alone_runs_on_the_loops_thread_and_others_on_the_model_thread(prompted):
     """A short request with no other in flight is computed at once on the event loop's
     thread; one that is long, or not alone, goes to the model thread. Same vectors."""

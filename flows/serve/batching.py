@@ -277,15 +277,18 @@ class Batcher:
                 await self._call(loop, prompt, group)
             self._taken = []
 
-    async def _call(self, loop: asyncio.AbstractEventLoop, prompt: Optional[str], jobs: list[_Job]) -> None:
+    async def _call(
+        self, loop: asyncio.AbstractEventLoop, prompt: Optional[str], jobs: list[_Job], retry: bool = False
+    ) -> None:
         jobs = [j for j in jobs if not j.dropped]
         if not jobs:
             return
         texts = [t for j in jobs for t in j.texts]
         tokens = sum(j.tokens for j in jobs)
         started = time.monotonic()
-        for job in jobs:
-            self.metrics.queue_wait.observe(started - job.enqueued)
+        if not retry:  # a retried job's wait was observed with its first call
+            for job in jobs:
+                self.metrics.queue_wait.observe(started - job.enqueued)
         self._busy = True
         try:
             vectors = await loop.run_in_executor(self._model_thread, self._embed, texts, prompt)
@@ -297,7 +300,11 @@ class Batcher:
                 # so that only it gets the error and the others their vectors.
                 log.warning("model call of %d requests failed (%s): each alone", len(jobs), ModelFailed.of(e))
                 for job in jobs:
-                    await self._call(loop, prompt, [job])
+                    if self._stopping:  # stop() waits for this call: no more model calls
+                        if not job.future.done():
+                            job.future.set_exception(Stopped("the server is stopping"))
+                        continue
+                    await self._call(loop, prompt, [job], retry=True)
                 return
             log.error("model call of %d inputs failed", len(texts), exc_info=e)
             for job in jobs:
