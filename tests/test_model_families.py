@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import DATA
+from safetensors_io import read_safetensors, write_safetensors
 from test_embed import load_bf16
 
 import operators
@@ -204,40 +205,6 @@ NOMIC = DATA / "tiny-nomic-bert"
 GTE = DATA / "tiny-gte"
 
 
-def _read_safetensors(path) -> dict[str, np.ndarray]:
-    import struct
-
-    raw = path.read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + size])
-    body = raw[8 + size :]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        assert info["dtype"] == "F32"
-        start, end = info["data_offsets"]
-        tensors[name] = np.frombuffer(body[start:end], dtype=np.float32).reshape(info["shape"])
-    return tensors
-
-
-def _write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
-    import struct
-
-    header, body = {}, b""
-    for name, array in tensors.items():
-        data = np.ascontiguousarray(array, dtype=np.float32).tobytes()
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(array.shape),
-            "data_offsets": [len(body), len(body) + len(data)],
-        }
-        body += data
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
-
-
 def _as_transformers_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The runtime names of transformers' NomicBertModel / GteModel, from the hub names
     the files carry (transformers' conversion mapping, run the other way)."""
@@ -279,9 +246,9 @@ def test_rotary_berts_match_sentence_transformers(directory):
 def test_rotary_berts_load_transformers_names(tmp_path, directory):
     model = tmp_path / "model"
     shutil.copytree(directory, model)
-    renamed = _as_transformers_names(_read_safetensors(model / "model.safetensors"))
+    renamed = _as_transformers_names(read_safetensors(model / "model.safetensors"))
     assert "layers.0.self_attn.q_proj.weight" in renamed
-    _write_safetensors(model / "model.safetensors", renamed)
+    write_safetensors(model / "model.safetensors", renamed)
     assert _largest_error(Embedder.load(model), directory) < 1e-5
 
 

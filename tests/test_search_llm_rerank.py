@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors_io import read_safetensors, write_safetensors
 from sink_helpers import MODEL, manifest, messages, record
 
 from flows.search import Query, retrieve
@@ -32,13 +33,13 @@ def reranker() -> Reranker:
 
 
 def test_scores_match_the_model_cards_code(reranker):
-    """Within 1e-4 of transformers, in batches of unequal lengths, one pair truncated."""
+    """Within 1e-6 of transformers, in batches of unequal lengths, one pair truncated."""
     assert reranker.activation == "sigmoid" and reranker.max_tokens == 400
     cases = reference()
     assert max(len(ids) for case in cases for ids in case["input_ids"]) == reranker.max_tokens
     for case in cases:
         scores = reranker.score(case["query"], case["texts"])
-        assert scores == pytest.approx(case["scores"], abs=1e-4)
+        assert scores == pytest.approx(case["scores"], abs=1e-6)
         assert len(set(round(s, 4) for s in scores)) > 1  # the texts are told apart
         # One at a time gives what the batch gives.
         assert [reranker.score(case["query"], [t])[0] for t in case["texts"]] == pytest.approx(
@@ -81,3 +82,37 @@ def test_search_reranks_with_the_llm_reranker(store_url, reranker):
     expected = reranker.score(query, [texts[d] for d in found])
     assert [h.score for h in hits] == pytest.approx(expected) == sorted(expected, reverse=True)
     assert set(found) == set(texts)  # "statement" is in each
+
+
+def _variant(into: Path, *, tie: bool, head: str) -> Path:
+    """A copy of the fixture whose LM head is ``head``: ``"own"`` (lm_head.weight kept),
+    ``"embeddings"`` (lm_head.weight set to the input embeddings) or ``"none"`` (no
+    lm_head.weight), with ``tie_word_embeddings`` set to ``tie``."""
+    shutil.copytree(LLM, into)
+    tensors = read_safetensors(into / "model.safetensors")
+    if head == "embeddings":
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    elif head == "none":
+        del tensors["lm_head.weight"]
+    write_safetensors(into / "model.safetensors", tensors)
+    config = json.loads((into / "config.json").read_text())
+    (into / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tie}))
+    return into
+
+
+def test_a_tied_checkpoint_scores_with_its_input_embeddings(tmp_path):
+    """Qwen3-Reranker-0.6B ties its LM head to its input embeddings and stores no
+    lm_head.weight: scored through the embeddings, as a checkpoint that stores them as
+    its head is."""
+    query, texts = reference()[0]["query"], reference()[0]["texts"]
+    tied = Reranker.load(_variant(tmp_path / "tied", tie=True, head="none")).score(query, texts)
+    stored = Reranker.load(_variant(tmp_path / "stored", tie=False, head="embeddings")).score(query, texts)
+    assert tied == stored
+    assert tied != pytest.approx(reference()[0]["scores"], abs=1e-3)  # another head than the fixture's
+
+
+def test_an_untied_checkpoint_without_its_lm_head_is_refused(tmp_path):
+    """A config that says the head is its own, with weights that lack it, is a broken
+    checkpoint: refused, not scored with the input embeddings."""
+    with pytest.raises(ModelError, match="tie_word_embeddings: false needs its LM head"):
+        Reranker.load(_variant(tmp_path / "broken", tie=False, head="none"))

@@ -204,7 +204,11 @@ fn llm_head(dir: &std::path::Path, backbone: &Backbone) -> Result<Head, EmbedErr
             ))
         })
     };
-    let head = YesNo::load(&backbone.vb, token("yes")?, token("no")?)?;
+    let tied = backbone
+        .config
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool);
+    let head = YesNo::load(&backbone.vb, token("yes")?, token("no")?, tied)?;
     let encode = |text: &str| {
         backbone
             .tokenizer

@@ -15,20 +15,37 @@ pub struct YesNo {
 
 impl YesNo {
     /// The rows of `lm_head.weight`, or of the input embeddings where the checkpoint
-    /// ties them (and stores no LM head).
-    pub fn load(vb: &VarBuilder, yes: u32, no: u32) -> std::result::Result<Self, EmbedError> {
-        let name = [
-            "lm_head.weight",
-            "model.embed_tokens.weight",
-            "embed_tokens.weight",
-        ]
-        .into_iter()
-        .find(|n| vb.contains_tensor(n))
-        .ok_or_else(|| {
-            EmbedError::InvalidModel(
-                "an LLM reranker needs its LM head (lm_head.weight) or tied embeddings".into(),
-            )
-        })?;
+    /// ties them and stores no LM head. `tied`: the config's `tie_word_embeddings`; a
+    /// checkpoint that says its head is its own (`false`) and lacks it is refused rather
+    /// than scored with the embeddings.
+    pub fn load(
+        vb: &VarBuilder,
+        yes: u32,
+        no: u32,
+        tied: Option<bool>,
+    ) -> std::result::Result<Self, EmbedError> {
+        let candidates: &[&str] = if tied == Some(false) {
+            &["lm_head.weight"]
+        } else {
+            &[
+                "lm_head.weight",
+                "model.embed_tokens.weight",
+                "embed_tokens.weight",
+            ]
+        };
+        let name = candidates
+            .iter()
+            .copied()
+            .find(|n| vb.contains_tensor(n))
+            .ok_or_else(|| {
+                EmbedError::InvalidModel(if tied == Some(false) {
+                    "an LLM reranker whose config says tie_word_embeddings: false needs its \
+                     LM head (lm_head.weight), which the weights lack"
+                        .into()
+                } else {
+                    "an LLM reranker needs its LM head (lm_head.weight) or tied embeddings".into()
+                })
+            })?;
         let load = || -> Result<Tensor> {
             let rows = vb.get_unchecked(name)?;
             let row = |id: u32| rows.narrow(0, id as usize, 1)?.to_dtype(DType::F32);
