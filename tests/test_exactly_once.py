@@ -631,6 +631,85 @@ def test_a_batch_handed_over_before_its_partition_left_and_came_back_is_never_co
     assert topics.committed() == [len(new)]
 
 
+def test_events_given_back_go_only_to_the_worker_that_handed_them_over(kafka_bootstrap):
+    """``-w 2``: worker 0 hands over a batch and is evicted (past max.poll.interval.ms);
+    worker 1 takes the partition as its own first assignment and hands over its own batch
+    of the same events. The flow's time budget then cuts worker 0's batch and gives its
+    tail back. Worker 1 must not take it: it would hand those events over again after
+    committing its own batch (duplicates for read_committed consumers). Assignment numbers
+    are unique in the process, so worker 0's batch is never taken for worker 1's."""
+    from flows.kafka import group
+    from flows.kafka.group import GroupInput
+    from flows.kafka.io import OutputMessage, ReadOptions
+    from flows.kafka.transactions import Transactions, transactional_id
+
+    topics = FlowTopics(kafka_bootstrap, partitions=1)
+    topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4)])
+    config = {
+        "bootstrap.servers": kafka_bootstrap,
+        "group.id": topics.group,
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "1000",
+        "max.poll.interval.ms": "6000",
+    }
+    source = GroupInput(
+        config,
+        topics.input,
+        ReadOptions(batch_size=4, poll_ms=200),
+        transactions=lambda worker: Transactions(
+            {"bootstrap.servers": kafka_bootstrap},
+            transactional_id(topics.group, "g", worker),
+            flush_timeout_s=30,
+        ),
+    )
+
+    def batch_of(member) -> list:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            batch = member.next_batch()
+            if batch:
+                return batch
+        raise AssertionError("no batch in 60 s")
+
+    first = source.build("documents", 0, 2).member
+    second = None
+    try:
+        old = batch_of(first)
+        assert [m.offset for m in old] == [0, 1, 2, 3]
+        second = source.build("documents", 1, 2).member
+        # Worker 0 is not polled: the group goes on without it, and worker 1 takes the
+        # partition from the committed offset (none: the start).
+        taken = batch_of(second)
+        assert [m.offset for m in taken] == [0, 1, 2, 3]
+        group.give_back(old[2:])  # worker 0's batch cut by its time budget
+        group.transact(
+            [
+                OutputMessage(
+                    topics.output,
+                    m.key,
+                    m.value,
+                    source=(m.topic, m.partition, m.offset),
+                    source_assignment=m.assignment,
+                )
+                for m in taken
+            ],
+            1,
+        )
+        assert topics.committed() == [4]
+        again: list = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            again += second.next_batch()
+        assert [m.offset for m in again] == [], "worker 1 handed worker 0's given-back events over again"
+    finally:
+        for member in (first, second):
+            if member is not None:
+                member.close()
+    values = [msg.value() for _, _, msg in read_as(kafka_bootstrap, topics.output)]
+    assert values == [f"event {i}".encode() for i in range(4)]
+    assert topics.committed() == [4]
+
+
 def test_two_workers_of_a_member_are_both_fenced_after_kill_9_and_every_chunk_is_committed_once(
     kafka_bootstrap, tmp_path
 ):

@@ -39,6 +39,7 @@ member per worker thread, and the sink finds the member of each partition throug
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -70,6 +71,18 @@ OnMoved = Callable[[str, list[int]], None]
 _members: list[GroupMember] = []
 _members_lock = threading.Lock()
 
+#: Numbers every assignment of a partition to a member of this process: unique across its
+#: workers, so that a number names one member's one assignment (``give_back`` offers a
+#: batch's leftover events to every member, and only the one that handed them over may
+#: take them back). Larger numbers are later assignments.
+_assignment_numbers = itertools.count(1)
+_assignment_numbers_lock = threading.Lock()
+
+
+def _next_assignment() -> int:
+    with _assignment_numbers_lock:
+        return next(_assignment_numbers)
+
 
 class GroupMember:
     """One subscribing consumer and the bookkeeping that keeps rebalances exact."""
@@ -100,9 +113,8 @@ class GroupMember:
         #: Per partition: the first offset of the batch in flight.
         self.batch_start: dict[int, int] = {}
         #: Per partition owned: the number of its current assignment to this member, unique
-        #: within the member (``_assignments`` counts them).
+        #: within the process (:func:`_next_assignment`).
         self.assignment: dict[int, int] = {}
-        self._assignments = 0
         #: Partitions paused while an outage wait keeps this member alive.
         self.paused: set[int] = set()
         #: Per partition: offsets delivered whose commit has not succeeded yet.
@@ -450,8 +462,7 @@ class GroupMember:
         with self._lock:
             self.owned = (self.owned or set()) | set(parts)
             for p in parts:
-                self._assignments += 1
-                self.assignment[p] = self._assignments
+                self.assignment[p] = _next_assignment()
                 self.position.pop(p, None)
                 self.eof.pop(p, None)
         if self.start_from.isdigit() and partitions:
