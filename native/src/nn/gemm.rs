@@ -55,6 +55,32 @@ unsafe fn sgemm_with(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
+    // The micro-kernels write column-major tiles: a row-major `out` is computed as
+    // outᵀ = rhsᵀ · lhsᵀ, as gemm's own entry point does. Without it our row-major
+    // products ran 20-28 % slower (docs/benchmarks.md, families run 6).
+    let (out, lhs, rhs) = if out.col_stride.abs() < out.row_stride.abs() {
+        (
+            MatMut {
+                ptr: out.ptr,
+                rows: out.cols,
+                cols: out.rows,
+                row_stride: out.col_stride,
+                col_stride: out.row_stride,
+            },
+            MatRef {
+                ptr: rhs.ptr,
+                row_stride: rhs.col_stride,
+                col_stride: rhs.row_stride,
+            },
+            MatRef {
+                ptr: lhs.ptr,
+                row_stride: lhs.col_stride,
+                col_stride: lhs.row_stride,
+            },
+        )
+    } else {
+        (out, lhs, rhs)
+    };
     macro_rules! run {
         ($simd:ty, $kernels:path, $lanes:expr) => {{
             use $kernels as k;
@@ -139,9 +165,19 @@ mod tests {
             if !gemm.runs_here() {
                 continue;
             }
-            for accumulate in [false, true] {
-                let mut out = start.clone();
-                // SAFETY: row-major buffers of exactly the shapes given.
+            // Row-major `out` (computed transposed) and column-major `out` (as is).
+            for (column_major, accumulate) in
+                [(false, false), (false, true), (true, false), (true, true)]
+            {
+                let (row_stride, col_stride) = if column_major { (1, m) } else { (n, 1) };
+                let at = |i: usize, j: usize| i * row_stride + j * col_stride;
+                let mut out = vec![0f32; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        out[at(i, j)] = start[i * n + j];
+                    }
+                }
+                // SAFETY: buffers of exactly the shapes and strides given.
                 unsafe {
                     sgemm_with(
                         gemm,
@@ -149,8 +185,8 @@ mod tests {
                             ptr: out.as_mut_ptr(),
                             rows: m,
                             cols: n,
-                            row_stride: n as isize,
-                            col_stride: 1,
+                            row_stride: row_stride as isize,
+                            col_stride: col_stride as isize,
                         },
                         MatRef {
                             ptr: lhs.as_ptr(),
@@ -167,12 +203,16 @@ mod tests {
                         Parallelism::None,
                     );
                 }
-                for ((got, want), base) in out.iter().zip(&expected).zip(&start) {
-                    let want = if accumulate { want + base } else { *want };
-                    assert!(
-                        (got - want).abs() < 1e-3,
-                        "{gemm:?}, accumulate {accumulate}: {got} against {want}"
-                    );
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, base) = (out[at(i, j)], start[i * n + j]);
+                        let want = expected[i * n + j] + if accumulate { base } else { 0.0 };
+                        assert!(
+                            (got - want).abs() < 1e-3,
+                            "{gemm:?}, column-major {column_major}, accumulate {accumulate}: \
+                             {got} against {want}"
+                        );
+                    }
                 }
             }
         }
