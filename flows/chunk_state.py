@@ -41,7 +41,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from flows import metrics
-from flows.kafka.io import OutputMessage
+from flows.kafka.io import Move, OutputMessage
 from flows.settings import Settings
 
 if TYPE_CHECKING:
@@ -139,23 +139,66 @@ class _Recent:
             self.bytes -= _cost(key, value)
 
 
+class Owners:
+    """Which assignment of each input partition may write the chunk state. Group mode
+    numbers every assignment of a partition to a member of this process, later ones
+    higher (:mod:`flows.kafka.group`), and each event carries the number it was handed
+    over under. A batch whose assignment has ended, or been overtaken by a later one
+    (another worker of the process took the partition before this one learnt it was
+    evicted), is never committed by its worker: its outcome must not reach the state the
+    partition's next owner reads, whenever in the batch's course the partition moved.
+    Process-wide, like the numbers: members report moves before the state exists.
+    Events numbered 0 (cluster mode) and partitions never reported are not guarded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: Per (topic, partition): its latest assignment number, and whether it is live.
+        self._latest: dict[tuple[str, int], tuple[int, bool]] = {}
+
+    def moved(self, topic: str, partition: int, assignment: int, how: Move) -> bool:
+        """Records a move of ``assignment``. Returns whether the partition's state in
+        memory was that assignment's (stale now: to be dropped), not a later one's."""
+        key = (topic, partition)
+        with self._lock:
+            latest = self._latest.get(key, (0, False))[0]
+            if assignment < latest:
+                return False  # overtaken: the state is that of a later assignment
+            if how == "assigned":
+                self._latest[key] = (assignment, True)
+            elif how == "ended":
+                self._latest[key] = (assignment, False)
+            return True
+
+    def may_write(self, topic: str, partition: int, assignment: int) -> bool:
+        """Whether an event handed over under ``assignment`` may write the state."""
+        if assignment == 0:
+            return True
+        with self._lock:
+            found = self._latest.get((topic, partition))
+        return found is None or found == (assignment, True)
+
+
+#: The owners of this process's partitions, as its group members report them.
+OWNERS = Owners()
+
+
 class ChunkState:
     """The packed chunk ids per doc_id and input partition, at most
     ``state_max_bytes`` of them, read back from the changelog on first use of a
-    partition (``restore=False``: start empty)."""
+    partition (``restore=False``: start empty). Only a partition's current assignment
+    writes it (``owners``, default :data:`OWNERS`)."""
 
-    def __init__(self, settings: Settings, *, restore: bool = True) -> None:
+    def __init__(self, settings: Settings, *, restore: bool = True, owners: Optional[Owners] = None) -> None:
         self.topic = settings.chunk_state_topic()
         self.settings = settings
         self.restore_enabled = restore
+        self.owners = owners if owners is not None else OWNERS
         self._docs = _Recent(settings.state_max_bytes)
         #: Input partitions read back from the changelog (or whose restore failed).
         self._restored: set[tuple[str, int]] = set()
         #: A lock per partition being restored: partitions restore side by side.
         self._restoring: dict[tuple[str, int], threading.Lock] = {}
-        #: Per input partition: how often it was dropped (moved between workers).
-        self._moves: dict[tuple[str, int], int] = {}
-        #: Guards the four above; never held while the changelog is read.
+        #: Guards the three above; never held while the changelog is read.
         self._lock = threading.Lock()
 
     def get(self, topic: str, partition: int, doc_id: str) -> Optional[bytes]:
@@ -165,18 +208,19 @@ class ChunkState:
             return self._docs.get((sys.intern(topic), partition, doc_id))
 
     def put(
-        self, topic: str, partition: int, doc_id: str, value: Optional[bytes], moves: Optional[int] = None
+        self, topic: str, partition: int, doc_id: str, value: Optional[bytes], assignment: int = 0
     ) -> bool:
         """Remembers a document's packed ids (None: forgets it, as after a DELETE), unless
-        the partition moved since ``moves`` was read (:meth:`moves`): then the batch that
-        would write this is not committed by its worker, and another worker of this
-        process may own the partition now. Returns whether it was remembered."""
-        if moves is not None and self.moves(topic, partition) != moves:
+        the event was handed over under an assignment of its partition that is no longer
+        the current one (:class:`Owners`). Returns whether it was remembered."""
+        if not self.owners.may_write(topic, partition, assignment):
             return False
         self._restore_once(topic, partition)
         key = (sys.intern(topic), partition, doc_id)
         with self._lock:
-            if moves is not None and self._moves.get((topic, partition), 0) != moves:
+            # Again under the lock: a move records its owner before it drops the state
+            # (which waits for this lock), so a write that passes here is dropped after.
+            if not self.owners.may_write(topic, partition, assignment):
                 return False
             if value is None:
                 self._docs.pop(key)
@@ -184,15 +228,16 @@ class ChunkState:
                 self._docs.put(key, value)
         return True
 
-    def moves(self, topic: str, partition: int) -> int:
-        """How often the partition was dropped so far."""
-        with self._lock:
-            return self._moves.get((topic, partition), 0)
+    def moved(self, topic: str, partition: int, assignment: int, how: Move) -> None:
+        """Group mode moved a partition (:class:`Owners`): what is in memory of it is
+        forgotten, and read back from the changelog on its next use, unless it is a later
+        assignment's (an evicted worker learning of its loss after another took over)."""
+        if self.owners.moved(topic, partition, assignment, how):
+            self.drop(topic, partition)
 
     def drop(self, topic: str, partition: int) -> None:
         """Forgets a partition (revoked: another worker owns its changelog now)."""
         with self._lock:
-            self._moves[(topic, partition)] = self._moves.get((topic, partition), 0) + 1
             self._restored.discard((topic, partition))
             for key in [k for k in self._docs.items if k[0] == topic and k[1] == partition]:
                 self._docs.pop(key)
@@ -217,8 +262,6 @@ class ChunkState:
         what that earlier event leaves behind is not known yet."""
         seen: set[str] = set()
         for w in batch:
-            w.state_moves = self.moves(w.message.topic, w.message.partition)
-        for w in batch:
             if w.event is None:
                 continue
             doc_id = w.event["doc_id"]
@@ -233,16 +276,17 @@ class ChunkState:
         """Each document's ids after the batch, in memory now and, once the batch's
         records are delivered, in the changelog (messages the sink produces last; with
         exactly-once, in the batch's transaction). Where that transaction aborts, the
-        member drops the partition's state and reads it back from the changelog. A
-        partition that moved since the batch read the state is left alone: its new
-        owner, maybe another worker of this process, processes these events again."""
+        member drops the partition's state and reads it back from the changelog. An event
+        whose partition moved since it was handed over leaves the state alone
+        (:class:`Owners`): its new owner, maybe another worker of this process,
+        processes it again."""
         latest: dict[tuple[str, int, str], tuple[Work, Optional[bytes]]] = {}
         for w in batch:
             if w.failure is not None or w.event is None:
                 continue  # the document keeps what it had (or there is none)
             m, doc_id = w.message, w.event["doc_id"]
             value = None if w.event["op"] == "DELETE" else pack(w.ids)
-            if self.put(m.topic, m.partition, doc_id, value, w.state_moves):
+            if self.put(m.topic, m.partition, doc_id, value, m.assignment):
                 latest[(m.topic, m.partition, doc_id)] = (w, value)
         with self._lock:
             self._publish()

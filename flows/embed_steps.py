@@ -94,9 +94,6 @@ class Work:
     #: Which chunks need a vector: all of them, but in incremental mode only those
     #: the document's previous version did not have.
     fresh: list[bool] = field(default_factory=list)
-    #: Incremental mode: how often its partition had moved when the batch read the chunk
-    #: state; moved again by the time the batch is encoded, it leaves the state alone.
-    state_moves: Optional[int] = None
     is_image: bool = False
     #: One row per fresh chunk, in order.
     vectors: Optional[np.ndarray] = None

@@ -7,8 +7,9 @@ from __future__ import annotations
 import threading
 from typing import Callable, Optional
 
+from flows.chunk_state import OWNERS
 from flows.embed_steps import Pipeline
-from flows.kafka.io import InputMessage
+from flows.kafka.io import InputMessage, Move
 from flows.settings import Settings
 
 _lock = threading.Lock()
@@ -100,10 +101,15 @@ def current() -> Optional[Pipeline]:
     return _pipeline
 
 
-def forget_state(topic: str, partitions: list[int]) -> None:
-    """Group mode moved these input partitions (assigned, revoked or lost): per-document
-    state cached for them may be stale, so it is read back from the changelog on the
-    partition's next batch."""
-    if _pipeline is not None and _pipeline.state is not None:
-        for p in partitions:
-            _pipeline.state.drop(topic, p)
+def forget_state(topic: str, assignments: dict[int, int], how: Move) -> None:
+    """Group mode moved these input partitions (``assignments``: partition to the number of
+    the assignment that began, ended or was rewound): only a partition's current
+    assignment may write its chunk state, and what is cached of it may be stale, so it is
+    read back from the changelog on the partition's next batch. Recorded even before
+    the pipeline (and its state) exists: members are assigned partitions first."""
+    state = _pipeline.state if _pipeline is not None else None
+    for p, n in assignments.items():
+        if state is not None:
+            state.moved(topic, p, n, how)
+        else:
+            OWNERS.moved(topic, p, n, how)

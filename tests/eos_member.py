@@ -23,8 +23,9 @@ from pathlib import Path
 #: The steps a test can hold a transaction before: producing its records, sending its
 #: input offsets, committing.
 GATES = ("_produce", "_send_offsets", "_commit")
-#: The pipeline steps a test can hold a batch before, on its way to the sink.
-STEPS = ("embed",)
+#: The pipeline steps a test can hold a batch before, on its way to the sink: its fetch
+#: (before it reads the chunk state, as an object-store outage holds it), its embedding.
+STEPS = ("fetch_and_extract", "embed")
 
 
 def _hold(gate: Path, marks: list[Path], partitions: set[int]) -> None:

@@ -769,33 +769,55 @@ def test_two_workers_of_a_member_are_both_fenced_after_kill_9_and_every_chunk_is
     assert aborted > 0, "the killed workers' transactions were aborted, not committed"
 
 
-def test_a_batch_whose_partition_moved_leaves_the_next_owners_chunk_state_alone():
-    """Incremental mode with ``-w 2``: the workers of a process share the chunk state, by
-    input partition. Worker 0 reads it for a batch; the partition then moves to worker 1
-    (both callbacks drop it) before worker 0's batch is encoded. Worker 0's outcome is
-    never committed (its sink drops outputs of partitions it lost), so it must not reach
-    the state worker 1 reads: worker 1 embeds every chunk of the document, and worker 0
-    writes no changelog entry for it."""
-    from flows.chunk_state import ChunkState
-    from flows.embed_steps import Batch, Work
-    from flows.kafka.io import InputMessage
-
-    state = ChunkState(Settings(incremental=True), restore=False)
-
-    def batch(offset: int) -> Batch:
-        message = InputMessage("docs", 0, offset, b"d", b"", None)
-        ids = ["ab" * 32, "cd" * 32]
-        return Batch([Work(message, event={"doc_id": "d", "op": "UPSERT"}, ids=ids, fresh=[True, True])])
-
-    held = batch(5)
-    state.mark_fresh(held)
-    state.drop("docs", 0)  # revoked from worker 0
-    state.drop("docs", 0)  # assigned to worker 1
-    assert state.remember(held) == [], "worker 0 writes no changelog entry for a partition it lost"
-    taken = batch(5)
-    state.mark_fresh(taken)
-    assert taken[0].fresh == [True, True], "worker 0's uncommitted outcome reached worker 1's state"
-    assert len(state.remember(taken)) == 1
-    after = batch(6)
-    state.mark_fresh(after)
-    assert after[0].fresh == [False, False], "worker 1's own outcome is remembered"
+def test_a_batch_whose_partition_left_and_came_back_during_its_fetch_leaves_the_chunk_state_alone(
+    kafka_bootstrap, tmp_path
+):
+    """Incremental mode. Member "a" holds a batch of both partitions in its fetch step, as
+    an object-store outage does (polling the group), before it reads the chunk state.
+    Member "b" joins, takes one partition and is killed with that partition's events in
+    hand, uncommitted; the partition comes back to "a" under a new assignment. Released,
+    a's held batch must not write those events' chunk ids into the state: its outcome of
+    them is never committed, and a's new assignment, reading them again, would find them
+    known and send manifests without vectors. Every chunk is committed once, and the
+    changelog matches."""
+    topics = FlowTopics(kafka_bootstrap, partitions=2)
+    per_partition = 6
+    for p in (0, 1):
+        topics.produce(
+            [upsert(f"p{p}-{i}", doc_text(10 * p + i, paragraphs=2)) for i in range(per_partition)],
+            partition=p,
+        )
+    step = "fetch_and_extract"
+    args = ("--batch-size", str(2 * per_partition), "--max-tokens", "64", "--incremental", *FAST_GROUP)
+    args += TXN_TIMEOUT
+    # A batch waits up to 1 s to fill: a's first one takes every event of both partitions.
+    a = start_member(topics, "a", tmp_path, *args, env={"EMBEDSTREAM_POLL_MS": "1000"})
+    a.hold(step, polling=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / step).write_text("")  # b holds its first batch, not polling
+    b = None
+    try:
+        assert wait_for(lambda: a.reached(step), timeout=120), a.tail()
+        assert a.held_partitions(step) == {0, 1}, a.tail()
+        b = start_member(topics, "b", tmp_path, *args)
+        assert wait_for(lambda: b.reached(step), timeout=120), b.tail()
+        moved = b.held_partitions(step)
+        assert len(moved) == 1, b.tail()
+        b.kill()  # its batch never committed
+        back = f"assigned {topics.input}[{moved.pop()}];"
+        assert wait_for(lambda: back in a.text(), timeout=120), a.tail()
+        a.release(step)
+        assert wait_for(lambda: committed_total(topics) == 2 * per_partition, timeout=120), a.tail()
+    finally:
+        a.release(step)
+        if b is not None and b.proc.poll() is None:
+            b.kill()
+        code = a.stop()
+    assert code == 0, a.tail()
+    expected = [
+        Expected(msg.key().decode(), msg.partition(), msg.offset(), "DocManifest")
+        for _, _, msg in read_as(kafka_bootstrap, topics.input, "read_uncommitted")
+    ]
+    found = check_exactly_once(topics, expected, incremental=True)
+    state_topic = Settings(group_id=topics.group).chunk_state_topic()
+    assert check_changelog(topics, state_topic, expected, found["manifests"]) == 2 * per_partition

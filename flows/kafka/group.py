@@ -17,12 +17,15 @@ owner; the others keep flowing). What makes that safe:
 - **Lost partitions** (this member was too slow and the group went on without it) are
   dropped without committing: their next owner processes the uncommitted events again,
   with identical records.
-- **Each assignment of a partition is numbered** (``assignment``), and every event
-  carries the number it was read under, and its outputs too. A partition revoked and
-  assigned back while a batch of it is still on its way (an outage wait polls the group)
-  is a new assignment: the old batch's events of it are neither committed nor read
-  again from that batch's first offset. The new assignment starts from the group's
-  committed offset, which the owner in between may have moved past them.
+- **Each assignment of a partition is numbered** (``assignment``), uniquely in the
+  process (its workers are members too), and every event carries the number it was
+  read under, and its outputs too. A partition revoked and assigned back while a batch
+  of it is still on its way (an outage wait polls the group) is a new assignment: the
+  old batch's events of it are neither committed, nor read again from that batch's
+  first offset, nor taken back by any member when the batch is cut, nor written into the
+  chunk state (``on_moved`` tells it each partition's current assignment). The new
+  assignment starts from the group's committed offset, which the owner in between may
+  have moved past them.
 - **Exactly-once** (``transactions``, :mod:`flows.kafka.transactions`): the sink hands a
   batch's outputs to :func:`transact` instead, and the member of the sink's own worker
   (the one that handed the batch over) commits them with the input offsets in one
@@ -54,6 +57,7 @@ from flows import metrics, outage
 from flows.kafka.io import (
     STOP,
     InputMessage,
+    Move,
     OutputMessage,
     ReadOptions,
     input_message,
@@ -64,9 +68,11 @@ from flows.kafka.transactions import Aborted, Fenced, Stuck, Transactions
 
 log = logging.getLogger("embedstream.group")
 
-#: Called with (topic, partitions) when partitions are assigned, revoked or lost: the
-#: flow forgets their per-document state then.
-OnMoved = Callable[[str, list[int]], None]
+#: Called with (topic, {partition: assignment number}, how) when partitions are assigned,
+#: revoked or lost (``"ended"``), or a batch of them rewound: the flow's per-document state
+#: follows (only a partition's current assignment may write it; what is cached of it may
+#: be stale).
+OnMoved = Callable[[str, dict[int, int], Move], None]
 
 _members: list[GroupMember] = []
 _members_lock = threading.Lock()
@@ -386,7 +392,7 @@ class GroupMember:
             # included, starts again from the group's committed offsets.
             log.warning("could not rewind %s%s (%s): leaving the group to rejoin", self.topic, parts, e)
             self._restart_consumer()
-        self._moved(parts)
+        self._moved({p: handed[p] for p in parts}, "rewound")
         log.warning(
             "batch of %s%s not committed: %s; %s%s",
             self.topic,
@@ -465,12 +471,14 @@ class GroupMember:
                 self.assignment[p] = _next_assignment()
                 self.position.pop(p, None)
                 self.eof.pop(p, None)
+            # Told before any event of the new assignment is handed over.
+            started = {p: self.assignment[p] for p in parts}
         if self.start_from.isdigit() and partitions:
             self._start_at_time(consumer, partitions)
         metrics.REBALANCES.labels("assigned").inc(len(parts))
         metrics.ASSIGNED_PARTITIONS.inc(len(parts))
         log.info("assigned %s%s; now owning %s", self.topic, sorted(parts), sorted(self.owned))
-        self._moved(parts)  # state cached from an earlier ownership may be stale
+        self._moved(started, "assigned")  # state cached from an earlier ownership may be stale
 
     def _revoked(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         parts = [tp.partition for tp in partitions]
@@ -517,17 +525,18 @@ class GroupMember:
             except KafkaException as e:
                 log.warning("could not resume %s%s as it leaves: %s", self.topic, stale, e)
         self.paused -= set(parts)
+        ended = {p: self.assignment[p] for p in parts if p in self.assignment}
         for p in parts:
             self.in_flight.pop(p, None)
             self.assignment.pop(p, None)
             self.position.pop(p, None)
             self.eof.pop(p, None)
             metrics.forget_lag(self.topic, p)
-        self._moved(parts)
+        self._moved(ended, "ended")
 
-    def _moved(self, parts: list[int]) -> None:
-        if self.on_moved is not None and parts:
-            self.on_moved(self.topic, parts)
+    def _moved(self, assignments: dict[int, int], how: Move) -> None:
+        if self.on_moved is not None and assignments:
+            self.on_moved(self.topic, assignments, how)
 
     def _start_at_time(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         """``start_from`` epoch ms: partitions without a committed offset start at the

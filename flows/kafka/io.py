@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Literal, Optional, TypeVar
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -41,6 +41,12 @@ T = TypeVar("T")
 STOP = threading.Event()
 
 
+#: How an input partition moved in group mode: assigned to a member, its assignment ended
+#: (revoked or lost), or a batch of it rewound (its transaction aborted: the same
+#: assignment reads the batch again).
+Move = Literal["assigned", "ended", "rewound"]
+
+
 @dataclass(frozen=True)
 class InputMessage:
     topic: str
@@ -50,8 +56,10 @@ class InputMessage:
     value: Optional[bytes]
     timestamp_ms: Optional[int]
     headers: tuple[tuple[str, bytes], ...] = ()
-    #: Group mode: which assignment of its partition to the member it was read under
-    #: (see ``GroupMember.assignment``); its outputs carry it as ``source_assignment``.
+    #: Group mode: which assignment of its partition to a member it was read under,
+    #: numbered uniquely in the process (``GroupMember.assignment``); its outputs carry it
+    #: as ``source_assignment``, and only the partition's current assignment writes the
+    #: chunk state (:class:`flows.chunk_state.Owners`). 0: not numbered (cluster mode).
     assignment: int = 0
 
     @property
