@@ -483,6 +483,59 @@ def test_exactly_once_refuses_cluster_mode_and_a_missing_member_name(kafka_boots
         Settings(exactly_once=True).member({"HOSTNAME": "laptop"})  # outside Kubernetes: not stable enough
 
 
+def transactional_source(kafka_bootstrap: str, topics: FlowTopics, member: str, batch_size: int):
+    """A GroupInput whose members are evicted 6 s after their last poll, each worker with
+    its own transactional producer (``<group>.<member>.<worker>``): for tests that drive
+    group members directly, without Bytewax."""
+    from flows.kafka.group import GroupInput
+    from flows.kafka.io import ReadOptions
+    from flows.kafka.transactions import Transactions, transactional_id
+
+    config = {
+        "bootstrap.servers": kafka_bootstrap,
+        "group.id": topics.group,
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "1000",
+        "max.poll.interval.ms": "6000",
+    }
+    return GroupInput(
+        config,
+        topics.input,
+        ReadOptions(batch_size=batch_size, poll_ms=200),
+        transactions=lambda worker: Transactions(
+            {"bootstrap.servers": kafka_bootstrap},
+            transactional_id(topics.group, member, worker),
+            flush_timeout_s=30,
+        ),
+    )
+
+
+def outputs_of(topics: FlowTopics, batch: list, prefix: bytes = b"") -> list:
+    """One output record per event of ``batch``, its value ``prefix`` + the event's."""
+    from flows.kafka.io import OutputMessage
+
+    return [
+        OutputMessage(
+            topics.output,
+            m.key,
+            prefix + m.value,
+            source=(m.topic, m.partition, m.offset),
+            source_assignment=m.assignment,
+        )
+        for m in batch
+    ]
+
+
+def next_batch_of(member, timeout: float = 60) -> list:
+    """The member's next non-empty batch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = member.next_batch()
+        if batch:
+            return batch
+    raise AssertionError(f"no batch in {timeout:.0f} s")
+
+
 def test_a_worker_commits_only_its_own_batch_never_one_whose_partition_moved(kafka_bootstrap):
     """The workers of one process (``-w 2``) are two members of the group, each with its
     own transactional producer. Worker 0 is evicted (past max.poll.interval.ms) with a
@@ -491,64 +544,27 @@ def test_a_worker_commits_only_its_own_batch_never_one_whose_partition_moved(kaf
     events), never committed through worker 1's transaction; worker 1 commits its own
     batch, with its own group metadata."""
     from flows.kafka import group
-    from flows.kafka.group import GroupInput
-    from flows.kafka.io import KafkaOutput, OutputMessage, ReadOptions
-    from flows.kafka.transactions import Transactions, transactional_id
+    from flows.kafka.io import KafkaOutput
 
     topics = FlowTopics(kafka_bootstrap, partitions=1)
     topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4)])
-    config = {
-        "bootstrap.servers": kafka_bootstrap,
-        "group.id": topics.group,
-        "session.timeout.ms": "6000",
-        "heartbeat.interval.ms": "1000",
-        "max.poll.interval.ms": "6000",
-    }
-
-    def transactions(worker: int) -> Transactions:
-        name = transactional_id(topics.group, "w", worker)
-        return Transactions({"bootstrap.servers": kafka_bootstrap}, name, flush_timeout_s=30)
-
-    source = GroupInput(
-        config, topics.input, ReadOptions(batch_size=4, poll_ms=200), transactions=transactions
-    )
+    source = transactional_source(kafka_bootstrap, topics, "w", batch_size=4)
     sink = KafkaOutput({}, 30, transact=group.transact)
-
-    def outputs(worker: int, batch: list) -> list[OutputMessage]:
-        return [
-            OutputMessage(
-                topics.output,
-                m.key,
-                f"worker {worker}: ".encode() + m.value,
-                source=(m.topic, m.partition, m.offset),
-                source_assignment=m.assignment,
-            )
-            for m in batch
-        ]
-
-    def batch_of(member, poll=lambda: None) -> list:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            poll()
-            batch = member.next_batch()
-            if batch:
-                return batch
-        raise AssertionError("no batch in 60 s")
 
     first = source.build("documents", 0, 2).member
     second = None
     try:
-        held = batch_of(first)
+        held = next_batch_of(first)
         second = source.build("documents", 1, 2).member
         # Worker 0 spends longer on its batch than max.poll.interval.ms: the group goes on
         # without it, and worker 1 takes the partition from its committed offset.
-        taken = batch_of(second)
+        taken = next_batch_of(second)
         assert [m.offset for m in taken] == [m.offset for m in held]
         # An outage wait anywhere in the process polls every member (the keepers): worker 0
         # learns it lost the partition.
         assert wait_for(lambda: (first.keep_alive(), 0 not in first.in_flight)[1], timeout=30)
-        sink.build("kafka", 0, 2).write_batch(outputs(0, held))
-        sink.build("kafka", 1, 2).write_batch(outputs(1, taken))
+        sink.build("kafka", 0, 2).write_batch(outputs_of(topics, held, b"worker 0: "))
+        sink.build("kafka", 1, 2).write_batch(outputs_of(topics, taken, b"worker 1: "))
     finally:
         for member in (first, second):
             if member is not None:
@@ -567,63 +583,25 @@ def test_a_batch_handed_over_before_its_partition_left_and_came_back_is_never_co
     first batch is not committed, though its partition is in flight again and the
     member's group metadata is current: each event's record is committed once."""
     from flows.kafka import group
-    from flows.kafka.group import GroupInput
-    from flows.kafka.io import KafkaOutput, OutputMessage, ReadOptions
-    from flows.kafka.transactions import Transactions, transactional_id
+    from flows.kafka.io import KafkaOutput
 
     topics = FlowTopics(kafka_bootstrap, partitions=1)
     topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4)])
-    config = {
-        "bootstrap.servers": kafka_bootstrap,
-        "group.id": topics.group,
-        "session.timeout.ms": "6000",
-        "heartbeat.interval.ms": "1000",
-        "max.poll.interval.ms": "6000",
-    }
-    source = GroupInput(
-        config,
-        topics.input,
-        ReadOptions(batch_size=8, poll_ms=200),
-        transactions=lambda worker: Transactions(
-            {"bootstrap.servers": kafka_bootstrap},
-            transactional_id(topics.group, "m", worker),
-            flush_timeout_s=30,
-        ),
-    )
+    source = transactional_source(kafka_bootstrap, topics, "m", batch_size=8)
     sink = KafkaOutput({}, 30, transact=group.transact).build("kafka", 0, 1)
-
-    def outputs(batch: list) -> list[OutputMessage]:
-        return [
-            OutputMessage(
-                topics.output,
-                m.key,
-                m.value,
-                source=(m.topic, m.partition, m.offset),
-                source_assignment=m.assignment,
-            )
-            for m in batch
-        ]
-
-    def batch_of(member) -> list:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            batch = member.next_batch()
-            if batch:
-                return batch
-        raise AssertionError("no batch in 60 s")
 
     member = source.build("documents", 0, 1).member
     try:
-        old = batch_of(member)
+        old = next_batch_of(member)
         assert [m.offset for m in old] == [0, 1, 2, 3]
         time.sleep(8)  # past max.poll.interval.ms: the group goes on without the member
         assert wait_for(lambda: (member.keep_alive(), 0 not in member.in_flight)[1], timeout=30)
         topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4, 8)])
-        new = batch_of(member)  # the partition back, from the committed offset
+        new = next_batch_of(member)  # the partition back, from the committed offset
         assert [m.offset for m in new] == list(range(len(new))) and len(new) > len(old)
         assert new[0].assignment > old[0].assignment
-        sink.write_batch(outputs(old))
-        sink.write_batch(outputs(new))
+        sink.write_batch(outputs_of(topics, old))
+        sink.write_batch(outputs_of(topics, new))
     finally:
         member.close()
     values = [msg.value() for _, _, msg in read_as(kafka_bootstrap, topics.output)]
@@ -639,62 +617,23 @@ def test_events_given_back_go_only_to_the_worker_that_handed_them_over(kafka_boo
     committing its own batch (duplicates for read_committed consumers). Assignment numbers
     are unique in the process, so worker 0's batch is never taken for worker 1's."""
     from flows.kafka import group
-    from flows.kafka.group import GroupInput
-    from flows.kafka.io import OutputMessage, ReadOptions
-    from flows.kafka.transactions import Transactions, transactional_id
 
     topics = FlowTopics(kafka_bootstrap, partitions=1)
     topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4)])
-    config = {
-        "bootstrap.servers": kafka_bootstrap,
-        "group.id": topics.group,
-        "session.timeout.ms": "6000",
-        "heartbeat.interval.ms": "1000",
-        "max.poll.interval.ms": "6000",
-    }
-    source = GroupInput(
-        config,
-        topics.input,
-        ReadOptions(batch_size=4, poll_ms=200),
-        transactions=lambda worker: Transactions(
-            {"bootstrap.servers": kafka_bootstrap},
-            transactional_id(topics.group, "g", worker),
-            flush_timeout_s=30,
-        ),
-    )
-
-    def batch_of(member) -> list:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            batch = member.next_batch()
-            if batch:
-                return batch
-        raise AssertionError("no batch in 60 s")
+    source = transactional_source(kafka_bootstrap, topics, "g", batch_size=4)
 
     first = source.build("documents", 0, 2).member
     second = None
     try:
-        old = batch_of(first)
+        old = next_batch_of(first)
         assert [m.offset for m in old] == [0, 1, 2, 3]
         second = source.build("documents", 1, 2).member
         # Worker 0 is not polled: the group goes on without it, and worker 1 takes the
         # partition from the committed offset (none: the start).
-        taken = batch_of(second)
+        taken = next_batch_of(second)
         assert [m.offset for m in taken] == [0, 1, 2, 3]
         group.give_back(old[2:])  # worker 0's batch cut by its time budget
-        group.transact(
-            [
-                OutputMessage(
-                    topics.output,
-                    m.key,
-                    m.value,
-                    source=(m.topic, m.partition, m.offset),
-                    source_assignment=m.assignment,
-                )
-                for m in taken
-            ],
-            1,
-        )
+        group.transact(outputs_of(topics, taken), 1)
         assert topics.committed() == [4]
         again: list = []
         deadline = time.monotonic() + 3
