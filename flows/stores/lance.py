@@ -10,8 +10,11 @@ Search signals besides the dense vectors:
 
 - ``text``: LanceDB's own full-text index (``FTS``, BM25) on ``text``, made with the
   table in the language of ``EMBEDSTREAM_TEXT_SEARCH_LANGUAGE`` (stemmed, stop words
-  removed; ``simple``: neither). Rows written after the index was last updated
-  (compaction updates it) are searched without it, so every row is found.
+  removed, PostgreSQL's list for English; ``simple``: neither), lower-cased, accents
+  folded, with positions: a query's identifiers (``os.path.join``) are also asked as
+  phrases. An index made with other options is made again when the sink first opens the
+  table. Rows written after the index was last updated (compaction updates it) are
+  searched without it, so every row is found.
 - ``sparse``: LanceDB has no sparse vector type or index (as of 0.40), so a sparse
   vector is stored as two list columns, ``sparse_indices`` and ``sparse_values``, and a
   sparse search scores every row (a brute-force inner product over the columns, in
@@ -20,9 +23,11 @@ Search signals besides the dense vectors:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 import time
 from datetime import timedelta
 from typing import Any, Optional
@@ -31,7 +36,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 from lancedb.index import FTS, IvfHnswSq
-from lancedb.query import MatchQuery
+from lancedb.query import BooleanQuery, MatchQuery, Occur, PhraseQuery
 
 from flows.stores import (
     DocState,
@@ -104,6 +109,18 @@ LANGUAGES = {
     "tamil": "Tamil",
     "turkish": "Turkish",
 }
+#: PostgreSQL's ``english.stop`` (Snowball's English list), which its ``english``
+#: configuration drops: the same list makes LanceDB's index match the same words.
+POSTGRES_ENGLISH_STOP_WORDS = (
+    "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself "
+    "she her hers herself it its itself they them their theirs themselves what which who whom "
+    "this that these those am is are was were be been being have has had having do does did "
+    "doing a an the and but if or because as until while of at by for with about against "
+    "between into through during before after above below to from up down in out on off over "
+    "under again further then once here there when where why how all any both each few more "
+    "most other some such no nor not only own same so than too very s t can will just don "
+    "should now"
+).split()
 DOCUMENTS_SCHEMA = pa.schema(
     [
         ("table_name", pa.string()),
@@ -156,18 +173,62 @@ def _rows_of_docs(table, doc_ids: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+@functools.cache
+def _english_stop_words() -> tuple[str, ...]:
+    """PostgreSQL's English stop words and their stems: LanceDB drops stop words after
+    stemming, so its own list lets "because" through as "becaus" (and drops NLTK's "d",
+    "won", "ma")."""
+    stems = lancedb.tokenize(
+        " ".join(POSTGRES_ENGLISH_STOP_WORDS), language="English", remove_stop_words=False
+    )
+    return tuple(sorted(set(POSTGRES_ENGLISH_STOP_WORDS) | {t.text for t in stems}))
+
+
 def fts_config(language: str) -> FTS:
     """The full-text index of a table whose text is in ``language`` (a PostgreSQL text
-    search configuration name)."""
+    search configuration name): words split at every character that is not a letter or
+    digit, lower-cased, accents folded (café is cafe), stemmed and stop words dropped as
+    PostgreSQL's configuration of that name does (``simple``: neither), with positions,
+    so an identifier such as ``os.path.join`` is asked as a phrase (``search_text``)."""
     if language not in LANGUAGES:
         raise StoreConfigError(
             f"LanceDB's full-text index has no language {language!r} (EMBEDSTREAM_TEXT_SEARCH_LANGUAGE); "
             f"use one of {', '.join(LANGUAGES)}"
         )
     name = LANGUAGES[language]
+    common: dict[str, Any] = {
+        "base_tokenizer": "simple",
+        "with_position": True,
+        "lower_case": True,
+        "ascii_folding": True,
+    }
     if name is None:
-        return FTS(stem=False, remove_stop_words=False)
-    return FTS(language=name, stem=True, remove_stop_words=True)
+        return FTS(**common, stem=False, remove_stop_words=False)
+    stop_words = list(_english_stop_words()) if name == "English" else None
+    return FTS(**common, language=name, stem=True, remove_stop_words=True, custom_stop_words=stop_words)
+
+
+#: The options of a full-text index that change what it matches: an index made with
+#: other values than :func:`fts_config`'s is made again (``_ensure``).
+FTS_OPTIONS = (
+    "base_tokenizer",
+    "language",
+    "with_position",
+    "lower_case",
+    "stem",
+    "remove_stop_words",
+    "custom_stop_words",
+    "ascii_folding",
+)
+
+
+def _fts_options(details: dict[str, Any]) -> dict[str, Any]:
+    out = {k: details.get(k) for k in FTS_OPTIONS}
+    if out["custom_stop_words"] is not None:
+        out["custom_stop_words"] = sorted(out["custom_stop_words"])
+    if not out["stem"] and not out["remove_stop_words"]:
+        out["language"] = None  # no stemmer and no stop words: the language does nothing
+    return out
 
 
 class LanceStore:
@@ -179,6 +240,8 @@ class LanceStore:
         self.db = lancedb.connect(self.path)
         self._open: dict[str, Any] = {}
         self._indexed: set[str] = set()
+        #: Whether each table's full-text index has positions, as first seen.
+        self._phrases: dict[str, bool] = {}
         #: Tables whose columns are known to be current.
         self._current: set[str] = set()
         self._last_optimize = time.monotonic()
@@ -233,10 +296,19 @@ class LanceStore:
             if missing:
                 table.add_columns({c: "CAST(NULL AS BIGINT)" for c in missing})
                 log.info("%s: added columns %s", spec.name, ", ".join(missing))
-            # ... and tables from before v1.6 the full-text index.
-            if not _has_text_index(table):
-                table.create_index("text", config=fts_config(self._language(spec.name)))
-                log.info("%s: full-text index on text built", spec.name)
+            # ... tables from before v1.6 the full-text index, and an index made with other
+            # options (before positions and PostgreSQL's stop words) is made again, once.
+            wanted = fts_config(self._language(spec.name))
+            details = _text_index(table)
+            if details is None or _fts_options(details) != _fts_options(vars(wanted)):
+                started = time.monotonic()
+                table.create_index("text", config=wanted, replace=True)
+                log.info(
+                    "%s: full-text index on text %s in %.1f s",
+                    spec.name,
+                    "built" if details is None else "made again with the current options",
+                    time.monotonic() - started,
+                )
             self._current.add(spec.name)
         if table is None:
             table = self._table(spec.name, chunk_schema(spec.dimension, spec.sparse is not None))
@@ -364,7 +436,9 @@ class LanceStore:
         if spec.sparse is None:
             sparse = "its chunks have no sparse vectors (the flow ran without --sparse-model)"
         text = (
-            None if table is not None and _has_text_index(table) else "the table has no full-text index yet"
+            None
+            if table is not None and _text_index(table) is not None
+            else "the table has no full-text index yet"
         )
         return {"dense": None, "sparse": sparse, "text": text}
 
@@ -381,11 +455,25 @@ class LanceStore:
         table = self._table(spec.name)
         if table is None or not query.strip():
             return []
-        # The query as words, any of them (no query syntax: quotes, AND, field:value are text).
-        found = table.search(MatchQuery(query, "text"), query_type="fts")
+        # The query as words, any of them (no query syntax: quotes, AND, field:value are text),
+        # and each identifier in it also as a phrase, so a chunk that holds ``os.path.join``
+        # as written outranks one with "os", "path" and "join" apart (PostgreSQL's parser
+        # keeps such a name as one term).
+        clauses: list[tuple[Occur, Any]] = [(Occur.SHOULD, MatchQuery(query, "text"))]
+        if self._positions(spec.name, table):
+            clauses += [(Occur.SHOULD, PhraseQuery(name, "text")) for name in identifiers(query)]
+        asked = clauses[0][1] if len(clauses) == 1 else BooleanQuery(clauses)
+        found = table.search(asked, query_type="fts")
         if filters:
             found = found.where(_where(filters), prefilter=True)
         return [_hit(rank, float(r["_score"]), r) for rank, r in enumerate(found.limit(k).to_list(), 1)]
+
+    def _positions(self, name: str, table) -> bool:
+        """Whether the table's full-text index keeps positions (phrases need them; an index
+        made before them has none until the sink makes it again)."""
+        if name not in self._phrases:
+            self._phrases[name] = bool((_text_index(table) or {}).get("with_position"))
+        return self._phrases[name]
 
     def search_sparse(
         self, spec: TableSpec, indices: list[int], values: list[float], k: int, filters: dict[str, str]
@@ -466,8 +554,28 @@ def _hit(rank: int, score: float, r: dict[str, Any]) -> Hit:
     )
 
 
-def _has_text_index(table) -> bool:
-    return any(i.columns == ["text"] and i.index_type == "FTS" for i in table.list_indices())
+#: Phrases asked per query at most: each is one more posting-list intersection.
+MAX_PHRASES = 8
+_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+def identifiers(query: str) -> list[str]:
+    """The words of ``query`` that the index splits into several terms (``str.join``,
+    ``sys.exc_info``, ``utf-8``), without the punctuation around them (``(os.path)``)."""
+    found: list[str] = []
+    for word in query.split():
+        word = _EDGES.sub("", word)
+        if re.search(r"[\W_]", word) and word not in found:
+            found.append(word)
+    return found[:MAX_PHRASES]
+
+
+def _text_index(table) -> Optional[dict[str, Any]]:
+    """The options of the table's full-text index on ``text``, None without one."""
+    for index in table.list_indices():
+        if index.columns == ["text"] and index.index_type == "FTS":
+            return dict(getattr(index, "index_details", None) or {})
+    return None
 
 
 def _to_lance(row: dict[str, Any], sparse: bool = False) -> dict[str, Any]:
