@@ -744,3 +744,56 @@ def test_a_model_failure_in_search_is_500_model_error_and_the_store_connection_s
     log = "".join(server.output)
     assert "store unavailable" not in log and "the store failed" not in log
     assert log.count("Traceback") >= len(failing) + 1  # each failure logged with its trace
+
+
+def test_search_per_document_gives_each_document_once_as_the_library_does(tmp_path):
+    from sink_helpers import manifest, record
+    from test_search_modes import write
+
+    from flows.search import search as library_search
+
+    embedder = Embedder.load(PROMPTED)
+    lineage = {"model_id": embedder.model_id, "model_revision": embedder.model_revision, "dtype": "f32"}
+    documents = {
+        "consumers": [
+            "kafka consumers read partitions and commit offsets",
+            "a kafka consumer group shares the partitions of a topic",
+            "kafka consumers poll for records and commit their offsets",
+        ],
+        "brokers": ["kafka brokers store the partitions", "brokers replicate partitions to followers"],
+        "tea": ["green tea is steeped briefly in hot water"],
+        "cats": ["cats sleep most of the day"],
+    }
+    stream = []
+    for offset, (doc_id, texts) in enumerate(documents.items()):
+        vectors = embedder.embed(texts, prompt_name="document")
+        records = []
+        for i, (text, vector) in enumerate(zip(texts, vectors)):
+            r = record(doc_id, offset, i, len(texts), text, model={**lineage, "prompt_name": "document"})
+            r["embedding"], r["dimension"] = [float(x) for x in vector], embedder.dim
+            records.append(r)
+        stream += [("VectorRecord", r) for r in records] + [("DocManifest", manifest(records))]
+    url = f"lancedb:{tmp_path / 'lance'}"
+    write(url, stream)
+    server = Server("--store", url, "--model", str(PROMPTED))
+    try:
+        query = "kafka consumers commit offsets"
+        for mode in ("hybrid", "dense", "text"):
+            body = {"query": query, "k": 4, "mode": mode}
+            status, _, raw = request(server.url + "/search", body)
+            assert status == 200, raw
+            chunks = [h["doc_id"] for h in json.loads(raw)["data"]]
+            assert len(set(chunks)) < len(chunks), (mode, chunks)  # a document's chunks, several times
+            status, _, raw = request(server.url + "/search", {**body, "per_document": True})
+            assert status == 200, raw
+            hits = json.loads(raw)["data"]
+            library = library_search(query, k=4, store=url, model=str(PROMPTED), mode=mode, per_document=True)
+            assert [(h["doc_id"], h["chunk_index"], h["rank"]) for h in hits] == [
+                (h.doc_id, h.chunk_index, h.rank) for h in library
+            ]
+            assert [h["score"] for h in hits] == pytest.approx([h.score for h in library], abs=1e-6)
+            assert len({h["doc_id"] for h in hits}) == len(hits) and hits[0]["doc_id"] == "consumers", mode
+        status, _, raw = request(server.url + "/search", {"query": query, "per_document": "yes"})
+        assert status == 400 and error_of(raw)["param"] == "per_document"
+    finally:
+        assert server.stop() == 0

@@ -306,6 +306,7 @@ class Api:
                 depth=s.rerank_k,
                 reranker=_LockedReranker(self.served.reranker, self._models_lock) if req.rerank else None,
                 rerank_k=s.rerank_k,
+                per_document=req.per_document,
             )
         except SearchError as e:
             raise ApiError(

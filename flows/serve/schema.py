@@ -20,7 +20,7 @@ INPUT_TYPES = {
 }
 #: Fields of an embeddings request. ``user`` is OpenAI's and accepted, unused.
 EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "input_type", "user")
-SEARCH_FIELDS = ("query", "k", "filter", "table", "mode", "rerank")
+SEARCH_FIELDS = ("query", "k", "filter", "table", "mode", "rerank", "per_document")
 #: TEI's /rerank request (``raw_scores`` and ``truncate`` are taken and ignored: scores are
 #: what the model's activation gives, and pairs are always truncated to the model's limit).
 RERANK_FIELDS = ("query", "texts", "return_text", "raw_scores", "truncate")
@@ -80,6 +80,8 @@ class SearchRequest:
     mode: Optional[str] = None
     #: Whether the server's reranker (--rerank) orders the hits.
     rerank: bool = False
+    #: One hit per document, as ``embedstream search --per-document``.
+    per_document: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,10 @@ def parse_search(body: Any) -> SearchRequest:
     rerank = body.get("rerank", False)
     if not isinstance(rerank, bool):
         raise invalid("rerank must be true or false", param="rerank", code="invalid_type")
-    return SearchRequest(query, k, dict(filters), table, mode, rerank)
+    per_document = body.get("per_document", False)
+    if not isinstance(per_document, bool):
+        raise invalid("per_document must be true or false", param="per_document", code="invalid_type")
+    return SearchRequest(query, k, dict(filters), table, mode, rerank, per_document)
 
 
 def parse_rerank(body: Any, *, max_inputs: int, max_input_chars: int) -> RerankRequest:
