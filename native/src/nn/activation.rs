@@ -47,6 +47,17 @@ impl Activation {
             Self::Silu => candle_nn::ops::silu(x),
         }
     }
+
+    /// `activation(x[.., :n]) · x[.., n:]` for `x` `[.., 2n]`: a gated unit whose one
+    /// projection holds the input, then its gate (ModernBERT's `Wi`).
+    pub fn gated(self, x: &Tensor) -> Result<Tensor> {
+        if self == Self::Gelu {
+            return kernels::gelu_gated(x);
+        }
+        let last = x.rank() - 1;
+        let n = x.dim(last)? / 2;
+        self.apply(&x.narrow(last, 0, n)?)? * x.narrow(last, n, n)?
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::nn::attention_bias::{attend, padding_bias, pair_bias};
 use crate::nn::dense::{Dense, LinearKind};
 use crate::nn::kernels::{self, Heads, Reach};
 use crate::nn::packed;
-use crate::nn::rotary::Rotary;
+use crate::nn::rotary::{self, HostTables, Rotary};
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -140,7 +140,6 @@ pub struct ModernBert {
     layers: Vec<Layer>,
     final_norm: LayerNorm,
     heads: usize,
-    intermediate: usize,
     half_window: usize,
     activation: Activation,
     global_rope: Rotary,
@@ -218,7 +217,6 @@ impl ModernBert {
             layers,
             final_norm: norm(vb.pp("final_norm"))?,
             heads: c.num_attention_heads,
-            intermediate: c.intermediate_size,
             half_window: c.half_window,
             activation: c.activation,
             global_rope: Rotary::new(head_dim, c.global_theta),
@@ -261,13 +259,8 @@ impl ModernBert {
 
     /// `residual` plus the feed-forward output of the normed `x`.
     fn feed_forward(&self, layer: &Layer, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let inner = layer.wi.forward(x)?;
-        let last = inner.rank() - 1;
-        let input = inner.narrow(last, 0, self.intermediate)?;
-        let gate = inner.narrow(last, self.intermediate, self.intermediate)?;
-        layer
-            .mlp_wo
-            .forward_plus(&(self.activation.apply(&input)? * gate)?, residual)
+        let gated = self.activation.gated(&layer.wi.forward(x)?)?;
+        layer.mlp_wo.forward_plus(&gated, residual)
     }
 }
 
@@ -280,12 +273,12 @@ struct Biases {
 impl ModernBert {
     /// Runs every layer on the embeddings `x`, `attention` giving each one its
     /// `residual` plus attention output (normed input, residual, rope tables).
-    fn layers(
+    fn layers<Tables>(
         &self,
         mut x: Tensor,
-        global_rope: &(Tensor, Tensor),
-        local_rope: &(Tensor, Tensor),
-        attention: impl Fn(&Layer, &Tensor, &Tensor, &(Tensor, Tensor)) -> Result<Tensor>,
+        global_rope: &Tables,
+        local_rope: &Tables,
+        attention: impl Fn(&Layer, &Tensor, &Tensor, &Tables) -> Result<Tensor>,
     ) -> Result<Tensor> {
         for layer in &self.layers {
             let rope = if layer.global {
@@ -308,44 +301,25 @@ impl ModernBert {
     fn forward_packed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let hidden = self.embeddings.hidden_size();
         packed::forward(ids, mask, hidden, self.dtype, |packed| {
-            let (total, device) = (packed.total(), packed.device());
             let head_dim = hidden / self.heads;
-            let global_rope = self
-                .global_rope
-                .tables_at(&packed.positions, device, self.dtype)?;
-            let local_rope = self
-                .local_rope
-                .tables_at(&packed.positions, device, self.dtype)?;
+            let global_rope = self.global_rope.host_tables_at(&packed.positions);
+            let local_rope = self.local_rope.host_tables_at(&packed.positions);
             let x = self
                 .embeddings_norm
                 .forward(&self.embeddings.forward(&packed.ids)?)?;
-            let attention =
-                |layer: &Layer, x: &Tensor, residual: &Tensor, (cos, sin): &(Tensor, Tensor)| {
-                    let qkv = layer.wqkv.forward(x)?;
-                    let rotate = |i: usize| -> Result<Tensor> {
-                        let part = qkv
-                            .narrow(1, i * hidden, hidden)?
-                            .reshape((1, total, self.heads, head_dim))?
-                            .contiguous()?;
-                        candle_nn::rotary_emb::rope_thd(&part, cos, sin)?.reshape((total, hidden))
-                    };
-                    // The kernel takes queries pre-scaled.
-                    let q = (rotate(0)? * (head_dim as f64).powf(-0.5))?;
-                    let fused =
-                        Tensor::cat(&[q, rotate(1)?, qkv.narrow(1, 2 * hidden, hidden)?], 1)?;
-                    let reach = if layer.global {
-                        Reach::All
-                    } else {
-                        Reach::Window(self.half_window)
-                    };
-                    let context = kernels::attention_packed(
-                        &fused,
-                        &packed.lengths,
-                        Heads::all(self.heads),
-                        reach,
-                    )?;
-                    layer.wo.forward_plus(&context, residual)
+            let heads = Heads::all(self.heads);
+            // The kernel takes queries pre-scaled.
+            let scale = (head_dim as f32).powf(-0.5);
+            let attention = |layer: &Layer, x: &Tensor, residual: &Tensor, rope: &HostTables| {
+                let qkv = rotary::rotate_packed(&layer.wqkv.forward(x)?, rope, heads, scale)?;
+                let reach = if layer.global {
+                    Reach::All
+                } else {
+                    Reach::Window(self.half_window)
                 };
+                let context = kernels::attention_packed(&qkv, &packed.lengths, heads, reach)?;
+                layer.wo.forward_plus(&context, residual)
+            };
             self.layers(x, &global_rope, &local_rope, attention)
         })
     }
