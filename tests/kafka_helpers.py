@@ -26,11 +26,18 @@ class FlowTopics:
     bootstrap: str
     partitions: int = 1
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    #: False: the topics are only named; :meth:`create` makes them later.
+    created: bool = True
 
     def __post_init__(self) -> None:
+        if self.created:
+            self.create()
+
+    def create(self) -> None:
         settings = Settings(brokers=self.bootstrap)
         for name in (self.input, self.output, self.dlq):
             create(settings, name, self.partitions)
+        self.created = True
 
     @property
     def group(self) -> str:

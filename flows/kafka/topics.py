@@ -3,19 +3,23 @@ the plumbing behind ``embedstream topics|publish|tail``."""
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from flows import codecs
+from flows import codecs, outage
 from flows.kafka.delivery import Delivery
 from flows.records import PAYLOAD_TYPE_HEADER
 from flows.settings import Settings
+
+log = logging.getLogger("embedstream.kafka")
 
 #: How long ``publish`` and ``redrive`` wait for Kafka to confirm what they sent.
 CONFIRM_TIMEOUT_S = 60.0
@@ -44,19 +48,68 @@ def max_message_bytes(settings: Settings, topic: str) -> int:
     return int(config["max.message.bytes"].value)
 
 
-def check_exist(settings: Settings, names: Sequence[str]) -> None:
-    """Fails with a clear message if a topic the flow writes or reads is missing
-    (brokers here do not create topics on first write)."""
-    admin = AdminClient(settings.kafka_common())
-    existing = set(admin.list_topics(timeout=30).topics)
-    missing = [n for n in names if n not in existing]
-    if missing:
-        from operators.errors import EmbedstreamError
+#: librdkafka's default ``topic.metadata.propagation.max.ms``: how long a topic the brokers
+#: do not list yet may take to appear before it counts as missing.
+PROPAGATION_MS = 30_000
 
-        raise EmbedstreamError(
-            f"topic(s) {', '.join(missing)} do not exist on {settings.brokers}: "
-            f"create them with `embedstream topics create {' '.join(missing)} --partitions N`"
+#: A metadata request that fails with one of these found no broker to answer: an outage.
+_BROKER_AWAY = (
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._RESOLVE,
+)
+
+
+def check_exist(settings: Settings, names: Sequence[str]) -> None:
+    """Returns once the brokers list every topic in ``names``; fails with a clear message
+    if one is still missing after ``topic.metadata.propagation.max.ms`` (librdkafka's
+    setting, 30 s by default; ``--kafka`` sets it). A topic just created takes a moment
+    to reach a broker's metadata (seconds, on a broker that has just started), so a
+    worker started right after its topics were created waits for them rather than
+    exits; brokers here do not create topics on first write. A broker that does not
+    answer is an outage, waited out for as long as it lasts."""
+    window_s = int(settings.kafka.get("topic.metadata.propagation.max.ms", PROPAGATION_MS)) / 1000
+    admin = AdminClient(settings.kafka_common())
+    started, delay = time.monotonic(), 0.5
+    missing_since: Optional[float] = None  # the window starts once a broker answers without them
+    while True:
+        listed = outage.wait_out("broker", lambda: _listed(admin, settings.brokers))
+        missing = [n for n in names if n not in listed]
+        now = time.monotonic()
+        if not missing:
+            if now - started > 0.1:
+                log.info("topic(s) %s listed after %.1f s", ", ".join(names), now - started)
+            return
+        missing_since = now if missing_since is None else missing_since
+        if now - missing_since >= window_s:
+            from operators.errors import EmbedstreamError
+
+            raise EmbedstreamError(
+                f"topic(s) {', '.join(missing)} do not exist on {settings.brokers}: still not listed "
+                f"after {window_s:.0f} s (topic.metadata.propagation.max.ms); create them with "
+                f"`embedstream topics create {' '.join(missing)} --partitions N`"
+            )
+        log.warning(
+            "topic(s) %s not listed by %s yet (a topic just created takes a moment to reach the "
+            "brokers' metadata); waiting up to %.0f s (topic.metadata.propagation.max.ms)",
+            ", ".join(missing),
+            settings.brokers,
+            window_s,
         )
+        time.sleep(min(delay, window_s - (now - missing_since)))
+        delay = min(delay * 2, 5.0)
+
+
+def _listed(admin: AdminClient, brokers: str) -> set[str]:
+    """The topics the brokers list; :class:`flows.outage.Outage` while none answers."""
+    try:
+        return set(admin.list_topics(timeout=5).topics)
+    except KafkaException as e:
+        error = e.args[0]
+        if error.fatal() or not (error.retriable() or error.code() in _BROKER_AWAY):
+            raise
+        raise outage.Outage(f"{brokers}: {error.str()}") from e
 
 
 def group_members(settings: Settings, group_id: str) -> int:
