@@ -561,11 +561,13 @@ _EDGES = re.compile(r"^[\W_]+|[\W_]+$")
 
 def identifiers(query: str) -> list[str]:
     """The words of ``query`` that the index splits into several terms (``str.join``,
-    ``sys.exc_info``, ``utf-8``), without the punctuation around them (``(os.path)``)."""
+    ``sys.exc_info``, ``utf-8``), without the punctuation around them (``(os.path)``).
+    An apostrophe does not make one (``Python's``, ``don't``): PostgreSQL splits those
+    too, and a phrase would only weigh their first part twice."""
     found: list[str] = []
     for word in query.split():
         word = _EDGES.sub("", word)
-        if re.search(r"[\W_]", word) and word not in found:
+        if re.search(r"[^\w'\u2019]|_", word) and word not in found:
             found.append(word)
     return found[:MAX_PHRASES]
 
