@@ -268,14 +268,22 @@ def measure(
         [spec] = store.tables()
         available = signals(store, spec, "hybrid")[1]
         modes = [m for m in ("dense", "sparse", "text") if m in available] + ["hybrid"]
-        # Each mode as chunks, then dense and hybrid one hit per document (--per-document).
-        runs = [(m, False, False) for m in modes] + [(m, False, True) for m in ("dense", "hybrid")]
+        # Each mode as chunks, then dense and hybrid one hit per document (--per-document);
+        # hybrid by reciprocal rank (rrf) and again by relative score fusion.
+        runs = [(m, False, False, "rrf") for m in modes] + [("hybrid", False, False, "relative")]
+        runs += [(m, False, True, "rrf") for m in ("dense", "hybrid")] + [("hybrid", False, True, "relative")]
         if reranker:
-            runs += [(m, True, False) for m in ("dense", "hybrid")]
+            runs += [(m, True, False, "rrf") for m in ("dense", "hybrid")]
         prompt = query_prompt_name(embedder)
         results: dict[str, Any] = {}
         rankings: dict[str, list[list[str]]] = {}  # each query's documents, per mode
-        for mode, with_rerank, per_document in runs:
+        for mode, with_rerank, per_document, fusion in runs:
+            name = (
+                mode
+                + (" relative" if fusion == "relative" else "")
+                + (" + rerank" if with_rerank else "")
+                + (" per document" if per_document else "")
+            )
             used = available if mode == "hybrid" else [mode]
             per_kind: dict[str, list[tuple[float, float, float, float]]] = {}
             latencies = []
@@ -302,6 +310,7 @@ def measure(
                     reranker=reranker if with_rerank else None,
                     rerank_k=rerank_k,
                     rrf_k=rrf_k,
+                    fusion=fusion,
                     timings=timings,
                     per_document=per_document,
                 )
@@ -312,9 +321,7 @@ def measure(
                     scores(ranked_docs(hits)[:CUTOFF], q["relevant"]) + chunk_scores(hits, q["relevant"])
                 )
                 if not with_rerank:
-                    key = mode + (" per document" if per_document else "")
-                    rankings.setdefault(key, []).append(ranked_docs(hits))
-            name = mode + (" + rerank" if with_rerank else "") + (" per document" if per_document else "")
+                    rankings.setdefault(name, []).append(ranked_docs(hits))
             rows = {kind: quality(v) for kind, v in sorted(per_kind.items())}
             rows["all"] = quality([x for v in per_kind.values() for x in v])
             latencies.sort()
@@ -329,7 +336,7 @@ def measure(
                 "step_median_ms": {k: round(1000 * statistics.median(v), 2) for k, v in steps.items()},
             }
             print(
-                f"  {url.split(':')[0]:<10} {name:<16} nDCG@10 {rows['all']['ndcg@10']:.3f}", file=sys.stderr
+                f"  {url.split(':')[0]:<10} {name:<28} nDCG@10 {rows['all']['ndcg@10']:.3f}", file=sys.stderr
             )
         results["analysis"] = analysis(queries, rankings)
         return results
@@ -442,6 +449,7 @@ def main() -> int:
         "ingest_seconds": {k: round(v, 2) for k, v in steps.items()},
         "hits_per_query": HITS,
         "rrf_k": args.rrf_k,
+        "fusions": ["rrf", "relative"],
         "stores": found,
     }
     print(json.dumps(result, indent=2))

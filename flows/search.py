@@ -5,9 +5,17 @@
 - ``sparse``: the query's sparse vector (the table's sparse model), chunks by the inner
   product of the sparse vectors;
 - ``text``: the store's full-text index on the chunk text;
-- ``hybrid``: the result lists of every signal the table has, fused by reciprocal rank
-  fusion: a chunk scores the sum of ``1 / (rrf_k + rank)`` over the lists it is in
-  (``rrf_k`` = 60 by default, as in Cormack et al., 2009).
+- ``hybrid``: the result lists of every signal the table has, fused by one of two
+  functions (``fusion``):
+
+  - ``rrf`` (the default), reciprocal rank fusion: a chunk scores the sum of
+    ``1 / (rrf_k + rank)`` over the lists it is in (``rrf_k`` = 60 by default, as in
+    Cormack et al., 2009); it reads ranks only;
+  - ``relative``, relative score fusion (Weaviate's ``relativeScoreFusion``; Bruch, Gai
+    and Ingber, 2023, "convex combination" of min-max normalised scores): each list's
+    scores are scaled to [0, 1] over that list's own hits, a chunk missing from a list
+    gets 0 there, and a chunk scores the mean over the lists (equal weights). It keeps
+    how far ahead a list's best hits are, which ranks discard.
 
 With ``per_document`` (``--per-document``) a search returns one hit per document:
 each signal's list is collapsed to its documents (a document ranks where its best chunk
@@ -39,6 +47,8 @@ SIGNALS = ("dense", "sparse", "text")
 MODES = (*SIGNALS, "hybrid")
 #: Reciprocal rank fusion's constant: larger flattens the difference between ranks.
 RRF_K = 60
+#: Hybrid's fusion functions: reciprocal rank (the default) and relative score.
+FUSIONS = ("rrf", "relative")
 #: Candidates per signal for fusion, and the chunks a reranker scores.
 RERANK_K = 50
 
@@ -174,6 +184,7 @@ def retrieve(
     mode: str = "dense",
     used: Optional[list[str]] = None,
     rrf_k: int = RRF_K,
+    fusion: str = "rrf",
     depth: int = RERANK_K,
     reranker: Any = None,
     rerank_k: int = RERANK_K,
@@ -184,7 +195,10 @@ def retrieve(
     top ``max(k, depth)`` of each signal in ``used`` (default: each the table has); a
     ``reranker`` then scores the best ``rerank_k`` again and orders them by its score.
     ``per_document``: the best chunk of each of the ``k`` best documents found among
-    each signal's top ``max(k, depth)`` chunks (see :func:`fuse`)."""
+    each signal's top ``max(k, depth)`` chunks (see :func:`fuse`). ``fusion``: ``rrf``
+    or ``relative`` (hybrid only)."""
+    if fusion not in FUSIONS:
+        raise SearchError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
     filters = dict(filters or {})
     timings = timings if timings is not None else Timings()
     used = used or ([mode] if mode != "hybrid" else signals(opened, spec, "hybrid")[1])
@@ -210,7 +224,7 @@ def retrieve(
         timings.add(signal, started)
     if mode == "hybrid":
         started = time.perf_counter()
-        hits = fuse(lists, rrf_k, per_document=per_document)[:wanted]
+        hits = fuse(lists, rrf_k, per_document=per_document, fusion=fusion)[:wanted]
         timings.add("fusion", started)
     else:
         hits = (collapse(lists[0]) if per_document else lists[0])[:wanted]
@@ -221,22 +235,39 @@ def retrieve(
     return hits[:k]
 
 
-def fuse(lists: Sequence[Sequence[Hit]], rrf_k: int = RRF_K, *, per_document: bool = False) -> list[Hit]:
-    """Reciprocal rank fusion: each chunk scores the sum of ``1 / (rrf_k + rank)`` over
-    the lists it is in (ranks from 1), best first; ties go to the chunk with the better
-    best rank, then to the earlier list.
+def fuse(
+    lists: Sequence[Sequence[Hit]],
+    rrf_k: int = RRF_K,
+    *,
+    per_document: bool = False,
+    fusion: str = "rrf",
+) -> list[Hit]:
+    """The lists fused into one, best first, each hit with its fused score.
+
+    ``fusion="rrf"``, reciprocal rank fusion: each chunk scores the sum of
+    ``1 / (rrf_k + rank)`` over the lists it is in (ranks from 1).
+    ``fusion="relative"``, relative score fusion: each list's scores are min-max
+    normalised over its own hits (its best 1, its worst 0; a list of one hit, or of equal
+    scores, all 1), a chunk missing from a list counts 0 there, and a chunk scores the
+    mean of its normalised scores over the lists (equal weights; empty lists count
+    too, as a signal that found nothing). Every store's scores are higher-is-better
+    (cosine similarity, inner product, BM25), as normalising needs. In both, ties go to
+    the chunk with the better best rank, then to the earlier list.
 
     ``per_document``: documents are fused instead, each ranked in each list where its
-    best chunk is among the list's documents (:func:`collapse`), so that two signals
-    that find one document by different chunks agree on it. Each document is shown by
-    its chunk that fuses best, with the document's score."""
-    chunks = _rrf([[(_chunk_key(h), h) for h in hits] for hits in lists], rrf_k)
+    best chunk is among the list's documents (:func:`collapse`), with that chunk's score
+    (relative: normalised over the list's documents), so that two signals that find one
+    document by different chunks agree on it. Each document is shown by its chunk that
+    fuses best, with the document's score."""
+    if fusion not in FUSIONS:
+        raise SearchError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
+    chunks = _fused([[(_chunk_key(h), h) for h in hits] for hits in lists], rrf_k, fusion)
     if not per_document:
         return [replace(hit, rank=i, score=score) for i, (hit, score) in enumerate(chunks, 1)]
     shown: dict[str, Hit] = {}
     for hit, _ in chunks:
         shown.setdefault(hit.doc_id, hit)
-    documents = _rrf([[(h.doc_id, h) for h in collapse(hits)] for hits in lists], rrf_k)
+    documents = _fused([[(h.doc_id, h) for h in collapse(hits)] for hits in lists], rrf_k, fusion)
     return [replace(shown[hit.doc_id], rank=i, score=score) for i, (hit, score) in enumerate(documents, 1)]
 
 
@@ -255,19 +286,34 @@ def _chunk_key(hit: Hit) -> str:
     return hit.chunk_id or f"{hit.doc_id}\x00{hit.chunk_index}"
 
 
-def _rrf(lists: Sequence[Sequence[tuple[str, Hit]]], rrf_k: int) -> list[tuple[Hit, float]]:
-    """Reciprocal rank fusion of ranked lists of (key, hit): each key's first hit and its
+def _fused(lists: Sequence[Sequence[tuple[str, Hit]]], rrf_k: int, fusion: str) -> list[tuple[Hit, float]]:
+    """Ranked lists of (key, hit) fused by ``fusion``: each key's first hit and its
     score, best first."""
     scores: dict[str, float] = {}
     best: dict[str, tuple[int, int]] = {}
     first: dict[str, Hit] = {}
     for at, items in enumerate(lists):
-        for rank, (key, hit) in enumerate(items, 1):
-            scores[key] = scores.get(key, 0.0) + 1.0 / (rrf_k + rank)
+        if fusion == "rrf":
+            contributions = [1.0 / (rrf_k + rank) for rank in range(1, len(items) + 1)]
+        else:
+            contributions = [share / len(lists) for share in _min_max([hit.score for _, hit in items])]
+        for rank, ((key, hit), contribution) in enumerate(zip(items, contributions), 1):
+            scores[key] = scores.get(key, 0.0) + contribution
             best[key] = min(best.get(key, (rank, at)), (rank, at))
             first.setdefault(key, hit)
     order = sorted(scores, key=lambda key: (-scores[key], best[key]))
     return [(first[key], scores[key]) for key in order]
+
+
+def _min_max(scores: Sequence[float]) -> list[float]:
+    """``scores`` scaled to [0, 1]: the highest 1, the lowest 0; all 1 where they are
+    equal (one hit, or ties throughout), since each is then the list's best."""
+    if not scores:
+        return []
+    low, high = min(scores), max(scores)
+    if high - low <= 0.0:
+        return [1.0] * len(scores)
+    return [(s - low) / (high - low) for s in scores]
 
 
 def rerank(reranker: Any, query: str, hits: Sequence[Hit]) -> list[Hit]:
@@ -306,12 +352,14 @@ def search(
     rerank: Optional[str] = None,
     rerank_k: Optional[int] = None,
     rrf_k: Optional[int] = None,
+    fusion: Optional[str] = None,
     per_document: bool = False,
 ) -> list[Hit]:
     """The ``k`` best chunks for ``query`` in a table of ``store`` (default: the
     configured store), best first, optionally only those whose metadata has every
     ``key=value`` of ``filters``; in ``mode`` (default: hybrid where the table has a
-    second signal, else dense), reranked by the cross-encoder in ``rerank``;
+    second signal, else dense), reranked by the cross-encoder in ``rerank``; hybrid
+    fuses by ``fusion`` (``rrf`` or ``relative``; default: the setting, ``rrf``);
     ``per_document``: the best chunk of each of the ``k`` best documents."""
     from flows.settings import Settings
 
@@ -320,6 +368,9 @@ def search(
     settings = Settings.from_env()
     rerank_k = settings.rerank_k if rerank_k is None else rerank_k
     rrf_k = settings.rrf_k if rrf_k is None else rrf_k
+    fusion = settings.fusion if fusion is None else fusion
+    if fusion not in FUSIONS:
+        raise SearchError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
     if rerank_k < 1 or rrf_k < 0:
         raise SearchError("--rerank-k must be 1 or more and --rrf-k 0 or more")
     opened = open_store(store or settings.store)
@@ -343,6 +394,7 @@ def search(
             mode=mode,
             used=used,
             rrf_k=rrf_k,
+            fusion=fusion,
             depth=rerank_k,
             reranker=reranker,
             rerank_k=rerank_k,
@@ -366,6 +418,7 @@ def nearest(
 
 
 __all__ = [
+    "FUSIONS",
     "MODES",
     "Hit",
     "Query",

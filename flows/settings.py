@@ -203,6 +203,10 @@ class Settings:
     #: `embedstream search`, `serve`: hybrid mode's reciprocal rank fusion constant: a
     #: chunk scores the sum of 1/(rrf_k + rank) over the result lists it is in.
     rrf_k: int = 60
+    #: `embedstream search`, `serve`: how hybrid mode fuses its result lists: rrf (reciprocal
+    #: rank) or relative (each list's scores min-max normalised to [0, 1], a missing hit 0,
+    #: averaged over the lists with equal weights).
+    fusion: str = "rrf"
     #: `embedstream search`, `serve`: candidates each signal contributes to hybrid fusion,
     #: and how many of the best a reranker (--rerank) scores again.
     rerank_k: int = 50
@@ -282,6 +286,8 @@ class Settings:
             raise ValueError("truncate_dim must be positive")
         if self.rrf_k < 0 or self.rerank_k < 1:
             raise ValueError("rrf_k must be 0 or more, rerank_k 1 or more")
+        if self.fusion not in ("rrf", "relative"):
+            raise ValueError(f"fusion must be rrf or relative, not {self.fusion!r}")
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", self.text_search_language):
             raise ValueError(
                 "text_search_language must name a text search configuration such as english or simple"

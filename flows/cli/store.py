@@ -93,6 +93,12 @@ def add_commands(sub: Commands) -> None:
         help="hybrid's reciprocal rank fusion constant (default: $EMBEDSTREAM_RRF_K or 60)",
     )
     search.add_argument(
+        "--fusion",
+        choices=["rrf", "relative"],
+        help="how hybrid fuses its lists: rrf (reciprocal rank) or relative (min-max normalised "
+        "scores, averaged) (default: $EMBEDSTREAM_FUSION or rrf)",
+    )
+    search.add_argument(
         "--per-document",
         action="store_true",
         help="one hit per document, its best chunk; hybrid fuses documents instead of chunks",
@@ -153,6 +159,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             rerank=args.rerank,
             rerank_k=args.rerank_k,
             rrf_k=args.rrf_k,
+            fusion=args.fusion,
             per_document=args.per_document,
         )
     except (SearchError, StoreConfigError, ValueError) as e:

@@ -303,6 +303,7 @@ class Api:
                 mode=mode,
                 used=used,
                 rrf_k=s.rrf_k,
+                fusion=req.fusion or s.fusion,
                 depth=s.rerank_k,
                 reranker=_LockedReranker(self.served.reranker, self._models_lock) if req.rerank else None,
                 rerank_k=s.rerank_k,
@@ -356,6 +357,8 @@ class Api:
             "mode": mode,
             "data": data,
         }
+        if mode == "hybrid":
+            body["fusion"] = req.fusion or self.settings.fusion
         return _json(body)
 
     async def _signals(self, store: Store, spec: Any, req: schema.SearchRequest) -> tuple[str, list[str]]:

@@ -20,11 +20,13 @@ INPUT_TYPES = {
 }
 #: Fields of an embeddings request. ``user`` is OpenAI's and accepted, unused.
 EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "input_type", "user")
-SEARCH_FIELDS = ("query", "k", "filter", "table", "mode", "rerank", "per_document")
+SEARCH_FIELDS = ("query", "k", "filter", "table", "mode", "rerank", "per_document", "fusion")
 #: TEI's /rerank request (``raw_scores`` and ``truncate`` are taken and ignored: scores are
 #: what the model's activation gives, and pairs are always truncated to the model's limit).
 RERANK_FIELDS = ("query", "texts", "return_text", "raw_scores", "truncate")
 SEARCH_MODES = ("dense", "sparse", "text", "hybrid")
+#: Hybrid's fusion functions (flows.search.FUSIONS).
+FUSIONS = ("rrf", "relative")
 #: Most hits one /search returns.
 MAX_K = 1000
 
@@ -82,6 +84,8 @@ class SearchRequest:
     rerank: bool = False
     #: One hit per document, as ``embedstream search --per-document``.
     per_document: bool = False
+    #: Hybrid's fusion, rrf or relative (None: the server's setting, EMBEDSTREAM_FUSION).
+    fusion: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,10 @@ def parse_search(body: Any) -> SearchRequest:
     per_document = body.get("per_document", False)
     if not isinstance(per_document, bool):
         raise invalid("per_document must be true or false", param="per_document", code="invalid_type")
-    return SearchRequest(query, k, dict(filters), table, mode, rerank, per_document)
+    fusion = body.get("fusion")
+    if fusion is not None and not (isinstance(fusion, str) and fusion in FUSIONS):
+        raise invalid(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}", param="fusion")
+    return SearchRequest(query, k, dict(filters), table, mode, rerank, per_document, fusion)
 
 
 def parse_rerank(body: Any, *, max_inputs: int, max_input_chars: int) -> RerankRequest:
