@@ -196,6 +196,9 @@ class ChunkState:
         self._docs = _Recent(settings.state_max_bytes)
         #: Input partitions read back from the changelog (or whose restore failed).
         self._restored: set[tuple[str, int]] = set()
+        #: Times each partition was dropped: a restore whose read began before a drop
+        #: read a changelog that may have grown since, and reads again.
+        self._drops: dict[tuple[str, int], int] = {}
         #: A lock per partition being restored: partitions restore side by side.
         self._restoring: dict[tuple[str, int], threading.Lock] = {}
         #: Guards the three above; never held while the changelog is read.
@@ -239,6 +242,7 @@ class ChunkState:
         """Forgets a partition (revoked: another worker owns its changelog now)."""
         with self._lock:
             self._restored.discard((topic, partition))
+            self._drops[(topic, partition)] = self._drops.get((topic, partition), 0) + 1
             for key in [k for k in self._docs.items if k[0] == topic and k[1] == partition]:
                 self._docs.pop(key)
             self._publish()
@@ -314,17 +318,24 @@ class ChunkState:
                 return
             lock = self._restoring.setdefault(key, threading.Lock())
         with lock:
-            with self._lock:
-                if key in self._restored:
+            while True:
+                with self._lock:
+                    if key in self._restored:
+                        return
+                    drops = self._drops.get(key, 0)
+                docs = self._read_back(topic, partition) if self.restore_enabled else None
+                with self._lock:
+                    if self._drops.get(key, 0) != drops:
+                        # The partition moved during the read: another owner may have
+                        # written the changelog past what was read.
+                        continue
+                    if docs is not None:
+                        for doc_key, value in docs.items.items():
+                            self._docs.put(doc_key, value)
+                    self._restored.add(key)
+                    self._restoring.pop(key, None)
+                    self._publish()
                     return
-            docs = self._read_back(topic, partition) if self.restore_enabled else None
-            with self._lock:
-                if docs is not None:
-                    for doc_key, value in docs.items.items():
-                        self._docs.put(doc_key, value)
-                self._restored.add(key)
-                self._restoring.pop(key, None)
-                self._publish()
 
     def _read_back(self, topic: str, partition: int) -> Optional[_Recent]:
         """The partition's changelog, all of it or nothing: a restore that fails or

@@ -9,7 +9,7 @@ it was handed over under."""
 from __future__ import annotations
 
 from flows import runtime
-from flows.chunk_state import OWNERS, ChunkState, Owners
+from flows.chunk_state import OWNERS, ChunkState, Owners, _Recent, pack
 from flows.embed_steps import Batch, Work
 from flows.kafka.io import InputMessage
 from flows.settings import Settings
@@ -125,3 +125,33 @@ def test_moves_reported_before_the_pipeline_exists_guard_its_state(monkeypatch):
     assert late.remember(batch(1, assignment=11, topic=topic)) == []
     runtime.forget_state(topic, {0: 12}, "assigned")
     assert len(late.remember(batch(1, assignment=12, topic=topic))) == 1
+
+
+def test_a_restore_that_was_reading_when_its_partition_moved_does_not_install_what_it_read():
+    """A batch's first use of a partition reads its changelog back; the partition is
+    revoked, another process commits a newer version (removing a chunk), and the
+    partition comes back, all while that read runs. The read's result is older than the
+    changelog now: installed, the next batch would take the removed chunk for known and
+    send a manifest without its vector. The restore reads again instead."""
+    reads: list[dict[str, list[str]]] = []
+    changelog = {"d": IDS}  # v1, what the first read finds
+
+    class Restoring(ChunkState):
+        def _read_back(self, topic, partition):
+            docs = _Recent(1 << 20)
+            for doc_id, ids in changelog.items():
+                docs.put((topic, partition, doc_id), pack(ids))
+            reads.append(dict(changelog))
+            if len(reads) == 1:  # the moves arrive while this read is under way
+                self.moved(topic, partition, 1, "ended")
+                changelog["d"] = IDS[:1]  # another process's v2, without the second chunk
+                self.moved(topic, partition, 2, "assigned")
+            return docs
+
+    s = Restoring(Settings(incremental=True), restore=True, owners=Owners())
+    s.moved("docs", 0, 1, "assigned")
+    s.mark_fresh(batch(5, assignment=1))
+    taken = batch(7, assignment=2)
+    s.mark_fresh(taken)
+    assert len(reads) == 2, "the restore kept a read that began before the partition moved"
+    assert taken[0].fresh == [False, True], "the second chunk, removed by v2, was taken for known"
