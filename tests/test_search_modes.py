@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,8 @@ def test_per_document_fusion_agrees_on_a_document_found_by_different_chunks(stor
         fused = {"mode": "hybrid", "used": ["dense", "text"], "depth": 2}
         by_chunk = retrieve(store, SPEC, query, 2, **fused)
         by_doc = retrieve(store, SPEC, query, 2, **fused, per_document=True)
+        relative_chunks = retrieve(store, SPEC, query, 2, **fused, fusion="relative")
+        relative_docs = retrieve(store, SPEC, query, 2, **fused, fusion="relative", per_document=True)
         dense_docs = retrieve(store, SPEC, query, 10, mode="dense", per_document=True)
     finally:
         store.close()
@@ -340,9 +343,107 @@ def test_per_document_fusion_agrees_on_a_document_found_by_different_chunks(stor
     assert [(h.doc_id, h.chunk_id) for h in by_doc] == [("guide", "guide#1"), ("faq", "faq#0")]
     assert [h.score for h in by_doc] == pytest.approx([2 / 61, 2 / 62])
     assert [h.rank for h in by_doc] == [1, 2]
+    # Relative score fusion of two-hit lists: each list's best 1, its worst 0. By chunks,
+    # the guide's two chunks (each best in one list) share the top, above the FAQ that
+    # reciprocal rank put first (second in both lists: each list's worst, 0). By
+    # documents, the guide is best in both (1.0), shown by its chunk from the earlier list.
+    assert [(h.chunk_id, h.score) for h in relative_chunks] == [("guide#1", 0.5), ("guide#0", 0.5)]
+    assert [(h.doc_id, h.chunk_id, h.score) for h in relative_docs] == [
+        ("guide", "guide#1", 1.0),
+        ("faq", "faq#0", 0.0),
+    ]
     # A single signal collapses the same way: its documents, each by its best chunk.
     assert [h.doc_id for h in dense_docs] == list(dict.fromkeys(h.doc_id for h in dense))
     assert [h.chunk_id for h in dense_docs][:2] == ["guide#1", "faq#0"]
+
+
+def unit(cosine: float) -> list[float]:
+    """A 4-dimensional unit vector at ``cosine`` to the first axis (the queries' vector)."""
+    return [cosine, math.sqrt(1.0 - cosine * cosine), 0.0, 0.0]
+
+
+def relative_of(lists: list[list[Hit]], key=lambda h: h.doc_id) -> dict[str, float]:
+    """Relative score fusion written out: each list min-max normalised over its own
+    hits (all 1 where its scores are equal), a missing hit 0, the mean over the lists."""
+    fused: dict[str, float] = {}
+    for found in lists:
+        low, high = min(h.score for h in found), max(h.score for h in found)
+        for h in found:
+            share = 1.0 if high == low else (h.score - low) / (high - low)
+            fused[key(h)] = fused.get(key(h), 0.0) + share / len(lists)
+    return fused
+
+
+def test_relative_fusion_weighs_how_close_a_hit_comes_to_its_lists_best(store_url):
+    """The consensus chunk is second in both lists: reciprocal rank fusion, which reads
+    ranks only, puts it first. But it lies far behind each list's best (dense: cosine
+    0.4 against alpha's 1.0; text: one query term against lexical's two, the list's
+    lowest), so relative score fusion puts the lists' own best hits above it: lexical
+    (text's best, and mid-way in dense), then alpha (dense's best, absent from text)."""
+    cosines = {"alpha": 1.0, "consensus": 0.4, "cats": 0.35, "lexical": 0.3, "rivers": -0.2}
+    texts = {
+        "alpha": "green tea is steeped briefly",
+        "consensus": "kafka consumer groups and their members",
+        "cats": "cats sleep most of the day",
+        "lexical": "kafka rebalance explained",
+        "rivers": "rivers flow to the sea",
+    }
+    stream = []
+    for offset, (doc_id, cosine) in enumerate(cosines.items()):
+        r = record(doc_id, offset, 0, 1, texts[doc_id])
+        r["embedding"] = unit(cosine)
+        stream += [("VectorRecord", r), ("DocManifest", manifest([r]))]
+    write(store_url, stream)
+    query = Query("kafka rebalance", vector=unit(1.0))
+    fused = {"mode": "hybrid", "used": ["dense", "text"], "depth": 5}
+    store = open_store(store_url)
+    try:
+        dense = store.search(SPEC, unit(1.0), 5, {})
+        text = store.search_text(SPEC, query.text, 5, {})
+        by_rank = retrieve(store, SPEC, query, 5, **fused)
+        by_score = retrieve(store, SPEC, query, 5, **fused, fusion="relative")
+        by_score_docs = retrieve(store, SPEC, query, 5, **fused, fusion="relative", per_document=True)
+    finally:
+        store.close()
+    # Both stores score higher-is-better: cosine similarity, BM25.
+    assert [(h.doc_id, round(h.score, 5)) for h in dense] == [(d, c) for d, c in cosines.items()]
+    assert [h.doc_id for h in text] == ["lexical", "consensus"] and text[0].score > text[1].score > 0
+    assert [h.doc_id for h in by_rank][:3] == ["consensus", "lexical", "alpha"]
+    assert by_rank[0].score == pytest.approx(2 / 62)
+    assert [h.doc_id for h in by_score] == ["lexical", "alpha", "consensus", "cats", "rivers"]
+    expected = relative_of([dense, text])
+    assert {h.doc_id: h.score for h in by_score} == pytest.approx(expected, abs=1e-6)
+    # lexical: 0.5 * 1 (text's best) + 0.5 * (0.3 + 0.2) / 1.2; alpha 0.5 * 1 + 0; rivers,
+    # dense's worst and absent from text, 0.
+    assert [h.score for h in by_score] == pytest.approx(
+        [0.5 + 0.5 * 0.5 / 1.2, 0.5, 0.25, 0.5 * 0.55 / 1.2, 0.0], abs=1e-6
+    )
+    assert [h.rank for h in by_score] == [1, 2, 3, 4, 5]
+    # One chunk per document: the same ranking by documents.
+    assert [(h.doc_id, h.score) for h in by_score_docs] == [(h.doc_id, h.score) for h in by_score]
+
+
+def test_relative_fusion_of_three_signals_and_a_single_hit_list(opened):
+    """Dense, sparse and text fused on the real store, each list normalised over its own
+    hits; text finds one chunk for "KeyError", which scores 1 there (its list's best
+    and worst at once), not 0."""
+    vector = record("files", 4, 0, 1, TEXTS["files"])["embedding"]
+    sparse = sparse_of("KeyError mapping key")
+    query = Query("KeyError", vector=vector, sparse=SimpleNamespace(**sparse))
+    lists = [
+        opened.search(SPARSE_SPEC, vector, 5, {}),
+        opened.search_sparse(SPARSE_SPEC, sparse["indices"], sparse["values"], 5, {}),
+        opened.search_text(SPARSE_SPEC, "KeyError", 5, {}),
+    ]
+    assert [h.doc_id for h in lists[2]] == ["errors"]
+    hits = retrieve(opened, SPARSE_SPEC, query, 5, mode="hybrid", fusion="relative", depth=5)
+    expected = relative_of(lists)
+    assert {h.doc_id: h.score for h in hits} == pytest.approx(expected, abs=1e-6)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Text alone gives "errors" a full third.
+    assert next(h for h in hits if h.doc_id == "errors").score >= 1 / 3 - 1e-6
+    with pytest.raises(SearchError, match="unknown fusion 'borda': use one of rrf, relative"):
+        retrieve(opened, SPARSE_SPEC, query, 5, mode="hybrid", fusion="borda")
 
 
 def test_fusion_constant_and_ties():
@@ -355,6 +456,34 @@ def test_fusion_constant_and_ties():
     # Equal scores: the better best rank, then the earlier list.
     assert [h.doc_id for h in fuse([[a, b], [c, a], [b, c]], rrf_k=60)] == ["a", "c", "b"]
     assert fuse([]) == []
+
+
+def test_relative_fusion_ties_single_hits_and_missing_hits():
+    def hit(doc_id: str, score: float) -> Hit:
+        return Hit(0, score, doc_id, None, 0, doc_id, {}, chunk_id=doc_id)
+
+    def relative(*lists: list[Hit]) -> list[tuple[str, float]]:
+        return [(h.doc_id, round(h.score, 9)) for h in fuse(lists, fusion="relative")]
+
+    # A list of one hit, or of equal scores, gives each hit 1: each is its list's best.
+    # Equal fused scores go to the better best rank, then to the earlier list.
+    assert relative([hit("a", 0.2)], [hit("b", 7.0), hit("c", 7.0)]) == [("a", 0.5), ("b", 0.5), ("c", 0.5)]
+    # Min-max over the list: the worst hit gets 0 there, as a hit missing from it.
+    assert relative([hit("a", 0.9), hit("b", 0.6), hit("c", 0.3)], [hit("c", 12.0), hit("b", 3.0)]) == [
+        ("a", 0.5),
+        ("c", 0.5),
+        ("b", 0.25),
+    ]
+    # An empty list is a signal that found nothing: it still takes its share of the mean.
+    fused = fuse([[hit("a", 1.0), hit("b", 0.0)], [], [hit("c", 5.0), hit("a", 1.0)]], fusion="relative")
+    assert [h.doc_id for h in fused] == ["a", "c", "b"]
+    assert [h.score for h in fused] == pytest.approx([1 / 3, 1 / 3, 0.0])
+    assert relative([hit("a", 1.0)], [hit("c", 1.0)]) == [("a", 0.5), ("c", 0.5)]
+    # Negative scores (cosine similarity below 0) normalise like any other.
+    assert relative([hit("a", -0.1), hit("b", -0.5)]) == [("a", 1.0), ("b", 0.0)]
+    assert fuse([], fusion="relative") == []
+    with pytest.raises(SearchError, match="unknown fusion"):
+        fuse([[hit("a", 1.0)]], fusion="RRF")
 
 
 def test_a_sparse_vector_over_pgvectors_index_limit_keeps_its_largest_weights(postgres_dsn):
@@ -526,6 +655,17 @@ def test_embedstream_search_modes_on_the_command_line(opened, store_url, tmp_pat
     assert done.returncode == 2 and "invalid choice: 'bm25'" in done.stderr
     done = search("x", "--mode", "hybrid", "--rrf-k", "-1")
     assert done.returncode == 2 and "--rrf-k" in done.stderr
+    done = search("x", "--fusion", "borda")
+    assert done.returncode == 2 and "invalid choice: 'borda'" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "search", "x", "--store", store_url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "EMBEDSTREAM_FUSION": "borda"},
+    )
+    assert done.returncode == 2 and "fusion must be rrf or relative, not 'borda'" in done.stderr
 
 
 # --- embedstream serve: /search's modes and TEI's /rerank ------------------------------------------
@@ -572,6 +712,32 @@ def test_serve_searches_in_every_mode_as_the_library_does(served_store):
     assert [h["doc_id"] for h in json.loads(raw)["data"]] == ["errors"]
     status, _, raw = request(server.url + "/search", {"query": "x", "mode": "bm25"})
     assert status == 400 and error_of(raw)["param"] == "mode"
+    for per_document in (False, True):
+        body = {"query": "KeyError mapping", "k": 5, "fusion": "relative", "per_document": per_document}
+        status, _, raw = request(server.url + "/search", body)
+        assert status == 200, raw
+        answer = json.loads(raw)
+        assert answer["mode"] == "hybrid" and answer["fusion"] == "relative"
+        library = library_search(
+            "KeyError mapping",
+            k=5,
+            store=url,
+            model=str(PROMPTED),
+            fusion="relative",
+            per_document=per_document,
+        )
+        assert [(h["doc_id"], h["chunk_index"]) for h in answer["data"]] == [
+            (h.doc_id, h.chunk_index) for h in library
+        ]
+        assert [h["score"] for h in answer["data"]] == pytest.approx([h.score for h in library], abs=1e-6)
+        # Relative scores are means of [0, 1] shares: the best hit of both lists would be 1.
+        assert all(0.0 <= h["score"] <= 1.0 for h in answer["data"])
+    status, _, raw = request(server.url + "/search", {"query": "KeyError mapping", "k": 5})
+    assert json.loads(raw)["fusion"] == "rrf"
+    for bad in ("borda", 1, ["rrf"]):
+        status, _, raw = request(server.url + "/search", {"query": "x", "fusion": bad})
+        assert status == 400 and error_of(raw)["param"] == "fusion", raw
+        assert "fusion must be one of rrf, relative" in error_of(raw)["message"]
     status, _, raw = request(server.url + "/search", {"query": "x", "mode": "sparse"})
     assert status == 400 and error_of(raw)["code"] == "mode_unavailable"
     assert "without --sparse-model" in error_of(raw)["message"]
