@@ -1,5 +1,6 @@
 """Retrieval quality of the whole pipeline: extract → chunk → embed → sink → search, on
-both stores, per search mode (dense, sparse, text, hybrid, and each with a reranker).
+both stores, per search mode (dense, sparse, text, hybrid by reciprocal rank and by
+relative score fusion, each also per document, and dense and hybrid with a reranker).
 
 The corpus is Python's own documentation topics (``pydoc_data.topics``, the text of
 ``help("assert")`` and the like: 79 topics in CPython 3.11, under the PSF licence, shipped
