@@ -111,17 +111,30 @@ class Churn:
         self.restart(name)
         self.log.append(f"kill -9 {name} at {committed_total(self.topics)} committed")
 
+    def arm_between_produce_and_commit(self) -> None:
+        """Before a wave: each running member's next transaction waits before its commit.
+        A member chosen after the wave could have committed its share of it already, and
+        the test then waited for a commit that never came (seen: 120 s, every event done)."""
+        for m in self.running():
+            m.hold("_commit")
+
+    def running(self) -> list[Member]:
+        return [m for m in self.members.values() if m.proc.poll() is None]
+
     def kill_between_produce_and_commit(self) -> None:
-        name = self.rng.choice(["a", "b"])
-        held = self.members[name]
-        held.hold("_commit")
-        assert wait_for(lambda: held.reached("_commit"), timeout=120), held.tail()
+        """kill -9 a member held between produce and commit (armed before the wave)."""
+        assert wait_for(lambda: any(m.reached("_commit") for m in self.running()), timeout=120), "\n".join(
+            m.tail() for m in self.running()
+        )
+        held = self.rng.choice([m for m in self.running() if m.reached("_commit")])
+        name = held.name
         # Its records are in the topic and its offsets in the transaction, uncommitted.
         bootstrap, output = self.topics.bootstrap, self.topics.output
         open_ends = open_transaction_ends(bootstrap, output)
         assert open_ends, "the held member's transaction is open"
         held.kill()
-        held.release("_commit")
+        for m in self.members.values():
+            m.release("_commit")
         restarted = self.restart(name)
         # The restart under the same name fences the dead member and aborts what it left
         # open, long before transaction.timeout.ms (120 s) would have.
@@ -178,10 +191,13 @@ def test_two_members_deliver_every_chunk_once_through_kills_churn_and_a_broker_r
         for number in range(0, len(events), WAVE):
             # The next wave once most of the last is done, so each fault lands mid-stream.
             progress(topics, number - WAVE // 4, churn.members)
+            fault = faults.pop(0) if faults else None
+            if fault == churn.kill_between_produce_and_commit:
+                churn.arm_between_produce_and_commit()
             topics.produce([(k, v) for k, v, _ in events[number : number + WAVE]])
-            if faults:
+            if fault is not None:
                 time.sleep(churn.rng.uniform(0.2, 1.5))  # a random moment of the wave's processing
-                faults.pop(0)()
+                fault()
         progress(topics, len(events), churn.members)
     finally:
         codes = churn.stop_all()
