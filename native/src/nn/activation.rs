@@ -48,6 +48,15 @@ impl Activation {
         }
     }
 
+    /// `activation(x) · y`: a gated unit whose gate and input are two projections.
+    pub fn times(self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gelu => kernels::activated_times(x, y, false),
+            Self::Silu => kernels::activated_times(x, y, true),
+            _ => self.apply(x)? * y,
+        }
+    }
+
     /// `activation(x[.., :n]) · x[.., n:]` for `x` `[.., 2n]`: a gated unit whose one
     /// projection holds the input, then its gate (ModernBERT's `Wi`).
     pub fn gated(self, x: &Tensor) -> Result<Tensor> {

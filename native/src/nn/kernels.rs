@@ -268,6 +268,58 @@ impl F32Op for GeluGated {
     }
 }
 
+/// `GELU(x) · y` or `SiLU(x) · y` (`silu` true) for `x` and `y` of one shape: the
+/// gated unit of SwiGLU and GeGLU layers whose gate and input are two projections
+/// (Qwen3, NomicBERT, GTE). On the CPU in f32, one pass where candle ran the
+/// activation and the product as two, in its own spinning thread pool (5 % of a bf16
+/// NomicBERT pass, with scalar libm `expf` another 3 %).
+pub fn activated_times(x: &Tensor, y: &Tensor, silu: bool) -> Result<Tensor> {
+    if x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && y.dtype() == DType::F32
+        && x.dims() == y.dims()
+    {
+        return cpu_op::apply(&ActivatedTimes { silu }, x, Some(y));
+    }
+    let activated = if silu {
+        candle_nn::ops::silu(x)?
+    } else {
+        gelu_erf(x)?
+    };
+    activated * y
+}
+
+struct ActivatedTimes {
+    silu: bool,
+}
+
+impl F32Op for ActivatedTimes {
+    const NAME: &'static str = "embedstream-activated-times";
+    const LABEL: &'static str = "activated_times";
+    const INPUT: &'static str = "gate";
+    const SECOND: &'static str = "input";
+
+    fn run(&self, x: &[f32], layout: &Layout, y: Second) -> Output {
+        let Some((y, _)) = y.filter(|(y, _)| y.len() == x.len()) else {
+            candle_core::bail!("activated_times: expected a second input of the gate's shape");
+        };
+        let mut out = x.to_vec();
+        out.par_chunks_mut(TASK_ELEMENTS)
+            .zip(y.par_chunks(TASK_ELEMENTS))
+            .for_each(|(out, y)| {
+                if self.silu {
+                    simd::silu_in_place(out);
+                } else {
+                    simd::gelu_in_place(out);
+                }
+                for (o, y) in out.iter_mut().zip(y) {
+                    *o *= y;
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
 /// The kernels proper: one portable body each, compiled twice.
 mod simd {
     use super::{Heads, Reach};
@@ -283,6 +335,29 @@ mod simd {
             return unsafe { gelu_in_place_avx2(values) };
         }
         gelu_in_place_body(values)
+    }
+
+    pub fn silu_in_place(values: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::nn::cpu::current() >= crate::nn::cpu::Kernels::Avx2 {
+            // SAFETY: as above.
+            return unsafe { silu_in_place_avx2(values) };
+        }
+        silu_in_place_body(values)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn silu_in_place_avx2(values: &mut [f32]) {
+        silu_in_place_body(values)
+    }
+
+    /// `x · σ(x)` with our polynomial `exp`, which the compiler vectorises.
+    #[inline(always)]
+    fn silu_in_place_body(values: &mut [f32]) {
+        for v in values.iter_mut() {
+            *v /= 1.0 + exp(-*v);
+        }
     }
 
     pub fn attention_row(qkv: &[f32], bias: &[f32], heads: Heads, reach: Reach, out: &mut [f32]) {
@@ -609,6 +684,13 @@ mod tests {
         assert_eq!(got.dims(), &[3, 5, 37]);
         let diff = max_diff(&got, &want)?;
         assert!(diff < 2e-5, "gated gelu differs by {diff}");
+        // Gate and input as two tensors, GELU and SiLU, against candle's ops.
+        let (gate, input) = (x.narrow(2, 0, 37)?, x.narrow(2, 37, 37)?);
+        let diff = max_diff(&activated_times(&gate, &input, false)?, &want)?;
+        assert!(diff < 2e-5, "gelu times differs by {diff}");
+        let want = (candle_nn::ops::silu(&gate)? * &input)?;
+        let diff = max_diff(&activated_times(&gate, &input, true)?, &want)?;
+        assert!(diff < 2e-5, "silu times differs by {diff}");
 
         let mask = Tensor::new(
             &[[1f32, 1., 1., 1., 1., 0., 0.], [1., 1., 1., 1., 1., 1., 1.]],

@@ -249,8 +249,8 @@ impl Qwen3 {
 
     /// The SwiGLU feed-forward layer of the normed `x`, plus `residual`.
     fn feed_forward(&self, layer: &Layer, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let gated = (layer.gate_proj.forward_activated(x, Activation::Silu)?
-            * layer.up_proj.forward(x)?)?;
+        let gated =
+            Activation::Silu.times(&layer.gate_proj.forward(x)?, &layer.up_proj.forward(x)?)?;
         layer.down_proj.forward_plus(&gated, residual)
     }
 

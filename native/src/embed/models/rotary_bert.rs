@@ -339,7 +339,9 @@ impl RotaryBert {
 impl RotaryBert {
     /// The post-normed gated feed-forward layer with its residual.
     fn feed_forward(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let gated = (layer.gate.forward_activated(x, self.activation)? * layer.up.forward(x)?)?;
+        let gated = self
+            .activation
+            .times(&layer.gate.forward(x)?, &layer.up.forward(x)?)?;
         layer.mlp_norm.forward(&layer.down.forward_plus(&gated, x)?)
     }
 
