@@ -665,6 +665,36 @@ def test_events_given_back_go_only_to_the_worker_that_handed_them_over(kafka_boo
     assert topics.committed() == [4]
 
 
+def test_at_least_once_offsets_go_to_the_worker_that_owns_the_partition_now(kafka_bootstrap):
+    """At-least-once, ``-w 2``: worker 0 hands over a batch and is evicted; worker 1 takes
+    the partition and hands over its own batch of the same events. The sink's offsets of
+    worker 1's batch carry no worker: they must reach worker 1, the partition's latest
+    assignment in the process, not worker 0, which still has the partition in flight
+    without knowing it lost it. Taken by worker 0, they were committed through its dead
+    membership, and worker 1, its batch never done, handed nothing over again."""
+    from flows.kafka import group
+
+    topics = FlowTopics(kafka_bootstrap, partitions=1)
+    topics.produce([(f"k{i}".encode(), f"event {i}".encode()) for i in range(4)])
+    source = transactional_source(kafka_bootstrap, topics, "alo", batch_size=4)
+    source.transactions = None  # at-least-once: the group commits the offsets
+
+    first = source.build("documents", 0, 2).member
+    second = None
+    try:
+        assert [m.offset for m in next_batch_of(first)] == [0, 1, 2, 3]
+        second = source.build("documents", 1, 2).member
+        assert [m.offset for m in next_batch_of(second)] == [0, 1, 2, 3]
+        assert group.commit({(topics.input, 0): 4}) == {}
+        assert topics.committed() == [4], "worker 1's offsets were not committed"
+        topics.produce([(b"k4", b"event 4")])
+        assert [m.offset for m in next_batch_of(second, timeout=15)] == [4]
+    finally:
+        for member in (first, second):
+            if member is not None:
+                member.close()
+
+
 def test_two_workers_of_a_member_are_both_fenced_after_kill_9_and_every_chunk_is_committed_once(
     kafka_bootstrap, tmp_path
 ):

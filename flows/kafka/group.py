@@ -589,8 +589,19 @@ def commit(offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
     left = dict(offsets)
     with _members_lock:
         members = list(_members)
+    # Where two members have a partition in flight, one was evicted without knowing it
+    # yet: the offsets are the batch of the other, whose assignment is the later one
+    # (numbers grow process-wide). The evicted one could not commit them anyway.
+    owner: dict[tuple[str, int], GroupMember] = {}
     for member in members:
-        mine = {p: o for (t, p), o in left.items() if t == member.topic and p in member.in_flight}
+        for p in member.in_flight:
+            key = (member.topic, p)
+            if key in left and (
+                key not in owner or member.assignment.get(p, 0) > owner[key].assignment.get(p, 0)
+            ):
+                owner[key] = member
+    for member in members:
+        mine = {p: o for (t, p), o in left.items() if owner.get((t, p)) is member}
         if mine:
             member.delivered(mine)
             for p in mine:
