@@ -78,7 +78,7 @@ def check_exist(settings: Settings, names: Sequence[str]) -> None:
         missing = [n for n in names if n not in listed]
         now = time.monotonic()
         if not missing:
-            if now - started > 0.1:
+            if missing_since is not None:
                 log.info("topic(s) %s listed after %.1f s", ", ".join(names), now - started)
             return
         missing_since = now if missing_since is None else missing_since
