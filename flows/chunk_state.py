@@ -434,6 +434,7 @@ def ensure_topic(settings: Settings) -> None:
     compacted (old states would expire)."""
     from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
+    from flows.kafka.topics import check_exist
     from operators.errors import EmbedstreamError
 
     admin = AdminClient(settings.kafka_common())
@@ -453,6 +454,8 @@ def ensure_topic(settings: Settings) -> None:
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+        # Another member created it a moment ago: brokers list it a moment later.
+        check_exist(settings, [name])
         existing = admin.list_topics(name, timeout=30).topics[name]
     if len(existing.partitions) < wanted:
         raise EmbedstreamError(
