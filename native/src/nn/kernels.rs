@@ -82,7 +82,7 @@ impl Heads {
     }
 
     /// `d`, where `width` is the fused projection's; `None` if it does not divide.
-    fn dim(self, width: usize) -> Option<usize> {
+    pub(crate) fn dim(self, width: usize) -> Option<usize> {
         let columns = self.query + 2 * self.key_value;
         (self.key_value > 0
             && self.query.is_multiple_of(self.key_value)
@@ -257,10 +257,7 @@ impl F32Op for GeluGated {
                     for (out, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(2 * n)) {
                         let (input, gate) = x.split_at(n);
                         out.copy_from_slice(input);
-                        simd::gelu_in_place(out);
-                        for (o, g) in out.iter_mut().zip(gate) {
-                            *o *= g;
-                        }
+                        activate_times_in_place(out, gate, false);
                     }
                 });
         }
@@ -306,17 +303,20 @@ impl F32Op for ActivatedTimes {
         let mut out = x.to_vec();
         out.par_chunks_mut(TASK_ELEMENTS)
             .zip(y.par_chunks(TASK_ELEMENTS))
-            .for_each(|(out, y)| {
-                if self.silu {
-                    simd::silu_in_place(out);
-                } else {
-                    simd::gelu_in_place(out);
-                }
-                for (o, y) in out.iter_mut().zip(y) {
-                    *o *= y;
-                }
-            });
+            .for_each(|(out, y)| activate_times_in_place(out, y, self.silu));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// `values = activation(values) · by`, GELU or SiLU: the body of both gated kernels.
+fn activate_times_in_place(values: &mut [f32], by: &[f32], silu: bool) {
+    if silu {
+        simd::silu_in_place(values);
+    } else {
+        simd::gelu_in_place(values);
+    }
+    for (v, b) in values.iter_mut().zip(by) {
+        *v *= b;
     }
 }
 

@@ -108,7 +108,7 @@ impl F32Op for RotatePacked<'_> {
         let (query, key_value) = (self.heads.query, self.heads.key_value);
         let half = self.tables.half;
         let dim = 2 * half;
-        if width != (query + 2 * key_value) * dim || self.tables.cos.len() != tokens * half {
+        if self.heads.dim(width) != Some(dim) || self.tables.cos.len() != tokens * half {
             candle_core::bail!(
                 "rotate_packed: expected qkv [tokens, (heads + 2·kv_heads)·{dim}] and a table row per token"
             );
